@@ -1,0 +1,17 @@
+"""Errors that the command line turns into one clear line and an exit code."""
+
+
+class BadInput(Exception):
+    """Input that cannot run (a job file, a URI, credentials, user code): exit 2 before anything starts."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.lines = [message]
+
+
+class RunFailed(Exception):
+    """A run that started and then failed: exit 1 with the reason."""
+
+    exit_code = 1

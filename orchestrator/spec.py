@@ -1,0 +1,408 @@
+"""The job file: `JobSpec` and its sections, YAML loading, dotted overrides and readable errors.
+
+This module imports neither torch nor ray: `orchestrator validate` and `--help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from orchestrator.errors import BadInput
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# A user hook: `package.module:function`, importable from the job file's directory.
+HOOK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+BUILTIN_MODELS = ("mlp", "cnn", "resnet", "gpt")
+BUILTIN_DATA = ("digits", "synthetic", "parquet")
+CLASSIFICATION_METRICS = ("loss", "accuracy", "f1", "roc_auc", "confusion_matrix")
+REGRESSION_METRICS = ("loss", "mse", "mae", "r2")
+LM_METRICS = ("loss", "perplexity")
+ALL_METRICS = tuple(dict.fromkeys(CLASSIFICATION_METRICS + REGRESSION_METRICS + LM_METRICS))
+FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class SpecError(BadInput):
+    """A job file that cannot be run; `lines` holds one line per problem, each naming a field."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.lines = problems
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ModelSpec(Section):
+    name: str = Field("mlp", description="Built-in model (mlp, cnn, resnet, gpt) or a user `module:function` returning an nn.Module.")
+    hidden: int = Field(128, ge=1, description="Width of hidden layers (mlp), channels (cnn, resnet) or embedding size (gpt).")
+    layers: int = Field(2, ge=1, description="Hidden layers (mlp), conv blocks (cnn), residual blocks (resnet) or transformer blocks (gpt).")
+    heads: int = Field(4, ge=1, description="Attention heads (gpt); must divide `hidden`.")
+    context: int = Field(64, ge=2, description="Longest token sequence the model attends over (gpt).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability in every built-in model.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to a user model function.")
+    init_from: Optional[str] = Field(None, description="Start from these weights: a checkpoint URI of an earlier run, or a safetensors/state_dict file.")
+    freeze: list[str] = Field(default_factory=list, description="Parameter-name patterns (fnmatch) whose weights are not trained.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in BUILTIN_MODELS and not HOOK_RE.match(v):
+            raise ValueError(f"unknown model {v!r}{_suggest(v, BUILTIN_MODELS)}; use one of {', '.join(BUILTIN_MODELS)} or module:function")
+        return v
+
+
+class AugmentSpec(Section):
+    shift: int = Field(0, ge=0, description="Random image shift in pixels, up to this many in each direction (0 = off).")
+    noise: float = Field(0.0, ge=0.0, description="Standard deviation of Gaussian noise added to training inputs (0 = off).")
+
+
+class DataSpec(Section):
+    name: str = Field("digits", description="Data source: digits, synthetic, parquet, or a user `module:function` returning a dataset.")
+    task: Optional[Literal["classification", "regression", "lm"]] = Field(None, description="Task; built-in sources know theirs, synthetic and parquet data need it.")
+    path: Optional[str] = Field(None, description="Parquet file, glob or directory, local or s3:// (parquet).")
+    features: list[str] = Field(default_factory=list, description="Feature columns (parquet, classification/regression).")
+    label: Optional[str] = Field(None, description="Label column (parquet, classification/regression).")
+    tokens: Optional[str] = Field(None, description="Column of token-id lists (parquet, lm).")
+    samples: int = Field(2000, ge=10, description="Number of examples (synthetic).")
+    num_features: int = Field(20, ge=1, description="Input features (synthetic classification/regression).")
+    num_classes: int = Field(2, ge=2, description="Classes (synthetic classification).")
+    vocab_size: int = Field(256, ge=2, description="Token vocabulary size (synthetic lm; parquet lm).")
+    seq_len: int = Field(32, ge=2, description="Tokens per training example (lm).")
+    classes: Optional[list[int]] = Field(None, description="Keep only these labels (classification), e.g. digits 0-4 for a transfer-learning source task.")
+    test_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction held out as the test split, chosen by seed.")
+    folds: Optional[int] = Field(None, ge=2, description="K-fold cross-validation: number of folds; the validation set is fold `fold`.")
+    fold: int = Field(0, ge=0, description="Which fold (0-based) is the validation set when `folds` is set.")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Training-time image augmentation.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to a user data function.")
+    endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint for an s3:// parquet path (credentials come from the environment).")
+
+    @field_validator("name")
+    @classmethod
+    def _known_data(cls, v: str) -> str:
+        if v not in BUILTIN_DATA and not HOOK_RE.match(v):
+            raise ValueError(f"unknown dataset {v!r}{_suggest(v, BUILTIN_DATA)}; use one of {', '.join(BUILTIN_DATA)} or module:function")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DataSpec":
+        if self.name == "parquet":
+            if not self.path:
+                raise ValueError("path: required for parquet data")
+            if self.task is None:
+                raise ValueError("task: required for parquet data (classification, regression or lm)")
+            if self.task == "lm" and not self.tokens:
+                raise ValueError("tokens: required for lm parquet data (the column of token ids)")
+            if self.task != "lm" and (not self.features or not self.label):
+                raise ValueError("features and label: required for classification/regression parquet data")
+        if self.name == "synthetic" and self.task is None:
+            raise ValueError("task: required for synthetic data (classification, regression or lm)")
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"fold: {self.fold} is not below folds={self.folds}")
+        return self
+
+
+class OptimSpec(Section):
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("adamw", description="Optimizer: sgd, adam, adamw or rmsprop.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for adamw, L2 for the others).")
+    momentum: float = Field(0.0, ge=0, lt=1, description="Momentum (sgd, rmsprop).")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd; needs momentum > 0).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="Adam/AdamW/RMSprop epsilon.")
+    alpha: float = Field(0.99, gt=0, lt=1, description="RMSprop smoothing constant.")
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> "OptimSpec":
+        if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
+            raise ValueError("nesterov: needs name=sgd and momentum > 0")
+        return self
+
+
+class ScheduleSpec(Section):
+    name: Literal["constant", "step", "cosine", "warmup_cosine", "plateau"] = Field("constant", description="LR schedule: constant, step, cosine, warmup_cosine or plateau.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from 0 to `optim.lr` (warmup_cosine; also allowed with constant).")
+    step_size: int = Field(100, ge=1, description="Optimizer steps between LR decays (step).")
+    gamma: float = Field(0.1, gt=0, le=1, description="LR multiplier at each decay (step).")
+    min_lr: float = Field(0.0, ge=0, description="Floor of the cosine schedules.")
+    factor: float = Field(0.5, gt=0, lt=1, description="LR multiplier when the metric plateaus (plateau).")
+    patience: int = Field(2, ge=0, description="Validations without improvement before the LR drops (plateau).")
+    metric: str = Field("val_loss", description="Validation metric watched by plateau.")
+    mode: Literal["min", "max"] = Field("min", description="Whether the plateau metric should go down (min) or up (max).")
+
+
+class TrainSpec(Section):
+    epochs: int = Field(10, ge=1, description="Passes over the training data.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps, whatever the epoch.")
+    batch_size: int = Field(64, ge=1, description="Examples per worker per micro-batch.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    clip_grad_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm to this value (off when null).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, or autocast to bf16/fp16 (fp16 uses a grad scaler).")
+    compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    seed: int = Field(0, description="Seed for Python, NumPy and torch (offset per rank) and for the data order.")
+    log_every_n_steps: int = Field(20, ge=1, description="Optimizer steps between progress lines and training-metric reports.")
+
+
+class ValidationSpec(Section):
+    split: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of the non-test data used for validation (ignored with data.folds).")
+    every_n_steps: Optional[int] = Field(None, ge=1, description="Validate every N optimizer steps; null = at the end of every epoch.")
+    metrics: Optional[list[str]] = Field(None, description="Validation metrics; null = every metric of the task.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        for m in v or []:
+            if m not in ALL_METRICS:
+                raise ValueError(f"unknown metric {m!r}{_suggest(m, ALL_METRICS)}")
+        return v
+
+
+class EarlyStoppingSpec(Section):
+    metric: str = Field("val_loss", description="Validation metric watched (val_ prefix), e.g. val_loss or val_accuracy.")
+    mode: Literal["min", "max"] = Field("min", description="Whether the metric should go down (min) or up (max).")
+    patience: int = Field(3, ge=1, description="Validations without improvement before training stops.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+
+
+class ScalingSpec(Section):
+    num_workers: Union[int, tuple[int, int]] = Field(1, description="Training workers (DDP ranks); 0 runs the loop in the driver; [min, max] is elastic.")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    gpus_per_worker: Optional[float] = Field(None, gt=0, description="GPUs per worker when use_gpu (default 1).")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: Union[int, tuple[int, int]]) -> Union[int, tuple[int, int]]:
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError("must be >= 0")
+        elif not (1 <= v[0] <= v[1]):
+            raise ValueError(f"elastic range [{v[0]}, {v[1]}] needs 1 <= min <= max")
+        return v
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+
+class CheckpointSpec(Section):
+    storage: str = Field("runs", description="Where runs live: a local path, file://, s3://bucket/prefix or another fsspec URI.")
+    every_n_steps: Optional[int] = Field(None, ge=1, description="Checkpoint every N optimizer steps (null = off).")
+    every_n_epochs: Optional[int] = Field(1, ge=1, description="Checkpoint every N epochs (null = off); the last step is always checkpointed.")
+    keep_last: int = Field(2, ge=1, description="Newest committed checkpoints kept.")
+    keep_best: int = Field(0, ge=0, description="Best checkpoints kept by `best_metric`, beyond keep_last.")
+    best_metric: Optional[str] = Field(None, description="Metric ranking checkpoints for keep_best; default early_stopping.metric or val_loss.")
+    best_mode: Optional[Literal["min", "max"]] = Field(None, description="min or max for best_metric; default from the metric name.")
+    async_: bool = Field(True, alias="async", description="Upload in the background; training blocks only for the snapshot.")
+    endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint (MinIO, Ceph); credentials come from the environment.")
+
+
+class FailureSpec(Section):
+    max_failures: int = Field(3, ge=-1, description="Worker-group restarts before the run fails (-1 = unlimited).")
+
+
+class JobSpec(Section):
+    """A training job: everything a run needs, nothing secret."""
+
+    name: str = Field("job", description="Run name: the run's directory under checkpoint.storage; a rerun with the same name resumes.")
+    entrypoint: Optional[str] = Field(None, description="Bring-your-own loop: `module:function`, a Ray Train train_loop_per_worker(config).")
+    config: dict[str, Any] = Field(default_factory=dict, description="Passed as `config` to a bring-your-own loop.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The network.")
+    data: DataSpec = Field(default_factory=DataSpec, description="The data and its splits.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="The optimizer.")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="The learning-rate schedule.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="The loop.")
+    validation: ValidationSpec = Field(default_factory=ValidationSpec, description="Validation split, cadence and metrics.")
+    early_stopping: Optional[EarlyStoppingSpec] = Field(None, description="Stop when a validation metric stops improving (off when absent).")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers and their resources.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Where and how often checkpoints are written.")
+    failure: FailureSpec = Field(default_factory=FailureSpec, description="Failure handling.")
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        if not RUN_NAME_RE.match(v):
+            raise ValueError("must be letters, digits, '_', '-' or '.', starting with a letter or digit")
+        return v
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not HOOK_RE.match(v):
+            raise ValueError(f"{v!r} is not of the form module:function")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobSpec":
+        task = self.task
+        if self.model.name == "gpt" and task != "lm":
+            raise ValueError("model.name: gpt needs token data (data.task=lm)")
+        if task == "lm" and self.model.name in ("mlp", "cnn", "resnet"):
+            raise ValueError(f"model.name: {self.model.name} cannot model tokens; use gpt")
+        if self.model.name == "gpt" and self.model.hidden % self.model.heads:
+            raise ValueError(f"model.heads: {self.model.heads} does not divide model.hidden={self.model.hidden}")
+        if self.model.name in ("cnn", "resnet") and self.data.name not in ("digits",) and not HOOK_RE.match(self.data.name):
+            raise ValueError(f"model.name: {self.model.name} needs image data (digits or a user dataset of images)")
+        allowed = {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS, "lm": LM_METRICS}.get(task or "", ALL_METRICS)
+        for m in self.validation.metrics or []:
+            if m not in allowed:
+                raise ValueError(f"validation.metrics: {m!r} does not apply to {task}; use {', '.join(allowed)}")
+        if self.scaling.gpus_per_worker and not self.scaling.use_gpu:
+            raise ValueError("scaling.gpus_per_worker: set scaling.use_gpu=true too")
+        return self
+
+    @property
+    def task(self) -> Optional[str]:
+        """The task, known from the data source when it is built in."""
+        if self.data.task:
+            return self.data.task
+        return "classification" if self.data.name == "digits" else None
+
+    def metric_names(self) -> list[str]:
+        """Validation metrics to compute, defaulting to all of the task's."""
+        if self.validation.metrics:
+            return list(self.validation.metrics)
+        return list({"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS, "lm": LM_METRICS}.get(self.task or "", ("loss",)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved job as plain data (YAML/JSON-ready), with defaults filled in."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into its path and its YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SpecError([f"{text}: an override must look like dotted.key=value"])
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and FLOAT_RE.match(value):
+        value = float(value)  # YAML 1.1 reads 3e-4 as a string; every user means the number
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the raw job dict with each `dotted.key=value` set (sections are created as needed)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise SpecError([f"{'.'.join(path[: i + 1])}: is a value, not a section; cannot set {'.'.join(path)}"])
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _section_fields(loc: tuple) -> list[str]:
+    """Field names (and aliases) of the section at `loc` in JobSpec, for 'did you mean'."""
+    model: Any = JobSpec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann] + list(getattr(ann, "__args__", ()) or ())
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def format_errors(err: ValidationError) -> list[str]:
+    """One line per problem, each starting with the dotted field path."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        path = ".".join(str(p) for p in loc) or "(job)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown field{_suggest(str(loc[-1]), _section_fields(loc[:-1]))}"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+            # A model validator names the field itself: "field: problem".
+            head, sep, rest = msg.partition(": ")
+            if sep and re.fullmatch(r"[a-z_][\w.]*( and [a-z_]\w*)?", head):
+                prefix = ".".join(str(p) for p in loc)
+                path = f"{prefix}.{head}" if prefix and not head.startswith(prefix) and "." not in head else head
+                msg = rest
+        lines.append(f"{path}: {msg}")
+    return lines
+
+
+def build_spec(raw: Any, overrides: list[str] | None = None) -> JobSpec:
+    """Validate a raw job dict (plus overrides) into a JobSpec, or raise SpecError."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(["(job): the job file must be a mapping of sections"])
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(format_errors(err)) from None
+
+
+def read_job_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML job file into a dict, or raise SpecError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError([f"{path}: no such job file"])
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SpecError([f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    return raw if raw is not None else {}
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:
+    """Load and validate a job file with dotted overrides."""
+    return build_spec(read_job_file(path), overrides)
+
+
+def iter_fields(model: type[BaseModel] = JobSpec, prefix: str = ""):
+    """Yield (dotted path, type text, default text, description) for every leaf field, for the README."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        ann = field.annotation
+        candidates = [ann] + list(getattr(ann, "__args__", ()) or ())
+        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if sub is not None:
+            yield from iter_fields(sub, key + ".")
+            continue
+        default = field.get_default(call_default_factory=True)
+        yield key, _type_text(ann), yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip(), field.description or ""
+
+
+def _type_text(ann: Any) -> str:
+    text = repr(ann).replace("typing.", "")
+    return re.sub(r"<class '(\w+)'>", r"\1", text)

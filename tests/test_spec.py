@@ -1,0 +1,148 @@
+"""The job file: every error path, overrides, and the CLI's validate command."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.spec import JobSpec, SpecError, apply_overrides, build_spec, iter_fields, load_spec, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+
+
+def problems(raw, overrides=()):
+    with pytest.raises(SpecError) as err:
+        build_spec(raw, list(overrides))
+    return err.value.lines
+
+
+def test_defaults_are_a_valid_job():
+    spec = build_spec({})
+    assert spec.optim.name == "adamw" and spec.scaling.num_workers == 1 and spec.early_stopping is None
+    assert spec.task == "classification"
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"optim": {"lrr": 0.1}}, "optim.lrr: unknown field (did you mean 'lr'?)"),
+        ({"modle": {}}, "modle: unknown field (did you mean 'model'?)"),
+        ({"optim": {"lr": -1}}, "optim.lr: Input should be greater than 0"),
+        ({"optim": {"name": "adagrad"}}, "optim.name: Input should be 'sgd', 'adam', 'adamw' or 'rmsprop'"),
+        ({"model": {"name": "mpl"}}, "model.name: unknown model 'mpl' (did you mean 'mlp'?)"),
+        ({"data": {"name": "digts"}}, "data.name: unknown dataset 'digts' (did you mean 'digits'?)"),
+        ({"data": {"name": "parquet", "task": "regression"}}, "data.path: required for parquet data"),
+        ({"data": {"name": "parquet", "path": "x.parquet"}}, "data.task: required for parquet data"),
+        ({"data": {"name": "parquet", "path": "x", "task": "regression"}}, "data.features and label: required"),
+        ({"data": {"name": "synthetic"}}, "data.task: required for synthetic data"),
+        ({"data": {"folds": 5, "fold": 5}}, "data.fold: 5 is not below folds=5"),
+        ({"optim": {"nesterov": True}}, "optim.nesterov: needs name=sgd and momentum > 0"),
+        ({"schedule": {"name": "linear"}}, "schedule.name: Input should be"),
+        ({"train": {"precision": "fp8"}}, "train.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+        ({"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1"),
+        ({"validation": {"metrics": ["acc"]}}, "validation.metrics: unknown metric 'acc'"),
+        ({"validation": {"metrics": ["mse"]}}, "validation.metrics: 'mse' does not apply to classification"),
+        ({"early_stopping": {"mode": "up"}}, "early_stopping.mode: Input should be 'min' or 'max'"),
+        ({"scaling": {"num_workers": -1}}, "scaling.num_workers: must be >= 0"),
+        ({"scaling": {"num_workers": [3, 1]}}, "scaling.num_workers: elastic range [3, 1] needs 1 <= min <= max"),
+        ({"scaling": {"gpus_per_worker": 1}}, "scaling.gpus_per_worker: set scaling.use_gpu=true too"),
+        ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last: Input should be greater than or equal to 1"),
+        ({"checkpoint": {"asynch": True}}, "checkpoint.asynch: unknown field (did you mean 'async'?)"),
+        ({"failure": {"max_failures": -2}}, "failure.max_failures: Input should be greater than or equal to -1"),
+        ({"name": "my run"}, "name: must be letters, digits"),
+        ({"entrypoint": "not a hook"}, "entrypoint: 'not a hook' is not of the form module:function"),
+        ({"model": {"name": "gpt"}}, "model.name: gpt needs token data"),
+        ({"data": {"name": "synthetic", "task": "lm"}}, "model.name: mlp cannot model tokens; use gpt"),
+        ({"model": {"name": "gpt", "hidden": 30, "heads": 4}, "data": {"name": "synthetic", "task": "lm"}}, "model.heads: 4 does not divide model.hidden=30"),
+        ({"model": {"name": "cnn"}, "data": {"name": "synthetic", "task": "classification"}}, "model.name: cnn needs image data"),
+        ("just a string", "(job): the job file must be a mapping of sections"),
+    ],
+)
+def test_each_error_names_its_field(raw, expected):
+    lines = problems(raw)
+    assert any(line.startswith(expected) for line in lines), lines
+
+
+def test_several_problems_give_one_line_each():
+    lines = problems({"optim": {"lr": 0, "name": "x"}, "train": {"epochs": 0}})
+    assert len(lines) == 3
+    assert {line.split(":")[0] for line in lines} == {"optim.lr", "optim.name", "train.epochs"}
+
+
+def test_overrides_parse_yaml_values_and_create_sections():
+    assert parse_override("optim.lr=3e-4") == (["optim", "lr"], 3e-4)
+    assert parse_override("scaling.num_workers=[1, 2]") == (["scaling", "num_workers"], [1, 2])
+    assert parse_override("name=abc") == (["name"], "abc")
+    raw = apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr=0.5", "early_stopping.patience=4", "train.compile=true"])
+    assert raw == {"optim": {"lr": 0.5}, "early_stopping": {"patience": 4}, "train": {"compile": True}}
+    spec = build_spec({}, ["early_stopping.patience=4", "checkpoint.async=false", "scaling.num_workers=[1,2]"])
+    assert spec.early_stopping.patience == 4 and spec.checkpoint.async_ is False and spec.scaling.num_workers == (1, 2)
+
+
+@pytest.mark.parametrize("bad", ["optim.lr", "=3", "optim..lr=1"])
+def test_malformed_override(bad):
+    assert problems({}, [bad])[0].startswith(bad)
+
+
+def test_override_through_a_value_is_an_error():
+    assert problems({"name": "x"}, ["name.sub=1"]) == ["name: is a value, not a section; cannot set name.sub"]
+
+
+def test_resolved_job_round_trips():
+    spec = build_spec({"optim": {"lr": 0.1}, "checkpoint": {"async": False}})
+    again = JobSpec.model_validate(yaml.safe_load(yaml.safe_dump(spec.to_dict())))
+    assert again == spec
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_every_example_job_validates(path):
+    load_spec(path)
+
+
+def test_every_field_is_described():
+    rows = list(iter_fields())
+    assert len(rows) > 60
+    assert all(description for _, _, _, description in rows), [r[0] for r in rows if not r[3]]
+
+
+def test_readme_reference_matches_schema():
+    from orchestrator.docs import render_reference
+
+    readme = (ROOT / "README.md").read_text()
+    assert render_reference() in readme, "README job-file reference is stale: run `python -m orchestrator.docs --write`"
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+def test_validate_cli_exit_codes(tmp_path):
+    ok = run_cli("validate", "jobs/digits_mlp.yaml", "optim.lr=0.01")
+    assert ok.returncode == 0, ok.stderr
+    assert "valid" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lrr: 1\ntrain:\n  epochs: 0\n")
+    res = run_cli("validate", str(bad))
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == ["error: optim.lrr: unknown field (did you mean 'lr'?)", "error: train.epochs: Input should be greater than or equal to 1"]
+    missing = run_cli("validate", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "no such job file" in missing.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [\n")
+    res = run_cli("validate", str(broken))
+    assert res.returncode == 2 and "not valid YAML" in res.stderr
+    js = run_cli("validate", "jobs/digits_mlp.yaml", "--json")
+    assert json.loads(js.stdout.splitlines()[-1])["name"] == "digits-mlp"
+
+
+def test_validate_imports_neither_torch_nor_ray():
+    code = "import sys; from orchestrator.cli import main; from orchestrator.spec import load_spec; load_spec('jobs/digits_mlp.yaml'); print('torch' in sys.modules, 'ray' in sys.modules)"
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "False False"
+    assert time.perf_counter() - start < 5  # generous: a cold interpreter on a loaded CI machine
