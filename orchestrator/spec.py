@@ -139,6 +139,13 @@ class ScheduleSpec(Section):
     mode: Literal["min", "max"] = Field("min", description="Whether the plateau metric should go down (min) or up (max).")
 
 
+    @model_validator(mode="after")
+    def _warmup(self) -> "ScheduleSpec":
+        if self.warmup_steps and self.name not in ("constant", "warmup_cosine"):
+            raise ValueError(f"warmup_steps: applies to constant and warmup_cosine, not {self.name}")
+        return self
+
+
 class TrainSpec(Section):
     epochs: int = Field(10, ge=1, description="Passes over the training data.")
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps, whatever the epoch.")
@@ -255,6 +262,13 @@ class JobSpec(Section):
         for m in self.validation.metrics or []:
             if m not in allowed:
                 raise ValueError(f"validation.metrics: {m!r} does not apply to {task}; use {', '.join(allowed)}")
+        watched = [("schedule.metric", self.schedule.metric if self.schedule.name == "plateau" else None),
+                   ("early_stopping.metric", self.early_stopping.metric if self.early_stopping else None),
+                   ("checkpoint.best_metric", self.checkpoint.best_metric)]
+        names = [f"val_{m}" for m in allowed if m != "confusion_matrix"]
+        for field_path, metric in watched:
+            if metric is not None and metric not in names:
+                raise ValueError(f"{field_path}: {metric!r} is not a validation metric of this job{_suggest(metric, names)}; use one of {', '.join(names)}")
         if self.scaling.gpus_per_worker and not self.scaling.use_gpu:
             raise ValueError("scaling.gpus_per_worker: set scaling.use_gpu=true too")
         return self

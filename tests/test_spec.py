@@ -60,6 +60,10 @@ def test_defaults_are_a_valid_job():
         ({"data": {"name": "synthetic", "task": "lm"}}, "model.name: mlp cannot model tokens; use gpt"),
         ({"model": {"name": "gpt", "hidden": 30, "heads": 4}, "data": {"name": "synthetic", "task": "lm"}}, "model.heads: 4 does not divide model.hidden=30"),
         ({"model": {"name": "cnn"}, "data": {"name": "synthetic", "task": "classification"}}, "model.name: cnn needs image data"),
+        ({"schedule": {"name": "step", "warmup_steps": 5}}, "schedule.warmup_steps: applies to constant and warmup_cosine, not step"),
+        ({"early_stopping": {"metric": "val_acc"}}, "early_stopping.metric: 'val_acc' is not a validation metric of this job (did you mean 'val_accuracy'?)"),
+        ({"schedule": {"name": "plateau", "metric": "val_mse"}}, "schedule.metric: 'val_mse' is not a validation metric"),
+        ({"checkpoint": {"best_metric": "loss"}}, "checkpoint.best_metric: 'loss' is not a validation metric"),
         ("just a string", "(job): the job file must be a mapping of sections"),
     ],
 )

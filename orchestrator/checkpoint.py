@@ -1,0 +1,341 @@
+"""What a checkpoint holds, how it is written, committed, listed, verified and restored.
+
+A checkpoint is `<run>/checkpoint_<step>/` holding `model.safetensors` (weights, readable without
+this package), `state.pt` (optimizer, schedule, scaler, counters, data position, early stopping,
+metrics history; tensors and plain data only), `rng.pt` (every rank's RNG states), `job.yaml`
+(the resolved job) and `manifest.json`, written last: the commit marker. A directory without a
+manifest, or whose files do not match it (size and sha256), is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+from orchestrator import storage
+from orchestrator.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
+FORMAT_VERSION = 1
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Directory name of the checkpoint at an optimizer step (zero-padded so names sort by step)."""
+    return f"checkpoint_{step:08d}"
+
+
+@dataclass
+class CheckpointManifest:
+    """The commit marker: which files make the checkpoint, and what it is."""
+
+    step: int
+    epoch: int
+    metrics: dict[str, Any]
+    files: dict[str, dict[str, Any]]  # name -> {"size": int, "sha256": str}
+    run_record: str = "../run.json"
+    created: float = field(default_factory=time.time)
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "CheckpointManifest":
+        raw = json.loads(data)
+        return cls(**{k: raw[k] for k in ("step", "epoch", "metrics", "files", "run_record", "created", "format") if k in raw})
+
+
+@dataclass
+class CheckpointInfo:
+    """A committed checkpoint as listed: where it is and what its manifest says."""
+
+    uri: str
+    path: str
+    manifest: CheckpointManifest
+
+    @property
+    def step(self) -> int:
+        return self.manifest.step
+
+    @property
+    def epoch(self) -> int:
+        return self.manifest.epoch
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.metrics
+
+    @property
+    def size(self) -> int:
+        return sum(f["size"] for f in self.manifest.files.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "metrics": self.metrics, "size": self.size, "uri": self.uri}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Serialization: tensors through safetensors and torch.save of plain data; loading never unpickles code
+
+
+def serialize_weights(state_dict: dict) -> bytes:
+    """Weights as safetensors bytes (contiguous CPU tensors)."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state_dict.items()})
+
+
+def deserialize_weights(data: bytes) -> dict:
+    from safetensors.torch import load
+
+    return load(data)
+
+
+def serialize_state(obj: Any) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def deserialize_state(data: bytes) -> Any:
+    """Load torch.save'd plain data with weights_only=True: no code is unpickled."""
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing, committing, retention
+
+
+def commit_checkpoint(fs, run_root: str, step: int, epoch: int, files: dict[str, bytes], metrics: dict[str, Any]) -> str:
+    """Write the files of a checkpoint, then its manifest last; return the checkpoint path."""
+    path = storage.join(run_root, checkpoint_dir_name(step))
+    manifest_path = storage.join(path, MANIFEST)
+    # A leftover manifest at this step (a checkpoint skipped as corrupt) must not vouch for new files.
+    if storage.exists(fs, manifest_path):
+        storage.with_retries(lambda: fs.rm_file(manifest_path), f"remove {manifest_path}")
+    entries = {}
+    for name, data in files.items():
+        storage.write_bytes(fs, storage.join(path, name), data)
+        entries[name] = {"size": len(data), "sha256": sha256(data)}
+    manifest = CheckpointManifest(step=step, epoch=epoch, metrics=metrics, files=entries)
+    storage.write_bytes(fs, manifest_path, manifest.to_json())
+    return path
+
+
+def list_checkpoints(fs, run_root: str, uri_prefix: Optional[str] = None) -> list[CheckpointInfo]:
+    """Committed checkpoints of a run (those with a readable manifest), oldest first."""
+    try:
+        entries = storage.with_retries(lambda: fs.ls(run_root, detail=False), f"list {run_root}")
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if not CHECKPOINT_RE.match(name):
+            continue
+        path = storage.join(run_root, name)
+        try:
+            manifest = CheckpointManifest.from_json(storage.read_bytes(fs, storage.join(path, MANIFEST)))
+        except FileNotFoundError:
+            continue  # not committed: invisible
+        except (ValueError, KeyError, TypeError):
+            log.warning("checkpoint %s has an unreadable manifest; skipped", path)
+            continue
+        uri = storage.join(uri_prefix.rstrip("/"), name) if uri_prefix else storage.to_uri(fs, path)
+        found.append(CheckpointInfo(uri=uri, path=path, manifest=manifest))
+    return sorted(found, key=lambda c: c.step)
+
+
+def read_verified(fs, info: CheckpointInfo, names: Optional[list[str]] = None) -> dict[str, bytes]:
+    """Read a checkpoint's files, checking each against the manifest; ValueError on a mismatch."""
+    out = {}
+    for name in names or list(info.manifest.files):
+        expected = info.manifest.files.get(name)
+        if expected is None:
+            raise ValueError(f"{info.uri}: manifest lists no {name}")
+        data = storage.read_bytes(fs, storage.join(info.path, name))
+        if len(data) != expected["size"] or sha256(data) != expected["sha256"]:
+            raise ValueError(f"{info.uri}/{name}: does not match its manifest (truncated or corrupt)")
+        out[name] = data
+    return out
+
+
+def restore_latest(fs, run_root: str) -> Optional[tuple[CheckpointInfo, dict[str, bytes]]]:
+    """The newest checkpoint whose files match its manifest, with its files; None for a fresh start."""
+    for info in reversed(list_checkpoints(fs, run_root)):
+        try:
+            return info, read_verified(fs, info)
+        except (ValueError, FileNotFoundError) as exc:
+            log.warning("skipping checkpoint %s: %s", info.uri, exc)
+    return None
+
+
+def apply_retention(fs, run_root: str, keep_last: int, keep_best: int = 0, best_metric: Optional[str] = None, best_mode: str = "min") -> list[str]:
+    """Delete committed checkpoints beyond the newest `keep_last` and the best `keep_best`; return deleted paths."""
+    found = list_checkpoints(fs, run_root)
+    keep = {c.path for c in found[-keep_last:]}
+    if keep_best and best_metric:
+        scored = [c for c in found if isinstance(c.metrics.get(best_metric), (int, float))]
+        scored.sort(key=lambda c: c.metrics[best_metric], reverse=(best_mode == "max"))
+        keep |= {c.path for c in scored[:keep_best]}
+    deleted = []
+    for c in found:
+        if c.path not in keep:
+            # The manifest goes first so that a half-deleted checkpoint is never visible as committed.
+            storage.with_retries(lambda: fs.rm_file(storage.join(c.path, MANIFEST)), f"remove {c.path}")
+            storage.with_retries(lambda: fs.rm(c.path, recursive=True), f"remove {c.path}")
+            deleted.append(c.path)
+    return deleted
+
+
+# ----------------------------------------------------------------------------------------------
+# Asynchronous saving: the step blocks only for the snapshot; at most one upload in flight
+
+
+class CheckpointWriter:
+    """Serializes and commits snapshots on a background thread (or inline when not async)."""
+
+    def __init__(self, fs, run_root: str, asynchronous: bool = True, after_commit: Optional[Callable[[str], None]] = None):
+        self.fs = fs
+        self.run_root = run_root
+        self.asynchronous = asynchronous
+        self.after_commit = after_commit
+        self.last_committed: Optional[str] = None
+        self._error: Optional[BaseException] = None
+        self._pending: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue(maxsize=1)
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: Optional[threading.Thread] = None
+        if asynchronous:
+            self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._pending.get()
+            if job is None:
+                return
+            try:
+                job()
+            except BaseException as exc:  # surfaced to the training thread at the next save/wait
+                self._error = exc
+            finally:
+                self._idle.set()
+
+    def _raise_pending_error(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"checkpoint upload failed: {err}") from err
+
+    def save(self, step: int, epoch: int, build_files: Callable[[], dict[str, bytes]], metrics: dict[str, Any]) -> None:
+        """Commit a checkpoint; `build_files` serializes an in-memory snapshot (run in the background when async)."""
+
+        def job() -> None:
+            path = commit_checkpoint(self.fs, self.run_root, step, epoch, build_files(), metrics)
+            self.last_committed = path
+            if self.after_commit:
+                self.after_commit(path)
+
+        if not self.asynchronous:
+            job()
+            return
+        self.wait()  # at most one upload in flight
+        self._idle.clear()
+        self._pending.put(job)
+
+    def wait(self) -> None:
+        """Block until the upload in flight (if any) is committed; re-raise its failure."""
+        self._idle.wait()
+        self._raise_pending_error()
+
+    def close(self) -> None:
+        """Wait for the last upload, then stop the thread."""
+        try:
+            self.wait()
+        finally:
+            if self._thread is not None:
+                self._pending.put(None)
+                self._thread.join(timeout=5)
+                self._thread = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading weights out
+
+
+def resolve_checkpoint(uri: str, endpoint_url: Optional[str] = None):
+    """(fs, CheckpointInfo) for a checkpoint URI, or for a run URI its latest checkpoint; BadInput if none."""
+    fs, path = storage.open_storage(uri, endpoint_url)
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if CHECKPOINT_RE.match(name):
+        parent = path.rstrip("/").rsplit("/", 1)[0]
+        for info in list_checkpoints(fs, parent):
+            if info.path.rstrip("/") == path.rstrip("/"):
+                return fs, info
+        raise BadInput(f"{uri}: not a committed checkpoint (no manifest.json)")
+    found = list_checkpoints(fs, path)
+    if not found:
+        raise BadInput(f"{uri}: no committed checkpoint here")
+    return fs, found[-1]
+
+
+def load_weights(uri: str, endpoint_url: Optional[str] = None) -> dict:
+    """Weights from a checkpoint/run URI, a .safetensors file or a torch state_dict file (weights_only)."""
+    fs, path = storage.open_storage(uri, endpoint_url)
+    try:
+        is_file = fs.isfile(path)
+    except Exception as exc:
+        raise BadInput(storage.describe_error(uri, exc)) from None
+    if is_file:
+        data = storage.read_bytes(fs, path)
+        if path.endswith(".safetensors"):
+            return deserialize_weights(data)
+        try:
+            obj = deserialize_state(data)
+        except Exception as exc:
+            raise BadInput(f"{uri}: not a safetensors or weights-only state_dict file ({type(exc).__name__})") from None
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise BadInput(f"{uri}: holds no state_dict")
+        return obj
+    fs, info = resolve_checkpoint(uri, endpoint_url)
+    try:
+        return deserialize_weights(read_verified(fs, info, [WEIGHTS])[WEIGHTS])
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def export_weights(checkpoint_uri: str, out: str) -> int:
+    """Copy a checkpoint's verified weights to a local safetensors file; return its size."""
+    fs, info = resolve_checkpoint(checkpoint_uri)
+    try:
+        data = read_verified(fs, info, [WEIGHTS])[WEIGHTS]
+    except ValueError as exc:
+        raise BadInput(str(exc)) from None
+    tmp = f"{out}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    import os
+
+    os.replace(tmp, out)
+    return len(data)

@@ -1,0 +1,186 @@
+"""Metrics against scikit-learn on seeded random data, and the ordering helpers."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from orchestrator.metrics import compute_metrics, default_mode, is_better
+
+CLS = ["loss", "accuracy", "f1", "roc_auc", "confusion_matrix"]
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _classification_case(seed: int, n: int, num_classes: int, present: list[int]):
+    rng = np.random.default_rng(seed)
+    y = rng.choice(present, size=n)
+    logits = rng.normal(size=(n, num_classes))
+    # Some signal, so that the scores are not all near 0.5.
+    logits[np.arange(n), y] += 1.0
+    return torch.tensor(logits, dtype=torch.float32), torch.tensor(y)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_classification_matches_sklearn_with_absent_classes(seed):
+    # A 10-way head on a split that only has some of the classes (digits filtered to a subset).
+    present = [0, 2, 3, 5, 7]
+    logits, y = _classification_case(seed, 300, 10, present)
+    m = compute_metrics("classification", CLS, logits, y, loss=0.25)
+
+    yn, ln = y.numpy(), logits.double().numpy()
+    pred = ln.argmax(1)
+    assert m["loss"] == 0.25
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(yn, pred), abs=1e-12)
+    # Predictions of classes absent from the targets count in the macro average, as in sklearn.
+    assert set(pred) - set(present)
+    assert m["f1"] == pytest.approx(skm.f1_score(yn, pred, average="macro"), abs=1e-12)
+    probs = _softmax(ln[:, present])
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(yn, probs, multi_class="ovr", labels=present), abs=1e-12)
+    assert m["confusion_matrix"] == skm.confusion_matrix(yn, pred, labels=list(range(10))).tolist()
+    assert np.array(m["confusion_matrix"]).shape == (10, 10)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_multiclass_all_classes_present(seed):
+    logits, y = _classification_case(seed, 200, 4, [0, 1, 2, 3])
+    m = compute_metrics("classification", ["roc_auc", "f1"], logits, y, loss=0.0)
+    probs = _softmax(logits.double().numpy())
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y.numpy(), probs, multi_class="ovr"), abs=1e-12)
+    assert m["f1"] == pytest.approx(skm.f1_score(y.numpy(), probs.argmax(1), average="macro"), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_auc_is_class_one_probability(seed):
+    logits, y = _classification_case(seed, 150, 2, [0, 1])
+    m = compute_metrics("classification", ["roc_auc"], logits, y, loss=0.0)
+    p1 = _softmax(logits.double().numpy())[:, 1]
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y.numpy(), p1), abs=1e-12)
+
+
+def test_two_present_classes_in_a_larger_head():
+    logits, y = _classification_case(3, 120, 10, [1, 4])
+    m = compute_metrics("classification", ["roc_auc"], logits, y, loss=0.0)
+    p4 = _softmax(logits.double().numpy()[:, [1, 4]])[:, 1]
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y.numpy() == 4, p4), abs=1e-12)
+
+
+def test_auc_with_ties_matches_sklearn():
+    rng = np.random.default_rng(7)
+    # Few distinct rows, each repeated: many exactly tied scores, in every class column.
+    rows = rng.integers(-2, 3, size=(6, 3)).astype(np.float64)
+    idx = rng.integers(0, 6, size=200)
+    logits = rows[idx]
+    y = rng.integers(0, 3, size=200)
+    m = compute_metrics("classification", ["roc_auc"], torch.tensor(logits), torch.tensor(y), loss=0.0)
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, _softmax(logits), multi_class="ovr"), abs=1e-12)
+
+    binary = np.stack([np.zeros(200), rng.integers(0, 3, size=200).astype(np.float64)], axis=1)
+    yb = rng.integers(0, 2, size=200)
+    mb = compute_metrics("classification", ["roc_auc"], torch.tensor(binary), torch.tensor(yb), loss=0.0)
+    assert mb["roc_auc"] == pytest.approx(skm.roc_auc_score(yb, _softmax(binary)[:, 1]), abs=1e-12)
+    constant = compute_metrics("classification", ["roc_auc"], torch.zeros(200, 2), torch.tensor(yb), loss=0.0)
+    assert constant["roc_auc"] == pytest.approx(0.5)
+
+
+def test_auc_undefined_with_one_class_or_non_finite_scores():
+    logits = torch.randn(20, 5, generator=torch.Generator().manual_seed(0))
+    m = compute_metrics("classification", ["roc_auc", "accuracy"], logits, torch.full((20,), 3), loss=0.0)
+    assert m["roc_auc"] is None
+    assert m["accuracy"] == pytest.approx(float((logits.argmax(1) == 3).float().mean()))
+    logits[0, 0] = float("nan")
+    y = torch.tensor([0, 1] * 10)
+    assert compute_metrics("classification", ["roc_auc"], logits, y, loss=0.0)["roc_auc"] is None
+
+
+def test_f1_perfect_and_empty_split():
+    y = torch.tensor([0, 1, 2, 2, 1])
+    logits = torch.nn.functional.one_hot(y, 6).float()
+    m = compute_metrics("classification", CLS, logits, y, loss=0.1)
+    assert m["accuracy"] == 1.0 and m["f1"] == 1.0 and m["roc_auc"] == 1.0
+    empty = compute_metrics("classification", CLS, torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), loss=0.0)
+    assert empty["accuracy"] is None and empty["f1"] is None and empty["roc_auc"] is None
+    assert empty["confusion_matrix"] == [[0, 0, 0]] * 3
+
+
+def test_classification_accepts_low_precision_outputs_with_grad():
+    logits, y = _classification_case(4, 64, 3, [0, 1, 2])
+    half = logits.to(torch.bfloat16).requires_grad_()
+    m = compute_metrics("classification", ["accuracy"], half, y, loss=0.0)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y.numpy(), half.detach().float().argmax(1).numpy()))
+
+
+def test_bad_labels_and_names_are_errors():
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        compute_metrics("classification", ["accuracy"], torch.zeros(2, 3), torch.tensor([0, 3]), loss=0.0)
+    with pytest.raises(ValueError, match="'mse' does not apply to classification"):
+        compute_metrics("classification", ["mse"], torch.zeros(2, 3), torch.tensor([0, 1]), loss=0.0)
+    with pytest.raises(ValueError, match="unknown task"):
+        compute_metrics("ranking", ["loss"], torch.zeros(2), torch.zeros(2), loss=0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_regression_matches_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.normal(size=250)
+    pred = y + rng.normal(scale=0.5, size=250)
+    # (N, 1) outputs, as a one-unit head gives them.
+    m = compute_metrics("regression", ["loss", "mse", "mae", "r2"], torch.tensor(pred).unsqueeze(1), torch.tensor(y), loss=0.3)
+    assert m["loss"] == 0.3
+    assert m["mse"] == pytest.approx(skm.mean_squared_error(y, pred), rel=1e-12)
+    assert m["mae"] == pytest.approx(skm.mean_absolute_error(y, pred), rel=1e-12)
+    assert m["r2"] == pytest.approx(skm.r2_score(y, pred), rel=1e-12)
+
+
+def test_r2_constant_targets_follow_sklearn():
+    y = np.full(10, 2.0)
+    for pred in (y.copy(), y + 1.0):
+        m = compute_metrics("regression", ["r2"], torch.tensor(pred), torch.tensor(y), loss=0.0)
+        assert m["r2"] == skm.r2_score(y, pred)
+
+
+def test_perplexity_is_exp_of_mean_token_cross_entropy():
+    vocab = 50
+    logits = torch.zeros(8, 16, vocab)
+    targets = torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(0))
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1)).item()
+    m = compute_metrics("lm", ["loss", "perplexity"], logits, targets, loss=loss)
+    # A uniform model over the vocabulary is exactly as perplexed as the vocabulary is large.
+    assert m["perplexity"] == pytest.approx(vocab, rel=1e-6)
+    assert m["loss"] == loss
+    assert compute_metrics("lm", ["perplexity"], logits, targets, loss=2.0)["perplexity"] == pytest.approx(math.exp(2.0))
+    assert compute_metrics("lm", ["perplexity"], logits, targets, loss=1e4)["perplexity"] == math.inf
+
+
+@pytest.mark.parametrize(
+    "name, mode",
+    [("loss", "min"), ("val_loss", "min"), ("val_mse", "min"), ("mae", "min"), ("val_perplexity", "min"),
+     ("accuracy", "max"), ("val_accuracy", "max"), ("val_f1", "max"), ("roc_auc", "max"), ("val_r2", "max")],
+)
+def test_default_mode(name, mode):
+    assert default_mode(name) == mode
+
+
+def test_default_mode_unknown_metric_is_an_error():
+    with pytest.raises(ValueError, match="val_bleu"):
+        default_mode("val_bleu")
+
+
+def test_is_better_with_min_delta():
+    assert is_better(0.9, None, "min")
+    assert is_better(0.9, 1.0, "min") and not is_better(1.0, 1.0, "min") and not is_better(1.1, 1.0, "min")
+    assert is_better(1.1, 1.0, "max") and not is_better(1.0, 1.0, "max") and not is_better(0.9, 1.0, "max")
+    # An improvement must exceed min_delta to count.
+    assert not is_better(0.95, 1.0, "min", min_delta=0.1)
+    assert is_better(0.85, 1.0, "min", min_delta=0.1)
+    assert not is_better(1.05, 1.0, "max", min_delta=0.1)
+    assert is_better(1.15, 1.0, "max", min_delta=0.1)
+    assert not is_better(float("nan"), 1.0, "min") and not is_better(None, 1.0, "max")
+    assert is_better(1.0, float("nan"), "min")
+    with pytest.raises(ValueError, match="mode"):
+        is_better(1.0, 2.0, "lower")
