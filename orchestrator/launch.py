@@ -1,0 +1,302 @@
+"""Local runs: validate everything, start (or attach to) Ray, build the TorchTrainer from a JobSpec, fit.
+
+Render, then act: `build_trainer_kwargs` is a pure function of the spec; `run_job` does the I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from orchestrator import __version__, storage
+from orchestrator.errors import BadInput
+from orchestrator.spec import JobSpec
+
+log = logging.getLogger(__name__)
+RUN_RECORD = "run.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Preflight: everything that can be wrong with the input is found before Ray starts
+
+
+def import_hook(hook: str, base_dir: Optional[str], field: str):
+    """Import `module:function` with the job's directory on sys.path; BadInput naming the field if it fails."""
+    import importlib
+
+    if base_dir and base_dir not in sys.path:
+        sys.path.insert(0, base_dir)
+    module_name, _, attr = hook.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise BadInput(f"{field}: cannot import {module_name!r} from {base_dir or os.getcwd()} ({type(exc).__name__}: {exc})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise BadInput(f"{field}: {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def preflight(spec: JobSpec, base_dir: Optional[str], address: Optional[str]) -> None:
+    """Check resources, storage, user code, data and model; raise BadInput with one line on the first problem."""
+    if address is None:
+        cpus = os.cpu_count() or 1
+        need = max(1, spec.scaling.max_workers) * spec.scaling.cpus_per_worker
+        if need > cpus:
+            raise BadInput(f"scaling.num_workers: {spec.scaling.max_workers} worker(s) x {spec.scaling.cpus_per_worker:g} CPU need {need:g} CPUs; this machine has {cpus}")
+        if spec.scaling.use_gpu:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise BadInput("scaling.use_gpu: no CUDA GPU on this machine")
+            if spec.scaling.max_workers > torch.cuda.device_count():
+                raise BadInput(f"scaling.num_workers: {spec.scaling.max_workers} GPU workers but this machine has {torch.cuda.device_count()} GPU(s)")
+    storage.preflight(spec.checkpoint.storage, spec.checkpoint.endpoint_url)
+    if spec.entrypoint:
+        import_hook(spec.entrypoint, base_dir, "entrypoint")
+        return
+    from orchestrator.data import check_data
+    from orchestrator.models import build_model
+
+    info = check_data(spec, base_dir)
+    try:
+        build_model(spec, info, base_dir=base_dir)
+    except BadInput:
+        raise
+    except Exception as exc:
+        raise BadInput(f"model: cannot build {spec.model.name!r} for this data ({type(exc).__name__}: {exc})") from None
+    if spec.model.init_from:
+        from orchestrator.checkpoint import load_weights
+
+        load_weights(spec.model.init_from, spec.checkpoint.endpoint_url)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run record
+
+
+def run_uri_for(spec: JobSpec, name: Optional[str] = None) -> str:
+    """The URI of a run's directory: `<checkpoint.storage>/<name>`."""
+    base = spec.checkpoint.storage
+    protocol, path = storage.split_uri(base)
+    root = path if protocol == "file" else f"{protocol}://{path}"
+    return f"{root.rstrip('/')}/{name or spec.name}"
+
+
+def read_run_record(uri: str, endpoint_url: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """A run's run.json, or None when the run has none."""
+    fs, root = storage.open_storage(uri, endpoint_url)
+    try:
+        return json.loads(storage.read_bytes(fs, storage.join(root, RUN_RECORD)))
+    except FileNotFoundError:
+        return None
+
+
+def write_run_record(uri: str, record: dict[str, Any], endpoint_url: Optional[str] = None) -> None:
+    fs, root = storage.open_storage(uri, endpoint_url)
+    storage.write_bytes(fs, storage.join(root, RUN_RECORD), json.dumps(record, indent=1, default=str).encode())
+
+
+def provenance(spec: JobSpec) -> dict[str, Any]:
+    """Versions and host facts that say what produced a run."""
+    import platform
+
+    out = {"orchestrator": __version__, "python": platform.python_version(), "host": socket.gethostname(), "seed": spec.train.seed}
+    for name in ("torch", "ray"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:
+            out[name] = None
+    return out
+
+
+def fresh_name(spec: JobSpec) -> str:
+    """A new run name for `--fresh`: the job name and the start time."""
+    return f"{spec.name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Train
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker: rebuild the spec, then run the loop with Ray's context."""
+    import ray.train
+    import ray.train.torch
+
+    from orchestrator.train import LoopContext, run_training
+
+    spec = JobSpec.model_validate(config["job"])
+    context = ray.train.get_context()
+    ctx = LoopContext(
+        run_uri=config["run_uri"],
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        report=lambda metrics: ray.train.report(metrics),
+        base_dir=config.get("base_dir"),
+    )
+    run_training(spec, ctx)
+
+
+def user_loop_worker(config: dict[str, Any]) -> None:
+    """Bring-your-own loop: import the user's train_loop_per_worker on the worker and call it."""
+    fn = import_hook(config["entrypoint"], config.get("base_dir"), "entrypoint")
+    fn(config["user_config"])
+
+
+def build_trainer_kwargs(spec: JobSpec, run_uri: str, base_dir: Optional[str], ray_storage: str, run_name: str) -> dict[str, Any]:
+    """TorchTrainer arguments for a job (pure: no Ray calls)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    resources = {"CPU": spec.scaling.cpus_per_worker}
+    if spec.scaling.use_gpu:
+        resources["GPU"] = spec.scaling.gpus_per_worker or 1
+    num_workers = spec.scaling.num_workers
+    scaling = ScalingConfig(
+        num_workers=tuple(num_workers) if isinstance(num_workers, (list, tuple)) else num_workers,
+        use_gpu=spec.scaling.use_gpu,
+        resources_per_worker=resources if num_workers != 0 else None,
+    )
+    if spec.entrypoint:
+        loop, loop_config = user_loop_worker, {"entrypoint": spec.entrypoint, "base_dir": base_dir, "user_config": dict(spec.config)}
+        storage_path = spec.checkpoint.storage  # a user loop checkpoints through Ray's own storage
+    else:
+        loop, loop_config = train_worker, {"job": spec.to_dict(), "run_uri": run_uri, "base_dir": base_dir}
+        storage_path = ray_storage
+    run_config = RunConfig(name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=spec.failure.max_failures))
+    return {"train_loop_per_worker": loop, "train_loop_config": loop_config, "scaling_config": scaling, "run_config": run_config}
+
+
+def start_ray(address: Optional[str], spec: JobSpec) -> bool:
+    """Attach to Ray at `address`, or start an embedded single-node Ray; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        kwargs["address"] = address
+    else:
+        # The dashboard serves the state API that Ray Train's controller polls; without it, warnings.
+        kwargs.update(num_cpus=os.cpu_count())
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise BadInput(f"--address {address}: cannot connect to Ray ({exc})") from None
+    return True
+
+
+def summary_from_storage(run_uri: str, endpoint_url: Optional[str] = None) -> dict[str, Any]:
+    """What the latest committed checkpoint says of a run: steps, epochs, metrics, best, checkpoint URI."""
+    from orchestrator import checkpoint as ckpt
+
+    fs, root = storage.open_storage(run_uri, endpoint_url)
+    restored = ckpt.restore_latest(fs, root)
+    if restored is None:
+        return {"steps": 0, "epochs": 0, "metrics": {}, "best": None, "checkpoint": None}
+    info, files = restored
+    train = ckpt.deserialize_state(files["state.pt"])["train"]
+    return {
+        "steps": train["step"],
+        "epochs": train["epoch"],
+        "metrics": train["last_val"],
+        "best": {"metric": train.get("best_metric"), "value": train["best_value"], "step": train["best_step"], "metrics": train["best_metrics"]},
+        "checkpoint": ckpt.CheckpointInfo(uri=f"{run_uri.rstrip('/')}/{info.path.rstrip('/').rsplit('/', 1)[-1]}", path=info.path, manifest=info.manifest).uri,
+        "stopped_early": train["stopped_early"],
+    }
+
+
+def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str] = None, fresh: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Validate, then train a job through Ray Train; return the summary (also recorded in run.json)."""
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else (lambda msg: print(msg, flush=True))
+    base_dir = str(Path(job_file).resolve().parent) if job_file else os.getcwd()
+    t0 = time.time()
+    preflight(spec, base_dir, address)
+
+    name = fresh_name(spec) if fresh else spec.name
+    run_uri = run_uri_for(spec, name)
+    endpoint = spec.checkpoint.endpoint_url
+    record = read_run_record(run_uri, endpoint)
+    if record and record.get("status") == "finished" and not fresh:
+        say(f"{run_uri}: already finished at step {record.get('summary', {}).get('steps')}; nothing to do (use --fresh for a new run)")
+        return {**record.get("summary", {}), "run": name, "run_uri": run_uri, "status": "finished", "already_finished": True, "wall_s": round(time.time() - t0, 3)}
+    job_yaml = yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    started = datetime.now(timezone.utc).isoformat()
+    record = {
+        "run": name,
+        "status": "running",
+        "started": started,
+        "ended": None,
+        "command": sys.argv,
+        "job_file": job_file,
+        "job": spec.to_dict(),
+        "provenance": provenance(spec),
+        "attempts": (record or {}).get("attempts", 0) + 1,
+    }
+    write_run_record(run_uri, record, endpoint)
+
+    # Local mode (num_workers=0) runs the loop in this process: no Ray runtime to start.
+    started_ray = start_ray(address, spec) if (spec.scaling.num_workers != 0 or address) else False
+    from ray.train.torch import TorchTrainer
+
+    ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
+    kwargs = build_trainer_kwargs(spec, run_uri, base_dir, ray_storage, f"{name}-{int(t0)}" if not spec.entrypoint else name)
+    from orchestrator.checkpoint import list_checkpoints
+
+    fs, root = storage.open_storage(run_uri, endpoint)
+    existing = list_checkpoints(fs, root, uri_prefix=run_uri)
+    resumed_from = existing[-1].uri if existing and not spec.entrypoint else None
+    say(f"run {name} -> {run_uri}" + (f" (resuming from {resumed_from})" if resumed_from else ""))
+    status, error, result = "finished", None, None
+    try:
+        result = TorchTrainer(**kwargs).fit()
+    except Exception as exc:  # the run failed after retries: record it, report it, keep what was committed
+        status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    if spec.entrypoint:
+        summary = {"steps": None, "epochs": None, "metrics": dict(result.metrics or {}) if result else {}, "best": None,
+                   "checkpoint": (result.checkpoint.path if result and result.checkpoint else None)}
+    else:
+        summary = summary_from_storage(run_uri, endpoint)
+    summary = {"run": name, "run_uri": run_uri, "status": status, **summary, "resumed_from": resumed_from, "wall_s": round(time.time() - t0, 3)}
+    if error:
+        summary["error"] = error
+    record.update(status=status, ended=datetime.now(timezone.utc).isoformat(), summary=summary)
+    write_run_record(run_uri, record, endpoint)
+    say(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human-readable end of a run."""
+    lines = [f"{summary['status']}: {summary['run']}  steps {summary.get('steps')}  epochs {summary.get('epochs')}  wall {summary['wall_s']:.1f}s"]
+    metrics = summary.get("metrics") or {}
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    if shown:
+        lines.append(f"  last validation: {shown}")
+    best = summary.get("best") or {}
+    if best.get("value") is not None:
+        lines.append(f"  best {best.get('metric') or ''} {best['value']:.4f} at step {best.get('step')}")
+    if summary.get("checkpoint"):
+        lines.append(f"  checkpoint: {summary['checkpoint']}")
+    if summary.get("error"):
+        lines.append(f"  error: {summary['error']}")
+    return "\n".join(lines)
