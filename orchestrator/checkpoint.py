@@ -137,8 +137,18 @@ def commit_checkpoint(fs, run_root: str, step: int, epoch: int, files: dict[str,
         storage.write_bytes(fs, storage.join(path, name), data)
         entries[name] = {"size": len(data), "sha256": sha256(data)}
     manifest = CheckpointManifest(step=step, epoch=epoch, metrics=metrics, files=entries)
-    storage.write_bytes(fs, manifest_path, manifest.to_json())
+    if storage.split_uri(path)[0] == "file" and "file" in _protocols(fs):
+        # On a local disk a crash mid-write would leave a torn manifest: write aside, then rename.
+        tmp = manifest_path + ".tmp"
+        storage.write_bytes(fs, tmp, manifest.to_json())
+        fs.mv(tmp, manifest_path)
+    else:
+        storage.write_bytes(fs, manifest_path, manifest.to_json())  # an object PUT is atomic
     return path
+
+
+def _protocols(fs) -> tuple:
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
 
 def list_checkpoints(fs, run_root: str, uri_prefix: Optional[str] = None) -> list[CheckpointInfo]:

@@ -299,76 +299,86 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
         return val
 
     say(f"training {spec.name}: {spec.model.name} on {spec.data.name} ({splits.info.sizes}), {ctx.world_size} worker(s), {total_steps} steps")
-    model.train()
-    window_start, window_samples, window_n, window_steps = time.perf_counter(), 0, 0, 0
-    window_loss = torch.zeros((), device=ctx.device)  # summed on the device: no host sync per step
-    t_start = time.perf_counter()
-    done = state.step >= total_steps or state.stopped_early
-    while not done and state.epoch < spec.train.epochs:
-        micro = 0
-        for x, y in splits.train.batches(state.epoch, ctx.rank, ctx.world_size, start_batch=state.batch):
-            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            state.batch += 1
-            micro += 1
-            last_of_epoch = state.batch == batches_per_epoch
-            stepping = micro == accum or last_of_epoch
-            sync = model.no_sync() if (isinstance(model, torch.nn.parallel.DistributedDataParallel) and not stepping) else contextlib.nullcontext()
-            with sync:
-                with autocast_for(spec.train.precision, ctx.device):
-                    out = model(x)
-                loss = compute_loss(task, out, y)
-                scaler.scale(loss / accum).backward()
-            window_loss += loss.detach().float()
-            window_n += 1
-            window_samples += y.shape[0]
-            state.samples += y.shape[0] * ctx.world_size
-            if not stepping:
-                continue
-            micro = 0
-            if spec.train.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), spec.train.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            state.step += 1
-            window_steps += 1
-            if last_of_epoch:
-                state.epoch, state.batch = state.epoch + 1, 0
+    try:
+        model.train()
+        window_start, window_samples, window_n, window_steps = time.perf_counter(), 0, 0, 0
+        window_loss = torch.zeros((), device=ctx.device)  # summed on the device: no host sync per step
+        t_start = time.perf_counter()
+        done = state.step >= total_steps or state.stopped_early
+        while not done and state.epoch < spec.train.epochs:
+            micro, group = 0, accum
+            for x, y in splits.train.batches(state.epoch, ctx.rank, ctx.world_size, start_batch=state.batch):
+                x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+                if micro == 0:  # the epoch's last group may be short: average over the micro-batches it has
+                    group = min(accum, batches_per_epoch - state.batch)
+                state.batch += 1
+                micro += 1
+                last_of_epoch = state.batch == batches_per_epoch
+                stepping = micro == group
+                sync = model.no_sync() if (isinstance(model, torch.nn.parallel.DistributedDataParallel) and not stepping) else contextlib.nullcontext()
+                with sync:
+                    with autocast_for(spec.train.precision, ctx.device):
+                        out = model(x)
+                    loss = compute_loss(task, out, y)
+                    scaler.scale(loss / group).backward()
+                window_loss += loss.detach().float()
+                window_n += 1
+                window_samples += y.shape[0]
+                state.samples += y.shape[0] * ctx.world_size
+                if not stepping:
+                    continue
+                micro = 0
+                if spec.train.clip_grad_norm:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), spec.train.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+                state.step += 1
+                window_steps += 1
+                if last_of_epoch:
+                    state.epoch, state.batch = state.epoch + 1, 0
 
-            if state.step % spec.train.log_every_n_steps == 0 or state.step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                rate = window_samples * ctx.world_size / elapsed if elapsed > 0 else 0.0
-                steps_left = total_steps - state.step
-                eta = steps_left * elapsed / max(1, window_steps)
-                train_entry = {"step": state.step, "epoch": state.epoch, "split": "train", "loss": window_loss.item() / max(1, window_n), "lr": schedule.lr, "samples_per_s": rate}
-                record(train_entry)
-                say(f"step {state.step}/{total_steps}  epoch {min(state.epoch + (0 if last_of_epoch else 1), spec.train.epochs)}/{spec.train.epochs}  loss {train_entry['loss']:.4f}  lr {schedule.lr:.2e}  {rate:,.0f} samples/s  eta {_clock(eta)}")
-                window_start, window_samples, window_n, window_steps = time.perf_counter(), 0, 0, 0
-                window_loss.zero_()
+                if state.step % spec.train.log_every_n_steps == 0 or state.step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_samples * ctx.world_size / elapsed if elapsed > 0 else 0.0
+                    steps_left = total_steps - state.step
+                    eta = steps_left * elapsed / max(1, window_steps)
+                    train_entry = {"step": state.step, "epoch": state.epoch, "split": "train", "loss": window_loss.item() / max(1, window_n), "lr": schedule.lr, "samples_per_s": rate}
+                    record(train_entry)
+                    say(f"step {state.step}/{total_steps}  epoch {min(state.epoch + (0 if last_of_epoch else 1), spec.train.epochs)}/{spec.train.epochs}  loss {train_entry['loss']:.4f}  lr {schedule.lr:.2e}  {rate:,.0f} samples/s  eta {_clock(eta)}")
+                    window_start, window_samples, window_n, window_steps = time.perf_counter(), 0, 0, 0
+                    window_loss.zero_()
 
-            end_of_training = state.step >= total_steps
-            validate_now = (spec.validation.every_n_steps and state.step % spec.validation.every_n_steps == 0) or (not spec.validation.every_n_steps and last_of_epoch)
-            val = validate() if (validate_now or end_of_training) else {}
-            checkpoint_now = (
-                end_of_training
-                or state.stopped_early
-                or bool(spec.checkpoint.every_n_steps and state.step % spec.checkpoint.every_n_steps == 0)
-                or bool(last_of_epoch and spec.checkpoint.every_n_epochs and state.epoch % spec.checkpoint.every_n_epochs == 0)
-            )
-            if val:
-                say("  validation: " + "  ".join(f"{k[4:]} {v:.4f}" for k, v in val.items() if isinstance(v, float)))
-            if checkpoint_now:
-                save_checkpoint(val or state.last_val)
-            if end_of_training or state.stopped_early:
-                done = True
-                break
-        else:
-            if state.batch != 0:  # an epoch shorter than expected would desynchronise ranks
-                raise RuntimeError(f"epoch {state.epoch} ended after {state.batch} of {batches_per_epoch} batches")
-    if state.stopped_early:
-        say(f"early stopping at step {state.step}: {watched} has not improved for {spec.early_stopping.patience} validations (best {state.best_value:.4f} at step {state.best_step})")
+                end_of_training = state.step >= total_steps
+                validate_now = (spec.validation.every_n_steps and state.step % spec.validation.every_n_steps == 0) or (not spec.validation.every_n_steps and last_of_epoch)
+                val = validate() if (validate_now or end_of_training) else {}
+                checkpoint_now = (
+                    end_of_training
+                    or state.stopped_early
+                    or bool(spec.checkpoint.every_n_steps and state.step % spec.checkpoint.every_n_steps == 0)
+                    or bool(last_of_epoch and spec.checkpoint.every_n_epochs and state.epoch % spec.checkpoint.every_n_epochs == 0)
+                )
+                if val:
+                    say("  validation: " + "  ".join(f"{k[4:]} {v:.4f}" for k, v in val.items() if isinstance(v, float)))
+                if checkpoint_now:
+                    save_checkpoint(val or state.last_val)
+                if end_of_training or state.stopped_early:
+                    done = True
+                    break
+            else:
+                if state.batch != 0:  # an epoch shorter than expected would desynchronise ranks
+                    raise RuntimeError(f"epoch {state.epoch} ended after {state.batch} of {batches_per_epoch} batches")
+        if state.stopped_early:
+            say(f"early stopping at step {state.step}: {watched} has not improved for {spec.early_stopping.patience} validations (best {state.best_value:.4f} at step {state.best_step})")
+
+    except BaseException:
+        if writer:
+            # Whatever ended the loop, the upload in flight is committed before this rank lets go.
+            with contextlib.suppress(Exception):
+                writer.close()
+        raise
 
     committed = None
     if writer:
