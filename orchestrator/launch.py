@@ -19,6 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from orchestrator import __version__, storage
+from orchestrator.data import import_hook
 from orchestrator.errors import BadInput
 from orchestrator.spec import JobSpec
 
@@ -28,23 +29,6 @@ RUN_RECORD = "run.json"
 
 # ----------------------------------------------------------------------------------------------
 # Preflight: everything that can be wrong with the input is found before Ray starts
-
-
-def import_hook(hook: str, base_dir: Optional[str], field: str):
-    """Import `module:function` with the job's directory on sys.path; BadInput naming the field if it fails."""
-    import importlib
-
-    if base_dir and base_dir not in sys.path:
-        sys.path.insert(0, base_dir)
-    module_name, _, attr = hook.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise BadInput(f"{field}: cannot import {module_name!r} from {base_dir or os.getcwd()} ({type(exc).__name__}: {exc})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise BadInput(f"{field}: {module_name!r} has no function {attr!r}")
-    return fn
 
 
 def preflight(spec: JobSpec, base_dir: Optional[str], address: Optional[str]) -> None:

@@ -1,0 +1,227 @@
+"""`orchestrator run` end to end: every example job, bad input, rerun/resume, and real process kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator import checkpoint as ckpt
+from orchestrator import storage
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+
+
+def orchestrator(*args, cwd=ROOT, env=None, timeout=300):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
+
+
+def summary_of(res) -> dict:
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def final_weights(run_uri: str) -> dict:
+    fs, root = storage.open_storage(run_uri)
+    info, files = ckpt.restore_latest(fs, root)
+    return ckpt.deserialize_weights(files[ckpt.WEIGHTS])
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Every example job runs (briefly, in local mode: the loop in the driver process)
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[p.name for p in JOBS])
+def test_every_example_job_runs(job, tmp_path):
+    brief = ["scaling.num_workers=0", f"checkpoint.storage={tmp_path}"]
+    if "entrypoint" not in job.read_text():
+        brief += ["train.max_steps=12", "validation.every_n_steps=6"]
+    out = summary_of(orchestrator("run", str(job), *brief, "--json"))
+    assert out["status"] == "finished" and out["run"] == job.stem.replace("_", "-")
+    if "entrypoint" in job.read_text():
+        assert out["metrics"]["epoch"] == 2 and out["checkpoint"]
+    else:
+        assert out["steps"] == 12 and out["checkpoint"].endswith("checkpoint_00000012")
+        assert out["metrics"]["val_loss"] > 0 and out["best"]["step"] in (6, 12)
+        record = json.loads((tmp_path / out["run"] / "run.json").read_text())
+        assert record["status"] == "finished" and record["job"]["train"]["max_steps"] == 12
+        assert record["provenance"]["torch"] and record["provenance"]["ray"]
+
+
+def test_main_example_reaches_its_accuracy_in_local_mode(tmp_path):
+    # The README promises >= 0.95 validation accuracy for jobs/digits_mlp.yaml.
+    start = time.time()
+    out = summary_of(orchestrator("run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "--json"))
+    assert out["best"]["metrics"]["val_accuracy"] >= 0.95
+    assert time.time() - start < 120
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, before Ray starts, nothing written
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.name=transformer"], "error: model.name: unknown model 'transformer'"),
+        (["optim.lr=0"], "error: optim.lr: Input should be greater than 0"),
+        (["data.name=nope:fn"], "error: data.name: cannot import 'nope"),
+        (["model.name=nope:fn"], "error: model.name: cannot import 'nope"),
+        (["data.path=missing/*.parquet"], "error: data.path:"),
+        (["data.features=[age, height]"], "error: data.features: column 'height'"),
+        (["data.label=price"], "error: data.label: column 'price'"),
+        (["scaling.num_workers=64"], "error: scaling.num_workers: 64 worker(s) x 1 CPU need 64 CPUs"),
+        (["scaling.use_gpu=true"], "error: scaling.use_gpu: no CUDA GPU on this machine"),
+        (["model.init_from=/no/such/run"], "error: /no/such/run: no committed checkpoint here"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(overrides, message, tmp_path):
+    job = "jobs/diabetes_parquet.yaml" if overrides[0].startswith("data.") and "nope" not in overrides[0] else "jobs/digits_mlp.yaml"
+    res = orchestrator("run", job, f"checkpoint.storage={tmp_path}/runs", *overrides)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing written, no Ray started
+    assert "Started a local Ray instance" not in res.stderr
+
+
+def test_missing_bucket_is_caught_before_ray(s3_server, tmp_path):
+    res = orchestrator("run", "jobs/digits_mlp.yaml", "checkpoint.storage=s3://does-not-exist/runs")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: s3://does-not-exist/runs: the bucket does not exist"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reruns: resume, already finished, --fresh
+
+
+def test_rerun_of_a_finished_run_says_so_and_fresh_starts_anew(tmp_path):
+    args = ["run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "train.max_steps=10", "--json"]
+    first = summary_of(orchestrator(*args))
+    again = orchestrator(*args)
+    second = summary_of(again)
+    assert second["already_finished"] and second["steps"] == 10 and "already finished" in again.stderr
+    fresh = summary_of(orchestrator(*args, "--fresh"))
+    assert fresh["run"].startswith("digits-mlp-") and fresh["resumed_from"] is None and fresh["steps"] == 10
+    assert (tmp_path / first["run"] / "run.json").exists() and (tmp_path / fresh["run"] / "run.json").exists()
+
+
+def test_longer_rerun_resumes_from_the_last_checkpoint(tmp_path):
+    base = ["run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "--json", "train.epochs=2", "early_stopping=null"]
+    summary_of(orchestrator(*base))
+    # A run that crashed leaves run.json "running": simulate by flipping the status.
+    record_path = tmp_path / "digits-mlp" / "run.json"
+    record = json.loads(record_path.read_text())
+    record["status"] = "failed"
+    record_path.write_text(json.dumps(record))
+    out = summary_of(orchestrator(*base))
+    assert out["resumed_from"].endswith("checkpoint_00000086") and out["steps"] == 86
+
+
+# ----------------------------------------------------------------------------------------------
+# Real failures: a killed driver, a killed Ray Train worker. Both end with the weights of a run
+# that was never interrupted.
+
+KILL_JOB = [
+    "model.hidden=256", "model.layers=3", "train.batch_size=16", "train.epochs=3", "early_stopping=null",
+    "checkpoint.every_n_steps=10", "checkpoint.every_n_epochs=null", "checkpoint.keep_last=3", "train.log_every_n_steps=50",
+]
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1"}  # Ray gives a 1-CPU worker one thread; the reference must match
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (from /proc), for killing exactly this run's Ray workers."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list(run_dir.glob("checkpoint_*/manifest.json")):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.fixture(scope="module")
+def reference_weights(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    summary_of(orchestrator("run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", f"checkpoint.storage={tmp}", *KILL_JOB, "--json", env=SINGLE_THREAD))
+    return final_weights(str(tmp / "digits-mlp"))
+
+
+def test_killed_driver_then_rerun_ends_with_identical_weights(tmp_path, reference_weights):
+    args = ["run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", f"checkpoint.storage={tmp_path}", *KILL_JOB, "--json"]
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=ROOT, env={**os.environ, **SINGLE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(tmp_path / "digits-mlp", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    record = json.loads((tmp_path / "digits-mlp" / "run.json").read_text())
+    assert record["status"] == "running"  # killed: nobody recorded an end
+    out = summary_of(orchestrator(*args, env=SINGLE_THREAD))
+    assert out["resumed_from"] and out["steps"] == 3 * 86
+    assert_same_weights(final_weights(str(tmp_path / "digits-mlp")), reference_weights)
+
+
+@pytest.mark.slow
+def test_sigkilled_ray_worker_is_restarted_and_ends_with_identical_weights(tmp_path, reference_weights):
+    args = ["run", "jobs/digits_mlp.yaml", "scaling.num_workers=1", "failure.max_failures=2", f"checkpoint.storage={tmp_path}", *KILL_JOB, "--json"]
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(tmp_path / "digits-mlp", proc)
+    workers = [p for p in descendants(proc.pid) if "RayTrainWorker" in cmdline(p)]
+    assert workers, "no Ray Train worker process found"
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    out = json.loads(stdout.strip().splitlines()[-1])
+    assert out["status"] == "finished" and out["steps"] == 3 * 86
+    assert "resumed from" in stderr  # the restarted worker continued from a checkpoint
+    assert_same_weights(final_weights(str(tmp_path / "digits-mlp")), reference_weights)
+
+
+@pytest.mark.slow
+def test_two_ddp_workers_on_embedded_ray(tmp_path):
+    out = summary_of(orchestrator("run", "jobs/digits_mlp.yaml", "scaling.num_workers=2", "train.epochs=2", "early_stopping=null", f"checkpoint.storage={tmp_path}", "--json"))
+    assert out["status"] == "finished" and out["steps"] == 2 * 22  # 1374 training examples: 687 a rank, 22 batches of 32
+    fs, root = storage.open_storage(str(tmp_path / "digits-mlp"))
+    _, files = ckpt.restore_latest(fs, root)
+    assert len(ckpt.deserialize_state(files["rng.pt"])) == 2
+    assert out["metrics"]["val_accuracy"] > 0.9
