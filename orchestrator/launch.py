@@ -200,6 +200,8 @@ def summary_from_storage(run_uri: str, endpoint_url: Optional[str] = None) -> di
         "best": {"metric": train.get("best_metric"), "value": train["best_value"], "step": train["best_step"], "metrics": train["best_metrics"]},
         "checkpoint": ckpt.CheckpointInfo(uri=f"{run_uri.rstrip('/')}/{info.path.rstrip('/').rsplit('/', 1)[-1]}", path=info.path, manifest=info.manifest).uri,
         "stopped_early": train["stopped_early"],
+        "first_step_at": train.get("first_step_at"),
+        "last_step_at": train.get("last_step_at"),
     }
 
 

@@ -70,6 +70,8 @@ class TrainState:
     best_metrics: dict[str, Any] = field(default_factory=dict)
     bad_validations: int = 0  # early stopping: validations since the last improvement
     stopped_early: bool = False
+    first_step_at: Optional[float] = None  # wall clock of the first and latest optimizer step (benchmarks, ETA)
+    last_step_at: Optional[float] = None
     last_val: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -251,6 +253,7 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
     state.best_metric = watched
 
     def record(entry: dict[str, Any]) -> None:
+        entry["time"] = time.time()
         state.history.append(entry)
         if metrics_log:
             metrics_log.append(entry)
@@ -337,6 +340,9 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
                 schedule.step()
                 state.step += 1
                 window_steps += 1
+                state.last_step_at = time.time()
+                if state.first_step_at is None:
+                    state.first_step_at = state.last_step_at
                 if last_of_epoch:
                     state.epoch, state.batch = state.epoch + 1, 0
 
