@@ -256,14 +256,19 @@ class CheckpointWriter:
             err, self._error = self._error, None
             raise RuntimeError(f"checkpoint upload failed: {err}") from err
 
-    def save(self, step: int, epoch: int, build_files: Callable[[], dict[str, bytes]], metrics: dict[str, Any]) -> None:
-        """Commit a checkpoint; `build_files` serializes an in-memory snapshot (run in the background when async)."""
+    def save(self, step: int, epoch: int, build_files: Callable[[], dict[str, bytes]], metrics: dict[str, Any], then: Optional[Callable[[], None]] = None) -> None:
+        """Commit a checkpoint; `build_files` serializes an in-memory snapshot (run in the background when async).
+
+        `then` runs after the commit on the same thread (e.g. rewriting metrics.jsonl on an object store).
+        """
 
         def job() -> None:
             path = commit_checkpoint(self.fs, self.run_root, step, epoch, build_files(), metrics)
             self.last_committed = path
             if self.after_commit:
                 self.after_commit(path)
+            if then:
+                then()
 
         if not self.asynchronous:
             job()

@@ -119,8 +119,12 @@ def preflight(uri: str, endpoint_url: str | None = None) -> None:
         raise BadInput(describe_error(uri, exc)) from None
 
 
-def with_retries(fn: Callable[[], T], what: str, attempts: int = 8, first_delay: float = 0.5, max_delay: float = 15.0) -> T:
-    """Call fn, retrying transient storage failures with exponential back-off; the last error propagates."""
+def with_retries(fn: Callable[[], T], what: str, attempts: int | None = None, first_delay: float = 0.5, max_delay: float = 15.0) -> T:
+    """Call fn, retrying transient storage failures with exponential back-off; the last error propagates.
+
+    ORCHESTRATOR_STORAGE_ATTEMPTS sets the attempts (default 8: about a minute of outage survived).
+    """
+    attempts = attempts or int(os.environ.get("ORCHESTRATOR_STORAGE_ATTEMPTS", "8"))
     delay = first_delay
     for attempt in range(1, attempts + 1):
         try:

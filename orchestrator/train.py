@@ -277,9 +277,7 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
                 "job.yaml": job_yaml,
             }
 
-        writer.save(state.step, state.epoch, build_files, {k: v for k, v in metrics.items() if not isinstance(v, list)})
-        if metrics_log:
-            metrics_log.flush()
+        writer.save(state.step, state.epoch, build_files, {k: v for k, v in metrics.items() if not isinstance(v, list)}, then=metrics_log.snapshot_flush())
 
     def validate() -> dict[str, Any]:
         val = evaluate(raw_model, splits.val, spec, ctx, task)
@@ -442,8 +440,8 @@ class MetricsLog:
         # A resumed run's file may hold steps past the checkpoint: rewrite it so no step appears twice.
         self._rewrite()
 
-    def _rewrite(self) -> None:
-        data = "".join(line + "\n" for line in self.lines).encode()
+    def _rewrite(self, lines: Optional[list[str]] = None) -> None:
+        data = "".join(line + "\n" for line in (self.lines if lines is None else lines)).encode()
         if self.local:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             tmp = self.path + ".tmp"
@@ -460,7 +458,19 @@ class MetricsLog:
             with open(self.path, "a") as fh:
                 fh.write(line + "\n")
 
-    def flush(self) -> None:
-        """Object stores cannot append: rewrite the whole file (at checkpoints and at the end)."""
-        if not self.local:
-            self._rewrite()
+    def flush(self, lines: Optional[list[str]] = None) -> None:
+        """Object stores cannot append: rewrite the whole file (at checkpoints and at the end).
+
+        Best effort: the history also lives in every checkpoint, and the next flush rewrites it whole.
+        """
+        if self.local:
+            return
+        try:
+            self._rewrite(lines)
+        except Exception as exc:
+            log.warning("could not rewrite %s (%s); the checkpoints keep the history", self.path, type(exc).__name__)
+
+    def snapshot_flush(self) -> Callable[[], None]:
+        """A flush of the lines as they are now, to run later on the checkpoint writer's thread."""
+        lines = list(self.lines)
+        return lambda: self.flush(lines)
