@@ -38,6 +38,13 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def console():
+    """A rich console; piped output is not wrapped at 80 columns, so URIs stay whole for grep and scripts."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
 job_file_argument = click.argument("job_file", type=click.Path(dir_okay=False))
 overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 
@@ -100,14 +107,13 @@ def checkpoints(run_uri: str, as_json: bool) -> None:
         return
     if not found:
         raise BadInput(f"{run_uri}: no committed checkpoint here")
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("step", "epoch", "metrics", "size", "uri")
     for c in found:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in c.metrics.items() if isinstance(v, (int, float)))
         table.add_row(str(c.step), str(c.epoch), shown, f"{c.size / 1e6:.2f} MB", c.uri)
-    Console().print(table)
+    console().print(table)
 
 
 @main.command()
