@@ -39,6 +39,7 @@ ENTRYPOINT = f"python -m orchestrator run {JOB_FILE} --address auto --json"
 # The `ray` user of Ray's images (uid 1000, group users).
 RAY_UID, RAY_GID = 1000, 100
 GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, AGENT_PORT = 6379, 8265, 10001, 52365
+HEALTH_PATH = "/api/healthz"
 DEFAULT_TTL_SECONDS = 600
 DEFAULT_DEADLINE_SECONDS = 7 * 24 * 3600
 MAX_RAYJOB_NAME = 47  # KubeRay's limit: the cluster and service names it derives must stay <= 63
@@ -248,10 +249,9 @@ def ray_pod_template(*, instance: str, component: str, image: str, cpus: float, 
             {"name": "dashboard", "containerPort": DASHBOARD_PORT},
             {"name": "client", "containerPort": CLIENT_PORT},
         ]
-        container["readinessProbe"] = ray_probe("/api/gcs_healthz", DASHBOARD_PORT, liveness=False)
-    else:
-        container["readinessProbe"] = ray_probe("/api/local_raylet_healthz", AGENT_PORT, liveness=False)
-    container["livenessProbe"] = ray_probe("/api/local_raylet_healthz", AGENT_PORT, liveness=True)
+    # The dashboard agent's unified check: the raylet, and on the head the GCS too (what KubeRay probes for Ray >= 2.53).
+    container["readinessProbe"] = ray_probe(HEALTH_PATH, AGENT_PORT, liveness=False)
+    container["livenessProbe"] = ray_probe(HEALTH_PATH, AGENT_PORT, liveness=True)
     spec: dict[str, Any] = {
         "serviceAccountName": SERVICE_ACCOUNT,
         "automountServiceAccountToken": service_account_token,

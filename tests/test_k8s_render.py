@@ -1,0 +1,205 @@
+"""orchestrator.k8s rendering: a job file becomes a ConfigMap and a RayJob sized, timed and named from the job."""
+
+from __future__ import annotations
+
+import math
+import shlex
+
+import pytest
+import yaml
+
+from orchestrator import __version__, k8s
+from orchestrator.errors import BadInput
+from orchestrator.spec import build_spec
+
+BASE = {"name": "digits-mlp", "model": {"name": "mlp"}, "data": {"name": "digits"}, "checkpoint": {"storage": "s3://runs/prefix"}}
+
+
+def render(overrides=(), **options):
+    spec = build_spec(BASE, list(overrides))
+    return spec, k8s.render_manifests(spec, k8s.job_file_text(spec), **options)
+
+
+def split(manifests):
+    assert [m["kind"] for m in manifests] == ["ConfigMap", "RayJob"]
+    return manifests[0], manifests[1]
+
+
+def test_worker_group_is_sized_from_scaling():
+    _, out = render(["scaling.num_workers=3", "scaling.cpus_per_worker=2"])
+    cluster = split(out)[1]["spec"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 3
+    assert group["rayStartParams"] == {"num-cpus": "2"}
+    res = group["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"] == res["limits"] == {"cpu": "2", "memory": "8Gi"}
+    # The head runs the driver only: no Ray Train worker may land there.
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert "nodeSelector" not in group["template"]["spec"]
+
+
+def test_gpu_jobs_get_gpus_tolerations_node_selector_shared_memory_and_the_gpu_image():
+    _, out = render(["scaling.num_workers=2", "scaling.use_gpu=true", "scaling.gpus_per_worker=2", "scaling.cpus_per_worker=4"])
+    group = split(out)[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    pod = group["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"] == "2"
+    assert container["resources"]["limits"]["memory"] == "32Gi"
+    assert group["rayStartParams"] == {"num-cpus": "4", "num-gpus": "2"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    shm = next(v for v in pod["volumes"] if v["name"] == "shared-mem")
+    assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"] == "16Gi"
+    assert {"name": "shared-mem", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert container["image"] == f"orchestrator:{__version__}-gpu"
+
+
+def test_elastic_and_driver_only_jobs():
+    _, out = render(["scaling.num_workers=[1, 4]"])
+    assert split(out)[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 4
+    _, out = render(["scaling.num_workers=0", "scaling.cpus_per_worker=2"])
+    cluster = split(out)[1]["spec"]["rayClusterSpec"]
+    assert "workerGroupSpecs" not in cluster
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "2"
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "3", "memory": "12Gi"}
+
+
+def test_worker_memory_option_and_its_errors():
+    _, out = render(worker_memory="6Gi")
+    res = split(out)[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
+    assert res["limits"]["memory"] == "6Gi"
+    for bad in ("6 GB", "lots", "100Mi"):
+        with pytest.raises(BadInput, match="--worker-memory"):
+            render(worker_memory=bad)
+
+
+def test_configmap_holds_the_resolved_job_and_the_entrypoint_runs_it_from_the_working_dir():
+    spec, out = render(["optim.lr=0.01", "train.max_steps=7"])
+    configmap, rayjob = split(out)
+    job = yaml.safe_load(configmap["data"][k8s.JOB_FILE])
+    assert job == spec.to_dict() and job["optim"]["lr"] == 0.01 and job["train"]["max_steps"] == 7
+    assert configmap["immutable"] is True
+    spec_ = rayjob["spec"]
+    argv = shlex.split(spec_["entrypoint"])
+    assert argv[:4] == ["python", "-m", "orchestrator", "run"] and argv[4] == k8s.JOB_FILE
+    assert "--json" in argv and argv[argv.index("--address") + 1] == "auto"
+    # The submitter mounts the ConfigMap where the runtime env uploads the working_dir from.
+    working_dir = yaml.safe_load(spec_["runtimeEnvYAML"])["working_dir"]
+    submitter = spec_["submitterPodTemplate"]["spec"]
+    volume = next(v for v in submitter["volumes"] if "configMap" in v)
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    mount = next(m for m in submitter["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+    assert mount["mountPath"] == working_dir and mount["readOnly"] is True
+    assert spec_["submissionMode"] == "K8sJobMode"
+
+
+def test_lifecycle_fields_come_from_the_job_and_options():
+    _, out = render(["failure.max_failures=5"], ttl_seconds=30, deadline_seconds=3600)
+    spec = split(out)[1]["spec"]
+    assert spec["backoffLimit"] == 5
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] == 30
+    assert spec["activeDeadlineSeconds"] == 3600
+    _, out = render(["failure.max_failures=-1"])
+    assert split(out)[1]["spec"]["backoffLimit"] == 2**31 - 1
+    with pytest.raises(BadInput, match="--deadline"):
+        render(deadline_seconds=0)
+    with pytest.raises(BadInput, match="--ttl"):
+        render(ttl_seconds=-1)
+
+
+def test_cluster_option_targets_an_existing_raycluster():
+    _, out = render(cluster="orchestrator")
+    spec = split(out)[1]["spec"]
+    assert spec["clusterSelector"] == {"ray.io/cluster": "orchestrator"}
+    assert "rayClusterSpec" not in spec
+    # KubeRay refuses to shut down or expire a cluster the job does not own.
+    assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec
+    assert spec["submitterPodTemplate"]["spec"]["containers"][0]["image"] == f"orchestrator:{__version__}"
+    with pytest.raises(BadInput, match="--cluster"):
+        render(cluster="My_Cluster")
+
+
+def test_token_authentication_is_on():
+    _, out = render()
+    cluster = split(out)[1]["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert cluster["rayVersion"] == k8s.RAY_VERSION
+    assert k8s.render_raycluster()["spec"]["authOptions"] == {"mode": "token"}
+
+
+def test_names_are_valid_stable_and_unique_per_job():
+    _, a = render()
+    _, b = render()
+    _, c = render(["optim.lr=0.5"])
+    assert [m["metadata"]["name"] for m in a] == [m["metadata"]["name"] for m in b]
+    assert a[0]["metadata"]["name"] != c[0]["metadata"]["name"] and a[1]["metadata"]["name"] != c[1]["metadata"]["name"]
+    assert a[0]["metadata"]["name"] == a[1]["metadata"]["name"] + "-job"
+    for name in ("Digits_MLP.v2", "2024-run", "x" * 100, "A"):
+        spec = build_spec({**BASE, "name": name})
+        rayjob = split(k8s.render_manifests(spec))[1]
+        got = rayjob["metadata"]["name"]
+        assert len(got) <= 47 and k8s.DNS1035_LABEL.match(got), got
+        assert rayjob["metadata"]["annotations"]["orchestrator/run-name"] == name
+
+
+@pytest.mark.parametrize("image", ["orchestrator", "orchestrator:latest", "registry.example.com:5000/team/orchestrator", "ghcr.io/x/orchestrator:LATEST",
+                                   "Orchestrator:1.0", "orchestrator:bad tag", "orchestrator@sha256:123"])
+def test_unpinned_or_malformed_images_are_refused(image):
+    with pytest.raises(BadInput, match="--image"):
+        render(image=image)
+
+
+@pytest.mark.parametrize("image", ["orchestrator:0.1.0", "registry.example.com:5000/team/orchestrator:1.2.3-gpu", "ghcr.io/x/y@sha256:" + "a" * 64])
+def test_pinned_images_are_used_everywhere(image):
+    _, out = render(image=image)
+    rayjob = split(out)[1]
+    images = {c["image"] for t in (rayjob["spec"]["submitterPodTemplate"], rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"],
+                                   rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]) for c in t["spec"]["containers"]}
+    assert images == {image}
+
+
+@pytest.mark.parametrize("namespace", ["Orchestrator", "a_b", "-x", "x" * 64, ""])
+def test_bad_namespaces_are_refused(namespace):
+    with pytest.raises(BadInput, match="--namespace"):
+        render(namespace=namespace)
+
+
+def test_no_secret_reaches_the_manifests(monkeypatch):
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE123")
+    _, out = render(["checkpoint.endpoint_url=http://minio:9000"])
+    text = k8s.dump_manifests(out)
+    assert secret not in text and "AKIAEXAMPLE123" not in text
+    assert all(m["kind"] != "Secret" for m in out)
+    # Credentials reach the pods only as a mounted Secret the user creates.
+    pod = split(out)[1]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if "secret" in v)
+    assert volume["secret"] == {"secretName": k8s.S3_SECRET, "optional": True, "defaultMode": 0o440}
+
+
+def test_storage_warnings_name_what_will_not_survive():
+    spec = build_spec({**BASE, "checkpoint": {"storage": "runs"}})
+    (line,) = k8s.storage_warnings(spec)
+    assert line.startswith("checkpoint.storage: runs")
+    assert k8s.storage_warnings(build_spec(BASE)) == []
+
+
+def test_dump_is_yaml_that_reads_back_and_keeps_the_job_file_readable():
+    _, out = render()
+    text = k8s.dump_manifests(out)
+    assert list(yaml.safe_load_all(text)) == out
+    assert "job.yaml: |" in text
+
+
+def test_raycluster_is_long_lived_and_autoscaling():
+    cluster = k8s.render_raycluster(max_workers=3, worker_cpus=2, worker_memory="8Gi")
+    spec = cluster["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    group = spec["workerGroupSpecs"][0]
+    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (0, 0, 3)
+    assert spec["autoscalerOptions"]["securityContext"] == k8s.container_security_context()
+    assert spec["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert group["template"]["spec"]["automountServiceAccountToken"] is False
+    assert math.isclose(int(group["rayStartParams"]["num-cpus"]), 2)
