@@ -238,6 +238,7 @@ def build_submission(
     max_package_bytes: int = MAX_PACKAGE_BYTES,
     max_file_bytes: int = MAX_FILE_BYTES,
     ship_orchestrator: bool = True,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """The Jobs API request of a job (entrypoint, runtime_env, metadata) and what its package holds; BadInput if it cannot run there."""
     job_path = Path(job_file).resolve()
@@ -248,7 +249,7 @@ def build_submission(
         raise BadInput(
             f"checkpoint.storage: {raw_storage!r} is relative, so on the cluster it would land in the job's temporary working "
             "directory and a resubmission could not resume; use an absolute path every node sees, or s3://bucket/prefix "
-            f"(e.g. checkpoint.storage=/shared/runs)"
+            "(e.g. checkpoint.storage=/shared/runs)"
         )
     patterns = list(excludes)
     if protocol == "file":
@@ -292,7 +293,7 @@ def build_submission(
         if _inside(str(package_dir), job_dir) is None:
             # The cluster runs the same orchestrator code that validated the job here.
             runtime_env["py_modules"] = [str(package_dir)]
-    words = ["python", "-m", "orchestrator", "run", job_path.name, *overrides, "--address", "auto", "--json"]
+    words = ["python", "-m", "orchestrator", "run", job_path.name, *overrides, "--address", "auto", "--json"] + (["--fresh"] if fresh else [])
     return {
         "submission_id": submission_id or new_submission_id(spec.name),
         "entrypoint": " ".join(shlex.quote(w) for w in words),
@@ -390,7 +391,13 @@ class RayJobsBackend:
         """Ray's JobSubmissionClient for this address, with the token as its Authorization header."""
         if self._client is None:
             self.check()
+            import logging
+
             from ray.job_submission import JobSubmissionClient
+
+            # Ray's client narrates every upload and websocket at INFO; a person wants the job's output.
+            for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk", "ray._private.runtime_env.packaging"):
+                logging.getLogger(name).setLevel(logging.WARNING)
 
             with _only_address(self.address):
                 try:
@@ -407,7 +414,7 @@ class RayJobsBackend:
             raise
         except Exception as exc:
             text = redact(str(exc), self.token)
-            if "404" in text or "does not exist" in text:
+            if "status code 404" in text or "does not exist" in text:
                 raise BadInput(f"{what}: no such job on {self.address}") from None
             if type(exc).__name__ == "AuthenticationError":
                 raise BadInput(f"{self.address}: {text.splitlines()[0]}") from None
@@ -584,7 +591,11 @@ def format_jobs(jobs: list[dict[str, Any]]):
     """The jobs of a cluster as a rich table, newest first."""
     from rich.table import Table
 
-    table = Table("id", "status", "run", "started", "duration", "message")
+    table = Table()
+    table.add_column("id", no_wrap=True)
+    for name in ("status", "run", "started", "duration"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("message", overflow="ellipsis")
     for j in jobs:
         message = (j.get("message") or "").strip().splitlines()
         table.add_row(j["submission_id"], j["status"], j.get("run") or "-", _when(j.get("start_time")), _duration(j), (message[0][:60] if message else ""))

@@ -1,0 +1,225 @@
+"""A real Ray cluster on this machine for tests: `ray start` head and worker nodes on loopback addresses.
+
+Every node gets its own free ports, its own --temp-dir and a marker in its environment, so the
+test can find, kill and restart exactly its own processes (never `ray stop`, which would stop
+every Ray on the machine). Token authentication is on, with a token file of the cluster's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+MARKER = "ORCHESTRATOR_TEST_RAY_NODE"
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_range(size: int, low: int = 20000, high: int = 40000) -> tuple[int, int]:
+    """A run of `size` ports that are free now (for Ray's worker processes)."""
+    for _ in range(200):
+        start = secrets.randbelow(high - low - size) + low
+        ok = True
+        for port in range(start, start + size):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return start, start + size - 1
+    raise RuntimeError("no free port range")
+
+
+def pids_with_marker(marker: str) -> list[int]:
+    """Processes whose environment carries this node's marker (the node and all it started)."""
+    needle = f"{MARKER}={marker}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+class RayNode:
+    """One `ray start` node: its ports, temp dir and processes."""
+
+    def __init__(self, cluster: "RayCluster", name: str, num_cpus: int, head: bool):
+        self.cluster, self.name, self.num_cpus, self.head = cluster, name, num_cpus, head
+        self.marker = f"{cluster.marker}-{name}"
+        # Each node its own loopback address, as real nodes have their own IPs. Not 127.0.0.1: Ray
+        # swaps that for the host's network address, and these tests stay on loopback.
+        self.ip = f"127.0.0.{2 + len(cluster.workers) + (0 if head else 1)}"
+        self.temp_dir = str(cluster.root / name)  # short: Ray's unix sockets live under it
+
+    def command(self) -> list[str]:
+        low, high = free_port_range(40)
+        args = [
+            os.path.join(VENV_BIN, "ray"), "start",
+            f"--num-cpus={self.num_cpus}",
+            f"--resources={json.dumps({self.name: 1})}",
+            f"--temp-dir={self.temp_dir}",
+            f"--object-store-memory={100 * 1024 * 1024}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={high}",
+            "--disable-usage-stats",
+        ]
+        if self.head:
+            args += [
+                "--head",
+                f"--node-ip-address={self.ip}",
+                f"--port={self.cluster.gcs_port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.cluster.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+            ]
+        else:
+            args += [f"--address={self.cluster.gcs_address}", f"--node-ip-address={self.ip}"]
+        return args
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_"))}
+        env.update(self.cluster.server_env())
+        env[MARKER] = self.marker
+        # The cluster's `python` is this virtualenv's, as with `ray start` from an activated venv.
+        env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+        # gloo (DDP on CPU) would otherwise pick the interface of the host name, off loopback.
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+        # Ray processes that look for "the" local cluster (Ray Train's placement-group cleaner does)
+        # would find every Ray on this machine and give up; point them at this one.
+        env["RAY_ADDRESS"] = self.cluster.gcs_address
+        return env
+
+    def start(self, timeout: float = 90) -> None:
+        """Run `ray start` (it leaves the node's processes running and returns)."""
+        log = Path(self.cluster.root) / f"{self.name}-start.log"
+        with open(log, "ab") as out:
+            proc = subprocess.run(self.command(), env=self.env(), stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+        if proc.returncode != 0:
+            self.kill()
+            raise RuntimeError(f"ray start ({self.name}) failed:\n{log.read_text()[-3000:]}")
+
+    def pids(self) -> list[int]:
+        return pids_with_marker(self.marker)
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        """Send `sig` to every process of this node; a few passes, since a dying process may still start a child."""
+        killed: set[int] = set()
+        for _ in range(3):
+            pids = [p for p in self.pids() if p not in killed]
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                    killed.add(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+        return len(killed)
+
+    def stop(self, grace: float = 5) -> None:
+        """SIGTERM the node's processes, then SIGKILL what is left after `grace` seconds."""
+        self.kill(signal.SIGTERM)
+        deadline = time.time() + grace
+        while self.pids() and time.time() < deadline:
+            time.sleep(0.3)
+        self.kill(signal.SIGKILL)
+
+
+class RayCluster:
+    """A head and any number of worker nodes on 127.0.0.1, with token authentication on."""
+
+    def __init__(self, head_cpus: int = 1, env: dict[str, str] | None = None):
+        self.extra_env = dict(env or {})
+        self.root = Path(tempfile.mkdtemp(prefix="orc-ray-", dir="/tmp"))
+        self.marker = self.root.name
+        self.token_path = self.root / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        self.token_path.chmod(0o600)
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.gcs_address = f"127.0.0.2:{self.gcs_port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.workers: list[RayNode] = []
+        self.head = RayNode(self, "head", head_cpus, head=True)
+
+    @property
+    def token(self) -> str:
+        return self.token_path.read_text().strip()
+
+    def server_env(self) -> dict[str, str]:
+        """What every node is started with: token auth on, the token from the cluster's own file."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path), "RAY_USAGE_STATS_ENABLED": "0", **self.extra_env}
+
+    def client_env(self) -> dict[str, str]:
+        """Environment of a client of this cluster: its address and its token file, nothing else of Ray's."""
+        return {"RAY_ADDRESS": self.dashboard_url, "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+
+    def start(self) -> "RayCluster":
+        self.head.start()
+        self.wait_for_nodes(1)
+        return self
+
+    def add_node(self, num_cpus: int = 1) -> RayNode:
+        node = RayNode(self, f"worker{len(self.workers) + 1}", num_cpus, head=False)
+        self.workers.append(node)
+        node.start()
+        return node
+
+    def api(self, path: str):
+        req = urllib.request.Request(self.dashboard_url + path, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def alive_nodes(self) -> list[dict]:
+        try:
+            nodes = self.api("/api/v0/nodes?limit=1000&detail=false")["data"]["result"]["result"]
+        except (OSError, urllib.error.URLError, KeyError, ValueError):
+            return []
+        return [n for n in nodes if n.get("state") == "ALIVE"]
+
+    def wait_for_nodes(self, count: int, timeout: float = 90) -> None:
+        """Until exactly `count` nodes are alive (a killed node takes Ray a while to declare dead)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if len(self.alive_nodes()) == count:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster has {len(self.alive_nodes())} alive nodes, not {count}, after {timeout}s")
+
+    def shutdown(self) -> None:
+        for node in reversed(self.workers):
+            node.stop()
+        self.head.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

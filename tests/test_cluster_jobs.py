@@ -1,0 +1,170 @@
+"""submit, status, logs, stop and list against a real `ray start --head` with token authentication on."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_cluster import RayCluster
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# A bring-your-own Ray Train loop: it reports `steps` times, sleeping between.
+LOOP = '''
+import time
+
+import ray.train
+
+
+def train(config):
+    for step in range(config["steps"]):
+        time.sleep(config.get("sleep", 0))
+        ray.train.report({"step": step})
+'''
+
+
+@pytest.fixture(scope="module")
+def head():
+    """One head node for the module: 2 CPUs, its own ports and temp dir, token auth on."""
+    cluster = RayCluster(head_cpus=2)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job_dir(tmp_path_factory):
+    """A job directory with the loop (a module name no other test imports) and its job file."""
+    root = tmp_path_factory.mktemp("jobs-proj")
+    (root / "jobs_cluster_loop.py").write_text(LOOP)
+    storage = tmp_path_factory.mktemp("jobs-store")
+    (root / "loop.yaml").write_text(
+        "name: loop\nentrypoint: jobs_cluster_loop:train\nconfig:\n  steps: 2\nscaling:\n  num_workers: 1\n"
+        f"failure:\n  max_failures: 0\ncheckpoint:\n  storage: {storage}\n"
+    )
+    return root
+
+
+def cli(head, *args, env=None, timeout=300):
+    """`python -m orchestrator ...` as a user of this cluster runs it; the token must never appear in what it prints."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    full = {**base, **head.client_env(), **(env or {})}
+    out = subprocess.run([sys.executable, "-m", "orchestrator", *args], env=full, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert head.token not in out.stdout + out.stderr
+    return out
+
+
+def job_ids(head):
+    out = cli(head, "list", "--json")
+    assert out.returncode == 0, out.stderr
+    return {j["submission_id"] for j in json.loads(out.stdout.splitlines()[-1])}
+
+
+def wait_for(predicate, timeout=120, every=0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError("condition not met in time")
+
+
+def test_submit_wait_runs_the_job_and_the_verbs_show_it(head, job_dir):
+    out = cli(head, "submit", str(job_dir / "loop.yaml"), "name=loop-ok", "config.steps=3", "--wait", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = json.loads(out.stdout.splitlines()[-1])
+    job_id = final["submission_id"]
+    assert job_id.startswith("loop-ok-") and final["status"] == "SUCCEEDED" and final["run"] == "loop-ok"
+    # The run's own summary (the entrypoint's `orchestrator run --json`) comes back through the logs.
+    assert final["summary"]["status"] == "finished" and final["summary"]["run"] == "loop-ok", final["summary"]
+    assert "Running entrypoint" in out.stderr  # with --json the job's output streams to stderr
+
+    status = cli(head, "status", job_id)
+    assert status.returncode == 0 and status.stdout.splitlines()[0].startswith(f"{job_id}  SUCCEEDED  (ran ")
+    assert "config.steps=3" in status.stdout and f"run:      loop-ok in {final['storage']}" in status.stdout
+    logs = cli(head, "logs", job_id)
+    assert logs.returncode == 0 and '"status": "finished"' in logs.stdout
+    listed = cli(head, "list")
+    assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    assert "had already ended (SUCCEEDED)" in cli(head, "stop", job_id).stdout
+
+
+def test_submit_prints_the_id_and_stop_stops_it(head, job_dir):
+    out = cli(head, "submit", str(job_dir / "loop.yaml"), "name=loop-stop", "config.steps=600", "config.sleep=0.5")
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip()
+    assert job_id.startswith("loop-stop-") and f"orchestrator logs {job_id} --follow" in out.stderr
+    # Stop it as soon as the driver runs: what stop does (end the driver and all it started) is the same later.
+    wait_for(lambda: "run loop-stop ->" in cli(head, "logs", job_id).stdout, timeout=180, every=1)
+    driver = json.loads(cli(head, "status", job_id, "--json").stdout)["driver_pid"]
+    assert driver and Path(f"/proc/{driver}").exists()
+    stopped = cli(head, "stop", job_id, "--wait")
+    assert stopped.returncode == 0 and stopped.stdout.strip() == f"{job_id} STOPPED"
+    assert json.loads(cli(head, "status", job_id, "--json").stdout)["status"] == "STOPPED"
+    wait_for(lambda: not Path(f"/proc/{driver}").exists(), timeout=30)  # the driver (on this machine) is gone
+
+
+def test_submit_wait_exits_1_when_the_job_fails_and_follow_streams_to_the_end(head, job_dir):
+    # Storage the cluster cannot write: this machine does not probe it, the run on the cluster fails its preflight.
+    out = cli(head, "submit", str(job_dir / "loop.yaml"), "name=loop-fail", "checkpoint.storage=/proc/no-runs-here", "--wait")
+    assert out.returncode == 1
+    assert "error: " in out.stdout and "/proc/no-runs-here" in out.stdout  # the job's own output, followed
+    assert out.stderr.strip().splitlines()[-1].startswith("failed: loop-") and "FAILED" in out.stderr
+    job_id = out.stderr.strip().splitlines()[-1].split()[1]
+    status = cli(head, "status", job_id)
+    assert f"{job_id}  FAILED" in status.stdout and "submitting the job again resumes run loop-fail" in status.stdout
+    followed = cli(head, "logs", job_id, "--follow", timeout=60)  # an ended job: the whole log, then exit
+    assert followed.returncode == 0 and "/proc/no-runs-here" in followed.stdout
+
+
+def test_wrong_or_missing_token_exits_2_and_submits_nothing(head, job_dir, tmp_path):
+    before = job_ids(head)
+    wrong = cli(head, "submit", str(job_dir / "loop.yaml"), env={"RAY_AUTH_TOKEN": "not-the-token"})
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == f"error: {head.dashboard_url}: the cluster rejected the token from RAY_AUTH_TOKEN: it is not this cluster's token (compare with `ray get-auth-token` on the head node)"
+    # No token anywhere: not in the environment, not in this (empty) home's ~/.ray/auth_token.
+    missing = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "status", "whatever"],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "HOME": str(tmp_path), "RAY_ADDRESS": head.dashboard_url},
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith(f"error: {head.dashboard_url}: the cluster requires a Ray auth token and none was found; set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+    unreadable = cli(head, "list", env={"RAY_AUTH_TOKEN_PATH": str(tmp_path / "nope")})
+    assert unreadable.returncode == 2 and "RAY_AUTH_TOKEN_PATH: cannot read" in unreadable.stderr
+    assert job_ids(head) == before
+
+
+def test_bad_jobs_exit_2_and_submit_nothing(head, job_dir, tmp_path):
+    before = job_ids(head)
+    invalid = cli(head, "submit", str(job_dir / "loop.yaml"), "scaling.num_workers=-1")
+    assert invalid.returncode == 2 and invalid.stderr.strip() == "error: scaling.num_workers: must be >= 0"
+    missing = cli(head, "submit", str(job_dir / "loop.yaml"), "entrypoint=jobs_cluster_nowhere:train")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: entrypoint: cannot import 'jobs_cluster_nowhere")
+    relative = cli(head, "submit", str(job_dir / "loop.yaml"), "checkpoint.storage=runs")
+    assert relative.returncode == 2 and "checkpoint.storage: 'runs' is relative" in relative.stderr
+    # Too much to ship: sparse files, so the size is real to the check and costs no disk.
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "loop.yaml").write_text((job_dir / "loop.yaml").read_text())
+    (big / "jobs_cluster_loop.py").write_text(LOOP)
+    for i in range(11):
+        with open(big / f"shard{i}.bin", "wb") as f:
+            f.truncate(10 * 1000 * 1000)
+    too_big = cli(head, "submit", str(big / "loop.yaml"))
+    assert too_big.returncode == 2 and too_big.stderr.strip() == f"error: {big}: 110.0 MB in 13 files to ship as the job's working directory, over the 100.0 MB limit; add a .rayignore or move data to storage the cluster reads (s3://...)"
+    assert job_ids(head) == before
+
+
+def test_address_option_wins_over_ray_address(head, job_dir):
+    """Ray's client would follow RAY_ADDRESS over its argument; --address must be what is used."""
+    out = cli(head, "list", "--json", "--address", head.dashboard_url, env={"RAY_ADDRESS": "http://127.0.0.1:1"})
+    assert out.returncode == 0, out.stderr
