@@ -140,8 +140,8 @@ def k8s_options(fn: Callable) -> Callable:
         click.option("--namespace", default="orchestrator", show_default=True, help="Namespace of the ConfigMap and RayJob."),
         click.option("--cluster", default=None, help="Run on this existing RayCluster instead of a new cluster per job."),
         click.option("--worker-memory", default=None, help="Memory of a worker pod, e.g. 16Gi [default: 4Gi per CPU, 8Gi more per GPU]."),
-        click.option("--ttl", "ttl_seconds", type=int, default=600, show_default=True, help="Seconds the finished job's cluster is kept (logs, dashboard)."),
-        click.option("--deadline", "deadline_seconds", type=int, default=7 * 24 * 3600, show_default=True, help="Seconds the job may run before KubeRay stops it."),
+        click.option("--ttl", "ttl_seconds", type=int, default=None, help="Seconds the finished job's cluster is kept for its logs [default: 600]."),
+        click.option("--deadline", "deadline_seconds", type=int, default=None, help="Seconds the job may run before KubeRay stops it [default: 7 days]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -151,7 +151,8 @@ def k8s_options(fn: Callable) -> Callable:
 def _render_k8s(job_file: str, overrides: tuple[str, ...], **options: Any) -> list[dict[str, Any]]:
     from orchestrator.k8s import render_job_file
 
-    manifests, warnings = render_job_file(job_file, list(overrides), **options)
+    # Options left out take render_manifests' defaults, so the defaults live in one place.
+    manifests, warnings = render_job_file(job_file, list(overrides), **{k: v for k, v in options.items() if v is not None})
     for line in warnings:
         click.echo(f"warning: {line}", err=True)
     return manifests
@@ -199,14 +200,15 @@ address_option = click.option(
 @overrides_argument
 @address_option
 @click.option("--wait", is_flag=True, help="Follow the job's output to its end; exit 1 unless it succeeds.")
+@click.option("--fresh", is_flag=True, help="Start a new run under a new name instead of resuming this one.")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON object on stdout (with --wait: the final status and run summary).")
 @friendly_errors
-def submit(job_file: str, overrides: tuple[str, ...], address: str | None, wait: bool, as_json: bool) -> None:
+def submit(job_file: str, overrides: tuple[str, ...], address: str | None, wait: bool, fresh: bool, as_json: bool) -> None:
     """Submit a job to a Ray cluster (Jobs API) with the code in its directory; print the job id."""
     from orchestrator.cluster import RayJobsBackend, follow_to_end, format_status, prepare_submission, summary_from_logs
 
     backend = RayJobsBackend(address)
-    submission = prepare_submission(job_file, list(overrides), backend)
+    submission = prepare_submission(job_file, list(overrides), backend, fresh=fresh)
     for line in submission["warnings"]:
         click.echo(f"warning: {line}", err=True)
     job_id = backend.submit(submission)
@@ -299,6 +301,95 @@ def list_jobs(address: str | None, as_json: bool) -> None:
     from rich.console import Console
 
     Console().print(format_jobs(jobs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hyper-parameter sweeps with Ray Tune (orchestrator/sweep.py)
+
+
+@main.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@overrides_argument
+@click.option("--address", envvar="ORCHESTRATOR_RAY_ADDRESS", default=None,
+              help="A cluster's dashboard (http://HOST:8265): submit the sweep there through the Jobs API and follow it; "
+              "or Ray itself (auto, HOST:PORT): run the trials there from this process.")
+@click.option("--fresh", is_flag=True, help="Start a new sweep under a new name instead of continuing this one.")
+@click.option("--best-out", type=click.Path(dir_okay=False), default=None, help="Where to write the best trial's job file [default: <sweep>/best.yaml on storage].")
+@click.option("--verbose", is_flag=True, help="Show every trial's training progress, not only the live view.")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON object (trials, best, best_job_file) on the last line of stdout.")
+@friendly_errors
+def sweep(sweep_file: str, overrides: tuple[str, ...], address: str | None, fresh: bool, best_out: str | None, verbose: bool, as_json: bool) -> None:
+    """Sweep hyper-parameters of a job with Ray Tune (its `sweep` section); rerun to continue an interrupted sweep."""
+    from orchestrator.sweep import format_result, is_dashboard_address, load_sweep, run_sweep, submit_sweep
+
+    job = load_sweep(sweep_file, list(overrides), fresh=fresh)
+    if is_dashboard_address(address):
+        if best_out or verbose:
+            raise BadInput("--best-out and --verbose apply to a sweep run from here; a submitted sweep writes <sweep>/best.yaml on its storage")
+        # A fresh name is decided here, once: the cluster must not pick another one.
+        pinned = list(overrides) + ([f"sweep.name={job.name}"] if fresh else [])
+        result = submit_sweep(job, pinned, address, out=sys.stderr if as_json else sys.stdout)
+    else:
+        result = run_sweep(job, address=address, best_out=best_out, quiet=as_json, verbose=verbose)
+    if as_json:
+        print_json(result)
+    else:
+        from rich.console import Console
+
+        table, text = format_result(result)
+        Console().print(table)
+        click.echo(text)
+    if result.get("status") != "finished":
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# What runs left behind (orchestrator/report.py)
+
+
+@main.command()
+@click.argument("uri")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the report to this local file [default: <URI>/report.html].")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint of the URI [default: $AWS_ENDPOINT_URL].")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"report\": where it went} as JSON.")
+@friendly_errors
+def report(uri: str, out: str | None, endpoint_url: str | None, as_json: bool) -> None:
+    """Write the offline HTML report (plots, settings, provenance) of a run or a sweep."""
+    from orchestrator.report import write_report
+
+    where = write_report(uri, out=out, endpoint_url=endpoint_url)
+    if as_json:
+        print_json({"report": where})
+    else:
+        click.echo(f"wrote {where}")
+
+
+@main.command()
+@click.argument("storage_uri", required=False, default="runs", metavar="[STORAGE]")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint of the storage [default: $AWS_ENDPOINT_URL].")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@friendly_errors
+def runs(storage_uri: str, endpoint_url: str | None, as_json: bool) -> None:
+    """List the runs and sweeps under a storage (default: runs), newest first."""
+    from orchestrator.report import list_runs
+
+    found = list_runs(storage_uri, endpoint_url)
+    if as_json:
+        print_json(found)
+        return
+    if not found:
+        click.echo(f"no runs under {storage_uri}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "kind", "status", "started", "steps", "best", "wall", "uri")
+    for r in found:
+        best = f"{r['best_metric']} {r['best_value']:.4f}" if isinstance(r.get("best_value"), (int, float)) else "-"
+        wall = f"{r['wall_s']:.1f}s" if isinstance(r.get("wall_s"), (int, float)) else "-"
+        started = (r.get("started") or "-")[:19].replace("T", " ")
+        table.add_row(r["name"], r["kind"], r.get("status") or "-", started, str(r["steps"] if r.get("steps") is not None else "-"), best, wall, r["uri"])
+    Console(width=200).print(table)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from orchestrator import __version__, storage
+from orchestrator import storage
 from orchestrator.data import import_hook
 from orchestrator.errors import BadInput
 from orchestrator.spec import JobSpec
@@ -31,8 +29,13 @@ RUN_RECORD = "run.json"
 # Preflight: everything that can be wrong with the input is found before Ray starts
 
 
-def preflight(spec: JobSpec, base_dir: Optional[str], address: Optional[str]) -> None:
-    """Check resources, storage, user code, data and model; raise BadInput with one line on the first problem."""
+def preflight(spec: JobSpec, base_dir: Optional[str], address: Optional[str]):
+    """Check resources, storage, user code, data, model and trackers; raise BadInput with one line on the first problem.
+
+    Returns the data's DataInfo (None for a bring-your-own loop).
+    """
+    from orchestrator import tracking
+
     if address is None:
         cpus = os.cpu_count() or 1
         need = max(1, spec.scaling.max_workers) * spec.scaling.cpus_per_worker
@@ -48,7 +51,8 @@ def preflight(spec: JobSpec, base_dir: Optional[str], address: Optional[str]) ->
     storage.preflight(spec.checkpoint.storage, spec.checkpoint.endpoint_url)
     if spec.entrypoint:
         import_hook(spec.entrypoint, base_dir, "entrypoint")
-        return
+        tracking.preflight(spec)
+        return None
     from orchestrator.data import check_data
     from orchestrator.models import build_model
 
@@ -63,6 +67,8 @@ def preflight(spec: JobSpec, base_dir: Optional[str], address: Optional[str]) ->
         from orchestrator.checkpoint import load_weights
 
         load_weights(spec.model.init_from, spec.checkpoint.endpoint_url)
+    tracking.preflight(spec)  # last: a tracking server that does not answer costs seconds
+    return info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,19 +97,12 @@ def write_run_record(uri: str, record: dict[str, Any], endpoint_url: Optional[st
     storage.write_bytes(fs, storage.join(root, RUN_RECORD), json.dumps(record, indent=1, default=str).encode())
 
 
-def provenance(spec: JobSpec) -> dict[str, Any]:
-    """Versions and host facts that say what produced a run."""
-    import platform
+def provenance(spec: JobSpec, base_dir: Optional[str] = None, data_info: Any = None, address: Optional[str] = None) -> dict[str, Any]:
+    """What produced a run: versions, devices, placement, seed, job hash, user-code commit, data fingerprint."""
+    from orchestrator.tracking import collect_provenance
 
-    out = {"orchestrator": __version__, "python": platform.python_version(), "host": socket.gethostname(), "seed": spec.train.seed}
-    for name in ("torch", "ray"):
-        try:
-            from importlib.metadata import version
-
-            out[name] = version(name)
-        except Exception:
-            out[name] = None
-    return out
+    # Hosts are known here for a run on this machine; on a cluster rank 0 reports them (see train_worker).
+    return collect_provenance(spec, base_dir, getattr(data_info, "fingerprint", None), hosts=1 if address is None else None)
 
 
 def fresh_name(spec: JobSpec) -> str:
@@ -120,19 +119,31 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from orchestrator.train import LoopContext, run_training
+    from orchestrator.tracking import create_tracker, device_facts
+    from orchestrator.train import LoopContext, all_gather, run_training
 
     spec = JobSpec.model_validate(config["job"])
     context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    # Where the run really ran (elastic groups change it): rank 0 passes it to the driver with every report.
+    placed = all_gather((socket.gethostname(), device_facts()["gpus"]), world_size)
+    placement = {"placement_world_size": world_size, "placement_hosts": len({host for host, _ in placed}),
+                 "placement_gpus": ",".join(name for _, names in placed for name in names)}
+    tracker = create_tracker(config.get("tracking"), spec.checkpoint.endpoint_url) if rank == 0 else None
     ctx = LoopContext(
         run_uri=config["run_uri"],
-        rank=context.get_world_rank(),
-        world_size=context.get_world_size(),
+        rank=rank,
+        world_size=world_size,
         device=ray.train.torch.get_device(),
-        report=lambda metrics: ray.train.report(metrics),
+        report=lambda metrics: ray.train.report({**metrics, **placement}),
         base_dir=config.get("base_dir"),
+        track=tracker,
     )
-    run_training(spec, ctx)
+    try:
+        run_training(spec, ctx)
+    finally:
+        if tracker is not None:
+            tracker.close()
 
 
 def user_loop_worker(config: dict[str, Any]) -> None:
@@ -141,8 +152,9 @@ def user_loop_worker(config: dict[str, Any]) -> None:
     fn(config["user_config"])
 
 
-def build_trainer_kwargs(spec: JobSpec, run_uri: str, base_dir: Optional[str], ray_storage: str, run_name: str) -> dict[str, Any]:
-    """TorchTrainer arguments for a job (pure: no Ray calls)."""
+def build_trainer_kwargs(spec: JobSpec, run_uri: str, base_dir: Optional[str], ray_storage: str, run_name: str,
+                         tracking_config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """TorchTrainer arguments for a job (pure: no Ray calls); `tracking_config` lets rank 0 reach the run's trackers."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     resources = {"CPU": spec.scaling.cpus_per_worker}
@@ -159,6 +171,8 @@ def build_trainer_kwargs(spec: JobSpec, run_uri: str, base_dir: Optional[str], r
         storage_path = spec.checkpoint.storage  # a user loop checkpoints through Ray's own storage
     else:
         loop, loop_config = train_worker, {"job": spec.to_dict(), "run_uri": run_uri, "base_dir": base_dir}
+        if tracking_config:
+            loop_config["tracking"] = tracking_config
         storage_path = ray_storage
     run_config = RunConfig(name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=spec.failure.max_failures))
     return {"train_loop_per_worker": loop, "train_loop_config": loop_config, "scaling_config": scaling, "run_config": run_config}
@@ -202,7 +216,17 @@ def summary_from_storage(run_uri: str, endpoint_url: Optional[str] = None) -> di
         "stopped_early": train["stopped_early"],
         "first_step_at": train.get("first_step_at"),
         "last_step_at": train.get("last_step_at"),
+        "test": _test_summary(run_uri, endpoint_url),
     }
+
+
+def _test_summary(run_uri: str, endpoint_url: Optional[str]) -> Optional[dict[str, Any]]:
+    from orchestrator.tracking import TEST_RECORD, read_test_record
+
+    test = read_test_record(run_uri, endpoint_url)
+    if test is None:
+        return None
+    return {"uri": f"{run_uri.rstrip('/')}/{TEST_RECORD}", "checkpoint": test.get("checkpoint"), "step": test.get("step"), "metrics": test.get("metrics", {})}
 
 
 def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str] = None, fresh: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -210,7 +234,7 @@ def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else (lambda msg: print(msg, flush=True))
     base_dir = str(Path(job_file).resolve().parent) if job_file else os.getcwd()
     t0 = time.time()
-    preflight(spec, base_dir, address)
+    data_info = preflight(spec, base_dir, address)
 
     name = fresh_name(spec) if fresh else spec.name
     run_uri = run_uri_for(spec, name)
@@ -219,8 +243,11 @@ def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str
     if record and record.get("status") == "finished" and not fresh:
         say(f"{run_uri}: already finished at step {record.get('summary', {}).get('steps')}; nothing to do (use --fresh for a new run)")
         return {**record.get("summary", {}), "run": name, "run_uri": run_uri, "status": "finished", "already_finished": True, "wall_s": round(time.time() - t0, 3)}
-    job_yaml = yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    from orchestrator.tracking import TrackingSession
+
     started = datetime.now(timezone.utc).isoformat()
+    prov = provenance(spec, base_dir, data_info, address)
+    session = TrackingSession.start(spec, run_uri, name, prov, previous=(record or {}).get("tracking"))
     record = {
         "run": name,
         "status": "running",
@@ -229,7 +256,8 @@ def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str
         "command": sys.argv,
         "job_file": job_file,
         "job": spec.to_dict(),
-        "provenance": provenance(spec),
+        "provenance": prov,
+        "tracking": session.to_record(),
         "attempts": (record or {}).get("attempts", 0) + 1,
     }
     write_run_record(run_uri, record, endpoint)
@@ -239,7 +267,7 @@ def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str
     from ray.train.torch import TorchTrainer
 
     ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
-    kwargs = build_trainer_kwargs(spec, run_uri, base_dir, ray_storage, f"{name}-{int(t0)}" if not spec.entrypoint else name)
+    kwargs = build_trainer_kwargs(spec, run_uri, base_dir, ray_storage, f"{name}-{int(t0)}" if not spec.entrypoint else name, session.worker_config())
     from orchestrator.checkpoint import list_checkpoints
 
     fs, root = storage.open_storage(run_uri, endpoint)
@@ -265,10 +293,29 @@ def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str
     summary = {"run": name, "run_uri": run_uri, "status": status, **summary, "resumed_from": resumed_from, "wall_s": round(time.time() - t0, 3)}
     if error:
         summary["error"] = error
+    placed = dict(result.metrics or {}) if result is not None else {}
+    if "placement_world_size" in placed:
+        prov.update(world_size=placed["placement_world_size"], hosts=placed["placement_hosts"],
+                    gpus=[g for g in str(placed.get("placement_gpus") or "").split(",") if g])
     record.update(status=status, ended=datetime.now(timezone.utc).isoformat(), summary=summary)
+    write_run_record(run_uri, record, endpoint)
+    summary["report"] = write_report_safely(run_uri, endpoint)
+    weights = f"{summary['checkpoint'].rstrip('/')}/model.safetensors" if summary.get("checkpoint") and not spec.entrypoint else None
+    session.finish(spec, status, summary, [("", summary["report"]), ("", f"{run_uri.rstrip('/')}/{RUN_RECORD}"), ("model", weights)])
     write_run_record(run_uri, record, endpoint)
     say(format_summary(summary))
     return summary
+
+
+def write_report_safely(run_uri: str, endpoint_url: Optional[str]) -> Optional[str]:
+    """Write `<run>/report.html`; a report that cannot be made is a warning, not a failed run."""
+    from orchestrator.report import write_report
+
+    try:
+        return write_report(run_uri, endpoint_url=endpoint_url)
+    except Exception as exc:
+        log.warning("report: could not write %s/report.html (%s: %s)", run_uri.rstrip("/"), type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return None
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -281,8 +328,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     best = summary.get("best") or {}
     if best.get("value") is not None:
         lines.append(f"  best {best.get('metric') or ''} {best['value']:.4f} at step {best.get('step')}")
+    test = summary.get("test") or {}
+    shown = "  ".join(f"{k[5:]} {v:.4f}" for k, v in (test.get("metrics") or {}).items() if isinstance(v, float))
+    if shown:
+        lines.append(f"  test (step {test.get('step')}): {shown}")
     if summary.get("checkpoint"):
         lines.append(f"  checkpoint: {summary['checkpoint']}")
+    if summary.get("report"):
+        lines.append(f"  report: {summary['report']}")
     if summary.get("error"):
         lines.append(f"  error: {summary['error']}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ does, every time: a fresh start is just "nothing to restore".
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 import json
 import logging
@@ -17,7 +18,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -27,12 +28,12 @@ import torch.nn.functional as F
 import yaml
 
 from orchestrator import checkpoint as ckpt
-from orchestrator import storage
+from orchestrator import storage, tracking
 from orchestrator.data import load_data
 from orchestrator.metrics import compute_metrics, default_mode, is_better
 from orchestrator.models import build_model
 from orchestrator.optim import build_optimizer, build_schedule
-from orchestrator.spec import JobSpec
+from orchestrator.spec import CLASSIFICATION_METRICS, LM_METRICS, REGRESSION_METRICS, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class LoopContext:
     report: Callable[[dict[str, Any]], None] = lambda metrics: None
     log: Callable[[str], None] = _stderr
     base_dir: Optional[str] = None
+    # Rank 0 hands every metrics entry to the trackers; it must return at once (tracking.Tracker queues).
+    track: Optional[Callable[[dict[str, Any]], None]] = None
 
 
 @dataclass
@@ -161,8 +164,8 @@ def all_gather(obj: Any, world_size: int) -> list[Any]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, task: str) -> dict[str, Any]:
-    """Metrics of a split over all ranks' shards; every rank gets the same numbers."""
+def evaluate(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, task: str, names: Optional[list[str]] = None, return_outputs: bool = False):
+    """Metrics of a split over all ranks' shards; every rank gets the same numbers (with `return_outputs`, also the outputs and targets)."""
     model.eval()
     outputs, targets, loss_sum, count = [], [], 0.0, 0
     for x, y in source.batches(0, ctx.rank, ctx.world_size):
@@ -180,12 +183,31 @@ def evaluate(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, ta
     total_loss = sum(g[0] for g in gathered)
     total = sum(g[1] for g in gathered)
     if total == 0:
-        return {}
+        return ({}, None, None) if return_outputs else {}
     outs = [o for g in gathered for o in g[2]]
     tgts = [t for g in gathered for t in g[3]]
     out_t = torch.cat(outs) if outs else torch.empty(0)
     tgt_t = torch.cat(tgts) if tgts else torch.empty(0)
-    return compute_metrics(task, spec.metric_names(), out_t, tgt_t, total_loss / total)
+    metrics = compute_metrics(task, names or spec.metric_names(), out_t, tgt_t, total_loss / total)
+    return (metrics, out_t, tgt_t) if return_outputs else metrics
+
+
+def evaluate_best_on_test(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, task: str, fs, run_root: str, best_step: Optional[int]) -> Optional[dict[str, Any]]:
+    """Rank 0 alone: the best committed checkpoint (else the latest) on the whole test split, written to `<run>/test.json`."""
+    found = ckpt.list_checkpoints(fs, run_root)
+    if not found or source.size == 0:
+        return None
+    info = next((c for c in found if c.step == best_step), found[-1])
+    model = copy.deepcopy(model)
+    model.load_state_dict(ckpt.deserialize_weights(ckpt.read_verified(fs, info, [ckpt.WEIGHTS])[ckpt.WEIGHTS]))
+    names = list({"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS, "lm": LM_METRICS}.get(task, ("loss",)))
+    metrics, out, tgt = evaluate(model, source, spec, replace(ctx, rank=0, world_size=1), task, names=names, return_outputs=True)
+    checkpoint_uri = storage.to_uri(fs, info.path)
+    record = tracking.build_test_record(task, metrics, out.numpy() if out is not None else None, tgt.numpy() if tgt is not None else None,
+                                        checkpoint_uri, info.step, best_step, spec.train.seed)
+    path = storage.join(run_root, tracking.TEST_RECORD)
+    storage.write_bytes(fs, path, json.dumps(record, default=float).encode())
+    return {"uri": storage.to_uri(fs, path), "checkpoint": checkpoint_uri, "step": info.step, "metrics": record["metrics"]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +257,8 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
             restore_rng(rngs[ctx.rank])
         else:
             seed_everything(spec.train.seed + ctx.rank + 7919 * state.step)
+            # Elastic restart on another number of workers: keep the epoch's position in examples seen.
+            state.batch = min(state.batch * len(rngs) // ctx.world_size, batches_per_epoch - 1)
         resumed_from = info.uri
         say(f"resumed from {info.uri} (step {state.step}, epoch {state.epoch}, batch {state.batch})")
 
@@ -257,6 +281,11 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
         state.history.append(entry)
         if metrics_log:
             metrics_log.append(entry)
+        if is_main and ctx.track is not None:
+            try:
+                ctx.track(dict(entry))
+            except Exception as exc:  # tracking is never a reason to stop training
+                log.warning("tracking failed at step %s: %s", entry.get("step"), exc)
 
     def save_checkpoint(metrics: dict[str, Any]) -> None:
         # Every rank hands its RNG state to rank 0, which alone writes; the snapshot is a host copy.
@@ -392,6 +421,9 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
             latest = ckpt.list_checkpoints(fs, run_root)
             committed = latest[-1].uri if latest else None
         metrics_log.flush()
+    test = evaluate_best_on_test(raw_model, splits.test, spec, ctx, task, fs, run_root, state.best_step) if is_main else None
+    if test:
+        say("  test (step {}): ".format(test["step"]) + "  ".join(f"{k[5:]} {v:.4f}" for k, v in test["metrics"].items() if isinstance(v, float)))
     return {
         "steps": state.step,
         "epochs": state.epoch,
@@ -400,6 +432,7 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
         "best": {"metric": watched, "value": state.best_value, "step": state.best_step, "metrics": state.best_metrics},
         "checkpoint": committed,
         "resumed_from": resumed_from,
+        "test": test,
         "train_s": time.perf_counter() - t_start,
     }
 

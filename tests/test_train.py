@@ -169,14 +169,14 @@ def test_s3_checkpoints_and_resume(tmp_path, bucket):
     assert again["resumed_from"] == f"{run_uri}/checkpoint_00000021" and again["steps"] == 42
 
 
-def _ddp_rank(rank, world, port, run_uri, out_dir):
+def _ddp_rank(rank, world, port, run_uri, out_dir, extra=()):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        spec = build_spec(SMALL, [f"checkpoint.storage={out_dir}", "train.epochs=1"])
+        spec = build_spec(SMALL, [f"checkpoint.storage={out_dir}", "train.epochs=1", *extra])
         summary = run_training(spec, LoopContext(run_uri=run_uri, rank=rank, world_size=world, log=lambda m: None))
         torch.save({"summary_steps": summary["steps"], "metrics": summary["metrics"]}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -194,3 +194,14 @@ def test_ddp_two_ranks_agree(tmp_path):
     fs, root = storage.open_storage(run_uri)
     _, files = ckpt.restore_latest(fs, root)
     assert len(ckpt.deserialize_state(files["rng.pt"])) == 2  # both ranks' RNG states
+
+
+def test_elastic_resume_on_fewer_workers_keeps_the_epoch_position(tmp_path):
+    from conftest import free_port
+
+    run_uri = str(tmp_path / "elastic")
+    mp.start_processes(_ddp_rank, args=(2, free_port(), run_uri, str(tmp_path), ["train.max_steps=5"]), nprocs=2, join=True, start_method="spawn")
+    # The two ranks consumed 5 batches each: 10 batches of the 21 a single worker takes per epoch.
+    out = run_training(spec_with(tmp_path, "train.epochs=1"), LoopContext(run_uri=run_uri))
+    assert out["resumed_from"].endswith("checkpoint_00000005")
+    assert out["steps"] == 5 + (21 - 10)

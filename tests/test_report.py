@@ -1,0 +1,213 @@
+"""Reports and run listings from tiny real runs and a real sweep, opened in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.launch import run_job
+from orchestrator.report import list_runs, load_run, write_report
+from orchestrator.spec import build_spec, load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "jobs" / "digits_mlp.yaml")
+# Debian's Chromium (make setup installs it); Playwright drives it, its own browser download is not used.
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+
+
+def orchestrator(*args, cwd=ROOT, timeout=300):
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def summary_of(res) -> dict:
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three tiny real runs (classification, regression, language model) in one storage."""
+    storage = tmp_path_factory.mktemp("runs")
+    # Every validation after the first misses min_delta: early stopping ends the run at step 10 while the best is step 5
+    # (both checkpoints kept, so the test split must see step 5's, not the latest).
+    digits = load_spec(DIGITS, ["scaling.num_workers=0", f"checkpoint.storage={storage}", "train.max_steps=40", "validation.every_n_steps=5",
+                                "train.log_every_n_steps=1", "early_stopping.patience=1", "early_stopping.min_delta=0.5",
+                                "checkpoint.every_n_steps=5", "checkpoint.keep_last=2"])
+    regression = build_spec({"name": "synthetic-regression"}, [
+        "scaling.num_workers=0", f"checkpoint.storage={storage}", "data.name=synthetic", "data.task=regression", "data.samples=600",
+        "train.max_steps=30", "validation.every_n_steps=10", "train.log_every_n_steps=5", "optim.lr=0.01"])
+    lm = build_spec({"name": "tiny-lm"}, [
+        "scaling.num_workers=0", f"checkpoint.storage={storage}", "data.name=synthetic", "data.task=lm", "data.samples=200", "data.vocab_size=32",
+        "data.seq_len=16", "model.name=gpt", "model.hidden=32", "model.heads=2", "model.layers=1", "model.context=16",
+        "train.max_steps=20", "validation.every_n_steps=5", "train.log_every_n_steps=5"])
+    out = {
+        "classification": run_job(digits, job_file=DIGITS, quiet=True),
+        "regression": run_job(regression, quiet=True),
+        "lm": run_job(lm, quiet=True),
+    }
+    return storage, out
+
+
+@pytest.fixture(scope="module")
+def sweep_uri(tmp_path_factory):
+    """A real ASHA sweep of three short trials on a log-scaled learning rate."""
+    storage = tmp_path_factory.mktemp("sweeps")
+    res = orchestrator("sweep", "jobs/sweep_digits_asha.yaml", f"checkpoint.storage={storage}", "scaling.num_workers=0", "sweep.num_samples=3",
+                       "train.epochs=3", "sweep.scheduler.grace_period=1", "checkpoint.every_n_epochs=1", "sweep.max_concurrent_trials=2", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return str(storage / "digits-asha")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def open_in_browser(browser, path: Path) -> dict:
+    """Console errors, page errors, requests that left the file, and every figure's size, of a report opened offline."""
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    errors, requests = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(path.as_uri(), wait_until="load")
+    figures = page.eval_on_selector_all(
+        "figure.plot img", "els => els.map(e => ({alt: e.alt, natural: e.naturalWidth, w: e.getBoundingClientRect().width, h: e.getBoundingClientRect().height}))")
+    text = page.inner_text("body")
+    page.close()
+    return {"errors": errors, "external": [u for u in requests if not u.startswith(("file:", "data:"))], "figures": figures, "text": text}
+
+
+EXPECTED = {
+    "classification": ["Training and validation loss", "learning-rate schedule", "throughput", "val_accuracy at each validation", "val_f1", "val_roc_auc",
+                       "Confusion matrix", "ROC curves", "Precision-recall curves"],
+    "regression": ["Training and validation loss", "learning-rate schedule", "throughput", "val_r2", "val_mae", "Predictions of the best checkpoint against the true values", "Residuals"],
+    "lm": ["Training and validation loss", "learning-rate schedule", "throughput", "val_perplexity", "exp(training loss)"],
+    "sweep": ["val_accuracy against optim.lr on a log axis", "val_accuracy against model.hidden", "val_accuracy of every trial", "Parallel coordinates"],
+}
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression", "lm", "sweep"])
+def test_each_kind_of_report_opens_offline_in_chromium_with_every_figure_drawn(kind, runs, sweep_uri, browser, tmp_path):
+    if kind == "sweep":
+        res = orchestrator("report", sweep_uri, "--json")
+        report = Path(summary_of(res)["report"])
+        assert report == Path(sweep_uri) / "report.html"
+    else:
+        report = Path(runs[1][kind]["report"])  # written by the run itself, at its end
+    seen = open_in_browser(browser, report)
+    assert seen["errors"] == [] and seen["external"] == []
+    assert seen["figures"] and all(f["natural"] > 0 and f["w"] > 0 and f["h"] > 0 for f in seen["figures"]), seen["figures"]
+    alts = " | ".join(f["alt"] for f in seen["figures"])
+    for expected in EXPECTED[kind]:
+        assert expected in alts, f"{expected!r} not among the figures: {alts}"
+    if kind != "sweep":
+        assert "Provenance" in seen["text"] and "job_hash" in seen["text"] and "optim" in seen["text"]
+
+
+def test_classification_run_evaluates_its_best_checkpoint_on_the_test_split(runs):
+    storage, out = runs
+    summary = out["classification"]
+    assert summary["stopped_early"] and summary["steps"] == 10 and summary["best"]["step"] == 5
+    test = json.loads((storage / "digits-mlp" / "test.json").read_text())
+    assert test["step"] == test["best_step"] == 5 and test["checkpoint"].endswith("checkpoint_00000005")
+    assert summary["test"]["step"] == 5 and summary["test"]["uri"] == str(storage / "digits-mlp" / "test.json")
+    assert test["examples"] == len(test["labels"]) == len(test["scores"]) == 180 and test["num_classes"] == 10
+    assert all(abs(sum(row) - 1) < 1e-4 for row in test["scores"])
+    cm = test["metrics"]["test_confusion_matrix"]
+    assert sum(map(sum, cm)) == 180 and test["metrics"]["test_accuracy"] == pytest.approx(sum(cm[i][i] for i in range(10)) / 180)
+    html = (storage / "digits-mlp" / "report.html").read_text()
+    assert "early stop at step" in html and "best step" in html
+
+
+def test_regression_and_lm_test_records_hold_what_their_plots_need(runs):
+    storage, _ = runs
+    reg = json.loads((storage / "synthetic-regression" / "test.json").read_text())
+    assert reg["task"] == "regression" and len(reg["predictions"]) == len(reg["targets"]) == reg["examples"] > 0
+    assert {"test_mse", "test_mae", "test_r2"} <= set(reg["metrics"])
+    lm = json.loads((storage / "tiny-lm" / "test.json").read_text())
+    assert lm["task"] == "lm" and lm["metrics"]["test_perplexity"] == pytest.approx(2.718281828 ** lm["metrics"]["test_loss"])
+    assert "scores" not in lm and "predictions" not in lm
+
+
+def test_best_checkpoint_gone_means_the_latest_is_evaluated(tmp_path):
+    spec = load_spec(DIGITS, ["scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "train.max_steps=40", "validation.every_n_steps=5",
+                              "early_stopping.patience=1", "early_stopping.min_delta=0.5", "checkpoint.every_n_steps=5", "checkpoint.keep_last=1"])
+    out = run_job(spec, quiet=True)
+    assert out["best"]["step"] == 5 and out["test"]["step"] == 10  # keep_best=0: the best was deleted by retention
+    assert "the best one was not kept" in (tmp_path / "digits-mlp" / "report.html").read_text()
+
+
+def test_sweep_report_marks_the_trials_the_scheduler_stopped(sweep_uri):
+    from orchestrator.report import _stopped_by_scheduler, load_sweep
+
+    sweep = load_sweep(sweep_uri)
+    assert len(sweep.trials) == 3 and all(t["run"] is not None for t in sweep.trials)
+    assert sweep.metric == "val_accuracy" and sweep.mode == "max"
+    steps = [t["run"].history[-1]["step"] for t in sweep.trials]
+    stopped = [_stopped_by_scheduler(sweep, t, s, max(steps)) for t, s in zip(sweep.trials, steps)]
+    assert stopped == [s < max(steps) for s in steps]
+
+
+def test_report_to_a_local_file_and_run_listing_newest_first(runs, tmp_path):
+    storage, out = runs
+    target = tmp_path / "out" / "digits.html"
+    res = orchestrator("report", str(storage / "digits-mlp"), "--out", str(target))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"wrote {target}" and target.read_text().startswith("<!DOCTYPE html>")
+    listed = summary_of(orchestrator("runs", str(storage), "--json"))
+    assert [r["name"] for r in listed] == ["tiny-lm", "synthetic-regression", "digits-mlp"]
+    by_name = {r["name"]: r for r in listed}
+    assert by_name["digits-mlp"]["status"] == "finished" and by_name["digits-mlp"]["steps"] == 10
+    assert by_name["digits-mlp"]["best_metric"] == "val_accuracy" and by_name["digits-mlp"]["best_value"] == pytest.approx(out["classification"]["best"]["value"])
+    assert all(r["kind"] == "run" and r["wall_s"] > 0 for r in listed)
+    table = orchestrator("runs", str(storage))
+    assert table.returncode == 0 and table.stdout.index("tiny-lm") < table.stdout.index("digits-mlp")
+
+
+def test_runs_lists_sweeps_beside_runs(sweep_uri):
+    listed = list_runs(str(Path(sweep_uri).parent))
+    assert [(r["name"], r["kind"], r["status"]) for r in listed] == [("digits-asha", "sweep", "finished")]
+
+
+@pytest.mark.parametrize("what", ["missing", "empty", "checkpoints-only"])
+def test_report_of_a_uri_without_a_run_is_one_line_exit_2_and_writes_nothing(what, runs, tmp_path):
+    target = tmp_path / what
+    if what != "missing":
+        target.mkdir()
+    if what == "checkpoints-only":
+        shutil.copytree(next((runs[0] / "digits-mlp").glob("checkpoint_*")), target / "checkpoint_00000005")
+    out = tmp_path / "report.html"
+    for args in (["report", str(target), "--out", str(out)], ["report", str(target)]):
+        res = orchestrator(*args)
+        assert res.returncode == 2
+        assert res.stderr.strip().splitlines() == [f"error: {target}: holds no run or sweep (no run.json or sweep.json)"]
+    assert not out.exists() and not (target / "report.html").exists()
+    res = orchestrator("runs", str(tmp_path / "nowhere"))
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such storage"
+
+
+def test_run_on_s3_keeps_its_test_record_report_and_tensorboard_there(s3_server, bucket, tmp_path):
+    spec = load_spec(DIGITS, ["scaling.num_workers=0", f"checkpoint.storage=s3://{bucket}/runs", "train.max_steps=10", "validation.every_n_steps=5", "train.log_every_n_steps=5",
+                              "tracking.tensorboard={}"])
+    out = run_job(spec, quiet=True)
+    run_uri = f"s3://{bucket}/runs/digits-mlp"
+    assert out["report"] == f"{run_uri}/report.html" and out["test"]["uri"] == f"{run_uri}/test.json"
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="runs/digits-mlp/")["Contents"]}
+    assert {"runs/digits-mlp/report.html", "runs/digits-mlp/test.json", "runs/digits-mlp/run.json", "runs/digits-mlp/metrics.jsonl"} <= keys
+    assert any(k.startswith("runs/digits-mlp/tensorboard/events.out.tfevents.") for k in keys)
+    run = load_run(run_uri)
+    assert run.test["step"] == out["test"]["step"] and len(run.history) == 4
+    local = write_report(run_uri, out=str(tmp_path / "r.html"))
+    assert Path(local).read_text().count('<figure class="plot">') >= 8
