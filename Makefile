@@ -21,7 +21,7 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| { echo "make setup: install Debian's chromium (as root: apt-get install chromium) for tests/test_report.py" >&2; exit 1; }
 
-run: setup
+run: $(VENV)/.installed
 	$(VENV)/bin/orchestrator run jobs/digits_mlp.yaml
 
 test: setup

@@ -188,8 +188,9 @@ def start_ray(address: Optional[str], spec: JobSpec) -> bool:
     if address:
         kwargs["address"] = address
     else:
-        # The dashboard serves the state API that Ray Train's controller polls; without it, warnings.
-        kwargs.update(num_cpus=os.cpu_count())
+        # "local": a new embedded Ray even when a `ray start` cluster runs on this machine. The dashboard
+        # stays on: it serves the state API that Ray Train's controller polls.
+        kwargs.update(address="local", num_cpus=os.cpu_count())
     try:
         ray.init(**kwargs)
     except ConnectionError as exc:

@@ -73,6 +73,7 @@ class TrainState:
     best_metrics: dict[str, Any] = field(default_factory=dict)
     bad_validations: int = 0  # early stopping: validations since the last improvement
     stopped_early: bool = False
+    checkpoint_blocked_s: float = 0.0  # time the training thread spent in checkpointing (snapshot, or waiting on an upload)
     first_step_at: Optional[float] = None  # wall clock of the first and latest optimizer step (benchmarks, ETA)
     last_step_at: Optional[float] = None
     last_val: dict[str, Any] = field(default_factory=dict)
@@ -325,7 +326,6 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
             state.stopped_early = True
         entry = {"step": state.step, "epoch": state.epoch, "split": "val", **val}
         record(entry)
-        ctx.report({k: v for k, v in entry.items() if k != "split"} | {"lr": schedule.lr})
         return val
 
     say(f"training {spec.name}: {spec.model.name} on {spec.data.name} ({splits.info.sizes}), {ctx.world_size} worker(s), {total_steps} steps")
@@ -396,7 +396,12 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
                 if val:
                     say("  validation: " + "  ".join(f"{k[4:]} {v:.4f}" for k, v in val.items() if isinstance(v, float)))
                 if checkpoint_now:
+                    blocked_from = time.perf_counter()
                     save_checkpoint(val or state.last_val)
+                    state.checkpoint_blocked_s += time.perf_counter() - blocked_from
+                if val:
+                    # After the checkpoint: a scheduler that stops or pauses a trial here keeps this step.
+                    ctx.report({"step": state.step, "epoch": state.epoch, **val, "lr": schedule.lr})
                 if end_of_training or state.stopped_early:
                     done = True
                     break
