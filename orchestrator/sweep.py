@@ -11,6 +11,7 @@ an interrupted sweep restores), `sweep.json` (the record) and `best.yaml` (the b
 
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
 import hashlib
@@ -20,6 +21,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +37,8 @@ SWEEP_RECORD = "sweep.json"
 BEST_JOB = "best.yaml"
 TUNE_DIR = "tune"  # Tune's experiment directory inside the sweep's
 POINTER = "pointer.json"  # a PBT Tune checkpoint: which run's checkpoint a trial stood at
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -339,17 +343,64 @@ class TrialPlan:
     pbt: bool
     verbose: bool
     job_file: str
+    parent_run_id: Optional[str] = None  # the sweep's MLflow run: every trial's run is its child
+    experiment: Optional[str] = None  # the sweep's MLflow experiment, where the children must be to nest under it
+    data_fingerprint: Optional[dict[str, Any]] = None  # the base job's data, from the driver's preflight
+
+
+class _TrialEnds:
+    """Trials of this process that Tune has stopped and that are still recording their end; process exit waits for them.
+
+    Tune stops a trial without waiting for its thread, and may end the process (or hand it to the next trial) meanwhile.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._ending: set[int] = set()
+        self._hooked = False
+
+    def begin(self) -> None:
+        with self._cond:
+            self._ending.add(threading.get_ident())
+            if not self._hooked:
+                atexit.register(self.wait)
+                self._hooked = True
+
+    def done(self) -> None:
+        with self._cond:
+            self._ending.discard(threading.get_ident())
+            self._cond.notify_all()
+
+    def wait(self, timeout: float = 60.0) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._ending, timeout)
+
+
+_trial_ends = _TrialEnds()
+
+
+def track_as_trial(spec: JobSpec, plan: TrialPlan, trial_id: str) -> None:
+    """Point a trial's trackers at its sweep: MLflow runs in the sweep's experiment, a configured TensorBoard log_dir split per trial."""
+    if spec.tracking.mlflow is not None and plan.experiment:
+        spec.tracking.mlflow.experiment = plan.experiment
+    if spec.tracking.tensorboard is not None and spec.tracking.tensorboard.log_dir:
+        spec.tracking.tensorboard.log_dir = f"{spec.tracking.tensorboard.log_dir.rstrip('/')}/{trial_id}"
 
 
 def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
-    """Tune's function trainable: train the job with this trial's settings in `<sweep>/<trial id>`."""
+    """Tune's function trainable: train the job with this trial's settings in `<sweep>/<trial id>`, tracked as a child of the sweep's run."""
     from ray import tune
 
     from orchestrator.checkpoint import list_checkpoints
     from orchestrator.launch import read_run_record, summary_from_storage, write_run_record
+    from orchestrator.tracking import TrackingSession, collect_provenance, create_tracker
 
+    # A stopped trial records its end (MLflow calls among it) after Tune has moved on. Tune gives that 2 s before
+    # it reuses this process for the next trial, and the sweep goes wrong (it stalls) when it takes longer.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     trial_id = tune.get_context().get_trial_id()
     spec = trial_spec(plan.job, config, f"{plan.sweep_name}-{trial_id}", plan.ranges)
+    track_as_trial(spec, plan, trial_id)
     run_uri = f"{plan.sweep_uri}/{trial_id}"
     exploited_from = adopt_exploited_checkpoint(tune.get_checkpoint(), run_uri, spec, plan.endpoint) if plan.pbt else None
     previous = read_run_record(run_uri, plan.endpoint) or {}
@@ -360,6 +411,14 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         return
     fs, root = storage.open_storage(run_uri, plan.endpoint)
     existing = list_checkpoints(fs, root, uri_prefix=run_uri)
+    in_process = spec.scaling.max_workers <= 1
+    fingerprint = plan.data_fingerprint
+    if any(path.startswith("data.") for path in config):
+        from orchestrator.data import check_data
+
+        fingerprint = check_data(spec, plan.base_dir).fingerprint  # this trial reads other data than the base job
+    prov = collect_provenance(spec, plan.base_dir, fingerprint, hosts=1 if in_process else None)
+    session = TrackingSession.start(spec, run_uri, spec.name, prov, previous=previous.get("tracking"), parent_run_id=plan.parent_run_id)
     record = {
         "run": trial_id,
         "sweep": plan.sweep_name,
@@ -369,53 +428,68 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         "job_file": plan.job_file,
         "config": {k: _plain(v) for k, v in config.items()},
         "job": spec.to_dict(),
+        "provenance": prov,
+        "tracking": session.to_record(),
         "attempts": previous.get("attempts", 0) + 1,
         "resumed_from": existing[-1].uri if existing else None,
         "exploited_from": exploited_from,
     }
     write_run_record(run_uri, record, plan.endpoint)
     status = "failed"
+    tracker = create_tracker(session.worker_config(), plan.endpoint) if in_process else None
     try:
-        if spec.scaling.max_workers <= 1:
-            _train_in_trial(spec, run_uri, plan, TrialReporter(run_uri, plan.endpoint, plan.pbt))
+        if in_process:
+            _train_in_trial(spec, run_uri, plan, TrialReporter(run_uri, plan.endpoint, plan.pbt), tracker)
         else:
-            _train_with_ray_train(spec, run_uri, plan, trial_id)
+            placed = _train_with_ray_train(spec, run_uri, plan, trial_id, session.worker_config())
+            if "placement_world_size" in placed:
+                prov.update(world_size=placed["placement_world_size"], hosts=placed["placement_hosts"],
+                            gpus=[g for g in str(placed.get("placement_gpus") or "").split(",") if g])
         status = "finished"
     except SystemExit:
         status = "stopped"  # the scheduler ended this trial at a report
+        _trial_ends.begin()
         raise
     finally:
-        summary = summary_from_storage(run_uri, plan.endpoint)
-        record.update(status=status, ended=datetime.now(timezone.utc).isoformat(), summary=summary)
-        write_run_record(run_uri, record, plan.endpoint)
+        try:
+            summary = summary_from_storage(run_uri, plan.endpoint)
+            record.update(status=status, ended=datetime.now(timezone.utc).isoformat(), summary=summary)
+            write_run_record(run_uri, record, plan.endpoint)
+            if tracker is not None:
+                tracker.close()
+            session.finish(spec, status, summary, [("", f"{run_uri}/run.json")])
+        finally:
+            _trial_ends.done()
 
 
 def _silent(msg: str) -> None:
     """A trial's progress lines, unless --verbose: they would drown the sweep's live view."""
 
 
-def _train_in_trial(spec: JobSpec, run_uri: str, plan: TrialPlan, reporter: "TrialReporter") -> None:
+def _train_in_trial(spec: JobSpec, run_uri: str, plan: TrialPlan, reporter: "TrialReporter", track=None) -> None:
     """One worker: the loop in the trial's own process, reporting straight to Tune (no Ray Train actors to start)."""
     import torch
 
     from orchestrator.train import LoopContext, run_training
 
     device = torch.device("cuda", 0) if spec.scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    ctx = LoopContext(run_uri=run_uri, device=device, report=reporter, base_dir=plan.base_dir, **({} if plan.verbose else {"log": _silent}))
+    ctx = LoopContext(run_uri=run_uri, device=device, report=reporter, base_dir=plan.base_dir, track=track,
+                      **({} if plan.verbose else {"log": _silent}))
     run_training(spec, ctx)
 
 
-def _train_with_ray_train(spec: JobSpec, run_uri: str, plan: TrialPlan, trial_id: str) -> None:
-    """Several workers: a full Ray Train run whose reports reach Tune through TuneReportCallback."""
+def _train_with_ray_train(spec: JobSpec, run_uri: str, plan: TrialPlan, trial_id: str, tracking_config: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Several workers: a full Ray Train run whose reports reach Tune through TuneReportCallback; returns its last metrics."""
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.launch import build_trainer_kwargs
 
     ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
-    kwargs = build_trainer_kwargs(spec, run_uri, plan.base_dir, ray_storage, f"{plan.sweep_name}-{trial_id}-{int(time.time())}")
+    kwargs = build_trainer_kwargs(spec, run_uri, plan.base_dir, ray_storage, f"{plan.sweep_name}-{trial_id}-{int(time.time())}", tracking_config)
     kwargs["run_config"] = dataclasses.replace(kwargs["run_config"], callbacks=[TuneReportCallback()])
-    TorchTrainer(**kwargs).fit()
+    result = TorchTrainer(**kwargs).fit()
+    return dict(result.metrics or {})
 
 
 class TrialReporter:
@@ -425,9 +499,17 @@ class TrialReporter:
         self.run_uri, self.endpoint, self.pbt = run_uri, endpoint, pbt
 
     def __call__(self, metrics: dict[str, Any]) -> None:
+        metrics = {k: v for k, v in metrics.items() if not isinstance(v, list)}  # a confusion matrix is no metric to rank by
+        try:
+            self._report(metrics)
+        except SystemExit:
+            # Tune stopped the trial: from here the process must not end before the trial has recorded its end.
+            _trial_ends.begin()
+            raise
+
+    def _report(self, metrics: dict[str, Any]) -> None:
         from ray import tune
 
-        metrics = {k: v for k, v in metrics.items() if not isinstance(v, list)}  # a confusion matrix is no metric to rank by
         if not self.pbt:
             tune.report(metrics)
             return
@@ -755,19 +837,73 @@ def _write_record(sweep: SweepJob, record: dict[str, Any]) -> None:
     storage.write_bytes(fs, storage.join(root, SWEEP_RECORD), json.dumps(record, indent=1, default=str).encode())
 
 
+def sweep_tracking_spec(spec: JobSpec) -> JobSpec:
+    """The job as the sweep's own run tracks it: in MLflow only (TensorBoard events are the trials', each under its run)."""
+    out = spec.model_copy(deep=True)
+    out.tracking.tensorboard = None
+    return out
+
+
+def end_unfinished_trials(sweep: SweepJob, results) -> None:
+    """Record the end of trials whose process went away before they could: run.json still running, MLflow run still RUNNING."""
+    from orchestrator.launch import RUN_RECORD, read_run_record, summary_from_storage, write_run_record
+    from orchestrator.tracking import TrackingSession, mlflow_tracking_uri
+
+    for result in results:
+        run_uri = f"{sweep.uri}/{Path(result.path).name}"
+        record = read_run_record(run_uri, sweep.endpoint)
+        if not record:
+            continue
+        spec = JobSpec.model_validate(record["job"])
+        tracked = record.get("tracking") or {}
+        cut_off = record.get("status") == "running"
+        if cut_off:
+            record.update(status="failed" if result.error else "stopped", ended=datetime.now(timezone.utc).isoformat(),
+                          summary=summary_from_storage(run_uri, sweep.endpoint))
+            write_run_record(run_uri, record, sweep.endpoint)
+        # TensorBoard's hyper-parameters only when the trial surely did not write them (it writes them after run.json).
+        session = TrackingSession(run_uri=run_uri, endpoint_url=sweep.endpoint,
+                                  tensorboard_dir=(tracked.get("tensorboard") or {}).get("log_dir") if cut_off else None)
+        mlflow = tracked.get("mlflow")
+        if mlflow and _mlflow_run_is_running(mlflow_tracking_uri(spec), mlflow["run_id"]):
+            session.mlflow_uri, session.mlflow_run_id = mlflow_tracking_uri(spec), mlflow["run_id"]  # run.json has it without credentials
+        if session.mlflow_run_id or session.tensorboard_dir:
+            session.finish(spec, record["status"], record.get("summary") or {}, [("", f"{run_uri}/{RUN_RECORD}")])
+
+
+def _mlflow_run_is_running(tracking_uri: str, run_id: str) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri).get_run(run_id).info.status == "RUNNING"
+    except Exception as exc:  # the run cannot be read (server gone, run deleted): nothing to end
+        log.warning("mlflow: cannot read run %s (%s)", run_id, type(exc).__name__)
+        return False
+
+
 def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional[str] = None, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
-    """Validate, then run (or continue) the sweep with Ray Tune; return the result (also in sweep.json)."""
-    from orchestrator.launch import preflight
+    """Validate, then run (or continue) the sweep with Ray Tune; return the result (also in sweep.json).
+
+    With a `tracking` section the sweep is an MLflow run of its own, and each trial's run is its child.
+    """
+    from orchestrator.launch import preflight, provenance, read_run_record
+    from orchestrator.tracking import TrackingSession
 
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else (lambda msg: print(msg, flush=True))
     t0 = time.time()
-    preflight(sweep.spec, sweep.base_dir, address)
+    data_info = preflight(sweep.spec, sweep.base_dir, address)
     record = _read_record(sweep)
     if record and record.get("fingerprint") != sweep.fingerprint():
         raise BadInput(f"sweep.name: {sweep.uri} holds a sweep with other settings; use --fresh or another sweep.name")
     if record and record.get("status") == "finished":
         say(f"{sweep.uri}: already finished; nothing to do (use --fresh for a new sweep)")
         return {**record["result"], "already_finished": True, "wall_s": round(time.time() - t0, 3)}
+    prov = provenance(sweep.spec, sweep.base_dir, data_info, address)
+    tracking_spec = sweep_tracking_spec(sweep.spec)
+    session = None
+    if sweep.spec.tracking.mlflow is not None:
+        session = TrackingSession.start(tracking_spec, sweep.uri, sweep.name, prov, previous=(record or {}).get("tracking"))
+    tracked = session.to_record() if session else {}
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables off: the live view below replaces them
     # A restored sweep's analysis looks for trial results before any exist, and warns about each: noise.
@@ -782,13 +918,15 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
         plan = TrialPlan(
             job=sweep.job, sweep_name=sweep.name, sweep_uri=sweep.uri, base_dir=sweep.base_dir, endpoint=sweep.endpoint,
             ranges={**sweep.sweep.parameters, **sweep.sweep.scheduler.mutations}, pbt=sweep.sweep.scheduler.name == "pbt",
-            verbose=verbose, job_file=sweep.job_file,
+            verbose=verbose, job_file=sweep.job_file, parent_run_id=session.mlflow_run_id if session else None,
+            experiment=session.experiment if session else None, data_fingerprint=getattr(data_info, "fingerprint", None),
         )
         trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_resources(sweep.spec))
         progress = make_progress_callback(sweep.uri, sweep.endpoint, sweep.sweep.metric, sweep.sweep.mode, say)
         resumed = bool(record) and tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs)
         if resumed:
             say(f"continuing sweep {sweep.name} from {sweep.uri} (finished trials are kept)")
+            _write_record(sweep, {**record, "provenance": prov, "tracking": tracked})
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
             # The restored run config carries the interrupted driver's live view (its clock, its stream): use this one.
             # Tune has no public setter for it; under Ray Client (no local tuner) the old one stays.
@@ -800,7 +938,7 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
                 f"{sweep.sweep.max_concurrent_trials} at once -> {sweep.uri}")
             _write_record(sweep, {"sweep": sweep.name, "status": "running", "started": datetime.now(timezone.utc).isoformat(),
                                   "fingerprint": sweep.fingerprint(), "job_file": sweep.job_file, "job": sweep.job,
-                                  "spec": sweep.sweep.model_dump(mode="json"), "command": sys.argv})
+                                  "spec": sweep.sweep.model_dump(mode="json"), "command": sys.argv, "provenance": prov, "tracking": tracked})
             tuner = tune.Tuner(
                 trainable,
                 param_space=build_param_space(sweep.sweep),
@@ -821,12 +959,17 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
                 ),
             )
         results = tuner.fit()
+    except Exception:
+        if session is not None:
+            session.finish(tracking_spec, "failed", {}, [])
+        raise
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
 
+    end_unfinished_trials(sweep, results)
     rows = collect_trials(results, sweep)
     ranked = [r for r in rows if isinstance(r["metric"], (int, float))]
     best = ranked[0] if ranked else None
@@ -843,11 +986,16 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
         "best_job_file": best_file,
         "total_steps": sum(r["steps"] or 0 for r in rows),
         "resumed": resumed,
+        "tracking": tracked,
         "wall_s": round(time.time() - t0, 3),
     }
     record = _read_record(sweep) or {}
     record.update(status=status, ended=datetime.now(timezone.utc).isoformat(), result=result)
     _write_record(sweep, record)
+    if session is not None:
+        # The sweep's run closes with what its best trial's run closed with (test_* and best_* metrics).
+        best_summary = ((read_run_record(best["run_uri"], sweep.endpoint) or {}).get("summary") or {}) if best else {}
+        session.finish(tracking_spec, status, best_summary, [("", f"{sweep.uri}/{SWEEP_RECORD}"), ("", best_file)])
     return result
 
 

@@ -544,7 +544,10 @@ class TrackingSession:
         return out or None
 
     def finish(self, spec: JobSpec, status: str, summary: dict[str, Any], artifacts: list[tuple[str, Optional[str]]]) -> None:
-        """Final metrics, hyper-parameters and artifacts ((artifact folder or "", storage URI of a file)); failures are warnings."""
+        """Final metrics, hyper-parameters and artifacts ((artifact folder or "", storage URI of a file)); failures are warnings.
+
+        `status` is the run's (finished, stopped by a sweep's scheduler, failed): MLflow's FINISHED for the first two, else FAILED.
+        """
         final = final_metrics(summary)
         if self.tensorboard_dir:
             try:
@@ -578,7 +581,9 @@ class TrackingSession:
                 with open(local, "wb") as fh:
                     fh.write(storage.read_bytes(fs, path))
                 client.log_artifact(self.mlflow_run_id, local, folder or None)
-        client.set_terminated(self.mlflow_run_id, "FINISHED" if status == "finished" else "FAILED")
+        # A trial that a scheduler stopped ended as planned; the tag tells it from one that trained to its end.
+        client.set_tag(self.mlflow_run_id, "orchestrator.status", status)
+        client.set_terminated(self.mlflow_run_id, "FINISHED" if status in ("finished", "stopped") else "FAILED")
 
 
 def final_metrics(summary: dict[str, Any]) -> dict[str, float]:

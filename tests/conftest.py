@@ -150,3 +150,57 @@ class TcpProxy:
                 s.close()
             except OSError:
                 pass
+
+
+class MlflowServer:
+    """A real `mlflow server` (SQLite backend, proxied artifacts) on a free loopback port, in its own process group."""
+
+    def __init__(self, root: Path):
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,  # its own group: uvicorn has children
+        )
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not answer in {timeout}s: {self.log.read_text()[-2000:]}")
+
+    def signal(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        import signal
+
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=2)  # its data is a test's temporary directory: no need to wait out uvicorn's graceful exit
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """An `mlflow server` for the whole session (a module may still define its own)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

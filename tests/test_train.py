@@ -205,3 +205,14 @@ def test_elastic_resume_on_fewer_workers_keeps_the_epoch_position(tmp_path):
     out = run_training(spec_with(tmp_path, "train.epochs=1"), LoopContext(run_uri=run_uri))
     assert out["resumed_from"].endswith("checkpoint_00000005")
     assert out["steps"] == 5 + (21 - 10)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(tmp_path):
+    raw = {**SMALL, "model": {"name": "mlp", "hidden": 32, "layers": 1}, "data": {"name": "digits"}}
+    eager = run_training(build_spec(raw, [f"checkpoint.storage={tmp_path}", "train.epochs=1"]), LoopContext(run_uri=str(tmp_path / "eager")))
+    compiled = run_training(build_spec(raw, [f"checkpoint.storage={tmp_path}", "train.epochs=1", "train.compile=true"]), LoopContext(run_uri=str(tmp_path / "compiled")))
+    assert compiled["steps"] == eager["steps"]
+    assert compiled["metrics"]["val_loss"] == pytest.approx(eager["metrics"]["val_loss"], rel=1e-3)
+    # The checkpoint holds the module's own names, not torch.compile's wrapper prefix.
+    assert not any(k.startswith("_orig_mod") for k in final_weights(str(tmp_path / "compiled"))[0])
