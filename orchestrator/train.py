@@ -429,6 +429,9 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
     test = evaluate_best_on_test(raw_model, splits.test, spec, ctx, task, fs, run_root, state.best_step) if is_main else None
     if test:
         say("  test (step {}): ".format(test["step"]) + "  ".join(f"{k[5:]} {v:.4f}" for k, v in test["metrics"].items() if isinstance(v, float)))
+    if ctx.world_size > 1 and dist.is_initialized():
+        # The other ranks wait for rank 0's last upload and test evaluation: none tears the group down under it.
+        dist.barrier()
     return {
         "steps": state.step,
         "epochs": state.epoch,

@@ -126,8 +126,11 @@ def test_warmup_cosine_warmup_end_midpoint_end():
 
 
 def test_warmup_on_a_schedule_without_one_is_an_error():
+    with pytest.raises(ValueError, match="warmup_steps: applies to constant and warmup_cosine, not cosine"):
+        ScheduleSpec(name="cosine", warmup_steps=5)  # the job file is refused before anything runs
+    # lr_at guards itself too, for a spec built without validation.
     with pytest.raises(ValueError, match="schedule.warmup_steps"):
-        lr_at(0, BASE, ScheduleSpec(name="cosine", warmup_steps=5), 100)
+        lr_at(0, BASE, ScheduleSpec.model_construct(name="cosine", warmup_steps=5, step_size=100, gamma=0.1, min_lr=0.0), 100)
     with pytest.raises(ValueError, match="total steps"):
         build_schedule(build_optimizer(Net(), OptimSpec()), ScheduleSpec(name="cosine"), 0)
 
