@@ -298,9 +298,7 @@ def list_jobs(address: str | None, as_json: bool) -> None:
     if not jobs:
         click.echo("no submitted jobs")
         return
-    from rich.console import Console
-
-    Console().print(format_jobs(jobs))
+    console().print(format_jobs(jobs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,10 +332,8 @@ def sweep(sweep_file: str, overrides: tuple[str, ...], address: str | None, fres
     if as_json:
         print_json(result)
     else:
-        from rich.console import Console
-
         table, text = format_result(result)
-        Console().print(table)
+        console().print(table)
         click.echo(text)
     if result.get("status") != "finished":
         sys.exit(1)
@@ -380,7 +376,6 @@ def runs(storage_uri: str, endpoint_url: str | None, as_json: bool) -> None:
     if not found:
         click.echo(f"no runs under {storage_uri}")
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("name", "kind", "status", "started", "steps", "best", "wall", "uri")
@@ -389,7 +384,7 @@ def runs(storage_uri: str, endpoint_url: str | None, as_json: bool) -> None:
         wall = f"{r['wall_s']:.1f}s" if isinstance(r.get("wall_s"), (int, float)) else "-"
         started = (r.get("started") or "-")[:19].replace("T", " ")
         table.add_row(r["name"], r["kind"], r.get("status") or "-", started, str(r["steps"] if r.get("steps") is not None else "-"), best, wall, r["uri"])
-    Console(width=200).print(table)
+    console().print(table)
 
 
 if __name__ == "__main__":
