@@ -178,19 +178,22 @@ def build_trainer_kwargs(spec: JobSpec, run_uri: str, base_dir: Optional[str], r
     return {"train_loop_per_worker": loop, "train_loop_config": loop_config, "scaling_config": scaling, "run_config": run_config}
 
 
-def start_ray(address: Optional[str], spec: JobSpec) -> bool:
-    """Attach to Ray at `address`, or start an embedded single-node Ray; True if this call started it."""
+def start_ray(address: Optional[str], with_dashboard: bool = True, log_to_driver: bool = True) -> bool:
+    """Attach to Ray at `address`, or start an embedded Ray of this machine's CPUs; True if this call started it.
+
+    The dashboard serves the state API that Ray Train's controller polls: leave it on where Ray Train
+    runs worker actors (a sweep of in-process trials can do without).
+    """
     import ray
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     if address:
         kwargs["address"] = address
     else:
-        # "local": a new embedded Ray even when a `ray start` cluster runs on this machine. The dashboard
-        # stays on: it serves the state API that Ray Train's controller polls.
-        kwargs.update(address="local", num_cpus=os.cpu_count())
+        # "local": a new embedded Ray even when a `ray start` cluster runs on this machine.
+        kwargs.update(address="local", num_cpus=os.cpu_count(), include_dashboard=with_dashboard)
     try:
         ray.init(**kwargs)
     except ConnectionError as exc:
@@ -264,7 +267,7 @@ def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str
     write_run_record(run_uri, record, endpoint)
 
     # Local mode (num_workers=0) runs the loop in this process: no Ray runtime to start.
-    started_ray = start_ray(address, spec) if (spec.scaling.num_workers != 0 or address) else False
+    started_ray = start_ray(address) if (spec.scaling.num_workers != 0 or address) else False
     from ray.train.torch import TorchTrainer
 
     ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")

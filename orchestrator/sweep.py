@@ -805,25 +805,6 @@ def submit_sweep(sweep: SweepJob, overrides: list[str], address: str, out=None) 
 # Act
 
 
-def start_ray(address: Optional[str], with_dashboard: bool, verbose: bool) -> bool:
-    """Attach to Ray at `address`, or start an embedded Ray of this machine's CPUs; True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": verbose}
-    if address:
-        kwargs["address"] = address
-    else:
-        # "local": a Ray of our own even when someone's `ray start` cluster runs on this machine.
-        kwargs.update(address="local", num_cpus=os.cpu_count(), include_dashboard=with_dashboard)
-    try:
-        ray.init(**kwargs)
-    except ConnectionError as exc:
-        raise BadInput(f"--address {address}: cannot connect to Ray ({exc})") from None
-    return True
-
-
 def _read_record(sweep: SweepJob) -> Optional[dict[str, Any]]:
     fs, root = storage.open_storage(sweep.uri, sweep.endpoint)
     try:
@@ -886,7 +867,7 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
 
     With a `tracking` section the sweep is an MLflow run of its own, and each trial's run is its child.
     """
-    from orchestrator.launch import preflight, provenance, read_run_record
+    from orchestrator.launch import preflight, provenance, read_run_record, start_ray
     from orchestrator.tracking import TrackingSession
 
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else (lambda msg: print(msg, flush=True))
@@ -909,7 +890,7 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
     # A restored sweep's analysis looks for trial results before any exist, and warns about each: noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)  # the same about a PBT-restored trial
-    started_ray = start_ray(address, with_dashboard=sweep.spec.scaling.max_workers > 1, verbose=verbose)
+    started_ray = start_ray(address, with_dashboard=sweep.spec.scaling.max_workers > 1, log_to_driver=verbose)
     try:
         from ray import tune
 
