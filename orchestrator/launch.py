@@ -85,11 +85,7 @@ def run_uri_for(spec: JobSpec, name: Optional[str] = None) -> str:
 
 def read_run_record(uri: str, endpoint_url: Optional[str] = None) -> Optional[dict[str, Any]]:
     """A run's run.json, or None when the run has none."""
-    fs, root = storage.open_storage(uri, endpoint_url)
-    try:
-        return json.loads(storage.read_bytes(fs, storage.join(root, RUN_RECORD)))
-    except FileNotFoundError:
-        return None
+    return storage.read_json(uri, RUN_RECORD, endpoint_url)
 
 
 def write_run_record(uri: str, record: dict[str, Any], endpoint_url: Optional[str] = None) -> None:

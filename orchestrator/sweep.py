@@ -806,11 +806,7 @@ def submit_sweep(sweep: SweepJob, overrides: list[str], address: str, out=None) 
 
 
 def _read_record(sweep: SweepJob) -> Optional[dict[str, Any]]:
-    fs, root = storage.open_storage(sweep.uri, sweep.endpoint)
-    try:
-        return json.loads(storage.read_bytes(fs, storage.join(root, SWEEP_RECORD)))
-    except FileNotFoundError:
-        return None
+    return storage.read_json(sweep.uri, SWEEP_RECORD, sweep.endpoint)
 
 
 def _write_record(sweep: SweepJob, record: dict[str, Any]) -> None:

@@ -167,11 +167,7 @@ def build_test_record(task: str, metrics: dict[str, Any], outputs, targets, chec
 
 def read_test_record(run_uri: str, endpoint_url: Optional[str] = None) -> Optional[dict[str, Any]]:
     """A run's test.json, or None when it has none."""
-    fs, root = storage.open_storage(run_uri, endpoint_url)
-    try:
-        return json.loads(storage.read_bytes(fs, storage.join(root, TEST_RECORD)))
-    except FileNotFoundError:
-        return None
+    return storage.read_json(run_uri, TEST_RECORD, endpoint_url)
 
 
 # ----------------------------------------------------------------------------------------------
