@@ -335,6 +335,7 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
         window_loss = torch.zeros((), device=ctx.device)  # summed on the device: no host sync per step
         t_start = time.perf_counter()
         done = state.step >= total_steps or state.stopped_early
+        reported = False
         while not done and state.epoch < spec.train.epochs:
             micro, group = 0, accum
             for x, y in splits.train.batches(state.epoch, ctx.rank, ctx.world_size, start_batch=state.batch):
@@ -402,6 +403,7 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
                 if val:
                     # After the checkpoint: a scheduler that stops or pauses a trial here keeps this step.
                     ctx.report({"step": state.step, "epoch": state.epoch, **val, "lr": schedule.lr})
+                    reported = True
                 if end_of_training or state.stopped_early:
                     done = True
                     break
@@ -418,6 +420,10 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
                 writer.close()
         raise
 
+    if not reported and state.last_val:
+        # Restored a run whose training had already ended (killed before anyone recorded it): the caller,
+        # a Tune trial for one, still gets the final metrics once.
+        ctx.report({"step": state.step, "epoch": state.epoch, **state.last_val, "lr": schedule.lr})
     committed = None
     if writer:
         writer.close()
