@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that lies on these machines' disk; users with CUDA install their own torch first.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup chromium run test test-fast bench clean
+.PHONY: setup system-packages run test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-setup: $(VENV)/.installed chromium
+setup: $(VENV)/.installed system-packages
 
-# The report tests open reports in Debian's Chromium through Playwright (its own browser download cannot work here).
-chromium:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-		|| { echo "make setup: install Debian's chromium (as root: apt-get install chromium) for tests/test_report.py" >&2; exit 1; }
+# The report tests open reports in Debian's Chromium through Playwright (its own browser download cannot work here);
+# the console test runs a job in a real terminal under tmux.
+system-packages:
+	@{ command -v chromium && command -v tmux; } >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium tmux >/dev/null; } \
+		|| { echo "make setup: install Debian's chromium and tmux (as root: apt-get install chromium tmux) for the report and console tests" >&2; exit 1; }
 
 run: $(VENV)/.installed
 	$(VENV)/bin/orchestrator run jobs/digits_mlp.yaml

@@ -199,13 +199,18 @@ def restore_latest(fs, run_root: str) -> Optional[tuple[CheckpointInfo, dict[str
     return None
 
 
-def apply_retention(fs, run_root: str, keep_last: int, keep_best: int = 0, best_metric: Optional[str] = None, best_mode: str = "min") -> list[str]:
-    """Delete committed checkpoints beyond the newest `keep_last` and the best `keep_best`; return deleted paths."""
+def apply_retention(fs, run_root: str, keep_last: int, keep_best: int = 0, best_metric: Optional[str] = None, best_mode: str = "min",
+                    best_step: Optional[int] = None) -> list[str]:
+    """Delete committed checkpoints beyond the newest `keep_last` and the best `keep_best`; return deleted paths.
+
+    `best_step` is the run's own best (early stopping's min_delta can make it differ from the top value): it is
+    the first of the `keep_best`, the rest ranked by `best_metric`.
+    """
     found = list_checkpoints(fs, run_root)
     keep = {c.path for c in found[-keep_last:]}
     if keep_best and best_metric:
         scored = [c for c in found if isinstance(c.metrics.get(best_metric), (int, float))]
-        scored.sort(key=lambda c: c.metrics[best_metric], reverse=(best_mode == "max"))
+        scored.sort(key=lambda c: (c.step != best_step, c.metrics[best_metric] * (-1 if best_mode == "max" else 1)))
         keep |= {c.path for c in scored[:keep_best]}
     deleted = []
     for c in found:

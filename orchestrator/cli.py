@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -74,17 +75,22 @@ def validate(job_file: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @main.command()
 @job_file_argument
 @overrides_argument
-@click.option("--address", envvar="ORCHESTRATOR_RAY_ADDRESS", default=None, help="Attach to this Ray cluster instead of starting an embedded one.")
+@click.option("--address", envvar="ORCHESTRATOR_RAY_ADDRESS", default=None, help="Ray to run on: HOST:PORT or auto [default: a Ray already up on this machine, else a new embedded one; local: always a new one].")
 @click.option("--fresh", is_flag=True, help="Start a new run under a new name instead of resuming this one.")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON summary on the last line of stdout.")
+@click.option("--verbose", is_flag=True, help="Show Ray's and the workers' own output too (it is always in <run>/run.log).")
 @friendly_errors
-def run(job_file: str, overrides: tuple[str, ...], address: str | None, fresh: bool, as_json: bool) -> None:
+def run(job_file: str, overrides: tuple[str, ...], address: str | None, fresh: bool, as_json: bool, verbose: bool) -> None:
     """Train a job on this machine (embedded Ray) or on the cluster at --address."""
+    from orchestrator.console import RunConsole, prepare_ray_output
     from orchestrator.launch import run_job
     from orchestrator.spec import load_spec
 
     spec = load_spec(job_file, list(overrides))
-    summary = run_job(spec, job_file=job_file, address=address, fresh=fresh, quiet=as_json)
+    prepare_ray_output()
+    stream = sys.stderr if as_json else sys.stdout
+    console = RunConsole(stream, live=stream.isatty() and os.environ.get("TERM") != "dumb" and not as_json, verbose=verbose)
+    summary = run_job(spec, job_file=job_file, address=address, fresh=fresh, quiet=as_json, console=console, capture=True)
     if as_json:
         print_json(summary)
     if summary.get("status") == "failed":

@@ -5,6 +5,7 @@ Render, then act: `build_trainer_kwargs` is a pure function of the spec; `run_jo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -12,17 +13,20 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 from orchestrator import storage
+from orchestrator.console import LOG_FILE, RunConsole, marker_progress
 from orchestrator.data import import_hook
 from orchestrator.errors import BadInput
 from orchestrator.spec import JobSpec
 
 log = logging.getLogger(__name__)
 RUN_RECORD = "run.json"
+REPORT = "report.html"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,6 +118,7 @@ def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: rebuild the spec, then run the loop with Ray's context."""
     import ray.train
     import ray.train.torch
+    from ray.train import CheckpointUploadMode
 
     from orchestrator.tracking import create_tracker, device_facts
     from orchestrator.train import LoopContext, all_gather, run_training
@@ -126,14 +131,20 @@ def train_worker(config: dict[str, Any]) -> None:
     placement = {"placement_world_size": world_size, "placement_hosts": len({host for host, _ in placed}),
                  "placement_gpus": ",".join(name for _, names in placed for name in names)}
     tracker = create_tracker(config.get("tracking"), spec.checkpoint.endpoint_url) if rank == 0 else None
+
+    def report(metrics: dict[str, Any]) -> None:
+        # ASYNC: the result waits for the controller's poll on Ray's upload thread, not on this one (no checkpoint rides along).
+        ray.train.report({**metrics, **placement}, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+
     ctx = LoopContext(
         run_uri=config["run_uri"],
         rank=rank,
         world_size=world_size,
         device=ray.train.torch.get_device(),
-        report=lambda metrics: ray.train.report({**metrics, **placement}),
+        report=report,
         base_dir=config.get("base_dir"),
         track=tracker,
+        progress=marker_progress() if config.get("events") else None,
     )
     try:
         run_training(spec, ctx)
@@ -149,8 +160,12 @@ def user_loop_worker(config: dict[str, Any]) -> None:
 
 
 def build_trainer_kwargs(spec: JobSpec, run_uri: str, base_dir: Optional[str], ray_storage: str, run_name: str,
-                         tracking_config: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """TorchTrainer arguments for a job (pure: no Ray calls); `tracking_config` lets rank 0 reach the run's trackers."""
+                         tracking_config: Optional[dict[str, Any]] = None, worker_events: bool = False) -> dict[str, Any]:
+    """TorchTrainer arguments for a job (pure: no Ray calls).
+
+    `tracking_config` lets rank 0 reach the run's trackers; with `worker_events` rank 0 describes its
+    progress as marker lines for the driver's console instead of plain lines.
+    """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     resources = {"CPU": spec.scaling.cpus_per_worker}
@@ -169,9 +184,67 @@ def build_trainer_kwargs(spec: JobSpec, run_uri: str, base_dir: Optional[str], r
         loop, loop_config = train_worker, {"job": spec.to_dict(), "run_uri": run_uri, "base_dir": base_dir}
         if tracking_config:
             loop_config["tracking"] = tracking_config
+        if worker_events:
+            loop_config["events"] = True
         storage_path = ray_storage
     run_config = RunConfig(name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=spec.failure.max_failures))
     return {"train_loop_per_worker": loop, "train_loop_config": loop_config, "scaling_config": scaling, "run_config": run_config}
+
+
+# Ray Train's controller takes one report per worker per poll, and a worker's next report waits for that
+# slot: at Ray's default of 2 s, validations every epoch of a small job queue up behind it.
+TRAIN_POLL_INTERVAL_S = "0.1"
+
+
+@contextlib.contextmanager
+def train_environment(embedded: bool):
+    """Environment for the Ray Train runs this process starts (each variable only where the user has not set it).
+
+    Ray Train hands these from the driver to its controller and workers. On an embedded single-node
+    Ray no node is ever drained, so the preemption watcher (an actor of its own) is off.
+    """
+    wanted = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_INTERVAL_S}
+    if embedded:
+        wanted["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    added = [key for key in wanted if key not in os.environ]
+    os.environ.update({key: wanted[key] for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def running_local_ray() -> Optional[str]:
+    """The address of a Ray already up on this machine (`ray start --head`, or `orchestrator ray start`), or None.
+
+    Ray records its newest local cluster in its temp dir; a cluster that has since stopped leaves the
+    file behind, so the GCS port must also answer.
+    """
+    temp_dir = os.environ.get("RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "ray")
+    try:
+        with open(os.path.join(temp_dir, "ray_current_cluster")) as fh:
+            address = fh.read().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return address
+    except OSError:
+        return None
+
+
+def resolve_address(address: Optional[str]) -> Optional[str]:
+    """Where a run's Ray is: the given address, else a Ray already up on this machine, else None (start an embedded one).
+
+    `local` asks for a new embedded Ray even when another one is up.
+    """
+    if address == "local":
+        return None
+    return address or running_local_ray()
 
 
 def start_ray(address: Optional[str], with_dashboard: bool = True, log_to_driver: bool = True) -> bool:
@@ -198,24 +271,35 @@ def start_ray(address: Optional[str], with_dashboard: bool = True, log_to_driver
 
 
 def summary_from_storage(run_uri: str, endpoint_url: Optional[str] = None) -> dict[str, Any]:
-    """What the latest committed checkpoint says of a run: steps, epochs, metrics, best, checkpoint URI."""
+    """What the latest committed checkpoint says of a run: steps, epochs, metrics, best (and its checkpoint), checkpoint URI.
+
+    Reads the counters (state.pt) of the newest checkpoint that verifies, not its weights.
+    """
     from orchestrator import checkpoint as ckpt
 
     fs, root = storage.open_storage(run_uri, endpoint_url)
-    restored = ckpt.restore_latest(fs, root)
-    if restored is None:
+    found = ckpt.list_checkpoints(fs, root, uri_prefix=run_uri)
+    for info in reversed(found):
+        try:
+            train = ckpt.deserialize_state(ckpt.read_verified(fs, info, ["state.pt"])["state.pt"])["train"]
+            break
+        except (ValueError, FileNotFoundError) as exc:
+            log.warning("skipping checkpoint %s: %s", info.uri, exc)
+    else:
         return {"steps": 0, "epochs": 0, "metrics": {}, "best": None, "checkpoint": None}
-    info, files = restored
-    train = ckpt.deserialize_state(files["state.pt"])["train"]
+    best_checkpoint = next((c.uri for c in found if c.step == train["best_step"]), None)
     return {
         "steps": train["step"],
         "epochs": train["epoch"],
         "metrics": train["last_val"],
-        "best": {"metric": train.get("best_metric"), "value": train["best_value"], "step": train["best_step"], "metrics": train["best_metrics"]},
-        "checkpoint": ckpt.CheckpointInfo(uri=f"{run_uri.rstrip('/')}/{info.path.rstrip('/').rsplit('/', 1)[-1]}", path=info.path, manifest=info.manifest).uri,
+        "best": {"metric": train.get("best_metric"), "value": train["best_value"], "step": train["best_step"], "metrics": train["best_metrics"],
+                 "checkpoint": best_checkpoint},
+        "checkpoint": info.uri,
         "stopped_early": train["stopped_early"],
         "first_step_at": train.get("first_step_at"),
         "last_step_at": train.get("last_step_at"),
+        "report_blocked_s": train.get("report_blocked_s"),
+        "report_blocked_max_s": train.get("report_blocked_max_s"),
         "test": _test_summary(run_uri, endpoint_url),
     }
 
@@ -229,11 +313,19 @@ def _test_summary(run_uri: str, endpoint_url: Optional[str]) -> Optional[dict[st
     return {"uri": f"{run_uri.rstrip('/')}/{TEST_RECORD}", "checkpoint": test.get("checkpoint"), "step": test.get("step"), "metrics": test.get("metrics", {})}
 
 
-def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str] = None, fresh: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Validate, then train a job through Ray Train; return the summary (also recorded in run.json)."""
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else (lambda msg: print(msg, flush=True))
+def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str] = None, fresh: bool = False, quiet: bool = False,
+            console: Optional[RunConsole] = None, capture: bool = False) -> dict[str, Any]:
+    """Validate, then train a job through Ray Train; return the summary (also recorded in run.json).
+
+    `console` shows the run (plain lines on stdout, or stderr when `quiet`, by default). With `capture`
+    everything this process and its workers print goes to `<run>/run.log`, and only what the console
+    lets through reaches the terminal (the command line does this; library callers keep their streams).
+    """
+    console = console or RunConsole(stream=sys.stderr if quiet else sys.stdout)
     base_dir = str(Path(job_file).resolve().parent) if job_file else os.getcwd()
     t0 = time.time()
+    if spec.scaling.num_workers != 0 or address:
+        address = resolve_address(address)
     data_info = preflight(spec, base_dir, address)
 
     name = fresh_name(spec) if fresh else spec.name
@@ -241,42 +333,76 @@ def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str
     endpoint = spec.checkpoint.endpoint_url
     record = read_run_record(run_uri, endpoint)
     if record and record.get("status") == "finished" and not fresh:
-        say(f"{run_uri}: already finished at step {record.get('summary', {}).get('steps')}; nothing to do (use --fresh for a new run)")
+        console.message(f"{run_uri}: already finished at step {record.get('summary', {}).get('steps')}; nothing to do (use --fresh for a new run)")
         return {**record.get("summary", {}), "run": name, "run_uri": run_uri, "status": "finished", "already_finished": True, "wall_s": round(time.time() - t0, 3)}
+    if not capture:
+        return _run(spec, RunPlan(name, run_uri, job_file, base_dir, address, record, data_info, t0), console, worker_events=False)
+    local_log, uploaded_log = _log_file(run_uri)
+    try:
+        with console.capture(local_log):
+            return _run(spec, RunPlan(name, run_uri, job_file, base_dir, address, record, data_info, t0), console, worker_events=True)
+    finally:
+        if uploaded_log:
+            _upload_log(local_log, uploaded_log, endpoint)
+
+
+@dataclass
+class RunPlan:
+    """Where a run goes and what preflight found, decided before anything starts."""
+
+    name: str
+    run_uri: str
+    job_file: Optional[str]
+    base_dir: str
+    address: Optional[str]
+    previous: Optional[dict[str, Any]]  # run.json of an earlier attempt
+    data_info: Any
+    t0: float
+
+
+def _run(spec: JobSpec, plan: RunPlan, console: RunConsole, worker_events: bool) -> dict[str, Any]:
     from orchestrator.tracking import TrackingSession
 
+    run_uri, endpoint = plan.run_uri, spec.checkpoint.endpoint_url
     started = datetime.now(timezone.utc).isoformat()
-    prov = provenance(spec, base_dir, data_info, address)
-    session = TrackingSession.start(spec, run_uri, name, prov, previous=(record or {}).get("tracking"))
+    prov = provenance(spec, plan.base_dir, plan.data_info, plan.address)
+    session = TrackingSession.start(spec, run_uri, plan.name, prov, previous=(plan.previous or {}).get("tracking"))
     record = {
-        "run": name,
+        "run": plan.name,
         "status": "running",
         "started": started,
         "ended": None,
         "command": sys.argv,
-        "job_file": job_file,
+        "job_file": plan.job_file,
         "job": spec.to_dict(),
         "provenance": prov,
         "tracking": session.to_record(),
-        "attempts": (record or {}).get("attempts", 0) + 1,
+        "attempts": (plan.previous or {}).get("attempts", 0) + 1,
     }
     write_run_record(run_uri, record, endpoint)
 
-    # Local mode (num_workers=0) runs the loop in this process: no Ray runtime to start.
-    started_ray = start_ray(address) if (spec.scaling.num_workers != 0 or address) else False
-    from ray.train.torch import TorchTrainer
-
-    ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
-    kwargs = build_trainer_kwargs(spec, run_uri, base_dir, ray_storage, f"{name}-{int(t0)}" if not spec.entrypoint else name, session.worker_config())
     from orchestrator.checkpoint import list_checkpoints
 
     fs, root = storage.open_storage(run_uri, endpoint)
     existing = list_checkpoints(fs, root, uri_prefix=run_uri)
     resumed_from = existing[-1].uri if existing and not spec.entrypoint else None
-    say(f"run {name} -> {run_uri}" + (f" (resuming from {resumed_from})" if resumed_from else ""))
+    console.message(f"run {plan.name} -> {run_uri}" + (f" (resuming from {resumed_from})" if resumed_from else ""))
+    local_mode = spec.scaling.num_workers == 0 and not plan.address
+    if not local_mode:
+        console.status("starting Ray" if not plan.address else f"connecting to Ray at {plan.address}")
+    # Local mode (num_workers=0) runs the loop in this process: no Ray runtime to start.
+    started_ray = start_ray(plan.address) if not local_mode else False
     status, error, result = "finished", None, None
     try:
-        result = TorchTrainer(**kwargs).fit()
+        from ray.train.torch import TorchTrainer
+
+        ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
+        kwargs = build_trainer_kwargs(spec, run_uri, plan.base_dir, ray_storage, f"{plan.name}-{int(plan.t0)}" if not spec.entrypoint else plan.name,
+                                      session.worker_config(), worker_events=worker_events)
+        if not local_mode:
+            console.status(f"starting {spec.scaling.max_workers} worker(s)")
+        with train_environment(embedded=started_ray):
+            result = TorchTrainer(**kwargs).fit()
     except Exception as exc:  # the run failed after retries: record it, report it, keep what was committed
         status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
     finally:
@@ -290,7 +416,8 @@ def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str
                    "checkpoint": (result.checkpoint.path if result and result.checkpoint else None)}
     else:
         summary = summary_from_storage(run_uri, endpoint)
-    summary = {"run": name, "run_uri": run_uri, "status": status, **summary, "resumed_from": resumed_from, "wall_s": round(time.time() - t0, 3)}
+    summary = {"run": plan.name, "run_uri": run_uri, "status": status, **summary, "resumed_from": resumed_from,
+               "report": f"{run_uri.rstrip('/')}/{REPORT}", "wall_s": round(time.time() - plan.t0, 3)}
     if error:
         summary["error"] = error
     placed = dict(result.metrics or {}) if result is not None else {}
@@ -299,12 +426,43 @@ def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str
                     gpus=[g for g in str(placed.get("placement_gpus") or "").split(",") if g])
     record.update(status=status, ended=datetime.now(timezone.utc).isoformat(), summary=summary)
     write_run_record(run_uri, record, endpoint)
+    # The result first: the report and the trackers' artifacts follow while the person reads it.
+    console.message(format_summary(summary))
     summary["report"] = write_report_safely(run_uri, endpoint)
+    if summary["report"] is None:
+        record["summary"] = summary
+        write_run_record(run_uri, record, endpoint)
     weights = f"{summary['checkpoint'].rstrip('/')}/model.safetensors" if summary.get("checkpoint") and not spec.entrypoint else None
     session.finish(spec, status, summary, [("", summary["report"]), ("", f"{run_uri.rstrip('/')}/{RUN_RECORD}"), ("model", weights)])
-    write_run_record(run_uri, record, endpoint)
-    say(format_summary(summary))
     return summary
+
+
+def _log_file(run_uri: str) -> tuple[str, Optional[str]]:
+    """(local file the run's output is appended to, object to upload it to at the end, or None when local)."""
+    protocol, path = storage.split_uri(run_uri)
+    if protocol == "file":
+        return os.path.join(path, LOG_FILE), None
+    fd, tmp = tempfile.mkstemp(prefix="orchestrator-", suffix=".log")
+    os.close(fd)
+    return tmp, f"{run_uri.rstrip('/')}/{LOG_FILE}"
+
+
+def _upload_log(local: str, uri: str, endpoint_url: Optional[str]) -> None:
+    """Append this attempt's log to the run's log on an object store (which cannot append: read, then rewrite)."""
+    try:
+        with open(local, "rb") as fh:
+            ours = fh.read()
+        fs, path = storage.open_storage(uri, endpoint_url)
+        try:
+            earlier = storage.read_bytes(fs, path)
+        except FileNotFoundError:
+            earlier = b""
+        storage.write_bytes(fs, path, earlier + ours)
+    except Exception as exc:  # the log is a convenience; the run's outcome is in run.json
+        log.warning("could not upload the run's log to %s (%s)", uri, type(exc).__name__)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(local)
 
 
 def write_report_safely(run_uri: str, endpoint_url: Optional[str]) -> Optional[str]:
@@ -327,7 +485,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  last validation: {shown}")
     best = summary.get("best") or {}
     if best.get("value") is not None:
-        lines.append(f"  best {best.get('metric') or ''} {best['value']:.4f} at step {best.get('step')}")
+        kept = f" ({best['checkpoint']})" if best.get("checkpoint") else " (checkpoint not kept)"
+        lines.append(f"  best {best.get('metric') or ''} {best['value']:.4f} at step {best.get('step')}{kept}")
     test = summary.get("test") or {}
     shown = "  ".join(f"{k[5:]} {v:.4f}" for k, v in (test.get("metrics") or {}).items() if isinstance(v, float))
     if shown:

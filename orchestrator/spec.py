@@ -205,8 +205,8 @@ class CheckpointSpec(Section):
     every_n_steps: Optional[int] = Field(None, ge=1, description="Checkpoint every N optimizer steps (null = off).")
     every_n_epochs: Optional[int] = Field(1, ge=1, description="Checkpoint every N epochs (null = off); the last step is always checkpointed.")
     keep_last: int = Field(2, ge=1, description="Newest committed checkpoints kept.")
-    keep_best: int = Field(0, ge=0, description="Best checkpoints kept by `best_metric`, beyond keep_last.")
-    best_metric: Optional[str] = Field(None, description="Metric ranking checkpoints for keep_best; default early_stopping.metric or val_loss.")
+    keep_best: int = Field(1, ge=0, description="Best checkpoints kept by the watched metric, beyond keep_last (the best is the one tested).")
+    best_metric: Optional[str] = Field(None, description="Metric that makes a checkpoint the best; default early_stopping.metric, else val_loss.")
     best_mode: Optional[Literal["min", "max"]] = Field(None, description="min or max for best_metric; default from the metric name.")
     async_: bool = Field(True, alias="async", description="Upload in the background; training blocks only for the snapshot.")
     endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint (MinIO, Ceph); credentials come from the environment.")
@@ -428,6 +428,9 @@ class JobSpec(Section):
         for field_path, metric in watched:
             if metric is not None and metric not in names:
                 raise ValueError(f"{field_path}: {metric!r} is not a validation metric of this job{_suggest(metric, names)}; use one of {', '.join(names)}")
+        if self.early_stopping and self.checkpoint.best_metric and self.checkpoint.best_metric != self.early_stopping.metric:
+            raise ValueError(f"checkpoint.best_metric: {self.checkpoint.best_metric!r} differs from early_stopping.metric "
+                             f"{self.early_stopping.metric!r}; the best checkpoint is judged by the metric early stopping watches: set one")
         if self.scaling.gpus_per_worker and not self.scaling.use_gpu:
             raise ValueError("scaling.gpus_per_worker: set scaling.use_gpu=true too")
         return self

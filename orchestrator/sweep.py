@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import queue
 import sys
 import tempfile
 import threading
@@ -269,7 +270,7 @@ def build_scheduler(sweep: SweepSpec, spec: JobSpec):
     s = sweep.scheduler
     if s.name == "asha":
         max_t, length = default_max_t(sweep, spec), trial_length(sweep, spec)
-        if length is not None and max_t >= length:
+        if length is not None and max_t >= length and s.grace_period < length:
             # Trials end by themselves (with their last checkpoint); a rung at their last report would decide
             # nothing, so the horizon goes just below it and the top rung with it.
             return ASHAScheduler(time_attr=s.time_attr, max_t=length - 1e-6, grace_period=s.grace_period, reduction_factor=s.reduction_factor, stop_last_trials=False)
@@ -346,6 +347,7 @@ class TrialPlan:
     parent_run_id: Optional[str] = None  # the sweep's MLflow run: every trial's run is its child
     experiment: Optional[str] = None  # the sweep's MLflow experiment, where the children must be to nest under it
     data_fingerprint: Optional[dict[str, Any]] = None  # the base job's data, from the driver's preflight
+    embedded_ray: bool = False  # the sweep started its own single-node Ray (no preemption to watch for)
 
 
 class _TrialEnds:
@@ -473,9 +475,14 @@ def _train_in_trial(spec: JobSpec, run_uri: str, plan: TrialPlan, reporter: "Tri
     from orchestrator.train import LoopContext, run_training
 
     device = torch.device("cuda", 0) if spec.scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    ctx = LoopContext(run_uri=run_uri, device=device, report=reporter, base_dir=plan.base_dir, track=track,
+    ctx = LoopContext(run_uri=run_uri, device=device, report=reporter, base_dir=plan.base_dir, track=track, should_stop=reporter.stopped,
                       **({} if plan.verbose else {"log": _silent}))
-    run_training(spec, ctx)
+    try:
+        run_training(spec, ctx)
+    except BaseException:
+        reporter.close(flush=False)
+        raise
+    reporter.close()
 
 
 def _train_with_ray_train(spec: JobSpec, run_uri: str, plan: TrialPlan, trial_id: str, tracking_config: Optional[dict[str, Any]]) -> dict[str, Any]:
@@ -483,29 +490,63 @@ def _train_with_ray_train(spec: JobSpec, run_uri: str, plan: TrialPlan, trial_id
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.launch import build_trainer_kwargs
+    from orchestrator.launch import build_trainer_kwargs, train_environment
 
     ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
     kwargs = build_trainer_kwargs(spec, run_uri, plan.base_dir, ray_storage, f"{plan.sweep_name}-{trial_id}-{int(time.time())}", tracking_config)
     kwargs["run_config"] = dataclasses.replace(kwargs["run_config"], callbacks=[TuneReportCallback()])
-    result = TorchTrainer(**kwargs).fit()
+    with train_environment(embedded=plan.embedded_ray):
+        result = TorchTrainer(**kwargs).fit()
     return dict(result.metrics or {})
 
 
 class TrialReporter:
-    """The loop's `report` inside a trial: metrics to Tune; under PBT with a pointer to the run's latest committed checkpoint."""
+    """The loop's `report` inside a trial: metrics to Tune (under PBT with a pointer to the run's latest committed checkpoint).
+
+    Tune's function API holds a reporting thread until its controller has taken the result, which can
+    be tens of milliseconds or more on a busy machine; so the reports go to Tune from a thread of their
+    own, in order, and the training step never waits. When Tune stops or pauses the trial at a report,
+    `stopped` says so and the loop ends at its next step.
+    """
 
     def __init__(self, run_uri: str, endpoint: Optional[str], pbt: bool):
         self.run_uri, self.endpoint, self.pbt = run_uri, endpoint, pbt
+        self._pending: "queue.Queue[Optional[dict[str, Any]]]" = queue.Queue()
+        self._stopped = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._work, name="tune-report", daemon=True)
+        self._thread.start()
 
     def __call__(self, metrics: dict[str, Any]) -> None:
-        metrics = {k: v for k, v in metrics.items() if not isinstance(v, list)}  # a confusion matrix is no metric to rank by
-        try:
-            self._report(metrics)
-        except SystemExit:
-            # Tune stopped the trial: from here the process must not end before the trial has recorded its end.
-            _trial_ends.begin()
-            raise
+        if not self._stopped.is_set():
+            self._pending.put({k: v for k, v in metrics.items() if not isinstance(v, list)})  # a confusion matrix is no metric to rank by
+
+    def stopped(self) -> bool:
+        """Whether Tune has stopped (or paused) this trial at one of its reports."""
+        return self._stopped.is_set()
+
+    def close(self, flush: bool = True) -> None:
+        """Hand Tune the reports still queued (unless `flush` is false), then end the thread; SystemExit when Tune stopped the trial."""
+        if not flush:
+            self._stopped.set()
+        self._pending.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if flush and self._stopped.is_set():
+            raise SystemExit(0)  # as Tune itself ends a trial it stops at a report
+
+    def _work(self) -> None:
+        while (metrics := self._pending.get()) is not None:
+            if self._stopped.is_set():
+                continue
+            try:
+                self._report(metrics)
+            except SystemExit:  # Tune's answer to a report: the trial is stopped
+                self._stopped.set()
+            except BaseException as exc:  # surfaced on the trial's thread by close()
+                self._error = exc
+                self._stopped.set()
 
     def _report(self, metrics: dict[str, Any]) -> None:
         from ray import tune
@@ -676,7 +717,8 @@ def collect_trials(results, sweep: SweepJob) -> list[dict[str, Any]]:
             "metric": last.get(metric),
             "best_metric": (max(values) if mode == "max" else min(values)) if values else None,
             "metrics": {k: v for k, v in last.items() if k.startswith("val_") or k in ("step", "epoch", "lr")},
-            "steps": last.get("step"),
+            # The trial may have trained past its last report before it saw a stop (reports are asynchronous).
+            "steps": max((v for v in (last.get("step"), summary.get("steps")) if isinstance(v, int)), default=None),
             "epochs": last.get("epoch"),
             "run_uri": run_uri,
             "checkpoint": summary.get("checkpoint"),
@@ -897,6 +939,7 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
             ranges={**sweep.sweep.parameters, **sweep.sweep.scheduler.mutations}, pbt=sweep.sweep.scheduler.name == "pbt",
             verbose=verbose, job_file=sweep.job_file, parent_run_id=session.mlflow_run_id if session else None,
             experiment=session.experiment if session else None, data_fingerprint=getattr(data_info, "fingerprint", None),
+            embedded_ray=started_ray and not address,
         )
         trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_resources(sweep.spec))
         progress = make_progress_callback(sweep.uri, sweep.endpoint, sweep.sweep.metric, sweep.sweep.mode, say)

@@ -29,6 +29,7 @@ import yaml
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage, tracking
+from orchestrator.console import Event, text_progress
 from orchestrator.data import load_data
 from orchestrator.metrics import compute_metrics, default_mode, is_better
 from orchestrator.models import build_model
@@ -57,6 +58,10 @@ class LoopContext:
     base_dir: Optional[str] = None
     # Rank 0 hands every metrics entry to the trackers; it must return at once (tracking.Tracker queues).
     track: Optional[Callable[[dict[str, Any]], None]] = None
+    # Rank 0's progress events (console.format_event); None: their plain lines go to `log`.
+    progress: Optional[Callable[[Event], None]] = None
+    # Whether whoever runs the loop wants it to end now (a Tune scheduler that stopped the trial at a report).
+    should_stop: Callable[[], bool] = lambda: False
 
 
 @dataclass
@@ -74,6 +79,8 @@ class TrainState:
     bad_validations: int = 0  # early stopping: validations since the last improvement
     stopped_early: bool = False
     checkpoint_blocked_s: float = 0.0  # time the training thread spent in checkpointing (snapshot, or waiting on an upload)
+    report_blocked_s: float = 0.0  # time the training thread spent handing metrics to ctx.report (Ray, Tune)
+    report_blocked_max_s: float = 0.0  # the longest single report
     first_step_at: Optional[float] = None  # wall clock of the first and latest optimizer step (benchmarks, ETA)
     last_step_at: Optional[float] = None
     last_val: dict[str, Any] = field(default_factory=dict)
@@ -218,7 +225,11 @@ def evaluate_best_on_test(model: torch.nn.Module, source, spec: JobSpec, ctx: Lo
 def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
     """Train `spec` on this rank, resuming from the run's latest committed checkpoint; return a summary."""
     is_main = ctx.rank == 0
-    say = ctx.log if is_main else (lambda msg: None)
+    emit = (ctx.progress or text_progress(ctx.log)) if is_main else (lambda event: None)
+
+    def say(text: str) -> None:
+        emit({"kind": "message", "text": text})
+
     seed_everything(spec.train.seed + ctx.rank)
     if ctx.base_dir and ctx.base_dir not in sys.path:
         sys.path.insert(0, ctx.base_dir)
@@ -271,9 +282,8 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
         model = torch.compile(model)
 
     metrics_log = MetricsLog(fs, storage.join(run_root, "metrics.jsonl"), state.history) if is_main else None
-    writer = ckpt.CheckpointWriter(fs, run_root, asynchronous=spec.checkpoint.async_, after_commit=_retention(fs, run_root, spec)) if is_main else None
-    watched = (spec.early_stopping.metric if spec.early_stopping else None) or spec.checkpoint.best_metric or "val_loss"
-    watched_mode = (spec.early_stopping.mode if spec.early_stopping else None) or spec.checkpoint.best_mode or default_mode(watched)
+    writer = ckpt.CheckpointWriter(fs, run_root, asynchronous=spec.checkpoint.async_) if is_main else None
+    watched, watched_mode = watched_metric(spec)
 
     state.best_metric = watched
 
@@ -307,7 +317,13 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
                 "job.yaml": job_yaml,
             }
 
-        writer.save(state.step, state.epoch, build_files, {k: v for k, v in metrics.items() if not isinstance(v, list)}, then=metrics_log.snapshot_flush())
+        retain, flush = _retention(fs, run_root, spec, state.best_step), metrics_log.snapshot_flush()
+
+        def after_commit() -> None:
+            retain()
+            flush()
+
+        writer.save(state.step, state.epoch, build_files, {k: v for k, v in metrics.items() if not isinstance(v, list)}, then=after_commit)
 
     def validate() -> dict[str, Any]:
         val = evaluate(raw_model, splits.val, spec, ctx, task)
@@ -328,7 +344,8 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
         record(entry)
         return val
 
-    say(f"training {spec.name}: {spec.model.name} on {spec.data.name} ({splits.info.sizes}), {ctx.world_size} worker(s), {total_steps} steps")
+    emit({"kind": "start", "step": state.step, "total_steps": total_steps, "epochs": spec.train.epochs,
+          "text": f"training {spec.name}: {spec.model.name} on {spec.data.name} ({splits.info.sizes}), {ctx.world_size} worker(s), {total_steps} steps"})
     try:
         model.train()
         window_start, window_samples, window_n, window_steps = time.perf_counter(), 0, 0, 0
@@ -373,6 +390,8 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
                     state.first_step_at = state.last_step_at
                 if last_of_epoch:
                     state.epoch, state.batch = state.epoch + 1, 0
+                if ctx.should_stop():
+                    raise SystemExit(0)  # as Tune ends a trial it stops: the handler below commits the upload in flight
 
                 if state.step % spec.train.log_every_n_steps == 0 or state.step == total_steps:
                     elapsed = time.perf_counter() - window_start
@@ -381,7 +400,8 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
                     eta = steps_left * elapsed / max(1, window_steps)
                     train_entry = {"step": state.step, "epoch": state.epoch, "split": "train", "loss": window_loss.item() / max(1, window_n), "lr": schedule.lr, "samples_per_s": rate}
                     record(train_entry)
-                    say(f"step {state.step}/{total_steps}  epoch {min(state.epoch + (0 if last_of_epoch else 1), spec.train.epochs)}/{spec.train.epochs}  loss {train_entry['loss']:.4f}  lr {schedule.lr:.2e}  {rate:,.0f} samples/s  eta {_clock(eta)}")
+                    emit({"kind": "train", **train_entry, "total_steps": total_steps, "epochs": spec.train.epochs, "eta_s": eta,
+                          "epoch_shown": min(state.epoch + (0 if last_of_epoch else 1), spec.train.epochs)})
                     window_start, window_samples, window_n, window_steps = time.perf_counter(), 0, 0, 0
                     window_loss.zero_()
 
@@ -394,15 +414,20 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
                     or bool(spec.checkpoint.every_n_steps and state.step % spec.checkpoint.every_n_steps == 0)
                     or bool(last_of_epoch and spec.checkpoint.every_n_epochs and state.epoch % spec.checkpoint.every_n_epochs == 0)
                 )
+                scalars = {k: v for k, v in val.items() if not isinstance(v, list)}  # a confusion matrix is for the log, not a report
                 if val:
-                    say("  validation: " + "  ".join(f"{k[4:]} {v:.4f}" for k, v in val.items() if isinstance(v, float)))
+                    emit({"kind": "val", "step": state.step, "metrics": scalars})
                 if checkpoint_now:
                     blocked_from = time.perf_counter()
                     save_checkpoint(val or state.last_val)
                     state.checkpoint_blocked_s += time.perf_counter() - blocked_from
                 if val:
                     # After the checkpoint: a scheduler that stops or pauses a trial here keeps this step.
-                    ctx.report({"step": state.step, "epoch": state.epoch, **val, "lr": schedule.lr})
+                    blocked_from = time.perf_counter()
+                    ctx.report({"step": state.step, "epoch": state.epoch, **scalars, "lr": schedule.lr})
+                    blocked = time.perf_counter() - blocked_from
+                    state.report_blocked_s += blocked
+                    state.report_blocked_max_s = max(state.report_blocked_max_s, blocked)
                     reported = True
                 if end_of_training or state.stopped_early:
                     done = True
@@ -423,7 +448,7 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
     if not reported and state.last_val:
         # Restored a run whose training had already ended (killed before anyone recorded it): the caller,
         # a Tune trial for one, still gets the final metrics once.
-        ctx.report({"step": state.step, "epoch": state.epoch, **state.last_val, "lr": schedule.lr})
+        ctx.report({"step": state.step, "epoch": state.epoch, **{k: v for k, v in state.last_val.items() if not isinstance(v, list)}, "lr": schedule.lr})
     committed = None
     if writer:
         writer.close()
@@ -434,7 +459,7 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
         metrics_log.flush()
     test = evaluate_best_on_test(raw_model, splits.test, spec, ctx, task, fs, run_root, state.best_step) if is_main else None
     if test:
-        say("  test (step {}): ".format(test["step"]) + "  ".join(f"{k[5:]} {v:.4f}" for k, v in test["metrics"].items() if isinstance(v, float)))
+        emit({"kind": "test", "step": test["step"], "metrics": {k: v for k, v in test["metrics"].items() if not isinstance(v, list)}})
     if ctx.world_size > 1 and dist.is_initialized():
         # The other ranks wait for rank 0's last upload and test evaluation: none tears the group down under it.
         dist.barrier()
@@ -451,14 +476,18 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> dict[str, Any]:
     }
 
 
-def _retention(fs, run_root: str, spec: JobSpec) -> Callable[[str], None]:
-    metric = spec.checkpoint.best_metric or (spec.early_stopping.metric if spec.early_stopping else "val_loss")
-    mode = spec.checkpoint.best_mode or default_mode(metric)
+def watched_metric(spec: JobSpec) -> tuple[str, str]:
+    """The validation metric that makes a checkpoint the best (and that early stopping watches), with its mode."""
+    early = spec.early_stopping
+    metric = (early.metric if early else None) or spec.checkpoint.best_metric or "val_loss"
+    mode = (early.mode if early else None) or spec.checkpoint.best_mode or default_mode(metric)
+    return metric, mode
 
-    def after_commit(path: str) -> None:
-        ckpt.apply_retention(fs, run_root, spec.checkpoint.keep_last, spec.checkpoint.keep_best, metric, mode)
 
-    return after_commit
+def _retention(fs, run_root: str, spec: JobSpec, best_step: Optional[int]) -> Callable[[], None]:
+    """Retention after a commit, with the best step as it was when the checkpoint was taken (not as training has moved on)."""
+    metric, mode = watched_metric(spec)
+    return lambda: ckpt.apply_retention(fs, run_root, spec.checkpoint.keep_last, spec.checkpoint.keep_best, metric, mode, best_step=best_step)
 
 
 def _cpu_copy(obj: Any) -> Any:
@@ -470,11 +499,6 @@ def _cpu_copy(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_cpu_copy(v) for v in obj)
     return obj
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
 class MetricsLog:

@@ -143,7 +143,7 @@ def test_regression_and_lm_test_records_hold_what_their_plots_need(runs):
 
 def test_best_checkpoint_gone_means_the_latest_is_evaluated(tmp_path):
     spec = load_spec(DIGITS, ["scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "train.max_steps=40", "validation.every_n_steps=5",
-                              "early_stopping.patience=1", "early_stopping.min_delta=0.5", "checkpoint.every_n_steps=5", "checkpoint.keep_last=1"])
+                              "early_stopping.patience=1", "early_stopping.min_delta=0.5", "checkpoint.every_n_steps=5", "checkpoint.keep_last=1", "checkpoint.keep_best=0"])
     out = run_job(spec, quiet=True)
     assert out["best"]["step"] == 5 and out["test"]["step"] == 10  # keep_best=0: the best was deleted by retention
     assert "the best one was not kept" in (tmp_path / "digits-mlp" / "report.html").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,3 +259,86 @@ def test_checkpoints_and_export_commands(tmp_path, s3_server, bucket):
     assert bad.returncode == 2 and "not a committed checkpoint" in bad.stderr and not (tmp_path / "x.safetensors").exists()
     empty = orchestrator("checkpoints", str(tmp_path / "nothing"))
     assert empty.returncode == 2 and "no committed checkpoint" in empty.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# What a person sees: one progress display, no Ray-internal lines; everything in <run>/run.log
+
+RAY_NOISE = ("TrainingReport(", "pid=", "INFO ", "core_worker", "raylet", "PreemptionWatcher", "Token authentication")
+
+
+def assert_no_ray_lines(text: str) -> None:
+    noisy = [line for line in text.splitlines() if any(n in line for n in RAY_NOISE)]
+    assert not noisy, noisy
+
+
+@pytest.mark.slow
+def test_the_default_job_piped_shows_plain_progress_and_logs_everything(tmp_path):
+    res = orchestrator("run", "jobs/digits_mlp.yaml", "train.epochs=2", f"checkpoint.storage={tmp_path}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_no_ray_lines(res.stdout + res.stderr)
+    shown = res.stdout.splitlines()
+    assert any(line.startswith("step ") and "samples/s" in line for line in shown)
+    assert any(line.startswith("  validation: ") for line in shown) and any(line.startswith("finished: digits-mlp") for line in shown)
+    log = (tmp_path / "digits-mlp" / "run.log").read_text()
+    assert "TrainingReport(" in log and "RayTrainWorker" in log  # the workers' own output is kept, not shown
+    assert "  validation: " in log and "finished: digits-mlp" in log
+
+
+@pytest.mark.slow
+def test_the_default_job_in_a_terminal_draws_one_progress_display(tmp_path):
+    if not shutil.which("tmux"):
+        pytest.fail("tmux is needed for this test (make setup installs it)")
+    server, session = f"orch-test-{os.getpid()}", "run"
+    command = f"cd {ROOT} && {sys.executable} -m orchestrator run jobs/digits_mlp.yaml train.epochs=2 checkpoint.storage={tmp_path}; echo EXIT=$?; sleep 600"
+    subprocess.run(["tmux", "-L", server, "new-session", "-d", "-s", session, "-x", "160", "-y", "50", command], check=True)
+    try:
+        deadline, screen = time.time() + 240, ""
+        while time.time() < deadline and "EXIT=" not in screen:
+            time.sleep(1)
+            screen = subprocess.run(["tmux", "-L", server, "capture-pane", "-p", "-t", session, "-S", "-"], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["tmux", "-L", server, "kill-server"], capture_output=True)
+    assert "EXIT=0" in screen, screen
+    assert_no_ray_lines(screen)
+    assert "━" in screen and "86/86" in screen  # the progress bar, finished (2 epochs of 43 steps)
+    assert "  validation: " in screen and "finished: digits-mlp" in screen
+    assert not any(line.startswith("step ") for line in screen.splitlines())  # the bar replaces the plain step lines
+    assert "TrainingReport(" in (tmp_path / "digits-mlp" / "run.log").read_text()
+
+
+BROKEN_MODEL = '''
+import torch
+
+
+class Breaks(torch.nn.Module):
+    def __init__(self, info):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, info.num_classes)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.training and self.calls > 25:
+            raise RuntimeError("the user's model broke")
+        return self.linear(x.flatten(1))
+
+
+def model(info):
+    return Breaks(info)
+'''
+
+
+def test_a_failed_run_still_gets_its_report_and_log(tmp_path):
+    (tmp_path / "breaks.py").write_text(BROKEN_MODEL)
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: breaks\nmodel: {{name: 'breaks:model'}}\ndata: {{name: digits}}\ncheckpoint: {{storage: {tmp_path / 'runs'}}}\n")
+    res = orchestrator("run", str(job), "scaling.num_workers=0", "train.max_steps=40", "validation.every_n_steps=10", "failure.max_failures=0", "--json")
+    assert res.returncode == 1
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["status"] == "failed" and "the user's model broke" in out["error"]
+    run = tmp_path / "runs" / "breaks"
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert "failed" in (run / "report.html").read_text() and out["report"] == str(run / "report.html")
+    assert "RuntimeError: the user's model broke" in (run / "run.log").read_text()
+    assert "Traceback" not in res.stderr

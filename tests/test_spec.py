@@ -64,6 +64,8 @@ def test_defaults_are_a_valid_job():
         ({"early_stopping": {"metric": "val_acc"}}, "early_stopping.metric: 'val_acc' is not a validation metric of this job (did you mean 'val_accuracy'?)"),
         ({"schedule": {"name": "plateau", "metric": "val_mse"}}, "schedule.metric: 'val_mse' is not a validation metric"),
         ({"checkpoint": {"best_metric": "loss"}}, "checkpoint.best_metric: 'loss' is not a validation metric"),
+        ({"early_stopping": {"metric": "val_accuracy", "mode": "max"}, "checkpoint": {"best_metric": "val_loss"}},
+         "checkpoint.best_metric: 'val_loss' differs from early_stopping.metric 'val_accuracy'"),
         ("just a string", "(job): the job file must be a mapping of sections"),
     ],
 )

@@ -107,9 +107,19 @@ def test_finished_run_does_not_train_again(tmp_path):
 
 
 def test_keep_last_retention(tmp_path):
-    run_training(spec_with(tmp_path, "checkpoint.keep_last=2"), LoopContext(run_uri=str(tmp_path / "r")))
+    run_training(spec_with(tmp_path, "checkpoint.keep_last=2", "checkpoint.keep_best=0"), LoopContext(run_uri=str(tmp_path / "r")))
     fs, root = storage.open_storage(str(tmp_path / "r"))
     assert [c.step for c in ckpt.list_checkpoints(fs, root)] == [56, 63]
+
+
+def test_the_best_checkpoint_is_kept_and_tested_by_default(tmp_path):
+    # min_delta 0.5: the first validation (step 21) stays the best; keep_last=1 alone would delete it.
+    spec = spec_with(tmp_path, "train.epochs=30", "early_stopping.metric=val_accuracy", "early_stopping.mode=max", "early_stopping.patience=2",
+                     "early_stopping.min_delta=0.5", "checkpoint.keep_last=1")
+    out = run_training(spec, LoopContext(run_uri=str(tmp_path / "r")))
+    fs, root = storage.open_storage(str(tmp_path / "r"))
+    assert [c.step for c in ckpt.list_checkpoints(fs, root)] == [21, 63]
+    assert out["best"]["step"] == 21 and out["test"]["step"] == 21 and out["test"]["checkpoint"].endswith("checkpoint_00000021")
 
 
 def test_early_stopping(tmp_path):
