@@ -2,7 +2,7 @@
 
 One self-contained file: every figure is an SVG embedded as a data URI (written by
 orchestrator.charts: no JavaScript, no network), so it opens anywhere, from disk or from object
-storage.
+storage. Every value the report did not build itself (names, URIs, settings, errors) is escaped.
 """
 
 from __future__ import annotations
@@ -411,13 +411,31 @@ figure.plot img{width:100%;height:auto;display:block}figcaption{font-size:12px;c
 table{border-collapse:collapse;background:#fff;font-size:13px;margin:8px 0}
 td,th{border:1px solid #e0e0e0;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f0f0f0}
 td.num{text-align:right;font-variant-numeric:tabular-nums}code{font-size:12px;word-break:break-all}
-.status-finished,.status-done{color:#2e7d32;font-weight:bold}.status-failed,.status-error{color:#c62828;font-weight:bold}
-.status-stopped{color:#ef6c00;font-weight:bold}.status-running{color:#1565c0;font-weight:bold}
+.status{font-weight:bold}.status-ok{color:#2e7d32}.status-bad{color:#c62828}.status-warn{color:#ef6c00}.status-busy{color:#1565c0}.status-idle{color:#666}
 .tables{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.tables table{margin:0}details{margin:8px 0}summary{cursor:pointer;font-weight:bold}p.note{color:#666;font-size:13px}
 """
 
 
+# The CSS class of each status a run or trial records; any other status shows in the neutral colour.
+STATUS_CLASS = {"finished": "ok", "done": "ok", "failed": "bad", "error": "bad", "stopped": "warn", "running": "busy",
+                "pending": "idle", "paused": "idle"}
+
+
+@dataclass(frozen=True)
+class Status:
+    """A status shown as a coloured word: the class comes from STATUS_CLASS, the word is escaped like any value."""
+
+    value: Any
+
+    def html(self) -> str:
+        word = str(self.value or "unknown")
+        return f'<span class="status status-{STATUS_CLASS.get(word, "idle")}">{esc(word)}</span>'
+
+
 def _fmt(value: Any) -> str:
+    """Any value from a record as HTML text: escaped, whatever its type."""
+    if isinstance(value, Status):
+        return value.html()
     if isinstance(value, bool) or value is None:
         return esc(json.dumps(value))
     if isinstance(value, float):
@@ -427,12 +445,12 @@ def _fmt(value: Any) -> str:
     return esc(value)
 
 
-def _table(rows: list[list[Any]], head: list[str], raw: bool = False) -> str:
+def _table(rows: list[list[Any]], head: list[str]) -> str:
     out = ["<table><thead><tr>", *(f"<th>{esc(h)}</th>" for h in head), "</tr></thead><tbody>"]
     for row in rows:
         cells = []
         for cell in row:
-            text = cell if raw and isinstance(cell, str) and cell.startswith("<") else _fmt(cell)
+            text = _fmt(cell)
             cls = ' class="num"' if isinstance(cell, (int, float)) and not isinstance(cell, bool) else ""
             cells.append(f"<td{cls}>{text}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
@@ -464,9 +482,8 @@ def _page(title: str, subtitle: str, body: str) -> str:
             f'<div class="sub">{subtitle}</div></header><main>{body}<p class="note">Written by orchestrator report on {generated}.</p></main></body></html>\n')
 
 
-def _status(status: Optional[str]) -> str:
-    s = esc(str(status or "unknown"))
-    return f'<span class="status-{s}">{s}</span>'
+def _status(status: Any) -> str:
+    return Status(status).html()
 
 
 def _watched(job: dict[str, Any]) -> str:
@@ -681,8 +698,8 @@ def render_sweep(sweep: SweepData) -> str:
     rank = sorted(sweep.trials, key=lambda t: (0, -t["best_metric"] if mode == "max" else t["best_metric"]) if _finite(t.get("best_metric")) else (1, 0))
     rows = []
     for i, t in enumerate(rank, 1):
-        rows.append([i, t["trial_id"], _status(t.get("status")), *(t["config"].get(p) for p in params), t.get("metric"), t.get("best_metric"), t.get("steps")])
-    table = _table(rows, ["#", "trial", "status", *params, f"{metric} (last)", f"{metric} (best)", "steps"], raw=True)
+        rows.append([i, t["trial_id"], Status(t.get("status")), *(t["config"].get(p) for p in params), t.get("metric"), t.get("best_metric"), t.get("steps")])
+    table = _table(rows, ["#", "trial", "status", *params, f"{metric} (last)", f"{metric} (best)", "steps"])
     facts = [("status", record.get("status")), ("trials", len(sweep.trials)), (f"best {metric}", best["best_metric"] if best else None),
              ("best trial", best["trial_id"] if best else None), ("wall (s)", (record.get("result") or {}).get("wall_s"))]
     body = [_facts(facts), "<h2>Trials</h2>", table]

@@ -222,7 +222,9 @@ def test_run_on_s3_keeps_its_test_record_report_and_tensorboard_there(s3_server,
 
 
 # ----------------------------------------------------------------------------------------------
-# Records written by hand
+# Records written by hand: hostile strings in every field the report shows, and a large test split
+
+HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
 
 
 class TagCheck(HTMLParser):
@@ -266,6 +268,56 @@ def history(steps: int, extra_val: dict[str, float] | None = None) -> list[dict]
     lines = [{"step": s, "epoch": 0, "split": "train", "loss": 2.0 / s, "lr": 0.01, "samples_per_s": 1000.0 + s} for s in range(1, steps + 1)]
     lines += [{"step": s, "epoch": 0, "split": "val", "val_loss": 1.0 / s, "val_accuracy": 0.5 + s / 100, **(extra_val or {})} for s in range(5, steps + 1, 5)]
     return lines
+
+
+def test_hostile_strings_in_a_run_record_are_shown_as_text(tmp_path, browser):
+    bad = " ".join(HOSTILE)
+    run = tmp_path / HOSTILE[1]  # the run's own URI is shown too
+    labels = [0, 1, 2] * 10
+    scores = [[0.8 if c == label else 0.1 for c in range(3)] for label in labels]
+    write_records(run, {
+        "run.json": {"run": bad, "status": HOSTILE[0], "started": HOSTILE[1], "ended": None, "command": ["orchestrator", "run", *HOSTILE],
+                     "job": {"name": bad, "data": {"name": HOSTILE[0], "task": "classification"}, "optim": {"name": HOSTILE[1]}, HOSTILE[0]: {HOSTILE[1]: 1}},
+                     "provenance": {"job_hash": HOSTILE[1], "git": {"branch": HOSTILE[0]}}, "tracking": {"mlflow": HOSTILE[1]},
+                     "summary": {"steps": 20, "error": bad, "best": {"metric": f"val_{HOSTILE[1]}", "value": 0.7, "step": 10}}},
+        "metrics.jsonl": history(20, {f"val_{HOSTILE[0]}": 0.5}),
+        "test.json": {"task": "classification", "step": 10, "best_step": 10, "checkpoint": HOSTILE[1], "examples": 30, "labels": labels, "scores": scores,
+                      "metrics": {"test_accuracy": 1.0, f"test_{HOSTILE[0]}": 0.5, "test_confusion_matrix": [[10, 0, 0], [0, 10, 0], [0, 0, 10]]}},
+    })
+    report = Path(write_report(str(run)))
+    page = report.read_text()
+    assert_only_the_reports_own_markup(page)
+    assert 'class="status status-idle"' in page  # an unknown status: escaped, in the neutral colour
+    seen = open_in_browser(browser, report)
+    assert seen["errors"] == [] and seen["dialogs"] == [] and set(seen["requests"]) <= {report.as_uri()} | {u for u in seen["requests"] if u.startswith("data:")}
+    for hostile in HOSTILE:
+        assert seen["text"].count(hostile) >= 5  # shown as the text it is: name, status, command, error, settings...
+    assert len(seen["figures"]) == 8 and all(f["natural"] > 0 and f["h"] > 0 for f in seen["figures"])
+    assert any(f"val_{HOSTILE[0]} at each validation" in f["alt"] for f in seen["figures"])
+
+
+def test_hostile_choice_values_and_trial_ids_in_a_sweep_are_shown_as_text(tmp_path, browser):
+    sweep = tmp_path / "sweep"
+    trials = [(HOSTILE[1], HOSTILE[0], 0.01, 0.9, "done"), ("t2", HOSTILE[1], 0.001, 0.8, HOSTILE[0]), ("t3", "relu", 0.0001, 0.7, "stopped")]
+    rows = []
+    for trial_id, act, lr, best, status in trials:
+        write_records(sweep / trial_id, {"run.json": {"run": trial_id, "status": "finished", "config": {"model.act": act, "optim.lr": lr}},
+                                         "metrics.jsonl": history(10 if status != "stopped" else 5)})
+        rows.append({"trial_id": trial_id, "status": status, "config": {"model.act": act, "optim.lr": lr}, "metric": best, "best_metric": best, "steps": 10})
+    write_records(sweep, {"sweep.json": {
+        "sweep": HOSTILE[0], "status": "finished", "started": HOSTILE[1], "job": {"name": HOSTILE[0]},
+        "spec": {"metric": "val_accuracy", "mode": "max", "scheduler": {"name": "asha"},
+                 "parameters": {"model.act": {"type": "choice", "values": [HOSTILE[0], HOSTILE[1], "relu"]}, "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 0.1}}},
+        "result": {"metric": "val_accuracy", "mode": "max", "trials": rows, "wall_s": 1.0}}})
+    report = Path(write_report(str(sweep)))
+    page = report.read_text()
+    assert_only_the_reports_own_markup(page)
+    assert page.count('class="status status-ok">done<') == 1 and page.count('class="status status-warn">stopped<') == 1
+    assert f'class="status status-idle">{html.escape(HOSTILE[0])}<' in page  # a status outside the known set: escaped, no colour
+    seen = open_in_browser(browser, report)
+    assert seen["errors"] == [] and seen["dialogs"] == [] and set(seen["requests"]) <= {report.as_uri()} | {u for u in seen["requests"] if u.startswith("data:")}
+    assert all(h in seen["text"] for h in HOSTILE)
+    assert len(seen["figures"]) == 4 and all(f["natural"] > 0 and f["h"] > 0 for f in seen["figures"])
 
 
 def test_report_imports_neither_matplotlib_nor_scikit_learn(tmp_path):
