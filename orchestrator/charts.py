@@ -109,7 +109,7 @@ class Scale:
 def linear_ticks(lo: float, hi: float, target: int = 6) -> list[tuple[float, str]]:
     """Round-numbered ticks (1, 2, 2.5 or 5 times a power of ten) inside [lo, hi], with their labels."""
     span = hi - lo
-    if not (math.isfinite(span) and span > 0):
+    if not (math.isfinite(span) and span > 1e-300):  # also what log10 of a vanishing step could not take
         return [(lo, f"{lo:.4g}")] if math.isfinite(lo) else []
     magnitude = 10 ** math.floor(math.log10(span / target))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if span / (m * magnitude) <= target)
@@ -187,7 +187,7 @@ class Mark:
     opacity: float = 1.0
     label: Optional[str] = None
     texts: list[str] = field(default_factory=list)
-    colors: list[str] = field(default_factory=list)  # per point or cell
+    colors: list[str] = field(default_factory=list)  # per cell
     text_colors: list[str] = field(default_factory=list)  # per cell
     anchor: str = "start"
     font: float = TICK_FONT
@@ -262,8 +262,8 @@ class Axes:
         self.marks.append(Mark("line", list(xs), list(ys), color, width, dash, marker, size, label=label))
 
     def points(self, xs: Sequence[float], ys: Sequence[float], color: str, label: Optional[str] = None, marker: str = "o",
-               size: float = 3.0, opacity: float = 1.0, colors: Optional[list[str]] = None) -> None:
-        self.marks.append(Mark("points", list(xs), list(ys), color, marker=marker, size=size, opacity=opacity, label=label, colors=colors or []))
+               size: float = 3.0, opacity: float = 1.0) -> None:
+        self.marks.append(Mark("points", list(xs), list(ys), color, marker=marker, size=size, opacity=opacity, label=label))
 
     def vline(self, x: float, color: str, label: Optional[str] = None, dash: str = "", width: float = 1.2) -> None:
         self.marks.append(Mark("vline", [x], [], color, width, dash, label=label))
@@ -279,8 +279,7 @@ class Axes:
 
         One background rectangle in the colour of 0, then only the other cells: a large, mostly empty matrix stays small.
         """
-        flat = [(j, i, v, texts[i][j]) for i, row in enumerate(values) for j, v in enumerate(row)]
-        shown = [c for c in flat if cmap(c[2]) != cmap(0.0) or c[3]]
+        shown = [(j, i, v, texts[i][j]) for i, row in enumerate(values) for j, v in enumerate(row) if v > 0 or texts[i][j]]
         self.marks.append(Mark("cells", [c[0] for c in shown], [c[1] for c in shown], color=cmap(0.0), size=len(values),
                                colors=[cmap(c[2]) for c in shown], texts=[c[3] for c in shown],
                                text_colors=["#fff" if c[2] > dark_above else TEXT_COLOR for c in shown]))
@@ -403,18 +402,20 @@ class Axes:
         if m.kind == "text":
             return [f'<text x="{_num(sx(x) + 3)}" y="{_num(sy(y) + m.font * 0.35)}" font-size="{m.font:g}" text-anchor="{m.anchor}">{esc(t)}</text>'
                     for x, y, t in zip(m.xs, m.ys, m.texts) if sx.valid(x) and sy.valid(y)]
-        pts = [(sx(x), sy(y), i) for i, (x, y) in enumerate(zip(m.xs, m.ys)) if sx.valid(x) and sy.valid(y)]
+        pts = [(sx(x), sy(y)) for x, y in zip(m.xs, m.ys) if sx.valid(x) and sy.valid(y)]
         out = []
         if m.kind == "line" and len(pts) > 1:
-            coords = " ".join(f"{_num(x)},{_num(y)}" for x, y in thin([(x, y) for x, y, _ in pts]))
+            coords = " ".join(f"{_num(x)},{_num(y)}" for x, y in thin(pts))
             out.append(f'<polyline points="{coords}" fill="none" stroke="{m.color}" stroke-width="{m.width:g}" stroke-linejoin="round"{dash}/>')
+        if m.kind == "line" and len(pts) == 1 and not m.marker:  # a line of one point would draw nothing
+            out.append(_marker("o", *pts[0], max(m.width, 2.0), m.color))
         if m.marker:
             seen = set()
-            for x, y, i in pts:
-                key = (round(x * 2), round(y * 2), m.colors[i] if m.colors else "")
+            for x, y in pts:
+                key = (round(x * 2), round(y * 2))
                 if key not in seen:  # points on the same half-pixel draw once
                     seen.add(key)
-                    out.append(_marker(m.marker, x, y, m.size, m.colors[i] if m.colors else m.color, m.opacity))
+                    out.append(_marker(m.marker, x, y, m.size, m.color, m.opacity))
         return out
 
     def _bars(self, m: Mark, sx: Scale, sy: Scale) -> list[str]:

@@ -358,3 +358,31 @@ def test_a_large_test_split_keeps_the_report_small(tmp_path):
         assert len(page) < 1_500_000, (name, len(page))
     assert "micro-average (AUC" in base64.b64decode(re.search(r'alt="ROC[^"]*" src="data:image/svg\+xml;base64,([^"]+)"', 
                                                               (tmp_path / "cls" / "report.html").read_text()).group(1)).decode()
+
+
+def test_degenerate_records_still_make_a_report_with_well_formed_figures(tmp_path):
+    """One point, constant series, NaN and inf, one class, constant regression, a sweep of mixed-type choices: no crash."""
+    flat = [{"step": 1, "split": "train", "loss": 0.5, "lr": 0.0, "samples_per_s": float("nan")},
+            {"step": 1, "split": "val", "val_loss": float("inf"), "val_accuracy": 1.0, "val_perplexity": 0.0}]
+    cases = {
+        "empty": {"run.json": {"run": "empty", "status": "running"}, "metrics.jsonl": []},
+        "flat": {"run.json": {"run": "flat", "status": "finished", "summary": {"steps": 1, "stopped_early": True}}, "metrics.jsonl": flat,
+                 "test.json": {"task": "classification", "step": 1, "labels": [2, 2], "scores": [[0, 0, 1], [0, 0, 1]],
+                               "metrics": {"test_confusion_matrix": [[0, 0, 0], [0, 0, 0], [0, 0, 2]]}}},
+        "constant": {"run.json": {"run": "constant", "status": "failed"}, "metrics.jsonl": history(3),
+                     "test.json": {"task": "regression", "step": 3, "targets": [1.0] * 5, "predictions": [1.0] * 5}},
+    }
+    for name, records in cases.items():
+        page = Path(write_report(str(write_records(tmp_path / name, records)))).read_text()
+        assert_only_the_reports_own_markup(page) if name != "empty" else None
+    assert "No metrics were recorded" in (tmp_path / "empty" / "report.html").read_text()
+    choices = ["relu", None, [1, 2], 3, "a much longer choice value than fits"]
+    rows = [{"trial_id": f"t{i:02d}", "status": "done", "config": {"act": choices[i % 5], "lr": 10.0 ** -(i % 4), "flat": 1},
+             "metric": i / 10, "best_metric": i / 10 if i != 3 else None, "steps": 5} for i in range(15)]
+    for row in rows[:13]:
+        write_records(tmp_path / "sweep" / row["trial_id"], {"run.json": {"run": row["trial_id"], "status": "finished"}, "metrics.jsonl": history(5)})
+    write_records(tmp_path / "sweep", {"sweep.json": {"sweep": "s", "status": "failed", "spec": {"metric": "val_loss", "mode": "min"},
+                                                      "result": {"trials": rows}}})
+    page = Path(write_report(str(tmp_path / "sweep"))).read_text()
+    assert_only_the_reports_own_markup(page)
+    assert page.count('<figure class="plot">') == 5
