@@ -1,21 +1,20 @@
 """The offline HTML report of a run or a sweep, and the list of runs under a storage.
 
-One self-contained file: every figure is an SVG embedded as a data URI (matplotlib, no
-JavaScript, no network), so it opens anywhere, from disk or from object storage.
+One self-contained file: every figure is an SVG embedded as a data URI (written by
+orchestrator.charts: no JavaScript, no network), so it opens anywhere, from disk or from object
+storage. Every value the report did not build itself (names, URIs, settings, errors) is escaped.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Optional
 
-from orchestrator import storage
+from orchestrator import charts, storage
+from orchestrator.charts import esc
 from orchestrator.errors import BadInput
 
 REPORT = "report.html"
@@ -185,33 +184,24 @@ def _finite(value: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Figures: matplotlib without pyplot (no global state), each embedded as an SVG data URI
+# Figures: SVG written by orchestrator.charts, each embedded as a data URI
 
 
-def _new_figure(width: float = 6.4, height: float = 3.6, ncols: int = 1):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    axes = fig.subplots(1, ncols)
-    return fig, axes
+# Figure sizes in SVG pixels; the page scales each to its grid cell.
+WIDE, TALL = (590, 330), (515, 425)
+BEST_COLOR, STOP_COLOR = "#2ca02c", "#d62728"
 
 
-def _embed(fig, caption: str) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="svg", metadata={"Date": None})
-    data = base64.b64encode(buf.getvalue()).decode()
-    cap = html.escape(caption)
-    return f'<figure class="plot"><img alt="{cap}" src="data:image/svg+xml;base64,{data}"><figcaption>{cap}</figcaption></figure>'
+def _embed(svg: str, caption: str) -> str:
+    cap = esc(caption)
+    return f'<figure class="plot"><img alt="{cap}" src="{charts.data_uri(svg)}"><figcaption>{cap}</figcaption></figure>'
 
 
-def _mark_steps(ax, best_step: Optional[int], stop_step: Optional[int]) -> None:
+def _mark_steps(ax: charts.Axes, best_step: Optional[int], stop_step: Optional[int]) -> None:
     if best_step is not None:
-        ax.axvline(best_step, color="#2ca02c", linestyle="--", linewidth=1, label=f"best checkpoint (step {best_step})")
+        ax.vline(best_step, BEST_COLOR, f"best checkpoint (step {best_step})", dash="5,3")
     if stop_step is not None:
-        ax.axvline(stop_step, color="#d62728", linestyle=":", linewidth=1.5, label=f"early stop (step {stop_step})")
+        ax.vline(stop_step, STOP_COLOR, f"early stop (step {stop_step})", dash="2,3", width=1.8)
 
 
 def _series(entries: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -224,41 +214,31 @@ def _loss_figure(run: RunData, best_step: Optional[int], stop_step: Optional[int
     val_x, val_y = _series(run.entries("val"), "val_loss")
     if not train_x and not val_x:
         return None
-    fig, ax = _new_figure()
+    values = train_y + val_y
+    log = all(v > 0 for v in values) and max(values) / max(min(values), 1e-12) > 30
+    ax = charts.Axes(title="Training and validation loss", xlabel="step", ylabel="loss", ylog=log, legend_loc="best")
     if train_x:
-        ax.plot(train_x, train_y, color=PALETTE[0], label="training loss")
+        ax.line(train_x, train_y, PALETTE[0], "training loss")
     if val_x:
-        ax.plot(val_x, val_y, color=PALETTE[1], marker="o", markersize=3, label="validation loss")
+        ax.line(val_x, val_y, PALETTE[1], "validation loss", marker="o", size=2.6)
     _mark_steps(ax, best_step, stop_step)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if all(v > 0 for v in train_y + val_y) and max(train_y + val_y) / max(min(train_y + val_y), 1e-12) > 30:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Training and validation loss")
-    return _embed(fig, "Training and validation loss by step: validation above a falling training loss is overfitting; both high is underfitting.")
+    return _embed(charts.figure([ax], *WIDE),
+                  "Training and validation loss by step: validation above a falling training loss is overfitting; both high is underfitting.")
 
 
 def _line_figure(x: list, y: list, title: str, ylabel: str, caption: str, color: str = PALETTE[0], log: bool = False,
-                 best_step: Optional[int] = None, stop_step: Optional[int] = None, marker: Optional[str] = None,
+                 best_step: Optional[int] = None, stop_step: Optional[int] = None, marker: str = "",
                  test_point: Optional[tuple[int, float]] = None) -> Optional[str]:
     if not x:
         return None
-    fig, ax = _new_figure()
-    ax.plot(x, y, color=color, marker=marker, markersize=3, label="validation" if test_point else None)
+    log = log and all(v > 0 for v in y) and max(y) / min(y) > 10  # a narrow range reads better on a linear axis
+    legend = best_step is not None or stop_step is not None or test_point is not None
+    ax = charts.Axes(title=title, xlabel="step", ylabel=ylabel, ylog=log, legend_loc="best" if legend else None)
+    ax.line(x, y, color, "validation" if test_point else None, marker=marker, size=2.6)
     if test_point:
-        ax.scatter([test_point[0]], [test_point[1]], marker="*", s=140, color="#d62728", zorder=4, label=f"test split (checkpoint of step {test_point[0]})")
+        ax.points([test_point[0]], [test_point[1]], STOP_COLOR, f"test split (checkpoint of step {test_point[0]})", marker="star", size=8)
     _mark_steps(ax, best_step, stop_step)
-    if log and all(v > 0 for v in y) and max(y) / min(y) > 10:  # a narrow range reads better on a linear axis
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if best_step is not None or stop_step is not None or test_point:
-        ax.legend(fontsize=8)
-    return _embed(fig, caption)
+    return _embed(charts.figure([ax], *WIDE), caption)
 
 
 def _confusion_figure(matrix: list[list[int]]) -> str:
@@ -268,32 +248,25 @@ def _confusion_figure(matrix: list[list[int]]) -> str:
     n = cm.shape[0]
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    size = min(9.0, 3.0 + 0.35 * n)
-    fig, ax = _new_figure(size + 1.0, size)
-    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                if cm[i, j]:
-                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8, color="white" if share[i, j] > 0.5 else "black")
-    ticks = range(n) if n <= 30 else range(0, n, max(1, n // 15))
-    ax.set_xticks(list(ticks))
-    ax.set_yticks(list(ticks))
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title("Confusion matrix (test)")
-    fig.colorbar(image, ax=ax, label="share of the true class", shrink=0.8)
-    return _embed(fig, "Confusion matrix of the best checkpoint on the test split: counts, coloured by the share of each true class.")
+    texts = [[str(int(c)) if c and n <= 20 else "" for c in row] for row in cm]
+    every = 1 if n <= 30 else max(1, n // 15)
+    ticks = [(float(i), str(i)) for i in range(0, n, every)]
+    ax = charts.Axes(title="Confusion matrix (test)", xlabel="predicted class", ylabel="true class", xlim=(-0.5, n - 0.5),
+                     ylim=(n - 0.5, -0.5), grid=False, square=True, xticks=ticks, yticks=ticks,
+                     colorbar=(charts.BLUES, 0.0, 1.0, "share of the true class"))
+    ax.cells(share.tolist(), charts.BLUES, texts)
+    side = min(720.0, 240.0 + 28.0 * n)  # more classes, a larger image: its text shrinks less on the page
+    return _embed(charts.figure([ax], side + 120, side),
+                  "Confusion matrix of the best checkpoint on the test split: counts, coloured by the share of each true class.")
 
 
 def _class_curves(test: dict[str, Any]) -> list[str]:
     """ROC and precision-recall curves, one-vs-rest per class (or micro-averaged past MAX_CLASS_CURVES classes)."""
     import numpy as np
-    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
     labels = np.asarray(test.get("labels") or [], dtype=int)
     scores = np.asarray(test.get("scores") or [], dtype=float)
-    if labels.size == 0 or scores.ndim != 2:
+    if labels.size == 0 or scores.ndim != 2 or scores.shape[0] != labels.size:
         return []
     present = [int(c) for c in np.unique(labels)]
     if len(present) < 2:
@@ -307,22 +280,38 @@ def _class_curves(test: dict[str, Any]) -> list[str]:
         onehot[np.arange(labels.size), labels] = True
         cols = np.asarray(present)
         curves = [("micro-average", onehot[:, cols].ravel(), scores[:, cols].ravel())]
-    fig_roc, ax_roc = _new_figure(5.6, 4.6)
-    fig_pr, ax_pr = _new_figure(5.6, 4.6)
+    roc = charts.Axes(title="ROC curves (test)", xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02),
+                      legend_loc="lower right")
+    pr = charts.Axes(title="Precision-recall curves (test)", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), legend_loc="lower left")
+    roc.line([0, 1], [0, 1], "#999", dash="4,3", width=0.9)
     for i, (name, positive, score) in enumerate(curves):
         color = PALETTE[i % len(PALETTE)]
-        fpr, tpr, _ = roc_curve(positive, score)
-        ax_roc.plot(fpr, tpr, color=color, linewidth=1.2, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
-        precision, recall, _ = precision_recall_curve(positive, score)
-        ax_pr.plot(recall, precision, color=color, linewidth=1.2, label=f"{name} (AP {average_precision_score(positive, score):.3f})")
-    ax_roc.plot([0, 1], [0, 1], color="#999", linestyle="--", linewidth=0.8)
-    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC curves (test)", xlim=(0, 1), ylim=(0, 1.02))
-    ax_pr.set(xlabel="recall", ylabel="precision", title="Precision-recall curves (test)", xlim=(0, 1), ylim=(0, 1.02))
-    for ax in (ax_roc, ax_pr):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "lower left")
-    return [_embed(fig_roc, "ROC curves of the best checkpoint on the test split, one class against the rest."),
-            _embed(fig_pr, "Precision-recall curves of the best checkpoint on the test split, one class against the rest.")]
+        fpr, tpr = roc_points(positive, score)
+        roc.line(*_thin_curve(fpr, tpr), color, f"{name} (AUC {trapezoid_area(fpr, tpr):.3f})", width=1.3)
+        precision, recall = pr_points(positive, score)
+        pr.line(*_thin_curve(recall, precision), color, f"{name} (AP {average_precision(precision, recall):.3f})", width=1.3)
+    return [_embed(charts.figure([roc], *TALL), "ROC curves of the best checkpoint on the test split, one class against the rest."),
+            _embed(charts.figure([pr], *TALL), "Precision-recall curves of the best checkpoint on the test split, one class against the rest.")]
+
+
+def _thin_curve(x, y, columns: int = 1000) -> tuple[list[float], list[float]]:
+    """A curve in [0, 1] with monotone x, cut to what a plot shows: the first, last, lowest and highest point of each of
+    `columns` slices of x (a micro-averaged curve has a point per example and class: millions)."""
+    import numpy as np
+
+    if x.size <= 4 * columns:
+        return x.tolist(), y.tolist()
+    bins = np.floor(np.clip(x, 0, 1) * columns)
+    starts = np.r_[0, np.flatnonzero(np.diff(bins)) + 1]
+    ends = np.r_[starts[1:] - 1, x.size - 1]
+    group = np.repeat(np.arange(starts.size), ends - starts + 1)
+    by_value = np.lexsort((y, group))  # each slice's points in order of y, slices in curve order
+    keep = np.unique(np.r_[starts, ends, by_value[starts], by_value[ends]])
+    return x[keep].tolist(), y[keep].tolist()
+
+
+# Past this many examples the regression scatter shows an even sample (the caption says so): the file stays small.
+MAX_SCATTER = 4000
 
 
 def _regression_figures(test: dict[str, Any]) -> list[str]:
@@ -332,24 +321,76 @@ def _regression_figures(test: dict[str, Any]) -> list[str]:
     true = np.asarray(test.get("targets") or [], dtype=float)
     if pred.size == 0 or pred.shape != true.shape:
         return []
-    fig, ax = _new_figure(5.2, 4.6)
-    ax.scatter(true, pred, s=8, alpha=0.6, color=PALETTE[0], rasterized=pred.size > 2000)
+    pred, true = pred.ravel(), true.ravel()
+    shown = np.linspace(0, pred.size - 1, MAX_SCATTER).astype(int) if pred.size > MAX_SCATTER else np.arange(pred.size)
+    sample = f" ({shown.size} of {pred.size} examples shown)" if shown.size < pred.size else ""
+    ax = charts.Axes(title="Predicted against true (test)", xlabel="true value", ylabel="predicted value", legend_loc="best")
+    ax.points(true[shown].tolist(), pred[shown].tolist(), PALETTE[0], size=2.6, opacity=0.6)
     low, high = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
-    ax.plot([low, high], [low, high], color="#d62728", linestyle="--", linewidth=1, label="predicted = true")
-    ax.set(xlabel="true value", ylabel="predicted value", title="Predicted against true (test)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    scatter = _embed(fig, "Predictions of the best checkpoint against the true values of the test split.")
+    ax.line([low, high], [low, high], STOP_COLOR, "predicted = true", dash="5,3", width=1.1)
+    scatter = _embed(charts.figure([ax], 478, 425), "Predictions of the best checkpoint against the true values of the test split." + sample)
     residual = pred - true
-    fig, (left, right) = _new_figure(8.4, 3.6, ncols=2)
-    left.scatter(pred, residual, s=8, alpha=0.6, color=PALETTE[1], rasterized=pred.size > 2000)
-    left.axhline(0, color="#333", linewidth=0.8)
-    left.set(xlabel="predicted value", ylabel="residual (predicted - true)", title="Residuals (test)")
-    left.grid(alpha=0.3)
-    right.hist(residual, bins=min(50, max(10, pred.size // 10)), color=PALETTE[1], alpha=0.8)
-    right.set(xlabel="residual", ylabel="examples", title="Distribution of residuals")
-    right.grid(alpha=0.3)
-    return [scatter, _embed(fig, "Residuals of the test split against the prediction, and their distribution.")]
+    left = charts.Axes(title="Residuals (test)", xlabel="predicted value", ylabel="residual (predicted - true)")
+    left.points(pred[shown].tolist(), residual[shown].tolist(), PALETTE[1], size=2.2, opacity=0.6)
+    left.hline(0.0, "#333", width=0.9)
+    counts, edges = np.histogram(residual, bins=min(50, max(10, pred.size // 10)))
+    right = charts.Axes(title="Distribution of residuals", xlabel="residual", ylabel="examples")
+    right.bars(edges.tolist(), counts.tolist(), PALETTE[1])
+    return [scatter, _embed(charts.figure([left, right], 700, 330), "Residuals of the test split against the prediction, and their distribution." + sample)]
+
+
+# ----------------------------------------------------------------------------------------------
+# ROC and precision-recall points, NumPy only: the same points and areas as scikit-learn's roc_curve, auc,
+# precision_recall_curve and average_precision_score (tests/test_charts.py checks), without its import (seconds).
+
+
+def _binary_clf_curve(positive, score):
+    """False and true positives at each distinct score, highest score first."""
+    import numpy as np
+
+    order = np.argsort(score, kind="mergesort")[::-1]
+    score, positive = np.asarray(score)[order], np.asarray(positive, dtype=bool)[order]
+    last = np.r_[np.nonzero(np.diff(score))[0], score.size - 1]  # the last example of each run of equal scores
+    tps = np.cumsum(positive, dtype=np.float64)[last]
+    return 1 + last - tps, tps
+
+
+def roc_points(positive, score):
+    """(false positive rates, true positive rates) of the ROC curve of scores `score` for the boolean labels `positive`."""
+    import numpy as np
+
+    fps, tps = _binary_clf_curve(positive, score)
+    if fps.size > 2:  # points in line with their neighbours add nothing to the curve or its area
+        keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
+        fps, tps = fps[keep], tps[keep]
+    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
+    return fps / fps[-1], tps / tps[-1]
+
+
+def pr_points(positive, score):
+    """(precision, recall) of the precision-recall curve, from the highest recall down to (1, 0)."""
+    import numpy as np
+
+    fps, tps = _binary_clf_curve(positive, score)
+    predicted = tps + fps
+    precision = np.divide(tps, predicted, out=np.zeros_like(tps), where=predicted != 0)
+    recall = tps / tps[-1] if tps[-1] else np.ones_like(tps)
+    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0]
+
+
+def trapezoid_area(x, y) -> float:
+    """The area under a curve through the points (x, y), x sorted (scikit-learn's `auc`)."""
+    import numpy as np
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return float(abs(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2)))
+
+
+def average_precision(precision, recall) -> float:
+    """Precision averaged over the recall steps, with no interpolation (scikit-learn's average_precision_score)."""
+    import numpy as np
+
+    return float(-np.sum(np.diff(recall) * np.asarray(precision)[:-1]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,28 +411,46 @@ figure.plot img{width:100%;height:auto;display:block}figcaption{font-size:12px;c
 table{border-collapse:collapse;background:#fff;font-size:13px;margin:8px 0}
 td,th{border:1px solid #e0e0e0;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f0f0f0}
 td.num{text-align:right;font-variant-numeric:tabular-nums}code{font-size:12px;word-break:break-all}
-.status-finished,.status-done{color:#2e7d32;font-weight:bold}.status-failed,.status-error{color:#c62828;font-weight:bold}
-.status-stopped{color:#ef6c00;font-weight:bold}.status-running{color:#1565c0;font-weight:bold}
+.status{font-weight:bold}.status-ok{color:#2e7d32}.status-bad{color:#c62828}.status-warn{color:#ef6c00}.status-busy{color:#1565c0}.status-idle{color:#666}
 .tables{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.tables table{margin:0}details{margin:8px 0}summary{cursor:pointer;font-weight:bold}p.note{color:#666;font-size:13px}
 """
 
 
+# The CSS class of each status a run or trial records; any other status shows in the neutral colour.
+STATUS_CLASS = {"finished": "ok", "done": "ok", "failed": "bad", "error": "bad", "stopped": "warn", "running": "busy",
+                "pending": "idle", "paused": "idle"}
+
+
+@dataclass(frozen=True)
+class Status:
+    """A status shown as a coloured word: the class comes from STATUS_CLASS, the word is escaped like any value."""
+
+    value: Any
+
+    def html(self) -> str:
+        word = str(self.value or "unknown")
+        return f'<span class="status status-{STATUS_CLASS.get(word, "idle")}">{esc(word)}</span>'
+
+
 def _fmt(value: Any) -> str:
+    """Any value from a record as HTML text: escaped, whatever its type."""
+    if isinstance(value, Status):
+        return value.html()
     if isinstance(value, bool) or value is None:
-        return html.escape(json.dumps(value))
+        return esc(json.dumps(value))
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
     if isinstance(value, (dict, list)):
-        return f"<code>{html.escape(json.dumps(value, default=str))}</code>"
-    return html.escape(str(value))
+        return f"<code>{esc(json.dumps(value, default=str))}</code>"
+    return esc(value)
 
 
-def _table(rows: list[list[Any]], head: list[str], raw: bool = False) -> str:
-    out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
+def _table(rows: list[list[Any]], head: list[str]) -> str:
+    out = ["<table><thead><tr>", *(f"<th>{esc(h)}</th>" for h in head), "</tr></thead><tbody>"]
     for row in rows:
         cells = []
         for cell in row:
-            text = cell if raw and isinstance(cell, str) and cell.startswith("<") else _fmt(cell)
+            text = _fmt(cell)
             cls = ' class="num"' if isinstance(cell, (int, float)) and not isinstance(cell, bool) else ""
             cells.append(f"<td{cls}>{text}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
@@ -412,20 +471,19 @@ def _kv_table(data: dict[str, Any]) -> str:
 
 
 def _facts(items: list[tuple[str, Any]]) -> str:
-    cells = [f'<div class="fact"><b>{_fmt(v)}</b><span>{html.escape(k)}</span></div>' for k, v in items if v is not None]
+    cells = [f'<div class="fact"><b>{_fmt(v)}</b><span>{esc(k)}</span></div>' for k, v in items if v is not None]
     return '<div class="facts">' + "".join(cells) + "</div>"
 
 
 def _page(title: str, subtitle: str, body: str) -> str:
     generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body><header><h1>{html.escape(title)}</h1>"
+            f"<title>{esc(title)}</title><style>{STYLE}</style></head><body><header><h1>{esc(title)}</h1>"
             f'<div class="sub">{subtitle}</div></header><main>{body}<p class="note">Written by orchestrator report on {generated}.</p></main></body></html>\n')
 
 
-def _status(status: Optional[str]) -> str:
-    s = html.escape(str(status or "unknown"))
-    return f'<span class="status-{s}">{s}</span>'
+def _status(status: Any) -> str:
+    return Status(status).html()
 
 
 def _watched(job: dict[str, Any]) -> str:
@@ -466,7 +524,7 @@ def render_run(run: RunData) -> str:
     facts += [(k, v) for k, v in test_metrics.items() if _finite(v)]
     body = [_facts(facts)]
     if summary.get("error"):
-        body.append(f"<p><b>error:</b> <code>{html.escape(str(summary['error']))}</code></p>")
+        body.append(f"<p><b>error:</b> <code>{esc(str(summary['error']))}</code></p>")
 
     figures = [_loss_figure(run, best_step, stop_step)]
     lr_x, lr_y = _series(train, "lr")
@@ -494,7 +552,7 @@ def render_run(run: RunData) -> str:
         body.append(f"<h2>Test split: the checkpoint of step {_fmt(t.get('step'))}</h2>")
         note = "the best checkpoint" if t.get("step") == t.get("best_step") else "the latest checkpoint (the best one was not kept: set checkpoint.keep_best)"
         examples = f"{_fmt(t.get('examples'))} held-out examples" if t.get("examples") else "the held-out test split"
-        body.append(f'<p class="note">{html.escape(note)}, <code>{html.escape(str(t.get("checkpoint")))}</code>, on {examples}.</p>')
+        body.append(f'<p class="note">{esc(note)}, <code>{esc(str(t.get("checkpoint")))}</code>, on {examples}.</p>')
         body.append(_table([[k, v] for k, v in test_metrics.items() if not isinstance(v, list)], ["metric", "value"]))
         test_figures = []
         if t.get("task") == "classification":
@@ -507,13 +565,13 @@ def render_run(run: RunData) -> str:
             body.append('<div class="grid">' + "".join(test_figures) + "</div>")
 
     body.append("<h2>Settings</h2>")
-    body.append(f"<p>command: <code>{html.escape(' '.join(str(a) for a in record.get('command') or []))}</code></p>")
+    body.append(f"<p>command: <code>{esc(' '.join(str(a) for a in record.get('command') or []))}</code></p>")
     body.append(_kv_table(job))
     body.append("<h2>Provenance</h2>")
     body.append(_kv_table(record.get("provenance") or {}) if record.get("provenance") else '<p class="note">No provenance recorded.</p>')
     if record.get("tracking"):
         body.append("<h3>Tracking</h3>" + _kv_table(record["tracking"]))
-    subtitle = f"{_status(record.get('status'))} &middot; <code>{html.escape(run.uri)}</code> &middot; started {html.escape(str(record.get('started')))} &middot; ended {html.escape(str(record.get('ended')))}"
+    subtitle = f"{_status(record.get('status'))} &middot; <code>{esc(run.uri)}</code> &middot; started {esc(str(record.get('started')))} &middot; ended {esc(str(record.get('ended')))}"
     return _page(f"Run {record.get('run') or run.uri.rsplit('/', 1)[-1]}", subtitle, "".join(body))
 
 
@@ -557,94 +615,91 @@ def _stopped_by_scheduler(sweep: SweepData, trial: dict[str, Any], last_step: in
     return asha and trial.get("status") != "error" and last_step < longest and not (run and run.summary.get("stopped_early"))
 
 
+def _param_figure(param: str, rows: list[dict[str, Any]], spec: Optional[dict[str, Any]], metric: str, best: Optional[dict[str, Any]]) -> str:
+    """Each trial's best metric against one parameter: a log axis where the sweep samples it on one, categories as ticks."""
+    values = [t["config"][param] for t in rows]
+    numeric = all(_finite(v) for v in values)
+    log = numeric and _is_log_param(spec, values)
+    positions, ticks, labels = _param_axis(values, False)
+    xs = values if numeric else positions
+    ax = charts.Axes(title=f"{metric} against {param}", xlabel=param + (" (log scale)" if log else ""), ylabel=f"best {metric}", xlog=log,
+                     xticks=None if numeric else [(t, str(label)) for t, label in zip(ticks, labels)], legend_loc="best")
+    ax.points(xs, [t["best_metric"] for t in rows], PALETTE[0], size=4.5)
+    at = next((i for i, t in enumerate(rows) if t is best), None)
+    if at is not None:
+        ax.points([xs[at]], [best["best_metric"]], STOP_COLOR, f"best ({best['trial_id']})", marker="ring", size=8)
+    caption = f"Each trial's best {metric} against {param}" + (" on a log axis: equal distances are equal factors." if log else ".")
+    return _embed(charts.figure([ax], 515, 350), caption)
+
+
+def _trials_figure(sweep: SweepData) -> Optional[str]:
+    """The metric of every trial by step, an X where the scheduler stopped one."""
+    metric = sweep.metric
+    curves = [(t, _metric_values(t["run"], metric)) for t in sweep.trials if t.get("run")]
+    curves = [(t, v) for t, v in curves if v]
+    if not curves:
+        return None
+    longest = max(v[-1][0] for _, v in curves)
+    ax = charts.Axes(title=f"{metric} of every trial", xlabel="step", ylabel=metric, legend_loc="best", legend_cols=2)
+    stopped = []
+    for i, (t, values) in enumerate(curves):
+        label = str(t["trial_id"]) if len(curves) <= 12 else None
+        ax.line([s for s, _ in values], [v for _, v in values], PALETTE[i % len(PALETTE)], label, width=1.3, marker="o", size=2)
+        if _stopped_by_scheduler(sweep, t, values[-1][0], longest):
+            stopped.append(values[-1])
+    if stopped:
+        ax.points([s for s, _ in stopped], [v for _, v in stopped], STOP_COLOR, "stopped by the scheduler", marker="x", size=7)
+    return _embed(charts.figure([ax], 626, 386), f"{metric} of every trial by step; an X marks where the scheduler stopped a trial.")
+
+
+def _parallel_figure(sweep: SweepData, params: list[str], scored: list[dict[str, Any]], best: Optional[dict[str, Any]]) -> str:
+    """Every scored trial as a line through one vertical axis per parameter and one for its best metric."""
+    metric, spec = sweep.metric, sweep.spec.get("parameters") or {}
+    columns = []
+    for param in params:
+        values = [t["config"].get(param) for t in scored]
+        log = _is_log_param(spec.get(param), [v for v in values if v is not None])
+        columns.append((param + (" (log)" if log and all(_finite(v) for v in values) else ""), *_param_axis(values, log)))
+    metric_values = [t["best_metric"] for t in scored]
+    columns.append((metric, *_param_axis(metric_values, False)))
+    low, high = min(metric_values), max(metric_values)
+    cmap = charts.VIRIDIS.reversed() if sweep.mode == "min" else charts.VIRIDIS  # the best trials are yellow either way
+    ax = charts.Axes(title="Parallel coordinates of the trials", xlim=(-0.2, len(columns) - 0.6), ylim=(-0.05, 1.05), grid=False,
+                     xticks=[(float(i), c[0]) for i, c in enumerate(columns)], yticks=[], colorbar=(cmap, low, high, f"best {metric}"))
+    order = sorted(range(len(scored)), key=lambda r: scored[r] is best)  # the best trial's line on top
+    for row in order:
+        color = cmap((metric_values[row] - low) / ((high - low) or 1.0))
+        ax.line(range(len(columns)), [col[1][row] for col in columns], color, width=2.6 if scored[row] is best else 1.4)
+    for i, (_, _, ticks, labels) in enumerate(columns):
+        ax.vline(float(i), "#444", width=0.8)
+        ax.text([i] * len(ticks), ticks, [str(label) for label in labels])
+    return _embed(charts.figure([ax], max(590, 130 * len(columns) + 120), 386),
+                  f"Parallel coordinates: every trial as a line through its settings and its best {metric} (colour: the metric; thick: the best trial).")
+
+
 def render_sweep(sweep: SweepData) -> str:
     """The HTML report of a sweep: metric against each parameter, every trial's curve, parallel coordinates, the table."""
-    import matplotlib
-    import matplotlib.cm as cm
-    from matplotlib.colors import Normalize
-
     metric, mode = sweep.metric, sweep.mode
     params_spec = sweep.spec.get("parameters") or {}
     params = list(dict.fromkeys([*params_spec, *(k for t in sweep.trials for k in t.get("config", {}))]))
     scored = [t for t in sweep.trials if _finite(t.get("best_metric"))]
     best = (max if mode == "max" else min)(scored, key=lambda t: t["best_metric"]) if scored else None
     figures = []
-
     for param in params:
         rows = [t for t in scored if param in t["config"]]
-        if not rows:
-            continue
-        values = [t["config"][param] for t in rows]
-        log = _is_log_param(params_spec.get(param), values)
-        fig, ax = _new_figure(5.6, 3.8)
-        numeric = all(_finite(v) for v in values)
-        xs = values if numeric else _param_axis(values, False)[0]
-        ax.scatter(xs, [t["best_metric"] for t in rows], s=36, color=PALETTE[0], zorder=3)
-        if best is not None and param in best["config"]:
-            bx = best["config"][param] if numeric else xs[rows.index(best)]
-            ax.scatter([bx], [best["best_metric"]], s=120, facecolors="none", edgecolors="#d62728", linewidths=2, zorder=4, label=f"best ({best['trial_id']})")
-            ax.legend(fontsize=8)
-        if log and numeric:
-            ax.set_xscale("log")
-        if not numeric:
-            _, ticks, labels = _param_axis(values, False)
-            ax.set_xticks(ticks)
-            ax.set_xticklabels([str(label) for label in labels])
-        ax.set(xlabel=param + (" (log scale)" if log and numeric else ""), ylabel=f"best {metric}", title=f"{metric} against {param}")
-        ax.grid(alpha=0.3, which="both")
-        figures.append(_embed(fig, f"Each trial's best {metric} against {param}" + (" on a log axis: equal distances are equal factors." if log and numeric else ".")))
-
-    curves = [(t, _metric_values(t["run"], metric)) for t in sweep.trials if t.get("run")]
-    curves = [(t, v) for t, v in curves if v]
-    longest = max((v[-1][0] for _, v in curves), default=0)
-    if curves:
-        fig, ax = _new_figure(6.8, 4.2)
-        stopped_label = False
-        for i, (t, values) in enumerate(curves):
-            color = PALETTE[i % len(PALETTE)]
-            ax.plot([s for s, _ in values], [v for _, v in values], color=color, marker="o", markersize=2.5, linewidth=1.2, label=t["trial_id"] if len(curves) <= 12 else None)
-            if _stopped_by_scheduler(sweep, t, values[-1][0], longest):
-                ax.scatter([values[-1][0]], [values[-1][1]], marker="X", s=90, color="#d62728", zorder=4,
-                           label=None if stopped_label else "stopped by the scheduler")
-                stopped_label = True
-        ax.set(xlabel="step", ylabel=metric, title=f"{metric} of every trial")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        figures.append(_embed(fig, f"{metric} of every trial by step; an X marks where the scheduler stopped a trial."))
-
+        if rows:
+            figures.append(_param_figure(param, rows, params_spec.get(param), metric, best))
+    figures.append(_trials_figure(sweep))
     if scored and params:
-        fig, ax = _new_figure(max(6.0, 1.6 * (len(params) + 1)), 4.2)
-        norm = Normalize(min(t["best_metric"] for t in scored), max(t["best_metric"] for t in scored) or 1.0)
-        cmap = matplotlib.colormaps["viridis_r" if mode == "min" else "viridis"]
-        columns = []
-        for param in params:
-            values = [t["config"].get(param) for t in scored]
-            log = _is_log_param(params_spec.get(param), [v for v in values if v is not None])
-            columns.append((param + (" (log)" if log and all(_finite(v) for v in values) else ""), *_param_axis(values, log)))
-        metric_values = [t["best_metric"] for t in scored]
-        columns.append((metric, *_param_axis(metric_values, False)))
-        for row in range(len(scored)):
-            ys = [col[1][row] for col in columns]
-            ax.plot(range(len(columns)), ys, color=cmap(norm(metric_values[row])), linewidth=2 if scored[row] is best else 1.2, alpha=0.9)
-        for i, (name, _, ticks, labels) in enumerate(columns):
-            ax.axvline(i, color="#444", linewidth=0.8)
-            for tick, label in zip(ticks, labels):
-                ax.text(i + 0.03, tick, str(label), fontsize=7, va="center")
-        ax.set_xticks(range(len(columns)))
-        ax.set_xticklabels([c[0] for c in columns], fontsize=8)
-        ax.set_yticks([])
-        ax.set_xlim(-0.2, len(columns) - 0.6)
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_title("Parallel coordinates of the trials")
-        fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=f"best {metric}", shrink=0.8)
-        figures.append(_embed(fig, f"Parallel coordinates: every trial as a line through its settings and its best {metric} (colour: the metric; thick: the best trial)."))
+        figures.append(_parallel_figure(sweep, params, scored, best))
+    figures = [f for f in figures if f]
 
     record = sweep.record
     rank = sorted(sweep.trials, key=lambda t: (0, -t["best_metric"] if mode == "max" else t["best_metric"]) if _finite(t.get("best_metric")) else (1, 0))
     rows = []
     for i, t in enumerate(rank, 1):
-        rows.append([i, t["trial_id"], _status(t.get("status")), *(t["config"].get(p) for p in params), t.get("metric"), t.get("best_metric"), t.get("steps")])
-    table = _table(rows, ["#", "trial", "status", *params, f"{metric} (last)", f"{metric} (best)", "steps"], raw=True)
+        rows.append([i, t["trial_id"], Status(t.get("status")), *(t["config"].get(p) for p in params), t.get("metric"), t.get("best_metric"), t.get("steps")])
+    table = _table(rows, ["#", "trial", "status", *params, f"{metric} (last)", f"{metric} (best)", "steps"])
     facts = [("status", record.get("status")), ("trials", len(sweep.trials)), (f"best {metric}", best["best_metric"] if best else None),
              ("best trial", best["trial_id"] if best else None), ("wall (s)", (record.get("result") or {}).get("wall_s"))]
     body = [_facts(facts), "<h2>Trials</h2>", table]
@@ -652,7 +707,7 @@ def render_sweep(sweep: SweepData) -> str:
     body.append('<div class="grid">' + "".join(figures) + "</div>" if figures else '<p class="note">No trial has reported the metric yet.</p>')
     body.append("<h2>Search</h2>" + _kv_table(sweep.spec))
     body.append("<h2>Base job</h2>" + _kv_table(record.get("job") or {}))
-    subtitle = f"{_status(record.get('status'))} &middot; <code>{html.escape(sweep.uri)}</code> &middot; metric {html.escape(metric)} ({html.escape(mode)}) &middot; started {html.escape(str(record.get('started')))}"
+    subtitle = f"{_status(record.get('status'))} &middot; <code>{esc(sweep.uri)}</code> &middot; metric {esc(metric)} ({esc(mode)}) &middot; started {esc(str(record.get('started')))}"
     return _page(f"Sweep {record.get('sweep') or sweep.uri.rsplit('/', 1)[-1]}", subtitle, "".join(body))
 
 

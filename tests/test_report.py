@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
+from xml.etree import ElementTree
 
+import numpy as np
 import pytest
 
 from orchestrator.launch import run_job
@@ -75,18 +81,20 @@ def browser():
 
 
 def open_in_browser(browser, path: Path) -> dict:
-    """Console errors, page errors, requests that left the file, and every figure's size, of a report opened offline."""
+    """Console errors, page errors, dialogs, requests (all, and those that left the file) and every figure's size, of a report opened offline."""
     page = browser.new_page(viewport={"width": 1300, "height": 900})
-    errors, requests = [], []
+    errors, requests, dialogs = [], [], []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("request", lambda r: requests.append(r.url))
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.goto(path.as_uri(), wait_until="load")
     figures = page.eval_on_selector_all(
         "figure.plot img", "els => els.map(e => ({alt: e.alt, natural: e.naturalWidth, w: e.getBoundingClientRect().width, h: e.getBoundingClientRect().height}))")
     text = page.inner_text("body")
     page.close()
-    return {"errors": errors, "external": [u for u in requests if not u.startswith(("file:", "data:"))], "figures": figures, "text": text}
+    return {"errors": errors, "external": [u for u in requests if not u.startswith(("file:", "data:"))], "figures": figures, "text": text,
+            "dialogs": dialogs, "requests": requests}
 
 
 EXPECTED = {
@@ -107,7 +115,7 @@ def test_each_kind_of_report_opens_offline_in_chromium_with_every_figure_drawn(k
     else:
         report = Path(runs[1][kind]["report"])  # written by the run itself, at its end
     seen = open_in_browser(browser, report)
-    assert seen["errors"] == [] and seen["external"] == []
+    assert seen["errors"] == [] and seen["external"] == [] and seen["dialogs"] == []
     assert seen["figures"] and all(f["natural"] > 0 and f["w"] > 0 and f["h"] > 0 for f in seen["figures"]), seen["figures"]
     alts = " | ".join(f["alt"] for f in seen["figures"])
     for expected in EXPECTED[kind]:
@@ -211,3 +219,170 @@ def test_run_on_s3_keeps_its_test_record_report_and_tensorboard_there(s3_server,
     assert run.test["step"] == out["test"]["step"] and len(run.history) == 4
     local = write_report(run_uri, out=str(tmp_path / "r.html"))
     assert Path(local).read_text().count('<figure class="plot">') >= 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Records written by hand: hostile strings in every field the report shows, and a large test split
+
+HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
+
+
+class TagCheck(HTMLParser):
+    """Every start tag of a page and every attribute name, as a browser's parser sees them."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attrs, self.srcs = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs += [name for name, _ in attrs]
+        self.srcs += [value for name, value in attrs if name == "src"]
+
+
+def assert_only_the_reports_own_markup(page: str) -> None:
+    """No script, no event handler, no image but the report's SVG figures, in the page or in any of its SVGs."""
+    check = TagCheck()
+    check.feed(page)
+    assert "script" not in check.tags and not [a for a in check.attrs if a.startswith("on")], (set(check.tags), set(check.attrs))
+    assert set(check.tags) <= {"html", "head", "meta", "title", "style", "body", "header", "h1", "h2", "h3", "div", "main", "p", "b", "span",
+                               "code", "table", "thead", "tbody", "tr", "th", "td", "figure", "img", "figcaption"}, set(check.tags)
+    assert check.srcs and all(src.startswith("data:image/svg+xml;base64,") for src in check.srcs)
+    for src in check.srcs:
+        svg = ElementTree.fromstring(base64.b64decode(src.split(",", 1)[1]))  # well-formed, or this raises
+        tags = {e.tag.rsplit("}", 1)[-1] for e in svg.iter()}
+        assert tags <= {"svg", "rect", "path", "polyline", "polygon", "circle", "text", "g", "clipPath", "linearGradient", "stop"}, tags
+        assert not [a for e in svg.iter() for a in e.attrib if a.lower().startswith("on")]
+
+
+def write_records(folder: Path, records: dict[str, object]) -> Path:
+    """A run or sweep written by hand: each value a JSON file (metrics.jsonl: a list of lines)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, value in records.items():
+        text = "".join(json.dumps(v) + "\n" for v in value) if name.endswith(".jsonl") else json.dumps(value)
+        (folder / name).write_text(text)
+    return folder
+
+
+def history(steps: int, extra_val: dict[str, float] | None = None) -> list[dict]:
+    lines = [{"step": s, "epoch": 0, "split": "train", "loss": 2.0 / s, "lr": 0.01, "samples_per_s": 1000.0 + s} for s in range(1, steps + 1)]
+    lines += [{"step": s, "epoch": 0, "split": "val", "val_loss": 1.0 / s, "val_accuracy": 0.5 + s / 100, **(extra_val or {})} for s in range(5, steps + 1, 5)]
+    return lines
+
+
+def test_hostile_strings_in_a_run_record_are_shown_as_text(tmp_path, browser):
+    bad = " ".join(HOSTILE)
+    run = tmp_path / HOSTILE[1]  # the run's own URI is shown too
+    labels = [0, 1, 2] * 10
+    scores = [[0.8 if c == label else 0.1 for c in range(3)] for label in labels]
+    write_records(run, {
+        "run.json": {"run": bad, "status": HOSTILE[0], "started": HOSTILE[1], "ended": None, "command": ["orchestrator", "run", *HOSTILE],
+                     "job": {"name": bad, "data": {"name": HOSTILE[0], "task": "classification"}, "optim": {"name": HOSTILE[1]}, HOSTILE[0]: {HOSTILE[1]: 1}},
+                     "provenance": {"job_hash": HOSTILE[1], "git": {"branch": HOSTILE[0]}}, "tracking": {"mlflow": HOSTILE[1]},
+                     "summary": {"steps": 20, "error": bad, "best": {"metric": f"val_{HOSTILE[1]}", "value": 0.7, "step": 10}}},
+        "metrics.jsonl": history(20, {f"val_{HOSTILE[0]}": 0.5}),
+        "test.json": {"task": "classification", "step": 10, "best_step": 10, "checkpoint": HOSTILE[1], "examples": 30, "labels": labels, "scores": scores,
+                      "metrics": {"test_accuracy": 1.0, f"test_{HOSTILE[0]}": 0.5, "test_confusion_matrix": [[10, 0, 0], [0, 10, 0], [0, 0, 10]]}},
+    })
+    report = Path(write_report(str(run)))
+    page = report.read_text()
+    assert_only_the_reports_own_markup(page)
+    assert 'class="status status-idle"' in page  # an unknown status: escaped, in the neutral colour
+    seen = open_in_browser(browser, report)
+    assert seen["errors"] == [] and seen["dialogs"] == [] and set(seen["requests"]) <= {report.as_uri()} | {u for u in seen["requests"] if u.startswith("data:")}
+    for hostile in HOSTILE:
+        assert seen["text"].count(hostile) >= 5  # shown as the text it is: name, status, command, error, settings...
+    assert len(seen["figures"]) == 8 and all(f["natural"] > 0 and f["h"] > 0 for f in seen["figures"])
+    assert any(f"val_{HOSTILE[0]} at each validation" in f["alt"] for f in seen["figures"])
+
+
+def test_hostile_choice_values_and_trial_ids_in_a_sweep_are_shown_as_text(tmp_path, browser):
+    sweep = tmp_path / "sweep"
+    trials = [(HOSTILE[1], HOSTILE[0], 0.01, 0.9, "done"), ("t2", HOSTILE[1], 0.001, 0.8, HOSTILE[0]), ("t3", "relu", 0.0001, 0.7, "stopped")]
+    rows = []
+    for trial_id, act, lr, best, status in trials:
+        write_records(sweep / trial_id, {"run.json": {"run": trial_id, "status": "finished", "config": {"model.act": act, "optim.lr": lr}},
+                                         "metrics.jsonl": history(10 if status != "stopped" else 5)})
+        rows.append({"trial_id": trial_id, "status": status, "config": {"model.act": act, "optim.lr": lr}, "metric": best, "best_metric": best, "steps": 10})
+    write_records(sweep, {"sweep.json": {
+        "sweep": HOSTILE[0], "status": "finished", "started": HOSTILE[1], "job": {"name": HOSTILE[0]},
+        "spec": {"metric": "val_accuracy", "mode": "max", "scheduler": {"name": "asha"},
+                 "parameters": {"model.act": {"type": "choice", "values": [HOSTILE[0], HOSTILE[1], "relu"]}, "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 0.1}}},
+        "result": {"metric": "val_accuracy", "mode": "max", "trials": rows, "wall_s": 1.0}}})
+    report = Path(write_report(str(sweep)))
+    page = report.read_text()
+    assert_only_the_reports_own_markup(page)
+    assert page.count('class="status status-ok">done<') == 1 and page.count('class="status status-warn">stopped<') == 1
+    assert f'class="status status-idle">{html.escape(HOSTILE[0])}<' in page  # a status outside the known set: escaped, no colour
+    seen = open_in_browser(browser, report)
+    assert seen["errors"] == [] and seen["dialogs"] == [] and set(seen["requests"]) <= {report.as_uri()} | {u for u in seen["requests"] if u.startswith("data:")}
+    assert all(h in seen["text"] for h in HOSTILE)
+    assert len(seen["figures"]) == 4 and all(f["natural"] > 0 and f["h"] > 0 for f in seen["figures"])
+
+
+def test_report_imports_neither_matplotlib_nor_scikit_learn(tmp_path):
+    """Both cost seconds to import at the end of every run and sweep trial; the figures need neither."""
+    labels = list(range(4)) * 25
+    run = write_records(tmp_path / "run", {
+        "run.json": {"run": "r", "status": "finished", "job": {"data": {"task": "classification"}}, "summary": {"steps": 20}},
+        "metrics.jsonl": history(20),
+        "test.json": {"task": "classification", "step": 20, "best_step": 20, "labels": labels, "scores": [[0.25] * 4] * 100,
+                      "metrics": {"test_confusion_matrix": [[25, 0, 0, 0]] * 4}}})
+    code = ("import sys; from orchestrator.report import write_report; write_report(sys.argv[1]); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'sklearn', 'scipy'}))")
+    res = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "[]"
+    assert (run / "report.html").read_text().count('<figure class="plot">') == 7
+
+
+def test_a_large_test_split_keeps_the_report_small(tmp_path):
+    """20,000 examples of 50 classes (what a test record keeps at most) and 20,000 regression examples: figures stay light."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 50, 20_000)
+    scores = rng.dirichlet(np.ones(50), 20_000).round(4)
+    cm = np.zeros((50, 50), dtype=int)
+    np.add.at(cm, (labels, scores.argmax(axis=1)), 1)
+    write_records(tmp_path / "cls", {
+        "run.json": {"run": "cls", "status": "finished", "summary": {"steps": 2000}}, "metrics.jsonl": history(2000),
+        "test.json": {"task": "classification", "step": 2000, "best_step": 2000, "labels": labels.tolist(), "scores": scores.tolist(),
+                      "metrics": {"test_confusion_matrix": cm.tolist()}}})
+    true = rng.normal(size=20_000)
+    write_records(tmp_path / "reg", {
+        "run.json": {"run": "reg", "status": "finished", "summary": {"steps": 10}}, "metrics.jsonl": history(10),
+        "test.json": {"task": "regression", "step": 10, "best_step": 10, "targets": true.tolist(), "predictions": (true + rng.normal(size=20_000)).tolist(),
+                      "metrics": {"test_mse": 1.0}}})
+    for name in ("cls", "reg"):
+        page = Path(write_report(str(tmp_path / name))).read_text()
+        assert_only_the_reports_own_markup(page)
+        assert len(page) < 1_500_000, (name, len(page))
+    assert "micro-average (AUC" in base64.b64decode(re.search(r'alt="ROC[^"]*" src="data:image/svg\+xml;base64,([^"]+)"', 
+                                                              (tmp_path / "cls" / "report.html").read_text()).group(1)).decode()
+
+
+def test_degenerate_records_still_make_a_report_with_well_formed_figures(tmp_path):
+    """One point, constant series, NaN and inf, one class, constant regression, a sweep of mixed-type choices: no crash."""
+    flat = [{"step": 1, "split": "train", "loss": 0.5, "lr": 0.0, "samples_per_s": float("nan")},
+            {"step": 1, "split": "val", "val_loss": float("inf"), "val_accuracy": 1.0, "val_perplexity": 0.0}]
+    cases = {
+        "empty": {"run.json": {"run": "empty", "status": "running"}, "metrics.jsonl": []},
+        "flat": {"run.json": {"run": "flat", "status": "finished", "summary": {"steps": 1, "stopped_early": True}}, "metrics.jsonl": flat,
+                 "test.json": {"task": "classification", "step": 1, "labels": [2, 2], "scores": [[0, 0, 1], [0, 0, 1]],
+                               "metrics": {"test_confusion_matrix": [[0, 0, 0], [0, 0, 0], [0, 0, 2]]}}},
+        "constant": {"run.json": {"run": "constant", "status": "failed"}, "metrics.jsonl": history(3),
+                     "test.json": {"task": "regression", "step": 3, "targets": [1.0] * 5, "predictions": [1.0] * 5}},
+    }
+    for name, records in cases.items():
+        page = Path(write_report(str(write_records(tmp_path / name, records)))).read_text()
+        assert_only_the_reports_own_markup(page) if name != "empty" else None
+    assert "No metrics were recorded" in (tmp_path / "empty" / "report.html").read_text()
+    choices = ["relu", None, [1, 2], 3, "a much longer choice value than fits"]
+    rows = [{"trial_id": f"t{i:02d}", "status": "done", "config": {"act": choices[i % 5], "lr": 10.0 ** -(i % 4), "flat": 1},
+             "metric": i / 10, "best_metric": i / 10 if i != 3 else None, "steps": 5} for i in range(15)]
+    for row in rows[:13]:
+        write_records(tmp_path / "sweep" / row["trial_id"], {"run.json": {"run": row["trial_id"], "status": "finished"}, "metrics.jsonl": history(5)})
+    write_records(tmp_path / "sweep", {"sweep.json": {"sweep": "s", "status": "failed", "spec": {"metric": "val_loss", "mode": "min"},
+                                                      "result": {"trials": rows}}})
+    page = Path(write_report(str(tmp_path / "sweep"))).read_text()
+    assert_only_the_reports_own_markup(page)
+    assert page.count('<figure class="plot">') == 5
