@@ -203,6 +203,8 @@ class RunConsole:
         self._progress = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[fields]}"), TimeElapsedColumn(), console=console, refresh_per_second=8,
+            # Not rich's own redirection of sys.stdout/stderr: they feed the capture, which decides what is shown.
+            redirect_stdout=False, redirect_stderr=False,
         )
         self._task = self._progress.add_task("starting", total=None, fields="")
         self._progress.start()

@@ -196,27 +196,42 @@ def build_trainer_kwargs(spec: JobSpec, run_uri: str, base_dir: Optional[str], r
 TRAIN_POLL_INTERVAL_S = "0.1"
 
 
-@contextlib.contextmanager
-def train_environment(embedded: bool):
-    """Environment for the Ray Train runs this process starts (each variable only where the user has not set it).
+def _train_settings(embedded: bool) -> dict[str, str]:
+    """Ray Train settings for the runs we start, where the user has not set them.
 
-    Ray Train hands these from the driver to its controller and workers. On an embedded single-node
-    Ray no node is ever drained, so the preemption watcher (an actor of its own) is off.
+    An embedded single-node Ray has no dashboard (its state API is what Ray Train's state actor
+    reconciles against) and never drains a node (the preemption watcher is an actor of its own).
     """
     wanted = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_INTERVAL_S}
     if embedded:
-        wanted["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-    added = [key for key in wanted if key not in os.environ]
-    os.environ.update({key: wanted[key] for key in added})
+        wanted.update(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION="0")
+    return {key: value for key, value in wanted.items() if key not in os.environ}
+
+
+@contextlib.contextmanager
+def _environment(settings: dict[str, str]):
+    os.environ.update(settings)
     try:
         yield
     finally:
-        for key in added:
+        for key in settings:
             os.environ.pop(key, None)
 
 
+@contextlib.contextmanager
+def train_environment(embedded: bool):
+    """Ray Train's settings for a fit() on a Ray this process did not start: Ray Train hands them to its actors.
+
+    An embedded Ray got them at its start (`start_ray`): every Ray process inherits them, and Ray
+    Train, not seeing them set here, adds no runtime environment to its workers (a runtime
+    environment means a fresh worker process through Ray's runtime-env agent, not a prestarted one).
+    """
+    with _environment({} if embedded else _train_settings(embedded=False)):
+        yield
+
+
 def running_local_ray() -> Optional[str]:
-    """The address of a Ray already up on this machine (`ray start --head`, or `orchestrator ray start`), or None.
+    """The address of a Ray already up on this machine (`ray start --head`), or None.
 
     Ray records its newest local cluster in its temp dir; a cluster that has since stopped leaves the
     file behind, so the GCS port must also answer.
@@ -244,27 +259,35 @@ def resolve_address(address: Optional[str]) -> Optional[str]:
     """
     if address == "local":
         return None
-    return address or running_local_ray()
+    # "auto" rather than the address itself: Ray then reads the local cluster's session, token authentication included.
+    return address or ("auto" if running_local_ray() else None)
 
 
-def start_ray(address: Optional[str], with_dashboard: bool = True, log_to_driver: bool = True) -> bool:
-    """Attach to Ray at `address`, or start an embedded Ray of this machine's CPUs; True if this call started it.
+def start_ray(address: Optional[str], log_to_driver: bool = True, prestart: bool = True) -> bool:
+    """Attach to Ray at `address`, or start an embedded Ray of this machine's CPUs; True if this call connected (shut it down after).
 
-    The dashboard serves the state API that Ray Train's controller polls: leave it on where Ray Train
-    runs worker actors (a sweep of in-process trials can do without).
+    An embedded Ray has no dashboard: it serves the Jobs API and the state API, which runs and sweeps
+    do not use (Ray Train's state actor reconciliation, which would, is off there), and its processes
+    compete with the run's for two cores. `prestart` leaves Ray's idle workers to start with it:
+    only tasks and actors without a runtime environment (Tune's trials) can use them.
     """
     import ray
 
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
+    settings: dict[str, str] = {}
     if address:
         kwargs["address"] = address
     else:
         # "local": a new embedded Ray even when a `ray start` cluster runs on this machine.
-        kwargs.update(address="local", num_cpus=os.cpu_count(), include_dashboard=with_dashboard)
+        kwargs.update(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+        settings = _train_settings(embedded=True)
+        if not prestart and "RAY_prestart_worker_first_driver" not in os.environ:
+            settings["RAY_prestart_worker_first_driver"] = "0"
     try:
-        ray.init(**kwargs)
+        with _environment(settings):
+            ray.init(**kwargs)
     except ConnectionError as exc:
         raise BadInput(f"--address {address}: cannot connect to Ray ({exc})") from None
     return True
@@ -391,43 +414,33 @@ def _run(spec: JobSpec, plan: RunPlan, console: RunConsole, worker_events: bool)
     if not local_mode:
         console.status("starting Ray" if not plan.address else f"connecting to Ray at {plan.address}")
     # Local mode (num_workers=0) runs the loop in this process: no Ray runtime to start.
-    started_ray = start_ray(plan.address) if not local_mode else False
-    status, error, result = "finished", None, None
+    # Ray Train's actors all carry a runtime environment, so none of them would take a prestarted worker.
+    started_ray = start_ray(plan.address, prestart=False) if not local_mode else False
     try:
-        from ray.train.torch import TorchTrainer
-
-        ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
-        kwargs = build_trainer_kwargs(spec, run_uri, plan.base_dir, ray_storage, f"{plan.name}-{int(plan.t0)}" if not spec.entrypoint else plan.name,
-                                      session.worker_config(), worker_events=worker_events)
-        if not local_mode:
-            console.status(f"starting {spec.scaling.max_workers} worker(s)")
-        with train_environment(embedded=started_ray):
-            result = TorchTrainer(**kwargs).fit()
-    except Exception as exc:  # the run failed after retries: record it, report it, keep what was committed
-        status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+        embedded = started_ray and not plan.address
+        status, error, result = _fit(spec, plan, session.worker_config(), console, embedded, worker_events, local_mode)
+        if spec.entrypoint:
+            summary = {"steps": None, "epochs": None, "metrics": dict(result.metrics or {}) if result else {}, "best": None,
+                       "checkpoint": (result.checkpoint.path if result and result.checkpoint else None)}
+        else:
+            summary = summary_from_storage(run_uri, endpoint)
+        summary = {"run": plan.name, "run_uri": run_uri, "status": status, **summary, "resumed_from": resumed_from,
+                   "report": f"{run_uri.rstrip('/')}/{REPORT}", "wall_s": round(time.time() - plan.t0, 3)}
+        if error:
+            summary["error"] = error
+        placed = dict(result.metrics or {}) if result is not None else {}
+        if "placement_world_size" in placed:
+            prov.update(world_size=placed["placement_world_size"], hosts=placed["placement_hosts"],
+                        gpus=[g for g in str(placed.get("placement_gpus") or "").split(",") if g])
+        record.update(status=status, ended=datetime.now(timezone.utc).isoformat(), summary=summary)
+        write_run_record(run_uri, record, endpoint)
+        # The result first: an embedded Ray's shutdown, the report and the trackers' artifacts follow.
+        console.message(format_summary(summary))
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-
-    if spec.entrypoint:
-        summary = {"steps": None, "epochs": None, "metrics": dict(result.metrics or {}) if result else {}, "best": None,
-                   "checkpoint": (result.checkpoint.path if result and result.checkpoint else None)}
-    else:
-        summary = summary_from_storage(run_uri, endpoint)
-    summary = {"run": plan.name, "run_uri": run_uri, "status": status, **summary, "resumed_from": resumed_from,
-               "report": f"{run_uri.rstrip('/')}/{REPORT}", "wall_s": round(time.time() - plan.t0, 3)}
-    if error:
-        summary["error"] = error
-    placed = dict(result.metrics or {}) if result is not None else {}
-    if "placement_world_size" in placed:
-        prov.update(world_size=placed["placement_world_size"], hosts=placed["placement_hosts"],
-                    gpus=[g for g in str(placed.get("placement_gpus") or "").split(",") if g])
-    record.update(status=status, ended=datetime.now(timezone.utc).isoformat(), summary=summary)
-    write_run_record(run_uri, record, endpoint)
-    # The result first: the report and the trackers' artifacts follow while the person reads it.
-    console.message(format_summary(summary))
     summary["report"] = write_report_safely(run_uri, endpoint)
     if summary["report"] is None:
         record["summary"] = summary
@@ -435,6 +448,23 @@ def _run(spec: JobSpec, plan: RunPlan, console: RunConsole, worker_events: bool)
     weights = f"{summary['checkpoint'].rstrip('/')}/model.safetensors" if summary.get("checkpoint") and not spec.entrypoint else None
     session.finish(spec, status, summary, [("", summary["report"]), ("", f"{run_uri.rstrip('/')}/{RUN_RECORD}"), ("model", weights)])
     return summary
+
+
+def _fit(spec: JobSpec, plan: RunPlan, tracking_config: Optional[dict[str, Any]], console: RunConsole, embedded: bool,
+         worker_events: bool, local_mode: bool) -> tuple[str, Optional[str], Any]:
+    """Ray Train's fit of the job: (status, one-line error, Ray's result); a failure after Ray's retries is a failed run, not an exception."""
+    try:
+        from ray.train.torch import TorchTrainer
+
+        ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
+        run_name = f"{plan.name}-{int(plan.t0)}" if not spec.entrypoint else plan.name
+        kwargs = build_trainer_kwargs(spec, plan.run_uri, plan.base_dir, ray_storage, run_name, tracking_config, worker_events=worker_events)
+        if not local_mode:
+            console.status(f"starting {spec.scaling.max_workers} worker(s)")
+        with train_environment(embedded=embedded):
+            return "finished", None, TorchTrainer(**kwargs).fit()
+    except Exception as exc:  # the run failed after retries: record it, report it, keep what was committed
+        return "failed", f"{type(exc).__name__}: {exc}".splitlines()[0], None
 
 
 def _log_file(run_uri: str) -> tuple[str, Optional[str]]:

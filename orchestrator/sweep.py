@@ -905,11 +905,12 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
 
     With a `tracking` section the sweep is an MLflow run of its own, and each trial's run is its child.
     """
-    from orchestrator.launch import preflight, provenance, read_run_record, start_ray
+    from orchestrator.launch import preflight, provenance, read_run_record, resolve_address, start_ray
     from orchestrator.tracking import TrackingSession
 
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else (lambda msg: print(msg, flush=True))
     t0 = time.time()
+    address = resolve_address(address)
     data_info = preflight(sweep.spec, sweep.base_dir, address)
     record = _read_record(sweep)
     if record and record.get("fingerprint") != sweep.fingerprint():
@@ -928,7 +929,7 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
     # A restored sweep's analysis looks for trial results before any exist, and warns about each: noise.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)  # the same about a PBT-restored trial
-    started_ray = start_ray(address, with_dashboard=sweep.spec.scaling.max_workers > 1, log_to_driver=verbose)
+    started_ray = start_ray(address, log_to_driver=verbose)
     try:
         from ray import tune
 
