@@ -1,4 +1,4 @@
-"""What a user waits for: whole commands, from just before the process starts to its exit; nothing is left out.
+"""What a user waits for: whole commands, start to exit; left out only the one `ray start --head` the `*_up` cases attach to.
 
 Runs in turn, in one invocation (A B A B ... with --repeat): a plain PyTorch script doing jobs/digits_mlp.yaml's
 work (bench/plain_digits.py), `orchestrator run` on that job in local mode (scaling.num_workers=0) and as
@@ -10,11 +10,14 @@ steps. Interpreter start-up, imports, Ray start and stop, checkpoint uploads, th
 HTML report all count: they are part of the command. Timed with time.time() around subprocess only.
 Everything is written under a temporary checkpoint.storage, never into runs/.
 
-Usage: python bench/end_to_end.py [--repeat N] [--only plain,local,worker,fifo,asha] [--json] [KEY=VALUE ...]
+The `worker_up`, `fifo_up` and `asha_up` cases run the same commands while a local Ray is already up
+(`ray start --head`, as the README suggests for repeated runs): the benchmark starts it before them and
+stops it after, in each round, and that start is not timed. The other cases pass `--address local`, so
+they always start their own embedded Ray.
+
+Usage: python bench/end_to_end.py [--repeat N] [--only plain,local,worker,fifo,asha,...] [--json] [KEY=VALUE ...]
   KEY=VALUE overrides go to every command (sweep.* ones only to the sweeps), e.g. for a quick pass:
   python bench/end_to_end.py train.epochs=3 sweep.num_samples=4
-  (keep train.epochs >= 3: with the ASHA file's grace period of 2 epochs, 2-epoch trials fail in Ray's
-  ASHAScheduler, "grace_period must be <= max_t", although `orchestrator validate` accepts them.)
 """
 
 from __future__ import annotations
@@ -44,8 +47,13 @@ CASES = {
     "worker": "orchestrator run, 1 Ray Train worker",
     "fifo": "orchestrator sweep, FIFO",
     "asha": "orchestrator sweep, ASHA",
+    "worker_up": "run, 1 worker, local Ray up",
+    "fifo_up": "sweep FIFO, local Ray up",
+    "asha_up": "sweep ASHA, local Ray up",
 }
-SWEEPS = ("fifo", "asha")
+SWEEPS = ("fifo", "asha", "fifo_up", "asha_up")
+ATTACHED = ("worker_up", "fifo_up", "asha_up")
+RAY = str(Path(sys.executable).parent / "ray")
 
 
 @dataclass
@@ -72,13 +80,14 @@ def command(case: str, storage: str, overrides: list[str]) -> list[str]:
     if case == "plain":
         return [sys.executable, PLAIN, "--job", JOB, *common]
     store = f"checkpoint.storage={storage}"
+    where = [] if case in ATTACHED else ["--address", "local"]
     if case == "local":
         return [*ORCH, "run", JOB, "scaling.num_workers=0", *common, store, "--fresh", "--json"]
-    if case == "worker":
-        return [*ORCH, "run", JOB, *common, store, "--fresh", "--json"]
+    if case in ("worker", "worker_up"):
+        return [*ORCH, "run", JOB, *common, store, "--fresh", "--json", *where]
     # The file's scheduler carries ASHA's grace_period, which FIFO refuses: FIFO replaces the whole section.
-    scheduler = ["sweep.scheduler={name: fifo}"] if case == "fifo" else []
-    return [*ORCH, "sweep", SWEEP, *scheduler, *overrides, store, "--fresh", "--json"]
+    scheduler = ["sweep.scheduler={name: fifo}"] if case.startswith("fifo") else []
+    return [*ORCH, "sweep", SWEEP, *scheduler, *overrides, store, "--fresh", "--json", *where]
 
 
 def last_json(text: str) -> Optional[dict[str, Any]]:
@@ -173,13 +182,15 @@ def summarize(runs: list[Timing], cases: list[str]) -> dict[str, Any]:
         }
     plain = per.get("plain", {})
     ratios: dict[str, Optional[float]] = {}
-    for case in ("local", "worker"):
+    for case in ("local", "worker", "worker_up"):
         if case in per and plain:
             ratios[f"{case}_wall_x_plain"] = ratio(per[case]["wall_s"], plain["wall_s"])
             ratios[f"{case}_first_step_x_plain"] = ratio(per[case]["first_step_s"], plain["first_step_s"])
-    if "fifo" in per and "asha" in per:
-        ratios["asha_wall_x_fifo"] = ratio(per["asha"]["wall_s"], per["fifo"]["wall_s"])
-        ratios["asha_steps_x_fifo"] = ratio(per["asha"]["steps"], per["fifo"]["steps"])
+    for suffix in ("", "_up"):
+        fifo, asha = per.get(f"fifo{suffix}"), per.get(f"asha{suffix}")
+        if fifo and asha:
+            ratios[f"asha{suffix}_wall_x_fifo"] = ratio(asha["wall_s"], fifo["wall_s"])
+            ratios[f"asha{suffix}_steps_x_fifo"] = ratio(asha["steps"], fifo["steps"])
     return {"cases": per, "ratios": ratios}
 
 
@@ -199,16 +210,18 @@ def print_table(result: dict[str, Any]) -> None:
     print(head)
     for case, s in per.items():
         # Only the two runs of the job are compared with the plain script; the sweeps are compared with each other.
-        vs_plain = case in ("local", "worker")
+        vs_plain = case in ("local", "worker", "worker_up")
         x_wall = fmt(ratio(s["wall_s"], plain.get("wall_s")), ".2f", "x") if vs_plain else ""
         x_first = fmt(ratio(s["first_step_s"], plain.get("first_step_s")), ".2f", "x") if vs_plain else ""
         print(f"{CASES[case]:38}{fmt(s['wall_s'], '.1f', 's'):>8}{fmt(s['first_step_s'], '.1f', 's'):>12}{x_wall:>14}{x_first:>13}"
               f"{fmt(s['own_wall_s'], '.1f', 's'):>10}{fmt(s['best'], '.4f'):>8}{fmt(s['steps'], '.0f'):>8}"
               f"{s['rc'] if s['rc'] is not None else 'n/a':>6}")
-    if "asha_wall_x_fifo" in ratios:
-        print()
-        print(f"ASHA / FIFO: wall {fmt(ratios['asha_wall_x_fifo'], '.2f')}, steps {fmt(ratios['asha_steps_x_fifo'], '.2f')}"
-              f"   best {per['fifo']['best_metric'] or 'metric'}: FIFO {fmt(per['fifo']['best'], '.4f')}, ASHA {fmt(per['asha']['best'], '.4f')}")
+    for suffix, label in (("", ""), ("_up", " (local Ray up)")):
+        if f"asha{suffix}_wall_x_fifo" in ratios:
+            fifo, asha = per[f"fifo{suffix}"], per[f"asha{suffix}"]
+            print()
+            print(f"ASHA / FIFO{label}: wall {fmt(ratios[f'asha{suffix}_wall_x_fifo'], '.2f')}, steps {fmt(ratios[f'asha{suffix}_steps_x_fifo'], '.2f')}"
+                  f"   best {fifo['best_metric'] or 'metric'}: FIFO {fmt(fifo['best'], '.4f')}, ASHA {fmt(asha['best'], '.4f')}")
     print("wall: whole command to exit; first step: command start to first optimizer step; own wall: the command's own wall_s;"
           " best: best validation metric (val_accuracy)")
 
@@ -230,17 +243,32 @@ def main() -> None:
     if bad:
         parser.error(f"{' '.join(bad)}: overrides look like dotted.key=value (checkpoint.storage is the benchmark's own)")
 
+    if any(c in ATTACHED for c in cases):
+        from orchestrator.launch import running_local_ray
+
+        if running_local_ray():
+            parser.error("a local Ray is already up (ray start --head): the benchmark starts and stops its own; stop that one first")
     runs: list[Timing] = []
     load_before = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as storage:
         total = args.repeat * len(cases)
         for rep in range(args.repeat):
-            for case in cases:
-                t = run_case(case, rep, storage, args.overrides)
-                runs.append(t)
-                print(f"[{len(runs)}/{total}] {case}: {t.wall_s:.1f}s exit {t.rc}", file=sys.stderr, flush=True)
-                if t.error:
-                    print(f"  {' '.join(t.argv)}\n  {t.error}", file=sys.stderr, flush=True)
+            for group in ([c for c in cases if c not in ATTACHED], [c for c in cases if c in ATTACHED]):
+                if not group:
+                    continue
+                attached = group[0] in ATTACHED
+                if attached:
+                    subprocess.run([RAY, "start", "--head", f"--num-cpus={os.cpu_count()}", "--disable-usage-stats"], check=True, capture_output=True)
+                try:
+                    for case in group:
+                        t = run_case(case, rep, storage, args.overrides)
+                        runs.append(t)
+                        print(f"[{len(runs)}/{total}] {case}: {t.wall_s:.1f}s exit {t.rc}", file=sys.stderr, flush=True)
+                        if t.error:
+                            print(f"  {' '.join(t.argv)}\n  {t.error}", file=sys.stderr, flush=True)
+                finally:
+                    if attached:
+                        subprocess.run([RAY, "stop"], capture_output=True)
     load_after = list(os.getloadavg())
 
     result = {

@@ -114,6 +114,11 @@ def wait_end(cluster, job_id, timeout=400):
     return wait_for(lambda: (s := status(cluster, job_id))["status"] in ("SUCCEEDED", "FAILED", "STOPPED") and s, timeout=timeout, every=2, what=f"{job_id} to end")
 
 
+def run_log(storage: Path, run: str) -> str:
+    """What the run's driver, Ray and the workers printed: its console (the job's logs) keeps Ray's own lines out."""
+    return (storage / run / "run.log").read_text()
+
+
 def worker_ips(logs: str) -> set[str]:
     """The node addresses Ray Train placed the ranks on, from the controller's 'world_rank' lines."""
     return {line.split("ip=")[1].split(",")[0] for line in logs.splitlines() if "world_rank=" in line and "ip=" in line}
@@ -121,7 +126,7 @@ def worker_ips(logs: str) -> set[str]:
 
 def test_ddp_across_two_nodes_matches_one_node(cluster, project, tmp_path):
     # The same job on one node: an embedded single-node Ray on this machine, started alongside.
-    root, _ = project
+    root, storage = project
     local = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "run", str(root / "job.yaml"), "name=mn-ddp", f"checkpoint.storage={tmp_path}", "--json"],
         env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -130,7 +135,7 @@ def test_ddp_across_two_nodes_matches_one_node(cluster, project, tmp_path):
     local_out, local_err = local.communicate(timeout=400)
     assert final["status"] == "SUCCEEDED", out.stderr[-3000:]
     assert local.returncode == 0, local_err[-3000:]
-    assert worker_ips(cli(cluster, "logs", final["submission_id"]).stdout) == {"127.0.0.2", "127.0.0.3"}
+    assert worker_ips(run_log(storage, "mn-ddp")) == {"127.0.0.2", "127.0.0.3"}
     two_nodes, one_node = final["summary"], json.loads(local_out.splitlines()[-1])
     assert two_nodes["steps"] == one_node["steps"] > 0
     for name in ("val_loss", "val_accuracy"):
@@ -146,11 +151,11 @@ def test_elastic_run_survives_a_killed_node_on_fewer_workers(cluster, project):
     assert node.kill(signal.SIGKILL) > 0
     try:
         end = wait_end(cluster, job_id)
-        logs = cli(cluster, "logs", job_id).stdout
+        logs, full = cli(cluster, "logs", job_id).stdout, run_log(storage, "mn-elastic")
         assert end["status"] == "SUCCEEDED", logs[-4000:]
         # Two workers, then one on the surviving node, which restores the last checkpoint.
-        assert 0 <= logs.find("worker group of size 2") < logs.rfind("worker group of size 1")
-        assert "resumed from" in logs.split("worker group of size 1")[-1]
+        assert 0 <= full.find("worker group of size 2") < full.rfind("worker group of size 1")
+        assert "resumed from" in full.split("worker group of size 1")[-1]
         summary = json.loads([line for line in logs.splitlines() if line.startswith('{"run"')][-1])
         assert summary["status"] == "finished" and summary["epochs"] == 5
     finally:
