@@ -244,6 +244,7 @@ def main() -> None:
         parser.error(f"{' '.join(bad)}: overrides look like dotted.key=value (checkpoint.storage is the benchmark's own)")
 
     if any(c in ATTACHED for c in cases):
+        sys.path.insert(0, str(ROOT))  # this checkout's package, as the timed commands (run from ROOT) use
         from orchestrator.launch import running_local_ray
 
         if running_local_ray():
