@@ -55,7 +55,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 def train_seconds(storage: str, endpoint: str | None, steps: int, every: int | None, asynchronous: bool) -> dict:
     """Run the loop in-process; seconds from the first to the last step, and to the end (last upload committed)."""
     from orchestrator.spec import build_spec
-    from orchestrator.train import LoopContext, run_training
+    from orchestrator.loop import LoopContext, run_training
 
     overrides = [*MODEL, f"train.max_steps={steps}", f"checkpoint.storage={storage}", f"checkpoint.async={str(asynchronous).lower()}"]
     if endpoint:

@@ -245,7 +245,7 @@ def main() -> None:
 
     if any(c in ATTACHED for c in cases):
         sys.path.insert(0, str(ROOT))  # this checkout's package, as the timed commands (run from ROOT) use
-        from orchestrator.launch import running_local_ray
+        from orchestrator.ray_runtime import running_local_ray
 
         if running_local_ray():
             parser.error("a local Ray is already up (ray start --head): the benchmark starts and stops its own; stop that one first")

@@ -47,14 +47,16 @@ class CheckpointManifest:
     run_record: str = "../run.json"
     created: float = field(default_factory=time.time)
     format: int = FORMAT_VERSION
+    # The loop's counters at this step (best, last validation, timings): what a summary needs, without state.pt.
+    train: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
+        return json.dumps(asdict(self), indent=1, sort_keys=True, default=float).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "CheckpointManifest":
         raw = json.loads(data)
-        return cls(**{k: raw[k] for k in ("step", "epoch", "metrics", "files", "run_record", "created", "format") if k in raw})
+        return cls(**{k: raw[k] for k in ("step", "epoch", "metrics", "files", "run_record", "created", "format", "train") if k in raw})
 
 
 @dataclass
@@ -125,8 +127,9 @@ def deserialize_state(data: bytes) -> Any:
 # Writing, committing, retention
 
 
-def commit_checkpoint(fs, run_root: str, step: int, epoch: int, files: dict[str, bytes], metrics: dict[str, Any]) -> str:
-    """Write the files of a checkpoint, then its manifest last; return the checkpoint path."""
+def commit_checkpoint(fs, run_root: str, step: int, epoch: int, files: dict[str, bytes], metrics: dict[str, Any],
+                      train: Optional[dict[str, Any]] = None) -> str:
+    """Write the files of a checkpoint, then its manifest last (with the loop's `train` counters); return the checkpoint path."""
     path = storage.join(run_root, checkpoint_dir_name(step))
     manifest_path = storage.join(path, MANIFEST)
     # A leftover manifest at this step (a checkpoint skipped as corrupt) must not vouch for new files.
@@ -136,7 +139,7 @@ def commit_checkpoint(fs, run_root: str, step: int, epoch: int, files: dict[str,
     for name, data in files.items():
         storage.write_bytes(fs, storage.join(path, name), data)
         entries[name] = {"size": len(data), "sha256": sha256(data)}
-    manifest = CheckpointManifest(step=step, epoch=epoch, metrics=metrics, files=entries)
+    manifest = CheckpointManifest(step=step, epoch=epoch, metrics=metrics, files=entries, train=train or {})
     if storage.split_uri(path)[0] == "file" and "file" in _protocols(fs):
         # On a local disk a crash mid-write would leave a torn manifest: write aside, then rename.
         tmp = manifest_path + ".tmp"
@@ -212,13 +215,16 @@ def apply_retention(fs, run_root: str, keep_last: int, keep_best: int = 0, best_
         scored = [c for c in found if isinstance(c.metrics.get(best_metric), (int, float))]
         scored.sort(key=lambda c: (c.step != best_step, c.metrics[best_metric] * (-1 if best_mode == "max" else 1)))
         keep |= {c.path for c in scored[:keep_best]}
+    return delete_checkpoints(fs, [c for c in found if c.path not in keep])
+
+
+def delete_checkpoints(fs, checkpoints: list[CheckpointInfo]) -> list[str]:
+    """Delete committed checkpoints, each manifest first so that a half-deleted checkpoint is never visible as committed."""
     deleted = []
-    for c in found:
-        if c.path not in keep:
-            # The manifest goes first so that a half-deleted checkpoint is never visible as committed.
-            storage.with_retries(lambda: fs.rm_file(storage.join(c.path, MANIFEST)), f"remove {c.path}")
-            storage.with_retries(lambda: fs.rm(c.path, recursive=True), f"remove {c.path}")
-            deleted.append(c.path)
+    for c in checkpoints:
+        storage.with_retries(lambda: fs.rm_file(storage.join(c.path, MANIFEST)), f"remove {c.path}")
+        storage.with_retries(lambda: fs.rm(c.path, recursive=True), f"remove {c.path}")
+        deleted.append(c.path)
     return deleted
 
 
@@ -261,14 +267,15 @@ class CheckpointWriter:
             err, self._error = self._error, None
             raise RuntimeError(f"checkpoint upload failed: {err}") from err
 
-    def save(self, step: int, epoch: int, build_files: Callable[[], dict[str, bytes]], metrics: dict[str, Any], then: Optional[Callable[[], None]] = None) -> None:
+    def save(self, step: int, epoch: int, build_files: Callable[[], dict[str, bytes]], metrics: dict[str, Any], then: Optional[Callable[[], None]] = None,
+             train: Optional[dict[str, Any]] = None) -> None:
         """Commit a checkpoint; `build_files` serializes an in-memory snapshot (run in the background when async).
 
         `then` runs after the commit on the same thread (e.g. rewriting metrics.jsonl on an object store).
         """
 
         def job() -> None:
-            path = commit_checkpoint(self.fs, self.run_root, step, epoch, build_files(), metrics)
+            path = commit_checkpoint(self.fs, self.run_root, step, epoch, build_files(), metrics, train)
             self.last_committed = path
             if self.after_commit:
                 self.after_commit(path)

@@ -84,6 +84,7 @@ def run(job_file: str, overrides: tuple[str, ...], address: str | None, fresh: b
     """Train a job on this machine (embedded Ray) or on the cluster at --address."""
     from orchestrator.console import RunConsole, prepare_ray_output
     from orchestrator.launch import run_job
+    from orchestrator.runrecord import RunStatus
     from orchestrator.spec import load_spec
 
     spec = load_spec(job_file, list(overrides))
@@ -92,8 +93,8 @@ def run(job_file: str, overrides: tuple[str, ...], address: str | None, fresh: b
     console = RunConsole(stream, live=stream.isatty() and os.environ.get("TERM") != "dumb" and not as_json, verbose=verbose)
     summary = run_job(spec, job_file=job_file, address=address, fresh=fresh, quiet=as_json, console=console, capture=True)
     if as_json:
-        print_json(summary)
-    if summary.get("status") == "failed":
+        print_json(summary.to_dict())
+    if summary.status == RunStatus.FAILED:
         sys.exit(1)
 
 

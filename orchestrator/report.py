@@ -460,7 +460,7 @@ def _table(rows: list[list[Any]], head: list[str]) -> str:
 
 def _kv_table(data: dict[str, Any]) -> str:
     """One table per top-level section (dotted keys inside), laid out side by side."""
-    from orchestrator.tracking import flatten
+    from orchestrator.spec import flatten
 
     plain = [[k, v] for k, v in data.items() if not isinstance(v, dict) or not v]
     tables = [_table(plain, ["field", "value"])] if plain else []

@@ -573,6 +573,16 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Jo
     return build_spec(read_job_file(path), overrides)
 
 
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict with dotted keys (`optim.lr`); empty dicts stay as `{}`."""
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: obj} if prefix else {}
+
+
 def iter_fields(model: type[BaseModel] = JobSpec, prefix: str = ""):
     """Yield (dotted path, type text, default text, description) for every leaf field, for the README."""
     for name, field in model.model_fields.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
 import time
 import uuid
 from typing import Any, Callable, TypeVar
@@ -17,11 +18,18 @@ from orchestrator.errors import BadInput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")
+_SECRET_QUERY_RE = re.compile(r"(?i)((?:token|key|secret|password|sig|signature|credential)[^=&]*=)[^&\s]+")
 
 
 def endpoint_from_env() -> str | None:
     """The S3 endpoint from the standard variables (service-specific first)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def redact(uri: str) -> str:
+    """A URI as it may be shown: without user:password@ and without secret-looking query values."""
+    return _SECRET_QUERY_RE.sub(r"\1***", _USERINFO_RE.sub("", uri))
 
 
 def split_uri(uri: str) -> tuple[str, str]:

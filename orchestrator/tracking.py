@@ -1,4 +1,4 @@
-"""What produced a run (provenance), its test record, and the trackers: MLflow and TensorBoard.
+"""The trackers of a run: MLflow and TensorBoard.
 
 The driver checks and opens the trackers (`preflight`, `TrackingSession.start`/`.finish`); rank 0
 feeds them every metrics entry through `create_tracker`, a callable that only queues: a slow or
@@ -7,167 +7,37 @@ failing tracker never stops or slows training. mlflow and tensorboardX are impor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import platform
 import queue
-import re
 import shutil
-import socket
-import subprocess
 import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-from orchestrator import __version__, storage
+from orchestrator import storage
 from orchestrator.errors import BadInput
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, flatten
+from orchestrator.storage import redact
+
+if TYPE_CHECKING:
+    from orchestrator.runrecord import RunSummary
 
 log = logging.getLogger(__name__)
 
-TEST_RECORD = "test.json"
 TENSORBOARD_DIR = "tensorboard"
-# The test metrics use the whole split; the plot data in test.json a seeded sample of it, so the
-# file stays small for big test sets.
-MAX_PLOTTED_EXAMPLES = 20_000
-MAX_PLOTTED_SCORES = 2_000_000
 # Entries waiting for a slow tracker; past this, new ones are dropped (one warning) rather than held.
 QUEUE_SIZE = 10_000
 ENTRY_KEYS = ("step", "epoch", "split", "time")
-_USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")
-_SECRET_QUERY_RE = re.compile(r"(?i)((?:token|key|secret|password|sig|signature|credential)[^=&]*=)[^&\s]+")
-
-
-# ----------------------------------------------------------------------------------------------
-# Provenance
-
-
-def redact(uri: str) -> str:
-    """A URI as it may be shown: without user:password@ and without secret-looking query values."""
-    return _SECRET_QUERY_RE.sub(r"\1***", _USERINFO_RE.sub("", uri))
-
-
-def job_hash(job: dict[str, Any]) -> str:
-    """A stable hash of a resolved job (key order does not matter)."""
-    canonical = json.dumps(job, sort_keys=True, separators=(",", ":"), default=str)
-    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def git_state(directory: Optional[str]) -> Optional[dict[str, Any]]:
-    """Commit and dirtiness (tracked files) of the git checkout holding `directory`; None when it is not one."""
-    if not directory or not shutil.which("git"):
-        return None
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=20)
-
-    try:
-        top = git("rev-parse", "--show-toplevel")
-        if top.returncode != 0:
-            return None
-        commit = git("rev-parse", "HEAD")
-        status = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return {
-        "commit": commit.stdout.strip() if commit.returncode == 0 else None,  # None: a repository without commits
-        "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None,
-        "root": top.stdout.strip(),
-    }
-
-
-def device_facts() -> dict[str, Any]:
-    """The CUDA version torch was built with and the names of the GPUs this process sees."""
-    try:
-        import torch
-    except ImportError:
-        return {"cuda": None, "gpus": []}
-    gpus = []
-    if torch.cuda.is_available():
-        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return {"cuda": torch.version.cuda, "gpus": gpus}
-
-
-def collect_provenance(spec: JobSpec, base_dir: Optional[str] = None, data_fingerprint: Optional[dict] = None,
-                       world_size: Optional[int] = None, hosts: Optional[int] = None) -> dict[str, Any]:
-    """Versions, devices, placement, seed, job hash, user-code commit and data fingerprint of a run."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, Any] = {"orchestrator": __version__, "python": platform.python_version(), "host": socket.gethostname()}
-    for name in ("torch", "ray"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    out.update(device_facts())
-    out.update(
-        world_size=world_size if world_size is not None else max(1, spec.scaling.max_workers),
-        hosts=hosts,
-        seed=spec.train.seed,
-        job_hash=job_hash(spec.to_dict()),
-        git=git_state(base_dir),
-        data=data_fingerprint,
-    )
-    return out
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict with dotted keys (`optim.lr`); empty dicts stay as `{}`."""
-    if isinstance(obj, dict) and obj:
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: obj} if prefix else {}
 
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
-
-
-# ----------------------------------------------------------------------------------------------
-# The test record: the best checkpoint on the held-out test split, with what the plots need
-
-
-def build_test_record(task: str, metrics: dict[str, Any], outputs, targets, checkpoint: str, step: int,
-                best_step: Optional[int], seed: int) -> dict[str, Any]:
-    """test.json: test_* metrics plus labels and softmax scores (classification) or predictions and targets (regression).
-
-    `outputs` and `targets` are NumPy arrays of the whole split (unused for lm).
-    """
-    import numpy as np
-
-    record: dict[str, Any] = {"split": "test", "task": task, "checkpoint": checkpoint, "step": step, "best_step": best_step,
-                              "metrics": {f"test_{k}": v for k, v in metrics.items()}}
-    if task not in ("classification", "regression") or outputs is None or len(targets) == 0:
-        record["examples"] = None if task == "lm" else 0
-        return record
-    n = len(targets)
-    record["examples"] = n
-    width = outputs.shape[1] if task == "classification" else 1
-    cap = max(1, min(MAX_PLOTTED_EXAMPLES, MAX_PLOTTED_SCORES // max(1, width)))
-    keep = np.sort(np.random.default_rng(seed).choice(n, cap, replace=False)) if n > cap else np.arange(n)
-    record["plotted_examples"] = int(keep.size)
-    if task == "classification":
-        logits = outputs[keep].astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=1, keepdims=True)
-        record.update(num_classes=int(width), labels=targets[keep].astype(int).tolist(), scores=np.round(probs, 6).tolist())
-    else:
-        record.update(predictions=outputs.reshape(-1)[keep].astype(float).tolist(), targets=targets.reshape(-1)[keep].astype(float).tolist())
-    return record
-
-
-def read_test_record(run_uri: str, endpoint_url: Optional[str] = None) -> Optional[dict[str, Any]]:
-    """A run's test.json, or None when it has none."""
-    return storage.read_json(run_uri, TEST_RECORD, endpoint_url)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,7 +409,7 @@ class TrackingSession:
             out["tensorboard"] = {"log_dir": self.tensorboard_dir}
         return out or None
 
-    def finish(self, spec: JobSpec, status: str, summary: dict[str, Any], artifacts: list[tuple[str, Optional[str]]]) -> None:
+    def finish(self, spec: JobSpec, status: str, summary: Optional["RunSummary"], artifacts: list[tuple[str, Optional[str]]]) -> None:
         """Final metrics, hyper-parameters and artifacts ((artifact folder or "", storage URI of a file)); failures are warnings.
 
         `status` is the run's (finished, stopped by a sweep's scheduler, failed): MLflow's FINISHED for the first two, else FAILED.
@@ -547,7 +417,7 @@ class TrackingSession:
         final = final_metrics(summary)
         if self.tensorboard_dir:
             try:
-                write_hparams(self.tensorboard_dir, self.endpoint_url, flatten(spec.to_dict()), final, summary.get("steps") or 0)
+                write_hparams(self.tensorboard_dir, self.endpoint_url, flatten(spec.to_dict()), final, (summary.steps if summary else None) or 0)
             except Exception as exc:
                 log.warning("tensorboard: could not write the hyper-parameters (%s)", _one_line(exc))
         if self.mlflow_run_id:
@@ -556,14 +426,14 @@ class TrackingSession:
             except Exception as exc:
                 log.warning("mlflow: could not finish run %s (%s)", self.mlflow_run_id, _one_line(exc))
 
-    def _finish_mlflow(self, status: str, final: dict[str, float], summary: dict[str, Any], artifacts: list[tuple[str, Optional[str]]]) -> None:
+    def _finish_mlflow(self, status: str, final: dict[str, float], summary: Optional["RunSummary"], artifacts: list[tuple[str, Optional[str]]]) -> None:
         _bound_mlflow_http()
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.mlflow_uri)
         now = int(time.time() * 1000)
-        step = int((summary.get("test") or {}).get("step") or summary.get("steps") or 0)
+        step = int((summary.test.step if summary and summary.test else None) or (summary.steps if summary else None) or 0)
         metrics = [Metric(k, v, now, step) for k, v in final.items()]
         if metrics:
             client.log_batch(self.mlflow_run_id, metrics=metrics)
@@ -578,17 +448,19 @@ class TrackingSession:
                     fh.write(storage.read_bytes(fs, path))
                 client.log_artifact(self.mlflow_run_id, local, folder or None)
         # A trial that a scheduler stopped ended as planned; the tag tells it from one that trained to its end.
-        client.set_tag(self.mlflow_run_id, "orchestrator.status", status)
+        client.set_tag(self.mlflow_run_id, "orchestrator.status", str(status))
         client.set_terminated(self.mlflow_run_id, "FINISHED" if status in ("finished", "stopped") else "FAILED")
 
 
-def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
+def final_metrics(summary: Optional["RunSummary"]) -> dict[str, float]:
     """The scalar metrics that close a run: test_* of the evaluated checkpoint, and best_* validation values."""
     out: dict[str, float] = {}
-    for key, value in ((summary.get("test") or {}).get("metrics") or {}).items():
+    if summary is None:
+        return out
+    for key, value in ((summary.test.metrics if summary.test else None) or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[key] = float(value)
-    for key, value in ((summary.get("best") or {}).get("metrics") or {}).items():
+    for key, value in ((summary.best.metrics if summary.best else None) or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[f"best_{key}"] = float(value)
     return out

@@ -113,7 +113,7 @@ def test_each_kind_of_report_opens_offline_in_chromium_with_every_figure_drawn(k
         report = Path(summary_of(res)["report"])
         assert report == Path(sweep_uri) / "report.html"
     else:
-        report = Path(runs[1][kind]["report"])  # written by the run itself, at its end
+        report = Path(runs[1][kind].report)  # written by the run itself, at its end
     seen = open_in_browser(browser, report)
     assert seen["errors"] == [] and seen["external"] == [] and seen["dialogs"] == []
     assert seen["figures"] and all(f["natural"] > 0 and f["w"] > 0 and f["h"] > 0 for f in seen["figures"]), seen["figures"]
@@ -127,10 +127,10 @@ def test_each_kind_of_report_opens_offline_in_chromium_with_every_figure_drawn(k
 def test_classification_run_evaluates_its_best_checkpoint_on_the_test_split(runs):
     storage, out = runs
     summary = out["classification"]
-    assert summary["stopped_early"] and summary["steps"] == 10 and summary["best"]["step"] == 5
+    assert summary.stopped_early and summary.steps == 10 and summary.best.step == 5
     test = json.loads((storage / "digits-mlp" / "test.json").read_text())
     assert test["step"] == test["best_step"] == 5 and test["checkpoint"].endswith("checkpoint_00000005")
-    assert summary["test"]["step"] == 5 and summary["test"]["uri"] == str(storage / "digits-mlp" / "test.json")
+    assert summary.test.step == 5 and summary.test.uri == str(storage / "digits-mlp" / "test.json")
     assert test["examples"] == len(test["labels"]) == len(test["scores"]) == 180 and test["num_classes"] == 10
     assert all(abs(sum(row) - 1) < 1e-4 for row in test["scores"])
     cm = test["metrics"]["test_confusion_matrix"]
@@ -153,7 +153,7 @@ def test_best_checkpoint_gone_means_the_latest_is_evaluated(tmp_path):
     spec = load_spec(DIGITS, ["scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "train.max_steps=40", "validation.every_n_steps=5",
                               "early_stopping.patience=1", "early_stopping.min_delta=0.5", "checkpoint.every_n_steps=5", "checkpoint.keep_last=1", "checkpoint.keep_best=0"])
     out = run_job(spec, quiet=True)
-    assert out["best"]["step"] == 5 and out["test"]["step"] == 10  # keep_best=0: the best was deleted by retention
+    assert out.best.step == 5 and out.test.step == 10  # keep_best=0: the best was deleted by retention
     assert "the best one was not kept" in (tmp_path / "digits-mlp" / "report.html").read_text()
 
 
@@ -178,7 +178,7 @@ def test_report_to_a_local_file_and_run_listing_newest_first(runs, tmp_path):
     assert [r["name"] for r in listed] == ["tiny-lm", "synthetic-regression", "digits-mlp"]
     by_name = {r["name"]: r for r in listed}
     assert by_name["digits-mlp"]["status"] == "finished" and by_name["digits-mlp"]["steps"] == 10
-    assert by_name["digits-mlp"]["best_metric"] == "val_accuracy" and by_name["digits-mlp"]["best_value"] == pytest.approx(out["classification"]["best"]["value"])
+    assert by_name["digits-mlp"]["best_metric"] == "val_accuracy" and by_name["digits-mlp"]["best_value"] == pytest.approx(out["classification"].best.value)
     assert all(r["kind"] == "run" and r["wall_s"] > 0 for r in listed)
     table = orchestrator("runs", str(storage))
     assert table.returncode == 0 and table.stdout.index("tiny-lm") < table.stdout.index("digits-mlp")
@@ -211,12 +211,12 @@ def test_run_on_s3_keeps_its_test_record_report_and_tensorboard_there(s3_server,
                               "tracking.tensorboard={}"])
     out = run_job(spec, quiet=True)
     run_uri = f"s3://{bucket}/runs/digits-mlp"
-    assert out["report"] == f"{run_uri}/report.html" and out["test"]["uri"] == f"{run_uri}/test.json"
+    assert out.report == f"{run_uri}/report.html" and out.test.uri == f"{run_uri}/test.json"
     keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="runs/digits-mlp/")["Contents"]}
     assert {"runs/digits-mlp/report.html", "runs/digits-mlp/test.json", "runs/digits-mlp/run.json", "runs/digits-mlp/metrics.jsonl"} <= keys
     assert any(k.startswith("runs/digits-mlp/tensorboard/events.out.tfevents.") for k in keys)
     run = load_run(run_uri)
-    assert run.test["step"] == out["test"]["step"] and len(run.history) == 4
+    assert run.test["step"] == out.test.step and len(run.history) == 4
     local = write_report(run_uri, out=str(tmp_path / "r.html"))
     assert Path(local).read_text().count('<figure class="plot">') >= 8
 

@@ -12,7 +12,7 @@ from conftest import S3Server, TcpProxy, free_port
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
 from orchestrator.spec import build_spec
-from orchestrator.train import LoopContext, run_training
+from orchestrator.loop import LoopContext, run_training
 
 JOB = {
     "name": "outage",
@@ -98,7 +98,7 @@ def test_outage_mid_run_is_survived_with_identical_weights(s3_behind_proxy):
     watcher.stop_flag.set()
     watcher.join()
     assert time.time() - start > 3.0  # the run really waited out the outage
-    assert summary["steps"] == 2 * 41 and summary["checkpoint"].endswith("checkpoint_00000082")
+    assert summary.steps == 2 * 41 and summary.checkpoint.endswith("checkpoint_00000082")
     assert watcher.partial == [] and watcher.checked > 0
     final = weights_of(run_uri, server.endpoint)
     expected = weights_of("s3://outage/reference/outage", server.endpoint)
@@ -120,5 +120,5 @@ def test_long_outage_fails_clearly_and_a_rerun_resumes(s3_behind_proxy, monkeypa
 
     proxy.start()
     summary = run_training(spec, LoopContext(run_uri=run_uri, log=lambda m: None))
-    assert summary["resumed_from"] == f"{run_uri}/checkpoint_{committed[-1].step:08d}"
-    assert summary["steps"] == 2 * 41
+    assert summary.resumed_from == f"{run_uri}/checkpoint_{committed[-1].step:08d}"
+    assert summary.steps == 2 * 41

@@ -205,8 +205,9 @@ def test_build_sweep_submission_runs_the_sweep_command_on_the_cluster(tmp_path):
 def test_exploit_copies_the_donors_checkpoint_with_the_recipients_optimizer_settings(tmp_path):
     from ray import tune
 
-    from orchestrator.sweep import POINTER, adopt_exploited_checkpoint
-    from orchestrator.train import LoopContext, run_training
+    from orchestrator.rundir import RunDir
+    from orchestrator.sweep.trial import POINTER, adopt_exploited_checkpoint
+    from orchestrator.loop import LoopContext, run_training
 
     raw = {"model": {"name": "mlp", "hidden": 16, "layers": 1}, "train": {"epochs": 1, "max_steps": 8, "batch_size": 64},
            "schedule": {"name": "warmup_cosine", "warmup_steps": 2}, "checkpoint": {"storage": str(tmp_path), "every_n_steps": 4, "keep_last": 5}}
@@ -218,7 +219,7 @@ def test_exploit_copies_the_donors_checkpoint_with_the_recipients_optimizer_sett
     (pointer / POINTER).write_text(json.dumps({"run_uri": donor, "step": 4}))
     spec = build_spec(raw, ["optim.lr=0.02", "optim.weight_decay=0.5"])
 
-    assert adopt_exploited_checkpoint(tune.Checkpoint.from_directory(str(pointer)), recipient, spec, None) == f"{donor}/checkpoint_00000004"
+    assert adopt_exploited_checkpoint(tune.Checkpoint.from_directory(str(pointer)), RunDir.open(recipient), spec) == f"{donor}/checkpoint_00000004"
     fs, root = storage.open_storage(recipient)
     found = ckpt.list_checkpoints(fs, root)
     assert [c.step for c in found] == [4]  # the recipient's own lineage (steps 3, 6) is gone
@@ -231,10 +232,10 @@ def test_exploit_copies_the_donors_checkpoint_with_the_recipients_optimizer_sett
 
     # The loop resumes the copy at the donor's step with the recipient's LR on the schedule.
     summary = run_training(spec, LoopContext(run_uri=recipient))
-    assert summary["resumed_from"].endswith("checkpoint_00000004") and summary["steps"] == 8
+    assert summary.resumed_from.endswith("checkpoint_00000004") and summary.steps == 8
     # Its own pointer is no exploit: nothing changes.
     (pointer / POINTER).write_text(json.dumps({"run_uri": recipient, "step": 8}))
-    assert adopt_exploited_checkpoint(tune.Checkpoint.from_directory(str(pointer)), recipient, spec, None) is None
+    assert adopt_exploited_checkpoint(tune.Checkpoint.from_directory(str(pointer)), RunDir.open(recipient), spec) is None
     assert [c.step for c in ckpt.list_checkpoints(fs, root)] == [4, 8]
 
 

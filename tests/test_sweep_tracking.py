@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from orchestrator import tracking
+from orchestrator.provenance import job_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 LR_SWEEP = "jobs/sweep_digits_lr.yaml"
@@ -65,7 +65,7 @@ def test_sweep_is_a_parent_run_and_each_trial_a_child_run_with_its_provenance(ml
         assert float(child.data.params["optim.lr"]) == trial["config"]["optim.lr"] and child.data.params["model.hidden"] == "16"
         # Provenance like an ordinary run's: in run.json and as the child's tags.
         prov = trial_record["provenance"]
-        assert prov["job_hash"] == tracking.job_hash(trial_record["job"]) == child.data.tags["orchestrator.job_hash"]
+        assert prov["job_hash"] == job_hash(trial_record["job"]) == child.data.tags["orchestrator.job_hash"]
         assert prov["world_size"] == 1 and prov["hosts"] == 1 and prov["data"]["source"] == "digits" and prov["git"]["commit"]
         assert child.data.tags["mlflow.source.git.commit"] == prov["git"]["commit"]
         # The trial's metric history, step by step as in its metrics.jsonl.

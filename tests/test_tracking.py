@@ -22,10 +22,11 @@ from conftest import free_port
 from orchestrator import tracking
 from orchestrator.checkpoint import CheckpointManifest, list_checkpoints
 from orchestrator.errors import BadInput
-from orchestrator.launch import provenance, run_job
+from orchestrator.launch import run_job
+from orchestrator.provenance import collect_provenance, git_state, job_hash
 from orchestrator.spec import build_spec, load_spec
-from orchestrator.storage import open_storage
-from orchestrator.train import LoopContext, run_training
+from orchestrator.storage import open_storage, redact
+from orchestrator.loop import LoopContext, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "jobs" / "digits_mlp.yaml")
@@ -68,7 +69,7 @@ def test_run_feeds_mlflow_and_tensorboard_and_records_its_provenance(mlflow_serv
     assert subprocess.run(["git", "-C", str(ROOT), "merge-base", "--is-ancestor", commit, "HEAD"]).returncode == 0
     assert prov["git"]["root"] == str(ROOT) and isinstance(prov["git"]["dirty"], bool)
     assert prov["world_size"] == 1 and prov["hosts"] == 1 and prov["seed"] == 0
-    assert prov["job_hash"] == tracking.job_hash(record["job"])
+    assert prov["job_hash"] == job_hash(record["job"])
     assert prov["data"]["source"] == "digits" and prov["data"]["package"] == "scikit-learn" and prov["data"]["version"]
     fs, root = open_storage(str(run_dir))
     for info in list_checkpoints(fs, root):
@@ -132,7 +133,7 @@ def test_sqlite_uri_on_the_command_line_turns_mlflow_on_and_a_resumed_run_contin
 
 def test_sweep_trials_are_child_runs_of_the_sweep_run(mlflow_server, tmp_path):
     spec = build_spec({"name": "sw"}, [f"checkpoint.storage={tmp_path}", f"tracking.mlflow.tracking_uri={mlflow_server.uri}", "tracking.mlflow.experiment=sweeps"])
-    prov = provenance(spec)
+    prov = collect_provenance(spec)
     parent = tracking.TrackingSession.start(spec, f"{tmp_path}/sw", "sw", prov)
     children = [tracking.TrackingSession.start(spec, f"{tmp_path}/sw/t{i}", f"t{i}", prov, parent_run_id=parent.mlflow_run_id) for i in range(2)]
     client = MlflowClient(mlflow_server.uri)
@@ -216,7 +217,7 @@ def test_tracking_server_failing_mid_run_is_a_warning_and_does_not_slow_training
     run_training(spec, LoopContext(run_uri=str(tmp_path / "baseline"), log=lambda msg: None))
     baseline = time.perf_counter() - start
 
-    session = tracking.TrackingSession.start(spec, str(tmp_path / "tracked"), "tracked", provenance(spec))
+    session = tracking.TrackingSession.start(spec, str(tmp_path / "tracked"), "tracked", collect_provenance(spec))
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     tracker = tracking.create_tracker(session.worker_config())
@@ -226,7 +227,7 @@ def test_tracking_server_failing_mid_run_is_a_warning_and_does_not_slow_training
             start = time.perf_counter()
             out = run_training(spec, LoopContext(run_uri=str(tmp_path / "tracked"), log=lambda msg: None, track=tracker))
             tracked = time.perf_counter() - start
-            assert out["steps"] == 60
+            assert out.steps == 60
             # 66 entries, each a request the hung server holds for 2 s: synchronous tracking would add minutes.
             assert tracked < baseline + 5, (tracked, baseline)
             tracker.close(timeout=10)
@@ -248,7 +249,7 @@ def test_loop_ignores_a_track_callable_that_raises(tmp_path):
         raise RuntimeError("user tracker bug")
 
     spec = load_spec(DIGITS, [f"checkpoint.storage={tmp_path}", "train.max_steps=6", "validation.every_n_steps=6"])
-    assert run_training(spec, LoopContext(run_uri=str(tmp_path / "r"), log=lambda msg: None, track=broken))["steps"] == 6
+    assert run_training(spec, LoopContext(run_uri=str(tmp_path / "r"), log=lambda msg: None, track=broken)).steps == 6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,20 +264,20 @@ def test_git_state_of_a_checkout_and_of_a_plain_directory(tmp_path):
     (repo / "model.py").write_text("x = 1\n")
     git("add", "model.py")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
-    state = tracking.git_state(str(repo))
+    state = git_state(str(repo))
     assert state == {"commit": git("rev-parse", "HEAD"), "dirty": False, "root": str(repo)}
     (repo / "model.py").write_text("x = 2\n")
-    assert tracking.git_state(str(repo))["dirty"] is True
+    assert git_state(str(repo))["dirty"] is True
     plain = tmp_path / "plain"
     plain.mkdir()
-    assert tracking.git_state(str(plain)) is None
+    assert git_state(str(plain)) is None
 
 
 def test_job_hash_ignores_key_order_and_sees_every_value():
     a = {"optim": {"lr": 0.1, "name": "sgd"}, "name": "x"}
     b = {"name": "x", "optim": {"name": "sgd", "lr": 0.1}}
-    assert tracking.job_hash(a) == tracking.job_hash(b)
-    assert tracking.job_hash(a) != tracking.job_hash({**a, "optim": {"lr": 0.2, "name": "sgd"}})
+    assert job_hash(a) == job_hash(b)
+    assert job_hash(a) != job_hash({**a, "optim": {"lr": 0.2, "name": "sgd"}})
 
 
 def test_parquet_run_records_its_files_with_sizes_and_times(tmp_path):
@@ -286,12 +287,12 @@ def test_parquet_run_records_its_files_with_sizes_and_times(tmp_path):
     parquet = ROOT / "jobs" / "data" / "diabetes.parquet"
     assert data["source"] == "parquet" and data["files"][0]["path"] == str(parquet)
     assert data["files"][0]["size"] == parquet.stat().st_size and data["files"][0]["mtime"]
-    assert out["test"]["metrics"]["test_mse"] > 0
+    assert out.test.metrics["test_mse"] > 0
 
 
 def test_redact_hides_credentials_in_uris():
-    assert tracking.redact("https://bob:pw@mlflow.example:5000/x?token=abc&b=1") == "https://mlflow.example:5000/x?token=***&b=1"
-    assert tracking.redact("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
+    assert redact("https://bob:pw@mlflow.example:5000/x?token=abc&b=1") == "https://mlflow.example:5000/x?token=***&b=1"
+    assert redact("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
 
 
 def test_a_preflight_error_names_the_field():

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
 from orchestrator.spec import build_spec
-from orchestrator.train import LoopContext, run_training
+from orchestrator.loop import LoopContext, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,12 +44,12 @@ class Crash(Exception):
 def test_same_seed_same_metrics_and_weights(tmp_path):
     a = run_training(spec_with(tmp_path), LoopContext(run_uri=str(tmp_path / "a")))
     b = run_training(spec_with(tmp_path), LoopContext(run_uri=str(tmp_path / "b")))
-    assert a["metrics"] == b["metrics"] and a["steps"] == b["steps"] == 3 * 21
+    assert a.metrics == b.metrics and a.steps == b.steps == 3 * 21
     wa, _ = final_weights(str(tmp_path / "a"))
     wb, _ = final_weights(str(tmp_path / "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     c = run_training(spec_with(tmp_path, "train.seed=4"), LoopContext(run_uri=str(tmp_path / "c")))
-    assert c["metrics"] != a["metrics"]
+    assert c.metrics != a.metrics
 
 
 @pytest.mark.parametrize("asynchronous", [True, False])
@@ -70,7 +70,7 @@ def test_crash_and_rerun_ends_with_identical_weights(tmp_path, asynchronous):
     assert info.step == 28  # mid-epoch (21 steps an epoch): the data position matters  # a mid-epoch checkpoint survived the crash
 
     resumed = run_training(spec, LoopContext(run_uri=str(tmp_path / "crashed")))
-    assert resumed["resumed_from"].endswith(f"checkpoint_{info.step:08d}")
+    assert resumed.resumed_from.endswith(f"checkpoint_{info.step:08d}")
     straight, _ = final_weights(str(tmp_path / "straight"))
     again, _ = final_weights(str(tmp_path / "crashed"))
     assert straight.keys() == again.keys()
@@ -103,7 +103,7 @@ def test_finished_run_does_not_train_again(tmp_path):
     spec = spec_with(tmp_path, "train.epochs=1")
     first = run_training(spec, LoopContext(run_uri=str(tmp_path / "r")))
     second = run_training(spec, LoopContext(run_uri=str(tmp_path / "r")))
-    assert second["steps"] == first["steps"] and second["train_s"] < first["train_s"]
+    assert second.steps == first.steps and second.train_s < first.train_s
 
 
 def test_keep_last_retention(tmp_path):
@@ -119,21 +119,21 @@ def test_the_best_checkpoint_is_kept_and_tested_by_default(tmp_path):
     out = run_training(spec, LoopContext(run_uri=str(tmp_path / "r")))
     fs, root = storage.open_storage(str(tmp_path / "r"))
     assert [c.step for c in ckpt.list_checkpoints(fs, root)] == [21, 63]
-    assert out["best"]["step"] == 21 and out["test"]["step"] == 21 and out["test"]["checkpoint"].endswith("checkpoint_00000021")
+    assert out.best.step == 21 and out.test.step == 21 and out.test.checkpoint.endswith("checkpoint_00000021")
 
 
 def test_early_stopping(tmp_path):
     spec = spec_with(tmp_path, "train.epochs=30", "optim.lr=0.3", "early_stopping.metric=val_accuracy", "early_stopping.mode=max", "early_stopping.patience=2", "early_stopping.min_delta=0.5")
     out = run_training(spec, LoopContext(run_uri=str(tmp_path / "r")))
     # min_delta 0.5 means nothing after the first validation counts as better: stop after 1 + 2 validations.
-    assert out["stopped_early"] and out["steps"] == 3 * 21 and out["best"]["step"] == 21
+    assert out.stopped_early and out.steps == 3 * 21 and out.best.step == 21
 
 
 def test_grad_accumulation_matches_a_larger_batch(tmp_path):
     raw = {**SMALL, "model": {"name": "mlp", "hidden": 16, "layers": 1}, "data": {"name": "digits"}, "optim": {"name": "sgd", "lr": 0.1}, "schedule": {"name": "constant"}}
     big = run_training(build_spec(raw, [f"checkpoint.storage={tmp_path}", "train.batch_size=64", "train.epochs=1"]), LoopContext(run_uri=str(tmp_path / "big")))
     acc = run_training(build_spec(raw, [f"checkpoint.storage={tmp_path}", "train.batch_size=32", "train.grad_accum_steps=2", "train.epochs=1"]), LoopContext(run_uri=str(tmp_path / "acc")))
-    assert big["steps"] == acc["steps"] == 21
+    assert big.steps == acc.steps == 21
     wb, _ = final_weights(str(tmp_path / "big"))
     wa, _ = final_weights(str(tmp_path / "acc"))
     for k in wb:
@@ -143,7 +143,7 @@ def test_grad_accumulation_matches_a_larger_batch(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(tmp_path, precision):
     out = run_training(spec_with(tmp_path, f"train.precision={precision}", "train.epochs=2", "train.clip_grad_norm=1.0"), LoopContext(run_uri=str(tmp_path / precision)))
-    assert out["metrics"]["val_accuracy"] > 0.7
+    assert out.metrics["val_accuracy"] > 0.7
 
 
 def test_transfer_learning_with_frozen_layers(tmp_path):
@@ -159,7 +159,7 @@ def test_transfer_learning_with_frozen_layers(tmp_path):
     matched = [k for k in src_weights if k.startswith(pattern[:-1])]
     assert matched and all(torch.equal(src_weights[k], tgt_weights[k]) for k in matched)
     assert any(not torch.equal(src_weights[k], tgt_weights[k]) for k in src_weights if k not in matched)
-    assert out["metrics"]["val_accuracy"] > 0.8
+    assert out.metrics["val_accuracy"] > 0.8
 
 
 def test_freeze_pattern_that_matches_nothing_is_an_error(tmp_path):
@@ -171,12 +171,12 @@ def test_s3_checkpoints_and_resume(tmp_path, bucket):
     spec = build_spec(SMALL, [f"checkpoint.storage=s3://{bucket}/runs", "train.epochs=1"])
     run_uri = f"s3://{bucket}/runs/t"
     out = run_training(spec, LoopContext(run_uri=run_uri))
-    assert out["checkpoint"] == f"{run_uri}/checkpoint_00000021"
+    assert out.checkpoint == f"{run_uri}/checkpoint_00000021"
     fs, root = storage.open_storage(run_uri)
     assert [c.step for c in ckpt.list_checkpoints(fs, root)] == [7, 14, 21]
     assert fs.cat_file(f"{root}/metrics.jsonl").count(b"\n") >= 4
     again = run_training(build_spec(SMALL, [f"checkpoint.storage=s3://{bucket}/runs", "train.epochs=2"]), LoopContext(run_uri=run_uri))
-    assert again["resumed_from"] == f"{run_uri}/checkpoint_00000021" and again["steps"] == 42
+    assert again.resumed_from == f"{run_uri}/checkpoint_00000021" and again.steps == 42
 
 
 def _ddp_rank(rank, world, port, run_uri, out_dir, extra=()):
@@ -188,7 +188,7 @@ def _ddp_rank(rank, world, port, run_uri, out_dir, extra=()):
     try:
         spec = build_spec(SMALL, [f"checkpoint.storage={out_dir}", "train.epochs=1", *extra])
         summary = run_training(spec, LoopContext(run_uri=run_uri, rank=rank, world_size=world, log=lambda m: None))
-        torch.save({"summary_steps": summary["steps"], "metrics": summary["metrics"]}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"summary_steps": summary.steps, "metrics": summary.metrics}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -213,8 +213,8 @@ def test_elastic_resume_on_fewer_workers_keeps_the_epoch_position(tmp_path):
     mp.start_processes(_ddp_rank, args=(2, free_port(), run_uri, str(tmp_path), ["train.max_steps=5"]), nprocs=2, join=True, start_method="spawn")
     # The two ranks consumed 5 batches each: 10 batches of the 21 a single worker takes per epoch.
     out = run_training(spec_with(tmp_path, "train.epochs=1"), LoopContext(run_uri=run_uri))
-    assert out["resumed_from"].endswith("checkpoint_00000005")
-    assert out["steps"] == 5 + (21 - 10)
+    assert out.resumed_from.endswith("checkpoint_00000005")
+    assert out.steps == 5 + (21 - 10)
 
 
 @pytest.mark.slow
@@ -222,7 +222,7 @@ def test_torch_compile_matches_eager(tmp_path):
     raw = {**SMALL, "model": {"name": "mlp", "hidden": 32, "layers": 1}, "data": {"name": "digits"}}
     eager = run_training(build_spec(raw, [f"checkpoint.storage={tmp_path}", "train.epochs=1"]), LoopContext(run_uri=str(tmp_path / "eager")))
     compiled = run_training(build_spec(raw, [f"checkpoint.storage={tmp_path}", "train.epochs=1", "train.compile=true"]), LoopContext(run_uri=str(tmp_path / "compiled")))
-    assert compiled["steps"] == eager["steps"]
-    assert compiled["metrics"]["val_loss"] == pytest.approx(eager["metrics"]["val_loss"], rel=1e-3)
+    assert compiled.steps == eager.steps
+    assert compiled.metrics["val_loss"] == pytest.approx(eager.metrics["val_loss"], rel=1e-3)
     # The checkpoint holds the module's own names, not torch.compile's wrapper prefix.
     assert not any(k.startswith("_orig_mod") for k in final_weights(str(tmp_path / "compiled"))[0])

@@ -1,0 +1,125 @@
+"""The run's checkpoints as the loop sees them: the latest restored at the start, snapshots committed as training goes.
+
+Every rank hands rank 0 its RNG state; rank 0 alone writes. The snapshot is a host copy taken on the
+training thread; serializing, uploading, committing and retention run on the writer's thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict
+from typing import Any, Callable, Optional
+
+import torch
+import yaml
+
+from orchestrator import checkpoint as ckpt
+from orchestrator import storage
+from orchestrator.loop.context import LoopContext
+from orchestrator.loop.early_stopping import watched_metric
+from orchestrator.loop.evaluate import all_gather
+from orchestrator.loop.parts import Parts
+from orchestrator.loop.state import TrainState, capture_rng, restore_rng, seed_everything
+from orchestrator.rundir import MetricsLog, RunDir
+from orchestrator.spec import JobSpec
+
+
+class Checkpointer:
+    """Restore, save and close the run's checkpoints for one rank."""
+
+    def __init__(self, run: RunDir, spec: JobSpec, ctx: LoopContext, parts: Parts):
+        self.run, self.spec, self.ctx, self.parts = run, spec, ctx, parts
+        self.writer = ckpt.CheckpointWriter(run.fs, run.root, asynchronous=spec.checkpoint.async_) if ctx.is_main else None
+
+    def restore(self, say: Callable[[str], None]) -> tuple[TrainState, Optional[str]]:
+        """The state of the newest checkpoint that verifies, loaded into the parts, and its URI; a fresh state and None when there is none."""
+        restored = ckpt.restore_latest(self.run.fs, self.run.root)
+        if restored is None:
+            return TrainState(), None
+        info, files = restored
+        p, ctx = self.parts, self.ctx
+        p.model.load_state_dict(ckpt.deserialize_weights(files[ckpt.WEIGHTS]))
+        saved = ckpt.deserialize_state(files["state.pt"])
+        p.optimizer.load_state_dict(saved["optimizer"])
+        p.schedule.load_state_dict(saved["schedule"])
+        p.scaler.load_state_dict(saved["scaler"])
+        state = TrainState(**saved["train"])
+        rngs = ckpt.deserialize_state(files["rng.pt"])
+        # Same world size: each rank continues its own streams; another size re-derives them from the seed.
+        if len(rngs) == ctx.world_size:
+            restore_rng(rngs[ctx.rank])
+        else:
+            seed_everything(self.spec.train.seed + ctx.rank + 7919 * state.step)
+            # Elastic restart on another number of workers: keep the epoch's position in examples seen.
+            state.batch = min(state.batch * len(rngs) // ctx.world_size, p.batches_per_epoch - 1)
+        say(f"resumed from {info.uri} (step {state.step}, epoch {state.epoch}, batch {state.batch})")
+        return state, info.uri
+
+    def save(self, state: TrainState, metrics: dict[str, Any], metrics_log: Optional[MetricsLog]) -> None:
+        """Checkpoint this step (every rank calls it): the time the training thread spends here is counted in the state."""
+        blocked_from = time.perf_counter()
+        rngs = all_gather(capture_rng(), self.ctx.world_size)
+        if self.writer is not None:
+            self._snapshot_and_commit(state, rngs, metrics, metrics_log)
+        state.checkpoint_blocked_s += time.perf_counter() - blocked_from
+
+    def _snapshot_and_commit(self, state: TrainState, rngs: list, metrics: dict[str, Any], metrics_log: Optional[MetricsLog]) -> None:
+        p = self.parts
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in p.model.state_dict().items()}
+        opt_state = _cpu_copy(p.optimizer.state_dict())
+        sched_state, scaler_state = _cpu_copy(p.schedule.state_dict()), _cpu_copy(p.scaler.state_dict())
+        train_state = _cpu_copy(asdict(state))
+        counters = _cpu_copy(state.counters())
+        job_yaml = yaml.safe_dump(self.spec.to_dict(), sort_keys=False).encode()
+
+        def build_files() -> dict[str, bytes]:
+            return {
+                ckpt.WEIGHTS: ckpt.serialize_weights(weights),
+                "state.pt": ckpt.serialize_state({"optimizer": opt_state, "schedule": sched_state, "scaler": scaler_state, "train": train_state}),
+                "rng.pt": ckpt.serialize_state(rngs),
+                "job.yaml": job_yaml,
+            }
+
+        retain = self._retention(state.best_step)
+        flush = metrics_log.snapshot_flush() if metrics_log is not None else (lambda: None)
+
+        def after_commit() -> None:
+            retain()
+            flush()
+
+        scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+        self.writer.save(state.step, state.epoch, build_files, scalars, then=after_commit, train=counters)
+
+    def _retention(self, best_step: Optional[int]) -> Callable[[], None]:
+        """Retention after a commit, with the best step as it was when the checkpoint was taken (not as training has moved on)."""
+        metric, mode = watched_metric(self.spec)
+        c = self.spec.checkpoint
+        return lambda: ckpt.apply_retention(self.run.fs, self.run.root, c.keep_last, c.keep_best, metric, mode, best_step=best_step)
+
+    def close(self) -> Optional[str]:
+        """Wait for the last upload to commit; the URI of the newest committed checkpoint (rank 0), else None."""
+        if self.writer is None:
+            return None
+        self.writer.close()
+        if self.writer.last_committed:
+            return storage.to_uri(self.run.fs, self.writer.last_committed)
+        latest = ckpt.list_checkpoints(self.run.fs, self.run.root)
+        return latest[-1].uri if latest else None
+
+    def abandon(self) -> None:
+        """Whatever ended the loop, the upload in flight is committed before this rank lets go."""
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A deep copy with tensors on the host, so the background writer never sees training mutate them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj

@@ -1,0 +1,108 @@
+"""Metrics of a split across ranks (every rank gets the same numbers), and the best checkpoint on the test split."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from orchestrator import checkpoint as ckpt
+from orchestrator import storage
+from orchestrator.loop.context import LoopContext
+from orchestrator.loop.step import autocast_for, compute_loss
+from orchestrator.metrics import compute_metrics
+from orchestrator.rundir import RunDir
+from orchestrator.runrecord import TestSummary
+from orchestrator.spec import CLASSIFICATION_METRICS, LM_METRICS, REGRESSION_METRICS, JobSpec
+
+# The test metrics use the whole split; the plot data in test.json a seeded sample of it, so the
+# file stays small for big test sets.
+MAX_PLOTTED_EXAMPLES = 20_000
+MAX_PLOTTED_SCORES = 2_000_000
+
+
+def all_gather(obj: Any, world_size: int) -> list[Any]:
+    """Every rank's object (a list of one when not distributed)."""
+    if world_size == 1 or not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, task: str, names: Optional[list[str]] = None, return_outputs: bool = False):
+    """Metrics of a split over all ranks' shards; every rank gets the same numbers (with `return_outputs`, also the outputs and targets)."""
+    model.eval()
+    outputs, targets, loss_sum, count = [], [], 0.0, 0
+    for x, y in source.batches(0, ctx.rank, ctx.world_size):
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        with autocast_for(spec.train.precision, ctx.device):
+            out = model(x)
+        n = y.numel() if task == "lm" else y.shape[0]
+        loss_sum += compute_loss(task, out, y).item() * n
+        count += n
+        if task != "lm":  # per-token logits of a language model are too big to gather; perplexity needs only the loss
+            outputs.append(out.float().cpu())
+            targets.append(y.cpu())
+    model.train()
+    gathered = all_gather((loss_sum, count, outputs, targets), ctx.world_size)
+    total_loss = sum(g[0] for g in gathered)
+    total = sum(g[1] for g in gathered)
+    if total == 0:
+        return ({}, None, None) if return_outputs else {}
+    outs = [o for g in gathered for o in g[2]]
+    tgts = [t for g in gathered for t in g[3]]
+    out_t = torch.cat(outs) if outs else torch.empty(0)
+    tgt_t = torch.cat(tgts) if tgts else torch.empty(0)
+    metrics = compute_metrics(task, names or spec.metric_names(), out_t, tgt_t, total_loss / total)
+    return (metrics, out_t, tgt_t) if return_outputs else metrics
+
+
+def evaluate_best_on_test(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, task: str, run: RunDir,
+                          best_step: Optional[int]) -> Optional[TestSummary]:
+    """Rank 0 alone: the best committed checkpoint (else the latest) on the whole test split, written to `<run>/test.json`."""
+    found = ckpt.list_checkpoints(run.fs, run.root)
+    if not found or source.size == 0:
+        return None
+    info = next((c for c in found if c.step == best_step), found[-1])
+    model = copy.deepcopy(model)
+    model.load_state_dict(ckpt.deserialize_weights(ckpt.read_verified(run.fs, info, [ckpt.WEIGHTS])[ckpt.WEIGHTS]))
+    names = list({"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS, "lm": LM_METRICS}.get(task, ("loss",)))
+    metrics, out, tgt = evaluate(model, source, spec, replace(ctx, rank=0, world_size=1), task, names=names, return_outputs=True)
+    checkpoint_uri = storage.to_uri(run.fs, info.path)
+    record = build_test_record(task, metrics, out.numpy() if out is not None else None, tgt.numpy() if tgt is not None else None,
+                               checkpoint_uri, info.step, best_step, spec.train.seed)
+    return TestSummary(uri=run.write_test(record), checkpoint=checkpoint_uri, step=info.step, metrics=record["metrics"])
+
+
+def build_test_record(task: str, metrics: dict[str, Any], outputs, targets, checkpoint: str, step: int,
+                      best_step: Optional[int], seed: int) -> dict[str, Any]:
+    """test.json: test_* metrics plus labels and softmax scores (classification) or predictions and targets (regression).
+
+    `outputs` and `targets` are NumPy arrays of the whole split (unused for lm).
+    """
+    record: dict[str, Any] = {"split": "test", "task": task, "checkpoint": checkpoint, "step": step, "best_step": best_step,
+                              "metrics": {f"test_{k}": v for k, v in metrics.items()}}
+    if task not in ("classification", "regression") or outputs is None or len(targets) == 0:
+        record["examples"] = None if task == "lm" else 0
+        return record
+    n = len(targets)
+    record["examples"] = n
+    width = outputs.shape[1] if task == "classification" else 1
+    cap = max(1, min(MAX_PLOTTED_EXAMPLES, MAX_PLOTTED_SCORES // max(1, width)))
+    keep = np.sort(np.random.default_rng(seed).choice(n, cap, replace=False)) if n > cap else np.arange(n)
+    record["plotted_examples"] = int(keep.size)
+    if task == "classification":
+        logits = outputs[keep].astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        record.update(num_classes=int(width), labels=targets[keep].astype(int).tolist(), scores=np.round(probs, 6).tolist())
+    else:
+        record.update(predictions=outputs.reshape(-1)[keep].astype(float).tolist(), targets=targets.reshape(-1)[keep].astype(float).tolist())
+    return record

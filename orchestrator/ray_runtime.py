@@ -1,0 +1,114 @@
+"""Ray for runs and sweeps: a Ray already up on this machine, or an embedded one, and Ray Train's settings for our runs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import tempfile
+from typing import Any, Optional
+
+from orchestrator.errors import BadInput
+
+
+# Ray Train's controller takes one report per worker per poll, and a worker's next report waits for that
+# slot: at Ray's default of 2 s, validations every epoch of a small job queue up behind it.
+TRAIN_POLL_INTERVAL_S = "0.1"
+
+
+def _train_settings(embedded: bool) -> dict[str, str]:
+    """Ray Train settings for the runs we start, where the user has not set them.
+
+    An embedded single-node Ray has no dashboard (its state API is what Ray Train's state actor
+    reconciles against) and never drains a node (the preemption watcher is an actor of its own).
+    """
+    wanted = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_INTERVAL_S}
+    if embedded:
+        wanted.update(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION="0")
+    return {key: value for key, value in wanted.items() if key not in os.environ}
+
+
+@contextlib.contextmanager
+def _environment(settings: dict[str, str]):
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key in settings:
+            os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def train_environment(embedded: bool):
+    """Ray Train's settings for a fit() on a Ray this process did not start: Ray Train hands them to its actors.
+
+    An embedded Ray got them at its start (`start_ray`): every Ray process inherits them, and Ray
+    Train, not seeing them set here, adds no runtime environment to its workers (a runtime
+    environment means a fresh worker process through Ray's runtime-env agent, not a prestarted one).
+    """
+    with _environment({} if embedded else _train_settings(embedded=False)):
+        yield
+
+
+def running_local_ray() -> Optional[str]:
+    """The address of a Ray already up on this machine (`ray start --head`), or None.
+
+    Ray records its newest local cluster in its temp dir; a cluster that has since stopped leaves the
+    file behind, so the GCS port must also answer.
+    """
+    temp_dir = os.environ.get("RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "ray")
+    try:
+        with open(os.path.join(temp_dir, "ray_current_cluster")) as fh:
+            address = fh.read().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return address
+    except OSError:
+        return None
+
+
+def resolve_address(address: Optional[str]) -> Optional[str]:
+    """Where a run's Ray is: the given address, else a Ray already up on this machine, else None (start an embedded one).
+
+    `local` asks for a new embedded Ray even when another one is up.
+    """
+    if address == "local":
+        return None
+    # "auto" rather than the address itself: Ray then reads the local cluster's session, token authentication included.
+    return address or ("auto" if running_local_ray() else None)
+
+
+def start_ray(address: Optional[str], log_to_driver: bool = True, prestart: bool = True) -> bool:
+    """Attach to Ray at `address`, or start an embedded Ray of this machine's CPUs; True if this call connected (shut it down after).
+
+    An embedded Ray has no dashboard: it serves the Jobs API and the state API, which runs and sweeps
+    do not use (Ray Train's state actor reconciliation, which would, is off there), and its processes
+    compete with the run's for two cores. `prestart` leaves Ray's idle workers to start with it:
+    only tasks and actors without a runtime environment (Tune's trials) can use them.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
+    settings: dict[str, str] = {}
+    if address:
+        kwargs["address"] = address
+    else:
+        # "local": a new embedded Ray even when a `ray start` cluster runs on this machine.
+        kwargs.update(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+        settings = _train_settings(embedded=True)
+        if not prestart and "RAY_prestart_worker_first_driver" not in os.environ:
+            settings["RAY_prestart_worker_first_driver"] = "0"
+    try:
+        with _environment(settings):
+            ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise BadInput(f"--address {address}: cannot connect to Ray ({exc})") from None
+    return True

@@ -1,0 +1,94 @@
+"""The sweep's live view: one line when trials change state or the best improves; trials and their status in words.
+
+`SweepProgress` is a Tune callback that Tune keeps in its experiment state, so a resumed sweep gets
+the interrupted one's back: it holds only data, and prints through this process's `say` (set by
+`live_view`) from the moment Tune sets it up, with its clock started then.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Optional
+
+from ray.tune import Callback
+
+from orchestrator.rundir import RunDir
+from orchestrator.runrecord import RunRecord
+from orchestrator.sweep.export import trial_status
+from orchestrator.sweep.load import settings_text
+
+# Where this process's live view goes; restored callbacks find it here rather than in their pickled state.
+_say: Callable[[str], None] = print
+
+
+def run_status(run_uri: str, endpoint: Optional[str]) -> Optional[str]:
+    """The status in a trial's run.json (finished, stopped, failed, running), or None."""
+    record = RunRecord.load(RunDir.open(run_uri, endpoint))
+    return str(record.status) if record else None
+
+
+def _is_better(value: Any, best: Any, mode: str) -> bool:
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def live_view(sweep_uri: str, endpoint: Optional[str], metric: str, mode: str, say: Callable[[str], None], every_s: float = 5.0) -> "SweepProgress":
+    """The live view of a sweep, printing through `say` (a restored one prints there too)."""
+    global _say
+    _say = say
+    return SweepProgress(sweep_uri, endpoint, metric, mode, every_s)
+
+
+class SweepProgress(Callback):
+    """A Tune callback printing one line when trials change state or the best improves (at most every `every_s` otherwise)."""
+
+    def __init__(self, sweep_uri: str, endpoint: Optional[str], metric: str, mode: str, every_s: float = 5.0):
+        self.sweep_uri, self.endpoint, self.metric, self.mode, self.every_s = sweep_uri, endpoint, metric, mode, every_s
+        self.t0 = time.time()
+        self.last_line, self.last_time = "", 0.0
+        self.ended: dict[str, Optional[str]] = {}  # trial id -> its run's status, read once when it ends
+
+    def setup(self, **info) -> None:
+        # Called as Tune's run starts, a resumed one included: the clock runs from this process's start of it.
+        self.t0 = time.time()
+        self.last_line, self.last_time = "", 0.0
+
+    def _show(self, trials, force: bool = False) -> None:
+        counts: dict[str, int] = {}
+        best = None
+        for t in trials:
+            if t.status == "TERMINATED" and t.trial_id not in self.ended:
+                self.ended[t.trial_id] = run_status(f"{self.sweep_uri}/{t.trial_id}", self.endpoint)
+            state = trial_status(t.status, self.ended.get(t.trial_id))
+            counts[state] = counts.get(state, 0) + 1
+            value = (t.last_result or {}).get(self.metric)
+            if _is_better(value, best[0] if best else None, self.mode):
+                best = (value, t)
+        order = ("running", "pending", "paused", "stopped", "done", "error")
+        parts = ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s))
+        line = f"trials: {parts}"
+        if best:
+            line += f" | best {self.metric} {best[0]:.4f} ({best[1].trial_id}: {settings_text(best[1].config)})"
+        now = time.time()
+        if line != self.last_line or force or now - self.last_time > self.every_s * 6:
+            elapsed = int(now - self.t0)
+            _say(f"[{elapsed // 60}:{elapsed % 60:02d}] {line}")
+            self.last_line, self.last_time = line, now
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._show(trials)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if time.time() - self.last_time >= self.every_s:
+            self._show(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._show(trials, force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = trial.get_pickled_error()
+        reason = str(error).strip().splitlines()[-1] if error is not None and str(error).strip() else "see its error file"
+        _say(f"trial {trial.trial_id} failed: {reason} ({trial.error_file})")
+        self._show(trials, force=True)

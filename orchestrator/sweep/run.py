@@ -1,0 +1,219 @@
+"""The Tune run of a sweep: start it, or continue an interrupted one; record what came of it in sweep.json.
+
+A sweep lives in `<checkpoint.storage>/<sweep name>/`: one run directory per trial, Tune's experiment
+state in `tune/` (what a rerun of an interrupted sweep restores), `sweep.json` (the record) and
+`best.yaml` (the best trial as a job).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+from orchestrator import storage
+from orchestrator.errors import BadInput
+from orchestrator.rundir import RUN_RECORD, RunDir
+from orchestrator.runrecord import RunRecord, RunStatus, summary_from_checkpoints
+from orchestrator.spec import JobSpec
+from orchestrator.sweep.export import TrialRow, collect_trials, write_best_job
+from orchestrator.sweep.load import SweepJob
+from orchestrator.sweep.schedulers import build_scheduler, build_search, trial_resources
+from orchestrator.sweep.space import build_param_space
+from orchestrator.sweep.trial import TrialPlan, run_trial
+
+SWEEP_RECORD = "sweep.json"
+TUNE_DIR = "tune"  # Tune's experiment directory inside the sweep's
+
+log = logging.getLogger(__name__)
+
+
+def tune_storage(sweep_uri: str, endpoint_url: Optional[str]) -> tuple[str, Any]:
+    """(storage_path, pyarrow filesystem or None) for Tune's experiment state under the sweep's URI."""
+    protocol, path = storage.split_uri(sweep_uri)
+    if protocol == "file":
+        return path, None
+    if protocol in ("s3", "s3a"):
+        from pyarrow import fs as pafs
+
+        kwargs: dict[str, Any] = {}
+        endpoint = endpoint_url or storage.endpoint_from_env()
+        if endpoint:
+            kwargs["endpoint_override"] = endpoint
+            kwargs["scheme"] = "http" if endpoint.startswith("http://") else "https"
+        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        if region:
+            kwargs["region"] = region
+        return path, pafs.S3FileSystem(**kwargs)
+    return sweep_uri, None
+
+
+def sweep_tracking_spec(spec: JobSpec) -> JobSpec:
+    """The job as the sweep's own run tracks it: in MLflow only (TensorBoard events are the trials', each under its run)."""
+    out = spec.model_copy(deep=True)
+    out.tracking.tensorboard = None
+    return out
+
+
+def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional[str] = None, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """Validate, then run (or continue) the sweep with Ray Tune; return the result (also in sweep.json).
+
+    With a `tracking` section the sweep is an MLflow run of its own, and each trial's run is its child.
+    """
+    from orchestrator.preflight import preflight
+    from orchestrator.provenance import collect_provenance
+    from orchestrator.ray_runtime import resolve_address, start_ray
+    from orchestrator.tracking import TrackingSession
+
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else (lambda msg: print(msg, flush=True))
+    t0 = time.time()
+    home = RunDir.open(sweep.uri, sweep.endpoint)
+    address = resolve_address(address)
+    data_info = preflight(sweep.spec, sweep.base_dir, address)
+    record = home.read_json(SWEEP_RECORD)
+    if record and record.get("fingerprint") != sweep.fingerprint():
+        raise BadInput(f"sweep.name: {sweep.uri} holds a sweep with other settings; use --fresh or another sweep.name")
+    if record and record.get("status") == "finished":
+        say(f"{sweep.uri}: already finished; nothing to do (use --fresh for a new sweep)")
+        return {**record["result"], "already_finished": True, "wall_s": round(time.time() - t0, 3)}
+    fingerprint = getattr(data_info, "fingerprint", None)
+    prov = collect_provenance(sweep.spec, sweep.base_dir, fingerprint, hosts=1 if address is None else None)
+    tracking_spec = sweep_tracking_spec(sweep.spec)
+    session = None
+    if sweep.spec.tracking.mlflow is not None:
+        session = TrackingSession.start(tracking_spec, sweep.uri, sweep.name, prov, previous=(record or {}).get("tracking"))
+    tracked = session.to_record() if session else {}
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables off: the live view replaces them
+    # A restored sweep's analysis looks for trial results before any exist, and warns about each: noise.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)  # the same about a PBT-restored trial
+    connected = start_ray(address, log_to_driver=verbose)
+    try:
+        plan = TrialPlan(
+            job=sweep.job, sweep_name=sweep.name, sweep_uri=sweep.uri, base_dir=sweep.base_dir, endpoint=sweep.endpoint,
+            ranges={**sweep.sweep.parameters, **sweep.sweep.scheduler.mutations}, pbt=sweep.sweep.scheduler.name == "pbt",
+            verbose=verbose, job_file=sweep.job_file, parent_run_id=session.mlflow_run_id if session else None,
+            experiment=session.experiment if session else None, data_fingerprint=fingerprint, embedded_ray=connected and not address,
+        )
+        results, resumed = _fit(sweep, home, plan, record, say, prov, tracked)
+    except Exception:
+        if session is not None:
+            session.finish(tracking_spec, RunStatus.FAILED, None, [])
+        raise
+    finally:
+        if connected:
+            import ray
+
+            ray.shutdown()
+    end_unfinished_trials(sweep, results)
+    return _finish(sweep, home, collect_trials(results, sweep), resumed, tracked, best_out, session, tracking_spec, t0)
+
+
+def _fit(sweep: SweepJob, home: RunDir, plan: TrialPlan, record: Optional[dict[str, Any]], say, prov: dict[str, Any], tracked: dict[str, Any]):
+    """Tune's fit of the trials: a new Tuner, or the interrupted sweep's restored (finished trials kept); (results, resumed)."""
+    from ray import tune
+
+    from orchestrator.sweep.progress import live_view
+
+    storage_path, storage_fs = tune_storage(sweep.uri, sweep.endpoint)
+    experiment = storage.join(storage_path, TUNE_DIR) if storage_fs is not None else os.path.join(storage_path, TUNE_DIR)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_resources(sweep.spec))
+    # A restored Tuner keeps the interrupted sweep's live view, which prints through this process's `say` from here on.
+    progress = live_view(sweep.uri, sweep.endpoint, sweep.sweep.metric, sweep.sweep.mode, say)
+    if record and tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
+        say(f"continuing sweep {sweep.name} from {sweep.uri} (finished trials are kept)")
+        home.write_json(SWEEP_RECORD, {**record, "provenance": prov, "tracking": tracked}, indent=1)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
+        return tuner.fit(), True
+    s = sweep.sweep
+    say(f"sweep {sweep.name}: {s.trial_count} trial(s), {s.search} search, {s.scheduler.name} scheduler, {s.max_concurrent_trials} at once -> {sweep.uri}")
+    home.write_json(SWEEP_RECORD, {"sweep": sweep.name, "status": "running", "started": datetime.now(timezone.utc).isoformat(),
+                                   "fingerprint": sweep.fingerprint(), "job_file": sweep.job_file, "job": sweep.job,
+                                   "spec": s.model_dump(mode="json"), "command": sys.argv, "provenance": prov, "tracking": tracked}, indent=1)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=build_param_space(s),
+        tune_config=tune.TuneConfig(
+            metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=build_scheduler(s, sweep.spec), search_alg=build_search(s),
+            trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id,
+            reuse_actors=True,  # a new trial in a warm process: no second torch import
+        ),
+        run_config=tune.RunConfig(
+            # Every Tune checkpoint is kept: PBT's are pointers of a few bytes, and a PBT exploit may
+            # restore from one that a smaller num_to_keep would already have deleted.
+            name=TUNE_DIR, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0, callbacks=[progress],
+        ),
+    )
+    return tuner.fit(), False
+
+
+def _finish(sweep: SweepJob, home: RunDir, rows: list[TrialRow], resumed: bool, tracked: dict[str, Any], best_out: Optional[str],
+            session, tracking_spec: JobSpec, t0: float) -> dict[str, Any]:
+    """The sweep's result: the ranked trials, the best one's job file; recorded in sweep.json and closing the sweep's MLflow run."""
+    ranked = [r for r in rows if isinstance(r.metric, (int, float))]
+    best = ranked[0] if ranked else None
+    best_file = write_best_job(sweep, best, best_out) if best else None
+    status = RunStatus.FINISHED if rows and all(r.status in ("done", "stopped") for r in rows) else RunStatus.FAILED
+    result = {
+        "sweep": sweep.name,
+        "sweep_uri": sweep.uri,
+        "status": str(status),
+        "metric": sweep.sweep.metric,
+        "mode": sweep.sweep.mode,
+        "trials": [asdict(r) for r in rows],
+        "best": {k: getattr(best, k) for k in ("trial_id", "config", "metric", "metrics", "checkpoint", "run_uri")} if best else None,
+        "best_job_file": best_file,
+        "total_steps": sum(r.steps or 0 for r in rows),
+        "resumed": resumed,
+        "tracking": tracked,
+        "wall_s": round(time.time() - t0, 3),
+    }
+    record = home.read_json(SWEEP_RECORD) or {}
+    record.update(status=str(status), ended=datetime.now(timezone.utc).isoformat(), result=result)
+    home.write_json(SWEEP_RECORD, record, indent=1)
+    if session is not None:
+        # The sweep's run closes with what its best trial's run closed with (test_* and best_* metrics).
+        best_record = RunRecord.load(RunDir.open(best.run_uri, sweep.endpoint)) if best else None
+        session.finish(tracking_spec, status, best_record.summary if best_record else None, [("", home.uri_of(SWEEP_RECORD)), ("", best_file)])
+    return result
+
+
+def end_unfinished_trials(sweep: SweepJob, results) -> None:
+    """Record the end of trials whose process went away before they could: run.json still running, MLflow run still RUNNING."""
+    from orchestrator.tracking import TrackingSession, mlflow_tracking_uri
+
+    for result in results:
+        run = RunDir.open(f"{sweep.uri}/{Path(result.path).name}", sweep.endpoint)
+        record = RunRecord.load(run)
+        if not record:
+            continue
+        spec = JobSpec.model_validate(record.job)
+        cut_off = record.status == RunStatus.RUNNING
+        if cut_off:
+            status = RunStatus.FAILED if result.error else RunStatus.STOPPED
+            record.end(status, summary_from_checkpoints(run, status))
+            record.save(run)
+        # TensorBoard's hyper-parameters only when the trial surely did not write them (it writes them after run.json).
+        session = TrackingSession(run_uri=run.uri, endpoint_url=sweep.endpoint,
+                                  tensorboard_dir=(record.tracking.get("tensorboard") or {}).get("log_dir") if cut_off else None)
+        mlflow = record.tracking.get("mlflow")
+        if mlflow and _mlflow_run_is_running(mlflow_tracking_uri(spec), mlflow["run_id"]):
+            session.mlflow_uri, session.mlflow_run_id = mlflow_tracking_uri(spec), mlflow["run_id"]  # run.json has it without credentials
+        if session.mlflow_run_id or session.tensorboard_dir:
+            session.finish(spec, record.status, record.summary, [("", run.uri_of(RUN_RECORD))])
+
+
+def _mlflow_run_is_running(tracking_uri: str, run_id: str) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri).get_run(run_id).info.status == "RUNNING"
+    except Exception as exc:  # the run cannot be read (server gone, run deleted): nothing to end
+        log.warning("mlflow: cannot read run %s (%s)", run_id, type(exc).__name__)
+        return False

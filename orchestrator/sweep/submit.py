@@ -1,0 +1,54 @@
+"""A sweep on a Ray cluster: submitted through the Jobs API like any job, running `orchestrator sweep` there."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from orchestrator.errors import BadInput
+from orchestrator.sweep.load import SweepJob
+
+
+def is_dashboard_address(address: Optional[str]) -> bool:
+    """Whether --address names a cluster's dashboard (submit through the Jobs API) rather than Ray itself (attach)."""
+    return bool(address) and address.startswith(("http://", "https://"))
+
+
+def build_sweep_submission(sweep: SweepJob, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The Jobs API request of a sweep: the job's package and runtime env, with `orchestrator sweep` as its entrypoint (pure)."""
+    from orchestrator.cluster import METADATA_RUN, build_submission
+
+    sweep_path = Path(sweep.job_file).resolve()
+    if Path(sweep.base_dir).resolve() != sweep_path.parent:
+        raise BadInput(f"{sweep.job_file}: job: the named job file must sit beside the sweep file to be shipped with it")
+    submission = build_submission(sweep.spec, sweep_path, overrides)
+    words = ["python", "-m", "orchestrator", "sweep", sweep_path.name, *overrides, "--address", "auto", "--json"]
+    submission["entrypoint"] = " ".join(shlex.quote(w) for w in words)
+    submission["metadata"][METADATA_RUN] = sweep.name
+    return submission
+
+
+def submit_sweep(sweep: SweepJob, overrides: list[str], address: str, out=None) -> dict[str, Any]:
+    """Submit the sweep to the cluster, stream its output (the live view) to `out`, return its result; RunFailed if the job fails."""
+    from orchestrator.cluster import RayJobsBackend, follow_to_end
+    from orchestrator.errors import RunFailed
+
+    backend = RayJobsBackend(address)
+    submission = build_sweep_submission(sweep, overrides)
+    backend.check()
+    job_id = backend.submit(submission)
+    print(f"submitted {job_id} to {backend.address}", file=sys.stderr, flush=True)
+    final = follow_to_end(backend, job_id, out=out or sys.stderr)
+    result = None
+    for line in reversed(backend.logs(job_id).splitlines()):
+        if line.startswith("{") and '"sweep"' in line:
+            result = json.loads(line)
+            break
+    if final["status"] != "SUCCEEDED" or result is None:
+        raise RunFailed(f"{job_id} {final['status']}" + (f": {final.get('message')}" if final.get("message") else ""))
+    return {**result, "submission_id": job_id, "address": backend.address}
+
+

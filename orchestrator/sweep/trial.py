@@ -1,0 +1,292 @@
+"""A trial: one run of the job with the trial's settings, in the trial's process (0/1 worker) or as a Ray Train run.
+
+Every trial is a run like any other in `<sweep>/<trial id>/` (run.json, metrics.jsonl, checkpoints):
+the loop restores its own run first, so a restarted trial resumes. Under PBT a Tune checkpoint is
+only a pointer to the run's latest committed checkpoint, which an exploiting trial copies.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import os
+import queue
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from orchestrator import storage
+from orchestrator.rundir import RUN_RECORD, RunDir
+from orchestrator.runrecord import RunRecord, RunStatus, summary_from_checkpoints
+from orchestrator.spec import JobSpec, ParamSpec
+from orchestrator.sweep.load import _plain, trial_spec
+
+POINTER = "pointer.json"  # a PBT Tune checkpoint: which run's checkpoint a trial stood at
+
+
+@dataclasses.dataclass
+class TrialPlan:
+    """What every trial needs from the driver (shipped once through the object store)."""
+
+    job: dict[str, Any]
+    sweep_name: str
+    sweep_uri: str
+    base_dir: str
+    endpoint: Optional[str]
+    ranges: dict[str, ParamSpec]
+    pbt: bool
+    verbose: bool
+    job_file: str
+    parent_run_id: Optional[str] = None  # the sweep's MLflow run: every trial's run is its child
+    experiment: Optional[str] = None  # the sweep's MLflow experiment, where the children must be to nest under it
+    data_fingerprint: Optional[dict[str, Any]] = None  # the base job's data, from the driver's preflight
+    embedded_ray: bool = False  # the sweep started its own single-node Ray (no preemption to watch for)
+
+
+class _TrialEnds:
+    """Trials of this process that Tune has stopped and that are still recording their end; process exit waits for them.
+
+    Tune stops a trial without waiting for its thread, and may end the process (or hand it to the next trial) meanwhile.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._ending: set[int] = set()
+        self._hooked = False
+
+    def begin(self) -> None:
+        with self._cond:
+            self._ending.add(threading.get_ident())
+            if not self._hooked:
+                atexit.register(self.wait)
+                self._hooked = True
+
+    def done(self) -> None:
+        with self._cond:
+            self._ending.discard(threading.get_ident())
+            self._cond.notify_all()
+
+    def wait(self, timeout: float = 60.0) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._ending, timeout)
+
+
+_trial_ends = _TrialEnds()
+
+
+def track_as_trial(spec: JobSpec, plan: TrialPlan, trial_id: str) -> None:
+    """Point a trial's trackers at its sweep: MLflow runs in the sweep's experiment, a configured TensorBoard log_dir split per trial."""
+    if spec.tracking.mlflow is not None and plan.experiment:
+        spec.tracking.mlflow.experiment = plan.experiment
+    if spec.tracking.tensorboard is not None and spec.tracking.tensorboard.log_dir:
+        spec.tracking.tensorboard.log_dir = f"{spec.tracking.tensorboard.log_dir.rstrip('/')}/{trial_id}"
+
+
+def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
+    """Tune's function trainable: train the job with this trial's settings in `<sweep>/<trial id>`, tracked as a child of the sweep's run."""
+    from ray import tune
+
+    from orchestrator.checkpoint import list_checkpoints
+    from orchestrator.provenance import add_placement, collect_provenance
+    from orchestrator.tracking import TrackingSession, create_tracker
+
+    # A stopped trial records its end (MLflow calls among it) after Tune has moved on. Tune gives that 2 s before
+    # it reuses this process for the next trial, and the sweep goes wrong (it stalls) when it takes longer.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
+    trial_id = tune.get_context().get_trial_id()
+    spec = trial_spec(plan.job, config, f"{plan.sweep_name}-{trial_id}", plan.ranges)
+    track_as_trial(spec, plan, trial_id)
+    run = RunDir.open(f"{plan.sweep_uri}/{trial_id}", plan.endpoint)
+    exploited_from = adopt_exploited_checkpoint(tune.get_checkpoint(), run, spec) if plan.pbt else None
+    previous = RunRecord.load(run)
+    if previous and previous.finished and previous.summary and exploited_from is None:
+        # It finished before the sweep was interrupted, and Tune had not yet recorded that: report where it ended.
+        done = previous.summary
+        tune.report({"step": done.steps, "epoch": done.epochs, **{k: v for k, v in done.metrics.items() if not isinstance(v, list)}})
+        return
+    existing = list_checkpoints(run.fs, run.root, uri_prefix=run.uri)
+    in_process = spec.scaling.max_workers <= 1
+    fingerprint = plan.data_fingerprint
+    if any(path.startswith("data.") for path in config):
+        from orchestrator.data import check_data
+
+        fingerprint = check_data(spec, plan.base_dir).fingerprint  # this trial reads other data than the base job
+    prov = collect_provenance(spec, plan.base_dir, fingerprint, hosts=1 if in_process else None)
+    session = TrackingSession.start(spec, run.uri, spec.name, prov, previous=previous.tracking if previous else None, parent_run_id=plan.parent_run_id)
+    record = RunRecord.begin(trial_id, spec.to_dict(), previous, sweep=plan.sweep_name, job_file=plan.job_file, provenance=prov,
+                             tracking=session.to_record(), config={k: _plain(v) for k, v in config.items()},
+                             resumed_from=existing[-1].uri if existing else None, exploited_from=exploited_from)
+    record.save(run)
+    status = RunStatus.FAILED
+    tracker = create_tracker(session.worker_config(), plan.endpoint) if in_process else None
+    try:
+        if in_process:
+            _train_in_trial(spec, run.uri, plan, TrialReporter(run.uri, plan.endpoint, plan.pbt), tracker)
+        else:
+            add_placement(prov, _train_with_ray_train(spec, run.uri, plan, trial_id, session.worker_config()))
+        status = RunStatus.FINISHED
+    except SystemExit:
+        status = RunStatus.STOPPED  # the scheduler ended this trial at a report
+        _trial_ends.begin()
+        raise
+    finally:
+        try:
+            summary = summary_from_checkpoints(run, status)
+            record.end(status, summary)
+            record.save(run)
+            if tracker is not None:
+                tracker.close()
+            session.finish(spec, status, summary, [("", run.uri_of(RUN_RECORD))])
+        finally:
+            _trial_ends.done()
+
+
+def _silent(msg: str) -> None:
+    """A trial's progress lines, unless --verbose: they would drown the sweep's live view."""
+
+
+def _train_in_trial(spec: JobSpec, run_uri: str, plan: TrialPlan, reporter: "TrialReporter", track=None) -> None:
+    """One worker: the loop in the trial's own process, reporting straight to Tune (no Ray Train actors to start)."""
+    import torch
+
+    from orchestrator.loop import LoopContext, run_training
+
+    device = torch.device("cuda", 0) if spec.scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    ctx = LoopContext(run_uri=run_uri, device=device, report=reporter, base_dir=plan.base_dir, track=track, should_stop=reporter.stopped,
+                      **({} if plan.verbose else {"log": _silent}))
+    try:
+        run_training(spec, ctx)
+    except BaseException:
+        reporter.close(flush=False)
+        raise
+    reporter.close()
+
+
+def _train_with_ray_train(spec: JobSpec, run_uri: str, plan: TrialPlan, trial_id: str, tracking_config: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Several workers: a full Ray Train run whose reports reach Tune through TuneReportCallback; returns its last metrics."""
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.ray_runtime import train_environment
+    from orchestrator.trainer import build_trainer_kwargs
+
+    ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
+    kwargs = build_trainer_kwargs(spec, run_uri, plan.base_dir, ray_storage, f"{plan.sweep_name}-{trial_id}-{int(time.time())}", tracking_config)
+    kwargs["run_config"] = dataclasses.replace(kwargs["run_config"], callbacks=[TuneReportCallback()])
+    with train_environment(embedded=plan.embedded_ray):
+        result = TorchTrainer(**kwargs).fit()
+    return dict(result.metrics or {})
+
+
+class TrialReporter:
+    """The loop's `report` inside a trial: metrics to Tune (under PBT with a pointer to the run's latest committed checkpoint).
+
+    Tune's function API holds a reporting thread until its controller has taken the result, which can
+    be tens of milliseconds or more on a busy machine; so the reports go to Tune from a thread of their
+    own, in order, and the training step never waits. When Tune stops or pauses the trial at a report,
+    `stopped` says so and the loop ends at its next step.
+    """
+
+    def __init__(self, run_uri: str, endpoint: Optional[str], pbt: bool):
+        self.run_uri, self.endpoint, self.pbt = run_uri, endpoint, pbt
+        self._pending: "queue.Queue[Optional[dict[str, Any]]]" = queue.Queue()
+        self._stopped = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._work, name="tune-report", daemon=True)
+        self._thread.start()
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        if not self._stopped.is_set():
+            self._pending.put({k: v for k, v in metrics.items() if not isinstance(v, list)})  # a confusion matrix is no metric to rank by
+
+    def stopped(self) -> bool:
+        """Whether Tune has stopped (or paused) this trial at one of its reports."""
+        return self._stopped.is_set()
+
+    def close(self, flush: bool = True) -> None:
+        """Hand Tune the reports still queued (unless `flush` is false), then end the thread; SystemExit when Tune stopped the trial."""
+        if not flush:
+            self._stopped.set()
+        self._pending.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if flush and self._stopped.is_set():
+            raise SystemExit(0)  # as Tune itself ends a trial it stops at a report
+
+    def _work(self) -> None:
+        while (metrics := self._pending.get()) is not None:
+            if self._stopped.is_set():
+                continue
+            try:
+                self._report(metrics)
+            except SystemExit:  # Tune's answer to a report: the trial is stopped
+                self._stopped.set()
+            except BaseException as exc:  # surfaced on the trial's thread by close()
+                self._error = exc
+                self._stopped.set()
+
+    def _report(self, metrics: dict[str, Any]) -> None:
+        from ray import tune
+
+        if not self.pbt:
+            tune.report(metrics)
+            return
+        from orchestrator.checkpoint import list_checkpoints
+
+        fs, root = storage.open_storage(self.run_uri, self.endpoint)
+        found = list_checkpoints(fs, root)
+        if not found:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, POINTER).write_text(json.dumps({"run_uri": self.run_uri, "step": found[-1].step}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def adopt_exploited_checkpoint(tune_checkpoint, run: RunDir, spec: JobSpec) -> Optional[str]:
+    """PBT exploit: replace this run's checkpoints by the donor's, with this trial's optimizer settings; the loop then restores it."""
+    if tune_checkpoint is None:
+        return None
+    from orchestrator import checkpoint as ckpt
+
+    with tune_checkpoint.as_directory() as d:
+        pointer = json.loads(Path(d, POINTER).read_text())
+    if pointer["run_uri"] == run.uri:
+        return None  # its own checkpoint (a restarted trial): the loop restores it
+    donor = RunDir.open(pointer["run_uri"], run.endpoint_url)
+    found = ckpt.list_checkpoints(donor.fs, donor.root, uri_prefix=donor.uri)
+    if not found:
+        raise RuntimeError(f"PBT: {donor.uri} has no committed checkpoint to copy")
+    # The donor trains on while we copy and keeps only its newest checkpoints: take the pointed one if it is still there.
+    info = next((c for c in found if c.step == pointer["step"]), found[-1])
+    files = ckpt.read_verified(donor.fs, info)
+    state = ckpt.deserialize_state(files["state.pt"])
+    for i, group in enumerate(state["optimizer"]["param_groups"]):
+        _apply_optim_settings(group, spec, decays=(i == 0))
+    files["state.pt"] = ckpt.serialize_state(state)
+    files["job.yaml"] = yaml.safe_dump(spec.to_dict(), sort_keys=False).encode()
+    # The losing lineage goes as retention removes a checkpoint: manifest first, so none is ever half visible.
+    ckpt.delete_checkpoints(run.fs, ckpt.list_checkpoints(run.fs, run.root))
+    ckpt.commit_checkpoint(run.fs, run.root, info.step, info.epoch, files, info.metrics, info.manifest.train)
+    return info.uri
+
+
+def _apply_optim_settings(group: dict[str, Any], spec: JobSpec, decays: bool) -> None:
+    """Write the trial's (mutated) optimizer settings over a copied param group; the LR keeps its place on the schedule."""
+    o = spec.optim
+    old_peak = group.get("initial_lr", group["lr"])
+    group["initial_lr"] = o.lr
+    group["lr"] = group["lr"] * (o.lr / old_peak) if old_peak else o.lr
+    if decays:
+        group["weight_decay"] = o.weight_decay
+    for key, value in (("momentum", o.momentum), ("betas", o.betas), ("eps", o.eps), ("alpha", o.alpha)):
+        if key in group:
+            group[key] = tuple(value) if key == "betas" else value
+
+

@@ -1,0 +1,111 @@
+"""Ray Train for a job: the TorchTrainer's arguments (pure), the function its workers run, and the fit.
+
+Render, then act: `build_trainer_kwargs` is a pure function of the spec; `fit` runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from typing import Any, Optional
+
+from orchestrator.console import RunConsole, marker_progress
+from orchestrator.data import import_hook
+from orchestrator.ray_runtime import train_environment
+from orchestrator.spec import JobSpec
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker: rebuild the spec, then run the loop with Ray's context."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import CheckpointUploadMode
+
+    from orchestrator.loop import LoopContext, run_training
+    from orchestrator.loop.evaluate import all_gather
+    from orchestrator.provenance import device_facts
+    from orchestrator.tracking import create_tracker
+
+    spec = JobSpec.model_validate(config["job"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    # Where the run really ran (elastic groups change it): rank 0 passes it to the driver with every report.
+    placed = all_gather((socket.gethostname(), device_facts()["gpus"]), world_size)
+    placement = {"placement_world_size": world_size, "placement_hosts": len({host for host, _ in placed}),
+                 "placement_gpus": ",".join(name for _, names in placed for name in names)}
+    tracker = create_tracker(config.get("tracking"), spec.checkpoint.endpoint_url) if rank == 0 else None
+
+    def report(metrics: dict[str, Any]) -> None:
+        # ASYNC: the result waits for the controller's poll on Ray's upload thread, not on this one (no checkpoint rides along).
+        ray.train.report({**metrics, **placement}, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+
+    ctx = LoopContext(
+        run_uri=config["run_uri"],
+        rank=rank,
+        world_size=world_size,
+        device=ray.train.torch.get_device(),
+        report=report,
+        base_dir=config.get("base_dir"),
+        track=tracker,
+        progress=marker_progress() if config.get("events") else None,
+    )
+    try:
+        run_training(spec, ctx)
+    finally:
+        if tracker is not None:
+            tracker.close()
+
+
+def user_loop_worker(config: dict[str, Any]) -> None:
+    """Bring-your-own loop: import the user's train_loop_per_worker on the worker and call it."""
+    fn = import_hook(config["entrypoint"], config.get("base_dir"), "entrypoint")
+    fn(config["user_config"])
+
+
+def build_trainer_kwargs(spec: JobSpec, run_uri: str, base_dir: Optional[str], ray_storage: str, run_name: str,
+                         tracking_config: Optional[dict[str, Any]] = None, worker_events: bool = False) -> dict[str, Any]:
+    """TorchTrainer arguments for a job (pure: no Ray calls).
+
+    `tracking_config` lets rank 0 reach the run's trackers; with `worker_events` rank 0 describes its
+    progress as marker lines for the driver's console instead of plain lines.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+
+    resources = {"CPU": spec.scaling.cpus_per_worker}
+    if spec.scaling.use_gpu:
+        resources["GPU"] = spec.scaling.gpus_per_worker or 1
+    num_workers = spec.scaling.num_workers
+    scaling = ScalingConfig(
+        num_workers=tuple(num_workers) if isinstance(num_workers, (list, tuple)) else num_workers,
+        use_gpu=spec.scaling.use_gpu,
+        resources_per_worker=resources if num_workers != 0 else None,
+    )
+    if spec.entrypoint:
+        loop, loop_config = user_loop_worker, {"entrypoint": spec.entrypoint, "base_dir": base_dir, "user_config": dict(spec.config)}
+        storage_path = spec.checkpoint.storage  # a user loop checkpoints through Ray's own storage
+    else:
+        loop, loop_config = train_worker, {"job": spec.to_dict(), "run_uri": run_uri, "base_dir": base_dir}
+        if tracking_config:
+            loop_config["tracking"] = tracking_config
+        if worker_events:
+            loop_config["events"] = True
+        storage_path = ray_storage
+    run_config = RunConfig(name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=spec.failure.max_failures))
+    return {"train_loop_per_worker": loop, "train_loop_config": loop_config, "scaling_config": scaling, "run_config": run_config}
+
+
+def fit(spec: JobSpec, run_uri: str, base_dir: Optional[str], run_name: str, tracking_config: Optional[dict[str, Any]],
+        console: RunConsole, embedded: bool, worker_events: bool, local_mode: bool) -> tuple[str, Optional[str], Any]:
+    """Ray Train's fit of the job: (status, one-line error, Ray's result); a failure after Ray's retries is a failed run, not an exception."""
+    try:
+        from ray.train.torch import TorchTrainer
+
+        ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
+        kwargs = build_trainer_kwargs(spec, run_uri, base_dir, ray_storage, run_name, tracking_config, worker_events=worker_events)
+        if not local_mode:
+            console.status(f"starting {spec.scaling.max_workers} worker(s)")
+        with train_environment(embedded=embedded):
+            return "finished", None, TorchTrainer(**kwargs).fit()
+    except Exception as exc:  # the run failed after retries: record it, report it, keep what was committed
+        return "failed", f"{type(exc).__name__}: {exc}".splitlines()[0], None
