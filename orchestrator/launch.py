@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 from orchestrator import storage
 from orchestrator.console import LOG_FILE, RunConsole, marker_progress
-from orchestrator.data import import_hook
 from orchestrator.errors import BadInput
+from orchestrator.hooks import import_hook
 from orchestrator.spec import JobSpec
 
 log = logging.getLogger(__name__)
