@@ -306,7 +306,7 @@ def build_submission(
 
 def check_user_code(spec: JobSpec, job_dir: str | Path) -> None:
     """Import every `module:function` the job names from its directory, as the cluster will; BadInput naming the field."""
-    from orchestrator.data import import_hook
+    from orchestrator.hooks import import_hook
 
     for field_name, hook in (("entrypoint", spec.entrypoint), ("model.name", spec.model.name), ("data.name", spec.data.name)):
         if hook and HOOK_RE.match(hook):

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from orchestrator.data import DataInfo, accepts, call_hook, import_hook
+from orchestrator.data import DataInfo
 from orchestrator.errors import BadInput
+from orchestrator.hooks import accepts, call_hook, import_hook
 
 if TYPE_CHECKING:
     from orchestrator.spec import JobSpec

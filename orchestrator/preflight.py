@@ -11,7 +11,8 @@ import os
 from typing import Optional
 
 from orchestrator import storage, tracking
-from orchestrator.data import DataInfo, import_hook
+from orchestrator.data import DataInfo
+from orchestrator.hooks import import_hook
 from orchestrator.errors import BadInput
 from orchestrator.spec import JobSpec
 

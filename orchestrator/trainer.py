@@ -11,7 +11,7 @@ import tempfile
 from typing import Any, Optional
 
 from orchestrator.console import RunConsole, marker_progress
-from orchestrator.data import import_hook
+from orchestrator.hooks import import_hook
 from orchestrator.ray_runtime import train_environment
 from orchestrator.spec import JobSpec
 
