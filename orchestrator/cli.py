@@ -347,7 +347,7 @@ def sweep(sweep_file: str, overrides: tuple[str, ...], address: str | None, fres
 
 
 # ----------------------------------------------------------------------------------------------
-# What runs left behind (orchestrator/report.py)
+# What runs left behind (orchestrator/report/)
 
 
 @main.command()

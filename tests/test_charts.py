@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from orchestrator import charts
-from orchestrator.report import _class_curves, _thin_curve, average_precision, pr_points, roc_points, trapezoid_area
+from orchestrator.report import charts
+from orchestrator.report.curves import _thin_curve, average_precision, pr_points, roc_points, trapezoid_area
+from orchestrator.report.run_page import _class_curves
 
 HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
 

@@ -158,7 +158,8 @@ def test_best_checkpoint_gone_means_the_latest_is_evaluated(tmp_path):
 
 
 def test_sweep_report_marks_the_trials_the_scheduler_stopped(sweep_uri):
-    from orchestrator.report import _stopped_by_scheduler, load_sweep
+    from orchestrator.report import load_sweep
+    from orchestrator.report.sweep_page import _stopped_by_scheduler
 
     sweep = load_sweep(sweep_uri)
     assert len(sweep.trials) == 3 and all(t["run"] is not None for t in sweep.trials)

@@ -1,0 +1,61 @@
+"""The offline HTML report of a run or a sweep, and the list of runs under a storage.
+
+One self-contained file: every figure is an SVG embedded as a data URI (written by
+orchestrator.report.charts: no JavaScript, no network), so it opens anywhere, from disk or from object
+storage. Every value the report did not build itself (names, URIs, settings, errors) is escaped.
+
+What lives where:
+  read.py        what a run or sweep left in storage: RunData, SweepData, load_run, load_sweep, the record file names
+  charts.py      hand-written SVG charts (lines, markers, bars, heatmaps, legends), no dependencies
+  curves.py      ROC and precision-recall points and areas, NumPy only
+  html.py        page skeleton, style, palette, status badges, tables, embedded figures, escaping
+  run_page.py    a run's figures and its page (render_run)
+  sweep_page.py  a sweep's figures and its page (render_sweep)
+  listing.py     the runs and sweeps under a storage (`orchestrator runs`)
+  __init__.py    render and write_report: the report of whatever a URI holds
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from orchestrator import storage
+from orchestrator.errors import BadInput
+from orchestrator.report.listing import list_runs
+from orchestrator.report.read import METRICS, RUN_RECORD, SWEEP_RECORD, TEST_RECORD, RunData, SweepData, _guarded, _open, load_run, load_sweep
+from orchestrator.report.run_page import render_run
+from orchestrator.report.sweep_page import render_sweep
+
+REPORT = "report.html"
+
+__all__ = ["METRICS", "REPORT", "RUN_RECORD", "SWEEP_RECORD", "TEST_RECORD", "RunData", "SweepData", "list_runs", "load_run", "load_sweep",
+           "render", "render_run", "render_sweep", "write_report"]
+
+
+def render(uri: str, endpoint_url: Optional[str] = None) -> str:
+    """The report of whatever `uri` holds, a run or a sweep; BadInput when it holds neither."""
+    fs, root = _open(uri, endpoint_url)
+    if _guarded(uri, lambda: storage.exists(fs, storage.join(root, SWEEP_RECORD))):
+        return render_sweep(load_sweep(uri, endpoint_url))
+    if not _guarded(uri, lambda: storage.exists(fs, storage.join(root, RUN_RECORD))):
+        raise BadInput(f"{uri}: holds no run or sweep (no {RUN_RECORD} or {SWEEP_RECORD})")
+    return render_run(load_run(uri, endpoint_url))
+
+
+def write_report(uri: str, out: Optional[str] = None, endpoint_url: Optional[str] = None) -> str:
+    """Write the report of a run or sweep to `out` (a local file) or to `<uri>/report.html`; return where it went."""
+    page = render(uri, endpoint_url).encode()
+    if out:
+        import os
+
+        folder = os.path.dirname(os.path.abspath(out))
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{out}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(page)
+        os.replace(tmp, out)
+        return os.path.abspath(out)
+    fs, root = _open(uri, endpoint_url)
+    storage.write_bytes(fs, storage.join(root, REPORT), page)
+    return f"{uri.rstrip('/')}/{REPORT}"
+

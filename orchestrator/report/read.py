@@ -1,0 +1,170 @@
+"""Reading what a run or a sweep left in storage: its records, its metrics history, its trials.
+
+Every failure to read storage becomes one BadInput line naming the URI (`_open`, `_guarded`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from orchestrator import storage
+from orchestrator.errors import BadInput
+
+RUN_RECORD = "run.json"
+METRICS = "metrics.jsonl"
+SWEEP_RECORD = "sweep.json"
+TEST_RECORD = "test.json"
+
+
+@dataclass
+class RunData:
+    """Everything a run left: run.json, the metrics history, the test record."""
+
+    uri: str
+    record: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    test: Optional[dict[str, Any]] = None
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.record.get("summary") or {}
+
+    @property
+    def job(self) -> dict[str, Any]:
+        return self.record.get("job") or {}
+
+    def entries(self, split: str) -> list[dict[str, Any]]:
+        return [e for e in self.history if e.get("split") == split]
+
+
+def _read_json(fs, path: str) -> Optional[Any]:
+    try:
+        return json.loads(storage.read_bytes(fs, path))
+    except FileNotFoundError:
+        return None
+
+
+def _read_history(fs, path: str) -> list[dict[str, Any]]:
+    try:
+        text = storage.read_bytes(fs, path).decode()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a crash mid-append leaves a torn last line
+    return out
+
+
+def _open(uri: str, endpoint_url: Optional[str]):
+    try:
+        return storage.open_storage(uri, endpoint_url)
+    except BadInput:
+        raise
+    except Exception as exc:
+        raise BadInput(storage.describe_error(uri, exc)) from None
+
+
+def _guarded(uri: str, fn):
+    try:
+        return fn()
+    except BadInput:
+        raise
+    except Exception as exc:  # storage that cannot be read: one line naming the URI
+        raise BadInput(storage.describe_error(uri, exc)) from None
+
+
+def load_run(uri: str, endpoint_url: Optional[str] = None) -> RunData:
+    """A run's record, history and test record; BadInput when the URI holds no run."""
+    fs, root = _open(uri, endpoint_url)
+    record = _guarded(uri, lambda: _read_json(fs, storage.join(root, RUN_RECORD)))
+    if not isinstance(record, dict):
+        raise BadInput(f"{uri}: holds no run (no {RUN_RECORD})")
+    history = _guarded(uri, lambda: _read_history(fs, storage.join(root, METRICS)))
+    test = _guarded(uri, lambda: _read_json(fs, storage.join(root, TEST_RECORD)))
+    return RunData(uri=uri.rstrip("/"), record=record, history=history, test=test)
+
+
+@dataclass
+class SweepData:
+    """A sweep's record and its trials (each a run in `<sweep>/<trial id>`)."""
+
+    uri: str
+    record: dict[str, Any]
+    trials: list[dict[str, Any]]  # trial_id, status, config, metric, best_metric, steps, run (RunData or None)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.record.get("spec") or {}
+
+    @property
+    def metric(self) -> str:
+        return (self.record.get("result") or {}).get("metric") or self.spec.get("metric") or "val_loss"
+
+    @property
+    def mode(self) -> str:
+        mode = (self.record.get("result") or {}).get("mode") or self.spec.get("mode")
+        if mode:
+            return mode
+        from orchestrator.metrics import default_mode
+
+        try:
+            return default_mode(self.metric)
+        except ValueError:
+            return "min"
+
+
+def load_sweep(uri: str, endpoint_url: Optional[str] = None) -> SweepData:
+    """A sweep's sweep.json and every trial run under it (finished or not); BadInput when the URI holds no sweep."""
+    fs, root = _open(uri, endpoint_url)
+    record = _guarded(uri, lambda: _read_json(fs, storage.join(root, SWEEP_RECORD)))
+    if not isinstance(record, dict):
+        raise BadInput(f"{uri}: holds no sweep (no {SWEEP_RECORD})")
+    rows = {row["trial_id"]: dict(row) for row in (record.get("result") or {}).get("trials") or []}
+    # A sweep still running (or interrupted) has no result yet: its trial directories say what ran.
+    for name in _guarded(uri, lambda: _child_dirs(fs, root)):
+        if name not in rows and _guarded(uri, lambda: storage.exists(fs, storage.join(root, name, RUN_RECORD))):
+            rows[name] = {"trial_id": name}
+    trials = []
+    for trial_id, row in sorted(rows.items()):
+        run_uri = row.get("run_uri") or f"{uri.rstrip('/')}/{trial_id}"
+        try:
+            run = load_run(run_uri, endpoint_url)
+        except BadInput:
+            run = None
+        if run is not None:
+            row.setdefault("config", run.record.get("config") or {})
+            row.setdefault("status", run.record.get("status"))
+            row.setdefault("steps", run.summary.get("steps"))
+        row.setdefault("config", {})
+        row["run"] = run
+        trials.append(row)
+    data = SweepData(uri=uri.rstrip("/"), record=record, trials=trials)
+    for row in trials:
+        values = _metric_values(row["run"], data.metric) if row["run"] else []
+        if row.get("metric") is None and values:
+            row["metric"] = values[-1][1]
+        if row.get("best_metric") is None and values:
+            row["best_metric"] = (max if data.mode == "max" else min)(v for _, v in values)
+    return data
+
+
+def _child_dirs(fs, root: str) -> list[str]:
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return []
+    return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
+
+
+def _metric_values(run: RunData, metric: str) -> list[tuple[int, float]]:
+    return [(e["step"], float(e[metric])) for e in run.history if _finite(e.get(metric))]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
