@@ -23,7 +23,6 @@ from typing import IO, Any, Callable, Iterator, Optional
 Event = dict[str, Any]
 # A worker's progress event on its stdout: MARKER followed by the event as JSON, one line.
 MARKER = "@orchestrator-event "
-LOG_FILE = "run.log"
 
 # Lines that Ray itself prints: a forwarded worker line `(Name pid=1, ip=...) ...`, Python logging of
 # Ray's processes (`2026-01-01 10:00:00,123\tINFO worker.py:1 -- ...`), and the C++ core's glog lines.

@@ -22,11 +22,10 @@ from typing import Optional
 from orchestrator import storage
 from orchestrator.errors import BadInput
 from orchestrator.report.listing import list_runs
-from orchestrator.report.read import METRICS, RUN_RECORD, SWEEP_RECORD, TEST_RECORD, RunData, SweepData, _guarded, _open, load_run, load_sweep
+from orchestrator.report.read import SWEEP_RECORD, RunData, SweepData, _guarded, _open, load_run, load_sweep
 from orchestrator.report.run_page import render_run
 from orchestrator.report.sweep_page import render_sweep
-
-REPORT = "report.html"
+from orchestrator.rundir import METRICS, REPORT, RUN_RECORD, TEST_RECORD
 
 __all__ = ["METRICS", "REPORT", "RUN_RECORD", "SWEEP_RECORD", "TEST_RECORD", "RunData", "SweepData", "list_runs", "load_run", "load_sweep",
            "render", "render_run", "render_sweep", "write_report"]
@@ -34,10 +33,10 @@ __all__ = ["METRICS", "REPORT", "RUN_RECORD", "SWEEP_RECORD", "TEST_RECORD", "Ru
 
 def render(uri: str, endpoint_url: Optional[str] = None) -> str:
     """The report of whatever `uri` holds, a run or a sweep; BadInput when it holds neither."""
-    fs, root = _open(uri, endpoint_url)
-    if _guarded(uri, lambda: storage.exists(fs, storage.join(root, SWEEP_RECORD))):
+    home = _open(uri, endpoint_url)
+    if _guarded(uri, lambda: home.exists(SWEEP_RECORD)):
         return render_sweep(load_sweep(uri, endpoint_url))
-    if not _guarded(uri, lambda: storage.exists(fs, storage.join(root, RUN_RECORD))):
+    if not _guarded(uri, lambda: home.exists(RUN_RECORD)):
         raise BadInput(f"{uri}: holds no run or sweep (no {RUN_RECORD} or {SWEEP_RECORD})")
     return render_run(load_run(uri, endpoint_url))
 
@@ -55,7 +54,7 @@ def write_report(uri: str, out: Optional[str] = None, endpoint_url: Optional[str
             fh.write(page)
         os.replace(tmp, out)
         return os.path.abspath(out)
-    fs, root = _open(uri, endpoint_url)
-    storage.write_bytes(fs, storage.join(root, REPORT), page)
-    return f"{uri.rstrip('/')}/{REPORT}"
+    home = _open(uri, endpoint_url)
+    storage.write_bytes(home.fs, home.path(REPORT), page)
+    return home.uri_of(REPORT)
 

@@ -7,18 +7,18 @@ from typing import Any, Optional
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
-from orchestrator.report.read import RUN_RECORD, SWEEP_RECORD, _child_dirs, _finite, _guarded, _open, _read_json
+from orchestrator.report.read import RUN_RECORD, SWEEP_RECORD, _child_dirs, _finite, _guarded, _open
 
 
 def list_runs(storage_uri: str, endpoint_url: Optional[str] = None) -> list[dict[str, Any]]:
     """The runs and sweeps directly under a storage, newest first: status, steps, best metric, wall time."""
-    fs, root = _open(storage_uri, endpoint_url)
-    if not _guarded(storage_uri, lambda: storage.exists(fs, root)):
+    home = _open(storage_uri, endpoint_url)
+    if not _guarded(storage_uri, lambda: storage.exists(home.fs, home.root)):
         raise BadInput(f"{storage_uri}: no such storage")
     rows = []
-    for name in _guarded(storage_uri, lambda: _child_dirs(fs, root)):
+    for name in _guarded(storage_uri, lambda: _child_dirs(home)):
         uri = f"{storage_uri.rstrip('/')}/{name}"
-        run = _guarded(uri, lambda: _read_json(fs, storage.join(root, name, RUN_RECORD)))
+        run = _guarded(uri, lambda: home.read_json(f"{name}/{RUN_RECORD}"))
         if isinstance(run, dict):
             summary = run.get("summary") or {}
             best = summary.get("best") or {}
@@ -26,7 +26,7 @@ def list_runs(storage_uri: str, endpoint_url: Optional[str] = None) -> list[dict
                          "ended": run.get("ended"), "steps": summary.get("steps"), "best_metric": best.get("metric"),
                          "best_value": best.get("value"), "wall_s": _wall(run, summary.get("wall_s"))})
             continue
-        sweep = _guarded(uri, lambda: _read_json(fs, storage.join(root, name, SWEEP_RECORD)))
+        sweep = _guarded(uri, lambda: home.read_json(f"{name}/{SWEEP_RECORD}"))
         if isinstance(sweep, dict):
             result = sweep.get("result") or {}
             best = result.get("best") or {}

@@ -5,18 +5,15 @@ Every failure to read storage becomes one BadInput line naming the URI (`_open`,
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
+from orchestrator.rundir import RUN_RECORD, RunDir
 
-RUN_RECORD = "run.json"
-METRICS = "metrics.jsonl"
 SWEEP_RECORD = "sweep.json"
-TEST_RECORD = "test.json"
 
 
 @dataclass
@@ -40,30 +37,9 @@ class RunData:
         return [e for e in self.history if e.get("split") == split]
 
 
-def _read_json(fs, path: str) -> Optional[Any]:
+def _open(uri: str, endpoint_url: Optional[str]) -> RunDir:
     try:
-        return json.loads(storage.read_bytes(fs, path))
-    except FileNotFoundError:
-        return None
-
-
-def _read_history(fs, path: str) -> list[dict[str, Any]]:
-    try:
-        text = storage.read_bytes(fs, path).decode()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a crash mid-append leaves a torn last line
-    return out
-
-
-def _open(uri: str, endpoint_url: Optional[str]):
-    try:
-        return storage.open_storage(uri, endpoint_url)
+        return RunDir.open(uri, endpoint_url)
     except BadInput:
         raise
     except Exception as exc:
@@ -80,13 +56,16 @@ def _guarded(uri: str, fn):
 
 
 def load_run(uri: str, endpoint_url: Optional[str] = None) -> RunData:
-    """A run's record, history and test record; BadInput when the URI holds no run."""
-    fs, root = _open(uri, endpoint_url)
-    record = _guarded(uri, lambda: _read_json(fs, storage.join(root, RUN_RECORD)))
+    """A run's record, history and test record; BadInput when the URI holds no run.
+
+    The record is read as it is, not as a RunRecord: the report shows whatever a run left, old or odd.
+    """
+    run = _open(uri, endpoint_url)
+    record = _guarded(uri, lambda: run.read_json(RUN_RECORD))
     if not isinstance(record, dict):
         raise BadInput(f"{uri}: holds no run (no {RUN_RECORD})")
-    history = _guarded(uri, lambda: _read_history(fs, storage.join(root, METRICS)))
-    test = _guarded(uri, lambda: _read_json(fs, storage.join(root, TEST_RECORD)))
+    history = _guarded(uri, run.read_metrics)
+    test = _guarded(uri, run.read_test)
     return RunData(uri=uri.rstrip("/"), record=record, history=history, test=test)
 
 
@@ -121,14 +100,14 @@ class SweepData:
 
 def load_sweep(uri: str, endpoint_url: Optional[str] = None) -> SweepData:
     """A sweep's sweep.json and every trial run under it (finished or not); BadInput when the URI holds no sweep."""
-    fs, root = _open(uri, endpoint_url)
-    record = _guarded(uri, lambda: _read_json(fs, storage.join(root, SWEEP_RECORD)))
+    home = _open(uri, endpoint_url)
+    record = _guarded(uri, lambda: home.read_json(SWEEP_RECORD))
     if not isinstance(record, dict):
         raise BadInput(f"{uri}: holds no sweep (no {SWEEP_RECORD})")
     rows = {row["trial_id"]: dict(row) for row in (record.get("result") or {}).get("trials") or []}
     # A sweep still running (or interrupted) has no result yet: its trial directories say what ran.
-    for name in _guarded(uri, lambda: _child_dirs(fs, root)):
-        if name not in rows and _guarded(uri, lambda: storage.exists(fs, storage.join(root, name, RUN_RECORD))):
+    for name in _guarded(uri, lambda: _child_dirs(home)):
+        if name not in rows and _guarded(uri, lambda: home.exists(name, RUN_RECORD)):
             rows[name] = {"trial_id": name}
     trials = []
     for trial_id, row in sorted(rows.items()):
@@ -154,9 +133,9 @@ def load_sweep(uri: str, endpoint_url: Optional[str] = None) -> SweepData:
     return data
 
 
-def _child_dirs(fs, root: str) -> list[str]:
+def _child_dirs(home: RunDir) -> list[str]:
     try:
-        entries = fs.ls(root, detail=True)
+        entries = home.fs.ls(home.root, detail=True)
     except FileNotFoundError:
         return []
     return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
