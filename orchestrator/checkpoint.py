@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import queue
 import re
 import threading
@@ -362,7 +363,5 @@ def export_weights(checkpoint_uri: str, out: str) -> int:
     tmp = f"{out}.tmp"
     with open(tmp, "wb") as fh:
         fh.write(data)
-    import os
-
     os.replace(tmp, out)
     return len(data)

@@ -325,6 +325,7 @@ def list_jobs(address: str | None, as_json: bool) -> None:
 @friendly_errors
 def sweep(sweep_file: str, overrides: tuple[str, ...], address: str | None, fresh: bool, best_out: str | None, verbose: bool, as_json: bool) -> None:
     """Sweep hyper-parameters of a job with Ray Tune (its `sweep` section); rerun to continue an interrupted sweep."""
+    from orchestrator.runrecord import RunStatus
     from orchestrator.sweep import format_result, is_dashboard_address, load_sweep, run_sweep, submit_sweep
 
     job = load_sweep(sweep_file, list(overrides), fresh=fresh)
@@ -342,7 +343,7 @@ def sweep(sweep_file: str, overrides: tuple[str, ...], address: str | None, fres
         table, text = format_result(result)
         console().print(table)
         click.echo(text)
-    if result.get("status") != "finished":
+    if result.get("status") != RunStatus.FINISHED:
         sys.exit(1)
 
 

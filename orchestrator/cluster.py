@@ -12,9 +12,11 @@ from the environment or Ray's token file, sent only as a header, and never print
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fnmatch
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -27,6 +29,7 @@ from typing import Any, Iterator, Optional
 
 from orchestrator import storage
 from orchestrator.errors import BadInput, RunFailed
+from orchestrator.hooks import import_hook
 from orchestrator.spec import HOOK_RE, JobSpec, load_spec
 
 DEFAULT_DASHBOARD_PORT = 8265
@@ -306,7 +309,6 @@ def build_submission(
 
 def check_user_code(spec: JobSpec, job_dir: str | Path) -> None:
     """Import every `module:function` the job names from its directory, as the cluster will; BadInput naming the field."""
-    from orchestrator.hooks import import_hook
 
     for field_name, hook in (("entrypoint", spec.entrypoint), ("model.name", spec.model.name), ("data.name", spec.data.name)):
         if hook and HOOK_RE.match(hook):
@@ -391,9 +393,7 @@ class RayJobsBackend:
         """Ray's JobSubmissionClient for this address, with the token as its Authorization header."""
         if self._client is None:
             self.check()
-            import logging
-
-            from ray.job_submission import JobSubmissionClient
+            from ray.job_submission import JobSubmissionClient  # ray only where a command talks to a cluster
 
             # Ray's client narrates every upload and websocket at INFO; a person wants the job's output.
             for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk", "ray._private.runtime_env.packaging"):
@@ -452,8 +452,6 @@ class RayJobsBackend:
 
     def follow(self, job_id: str) -> Iterator[str]:
         """Yield the driver's output as it comes, from the start, until the job ends."""
-        import asyncio
-
         self.status(job_id)  # a missing job is one clear line, not a websocket error
         stream = self.client.tail_job_logs(job_id)
         loop = asyncio.new_event_loop()

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from orchestrator import checkpoint as ckpt
 from orchestrator import storage
 from orchestrator.console import RunConsole
 from orchestrator.preflight import preflight
@@ -23,7 +24,10 @@ from orchestrator.provenance import add_placement, collect_provenance
 from orchestrator.ray_runtime import resolve_address, start_ray
 from orchestrator.rundir import LOG_FILE, REPORT, RUN_RECORD, RunDir, run_uri_for
 from orchestrator.runrecord import RunRecord, RunStatus, RunSummary, summary_from_checkpoints
+from orchestrator.report import write_report
 from orchestrator.spec import JobSpec
+from orchestrator.tracking import TrackingSession
+from orchestrator.trainer import fit
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +91,6 @@ def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str
 
 def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
     """The run itself, once its input is known good: record, Ray, fit, summary first, then report and trackers."""
-    from orchestrator import checkpoint as ckpt
-    from orchestrator.tracking import TrackingSession
-
     spec, run = plan.spec, plan.run
     # Hosts are known here for a run on this machine; on a cluster rank 0 reports them (see trainer.train_worker).
     prov = collect_provenance(spec, plan.base_dir, getattr(plan.data_info, "fingerprint", None), hosts=1 if plan.address is None else None)
@@ -114,7 +115,7 @@ def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
         console.message(format_summary(summary))
     finally:
         if connected:
-            import ray
+            import ray  # loaded by start_ray already; never for a local-mode run
 
             ray.shutdown()
     summary.report = write_report_safely(run)
@@ -128,8 +129,6 @@ def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
 def _fit_and_summarize(plan: RunPlan, tracking_config: Optional[dict[str, Any]], console: RunConsole, embedded: bool,
                        worker_events: bool) -> tuple[RunSummary, dict[str, Any]]:
     """Ray Train's fit, then what the run's checkpoints say of it; with what rank 0 reported of where it ran."""
-    from orchestrator.trainer import fit
-
     spec, run = plan.spec, plan.run
     run_name = f"{run.name}-{int(plan.t0)}" if not spec.entrypoint else run.name
     status, error, result = fit(spec, run.uri, plan.base_dir, run_name, tracking_config, console, embedded, worker_events, plan.local_mode)
@@ -171,8 +170,6 @@ def _upload_log(local: str, run: RunDir) -> None:
 
 def write_report_safely(run: RunDir) -> Optional[str]:
     """Write `<run>/report.html`; a report that cannot be made is a warning, not a failed run."""
-    from orchestrator.report import write_report
-
     try:
         return write_report(run.uri, endpoint_url=run.endpoint_url)
     except Exception as exc:

@@ -11,7 +11,8 @@ import os
 from typing import Optional
 
 from orchestrator import storage, tracking
-from orchestrator.data import DataInfo
+from orchestrator.checkpoint import load_weights
+from orchestrator.data import DataInfo, check_data
 from orchestrator.hooks import import_hook
 from orchestrator.errors import BadInput
 from orchestrator.spec import JobSpec
@@ -29,8 +30,6 @@ def preflight(spec: JobSpec, base_dir: Optional[str], address: Optional[str]) ->
         import_hook(spec.entrypoint, base_dir, "entrypoint")
         tracking.preflight(spec)
         return None
-    from orchestrator.data import check_data
-
     info = check_data(spec, base_dir)
     check_model(spec, info, base_dir)
     check_init_from(spec)
@@ -68,6 +67,4 @@ def check_model(spec: JobSpec, info: DataInfo, base_dir: Optional[str]) -> None:
 def check_init_from(spec: JobSpec) -> None:
     """`model.init_from` names weights that can be read."""
     if spec.model.init_from:
-        from orchestrator.checkpoint import load_weights
-
         load_weights(spec.model.init_from, spec.checkpoint.endpoint_url)

@@ -6,6 +6,7 @@ Recorded in run.json (`provenance`), tagged on the MLflow run and shown in the r
 from __future__ import annotations
 
 import hashlib
+from importlib.metadata import PackageNotFoundError, version
 import json
 import platform
 import shutil
@@ -68,8 +69,6 @@ def add_placement(provenance: dict[str, Any], placed: Optional[dict[str, Any]]) 
 def collect_provenance(spec: JobSpec, base_dir: Optional[str] = None, data_fingerprint: Optional[dict] = None,
                        world_size: Optional[int] = None, hosts: Optional[int] = None) -> dict[str, Any]:
     """Versions, devices, placement, seed, job hash, user-code commit and data fingerprint of a run."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out: dict[str, Any] = {"orchestrator": __version__, "python": platform.python_version(), "host": socket.gethostname()}
     for name in ("torch", "ray"):
         try:

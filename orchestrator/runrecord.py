@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Optional
 
+from orchestrator import checkpoint as ckpt
 from orchestrator.rundir import RUN_RECORD, TEST_RECORD, RunDir
 
 
@@ -178,8 +179,6 @@ def summary_from_checkpoints(run: RunDir, status: RunStatus) -> RunSummary:
 
     The counters ride in each checkpoint's manifest; a checkpoint written before they did is read from its state.pt.
     """
-    from orchestrator import checkpoint as ckpt
-
     summary = RunSummary(run=run.name, run_uri=run.uri, status=status, test=test_summary(run))
     found = ckpt.list_checkpoints(run.fs, run.root, uri_prefix=run.uri)
     for info in reversed(found):
@@ -198,8 +197,6 @@ def summary_from_checkpoints(run: RunDir, status: RunStatus) -> RunSummary:
 
 
 def _counters_from_state(run: RunDir, info) -> Optional[dict[str, Any]]:
-    from orchestrator import checkpoint as ckpt
-
     try:
         return ckpt.deserialize_state(ckpt.read_verified(run.fs, info, ["state.pt"])["state.pt"])["train"]
     except (ValueError, FileNotFoundError):

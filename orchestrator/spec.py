@@ -5,6 +5,7 @@ This module imports neither torch nor ray: `orchestrator validate` and `--help` 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -486,8 +487,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of the raw job dict with each `dotted.key=value` set (sections are created as needed)."""
-    import copy
-
     out = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)

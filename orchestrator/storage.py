@@ -158,17 +158,6 @@ def write_bytes(fs, path: str, data: bytes) -> None:
     with_retries(lambda: fs.pipe_file(path, data), f"write {path}")
 
 
-def read_json(uri: str, name: str, endpoint_url: str | None = None) -> Any:
-    """The JSON document `name` under `uri` (run.json, test.json, sweep.json), or None when there is none."""
-    import json
-
-    fs, root = open_storage(uri, endpoint_url)
-    try:
-        return json.loads(read_bytes(fs, join(root, name)))
-    except FileNotFoundError:
-        return None
-
-
 def exists(fs, path: str) -> bool:
     """Whether a path exists, retrying transient failures."""
     return with_retries(lambda: fs.exists(path), f"stat {path}")

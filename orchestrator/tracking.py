@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 from orchestrator import storage
 from orchestrator.errors import BadInput
 from orchestrator.spec import JobSpec, flatten
+from orchestrator.runrecord import RunStatus
 from orchestrator.storage import redact
 
 if TYPE_CHECKING:
@@ -449,7 +450,7 @@ class TrackingSession:
                 client.log_artifact(self.mlflow_run_id, local, folder or None)
         # A trial that a scheduler stopped ended as planned; the tag tells it from one that trained to its end.
         client.set_tag(self.mlflow_run_id, "orchestrator.status", str(status))
-        client.set_terminated(self.mlflow_run_id, "FINISHED" if status in ("finished", "stopped") else "FAILED")
+        client.set_terminated(self.mlflow_run_id, "FINISHED" if status in (RunStatus.FINISHED, RunStatus.STOPPED) else "FAILED")
 
 
 def final_metrics(summary: Optional["RunSummary"]) -> dict[str, float]:

@@ -11,9 +11,12 @@ import tempfile
 from typing import Any, Optional
 
 from orchestrator.console import RunConsole, marker_progress
+from orchestrator.provenance import device_facts
 from orchestrator.hooks import import_hook
 from orchestrator.ray_runtime import train_environment
+from orchestrator.runrecord import RunStatus
 from orchestrator.spec import JobSpec
+from orchestrator.tracking import create_tracker
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -22,10 +25,8 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import CheckpointUploadMode
 
-    from orchestrator.loop import LoopContext, run_training
+    from orchestrator.loop import LoopContext, run_training  # torch: on the worker, not where a run is planned
     from orchestrator.loop.evaluate import all_gather
-    from orchestrator.provenance import device_facts
-    from orchestrator.tracking import create_tracker
 
     spec = JobSpec.model_validate(config["job"])
     context = ray.train.get_context()
@@ -96,7 +97,7 @@ def build_trainer_kwargs(spec: JobSpec, run_uri: str, base_dir: Optional[str], r
 
 
 def fit(spec: JobSpec, run_uri: str, base_dir: Optional[str], run_name: str, tracking_config: Optional[dict[str, Any]],
-        console: RunConsole, embedded: bool, worker_events: bool, local_mode: bool) -> tuple[str, Optional[str], Any]:
+        console: RunConsole, embedded: bool, worker_events: bool, local_mode: bool) -> tuple[RunStatus, Optional[str], Any]:
     """Ray Train's fit of the job: (status, one-line error, Ray's result); a failure after Ray's retries is a failed run, not an exception."""
     try:
         from ray.train.torch import TorchTrainer
@@ -106,6 +107,6 @@ def fit(spec: JobSpec, run_uri: str, base_dir: Optional[str], run_name: str, tra
         if not local_mode:
             console.status(f"starting {spec.scaling.max_workers} worker(s)")
         with train_environment(embedded=embedded):
-            return "finished", None, TorchTrainer(**kwargs).fit()
+            return RunStatus.FINISHED, None, TorchTrainer(**kwargs).fit()
     except Exception as exc:  # the run failed after retries: record it, report it, keep what was committed
-        return "failed", f"{type(exc).__name__}: {exc}".splitlines()[0], None
+        return RunStatus.FAILED, f"{type(exc).__name__}: {exc}".splitlines()[0], None

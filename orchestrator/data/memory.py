@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import importlib.metadata
+import importlib.util
 import math
 import sys
 from dataclasses import dataclass, field
@@ -31,10 +34,6 @@ class _Arrays:
 
 def _digits() -> _Arrays:
     """scikit-learn's bundled digits, read from the CSV it ships: importing scikit-learn costs seconds, the file 50 ms."""
-    import gzip
-    import importlib.metadata
-    import importlib.util
-
     package = importlib.util.find_spec("sklearn")  # finds the package without importing it
     if package is None or package.origin is None:
         raise BadInput("data.name: digits needs scikit-learn (pip install scikit-learn)")

@@ -17,6 +17,7 @@ What lives where:
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from orchestrator import storage
@@ -45,8 +46,6 @@ def write_report(uri: str, out: Optional[str] = None, endpoint_url: Optional[str
     """Write the report of a run or sweep to `out` (a local file) or to `<uri>/report.html`; return where it went."""
     page = render(uri, endpoint_url).encode()
     if out:
-        import os
-
         folder = os.path.dirname(os.path.abspath(out))
         os.makedirs(folder, exist_ok=True)
         tmp = f"{out}.tmp"

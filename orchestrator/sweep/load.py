@@ -11,6 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from pydantic import BaseModel
+
 from orchestrator.errors import BadInput
 from orchestrator.rundir import run_uri_for
 from orchestrator.spec import JobSpec, ParamSpec, SpecError, SweepSpec, apply_overrides, build_spec, read_job_file
@@ -120,8 +122,6 @@ def check_parameters(job: dict[str, Any], sweep: SweepSpec) -> None:
 
 def _section_at(path: str):
     """The JobSpec section class a dotted path names, or None when it names a field (or nothing)."""
-    from pydantic import BaseModel
-
     model: Any = JobSpec
     for part in path.split("."):
         field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)

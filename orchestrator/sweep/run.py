@@ -18,6 +18,9 @@ from typing import Any, Optional
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
+from orchestrator.preflight import preflight
+from orchestrator.provenance import collect_provenance
+from orchestrator.ray_runtime import resolve_address, start_ray
 from orchestrator.rundir import RUN_RECORD, RunDir
 from orchestrator.runrecord import RunRecord, RunStatus, summary_from_checkpoints
 from orchestrator.spec import JobSpec
@@ -26,6 +29,7 @@ from orchestrator.sweep.load import SweepJob
 from orchestrator.sweep.schedulers import build_scheduler, build_search, trial_resources
 from orchestrator.sweep.space import build_param_space
 from orchestrator.sweep.trial import TrialPlan, run_trial
+from orchestrator.tracking import TrackingSession, mlflow_tracking_uri
 
 SWEEP_RECORD = "sweep.json"
 TUNE_DIR = "tune"  # Tune's experiment directory inside the sweep's
@@ -65,11 +69,6 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
 
     With a `tracking` section the sweep is an MLflow run of its own, and each trial's run is its child.
     """
-    from orchestrator.preflight import preflight
-    from orchestrator.provenance import collect_provenance
-    from orchestrator.ray_runtime import resolve_address, start_ray
-    from orchestrator.tracking import TrackingSession
-
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else (lambda msg: print(msg, flush=True))
     t0 = time.time()
     home = RunDir.open(sweep.uri, sweep.endpoint)
@@ -78,7 +77,7 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
     record = home.read_json(SWEEP_RECORD)
     if record and record.get("fingerprint") != sweep.fingerprint():
         raise BadInput(f"sweep.name: {sweep.uri} holds a sweep with other settings; use --fresh or another sweep.name")
-    if record and record.get("status") == "finished":
+    if record and record.get("status") == RunStatus.FINISHED:
         say(f"{sweep.uri}: already finished; nothing to do (use --fresh for a new sweep)")
         return {**record["result"], "already_finished": True, "wall_s": round(time.time() - t0, 3)}
     fingerprint = getattr(data_info, "fingerprint", None)
@@ -133,7 +132,7 @@ def _fit(sweep: SweepJob, home: RunDir, plan: TrialPlan, record: Optional[dict[s
         return tuner.fit(), True
     s = sweep.sweep
     say(f"sweep {sweep.name}: {s.trial_count} trial(s), {s.search} search, {s.scheduler.name} scheduler, {s.max_concurrent_trials} at once -> {sweep.uri}")
-    home.write_json(SWEEP_RECORD, {"sweep": sweep.name, "status": "running", "started": datetime.now(timezone.utc).isoformat(),
+    home.write_json(SWEEP_RECORD, {"sweep": sweep.name, "status": str(RunStatus.RUNNING), "started": datetime.now(timezone.utc).isoformat(),
                                    "fingerprint": sweep.fingerprint(), "job_file": sweep.job_file, "job": sweep.job,
                                    "spec": s.model_dump(mode="json"), "command": sys.argv, "provenance": prov, "tracking": tracked}, indent=1)
     tuner = tune.Tuner(
@@ -186,8 +185,6 @@ def _finish(sweep: SweepJob, home: RunDir, rows: list[TrialRow], resumed: bool, 
 
 def end_unfinished_trials(sweep: SweepJob, results) -> None:
     """Record the end of trials whose process went away before they could: run.json still running, MLflow run still RUNNING."""
-    from orchestrator.tracking import TrackingSession, mlflow_tracking_uri
-
     for result in results:
         run = RunDir.open(f"{sweep.uri}/{Path(result.path).name}", sweep.endpoint)
         record = RunRecord.load(run)

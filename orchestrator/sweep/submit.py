@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from orchestrator.errors import BadInput
+from orchestrator.cluster import METADATA_RUN, RayJobsBackend, build_submission, follow_to_end
+from orchestrator.errors import BadInput, RunFailed
 from orchestrator.sweep.load import SweepJob
 
 
@@ -19,8 +20,6 @@ def is_dashboard_address(address: Optional[str]) -> bool:
 
 def build_sweep_submission(sweep: SweepJob, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The Jobs API request of a sweep: the job's package and runtime env, with `orchestrator sweep` as its entrypoint (pure)."""
-    from orchestrator.cluster import METADATA_RUN, build_submission
-
     sweep_path = Path(sweep.job_file).resolve()
     if Path(sweep.base_dir).resolve() != sweep_path.parent:
         raise BadInput(f"{sweep.job_file}: job: the named job file must sit beside the sweep file to be shipped with it")
@@ -33,9 +32,6 @@ def build_sweep_submission(sweep: SweepJob, overrides: list[str] | tuple[str, ..
 
 def submit_sweep(sweep: SweepJob, overrides: list[str], address: str, out=None) -> dict[str, Any]:
     """Submit the sweep to the cluster, stream its output (the live view) to `out`, return its result; RunFailed if the job fails."""
-    from orchestrator.cluster import RayJobsBackend, follow_to_end
-    from orchestrator.errors import RunFailed
-
     backend = RayJobsBackend(address)
     submission = build_sweep_submission(sweep, overrides)
     backend.check()

@@ -20,11 +20,15 @@ from typing import Any, Optional
 
 import yaml
 
+from orchestrator import checkpoint as ckpt
 from orchestrator import storage
+from orchestrator.data import check_data
+from orchestrator.provenance import add_placement, collect_provenance
 from orchestrator.rundir import RUN_RECORD, RunDir
 from orchestrator.runrecord import RunRecord, RunStatus, summary_from_checkpoints
 from orchestrator.spec import JobSpec, ParamSpec
 from orchestrator.sweep.load import _plain, trial_spec
+from orchestrator.tracking import TrackingSession, create_tracker
 
 POINTER = "pointer.json"  # a PBT Tune checkpoint: which run's checkpoint a trial stood at
 
@@ -89,11 +93,7 @@ def track_as_trial(spec: JobSpec, plan: TrialPlan, trial_id: str) -> None:
 
 def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     """Tune's function trainable: train the job with this trial's settings in `<sweep>/<trial id>`, tracked as a child of the sweep's run."""
-    from ray import tune
-
-    from orchestrator.checkpoint import list_checkpoints
-    from orchestrator.provenance import add_placement, collect_provenance
-    from orchestrator.tracking import TrackingSession, create_tracker
+    from ray import tune  # ray and torch: only in a trial's process, never to load a sweep file
 
     # A stopped trial records its end (MLflow calls among it) after Tune has moved on. Tune gives that 2 s before
     # it reuses this process for the next trial, and the sweep goes wrong (it stalls) when it takes longer.
@@ -109,12 +109,10 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         done = previous.summary
         tune.report({"step": done.steps, "epoch": done.epochs, **{k: v for k, v in done.metrics.items() if not isinstance(v, list)}})
         return
-    existing = list_checkpoints(run.fs, run.root, uri_prefix=run.uri)
+    existing = ckpt.list_checkpoints(run.fs, run.root, uri_prefix=run.uri)
     in_process = spec.scaling.max_workers <= 1
     fingerprint = plan.data_fingerprint
     if any(path.startswith("data.") for path in config):
-        from orchestrator.data import check_data
-
         fingerprint = check_data(spec, plan.base_dir).fingerprint  # this trial reads other data than the base job
     prov = collect_provenance(spec, plan.base_dir, fingerprint, hosts=1 if in_process else None)
     session = TrackingSession.start(spec, run.uri, spec.name, prov, previous=previous.tracking if previous else None, parent_run_id=plan.parent_run_id)
@@ -237,10 +235,8 @@ class TrialReporter:
         if not self.pbt:
             tune.report(metrics)
             return
-        from orchestrator.checkpoint import list_checkpoints
-
         fs, root = storage.open_storage(self.run_uri, self.endpoint)
-        found = list_checkpoints(fs, root)
+        found = ckpt.list_checkpoints(fs, root)
         if not found:
             tune.report(metrics)
             return
@@ -253,8 +249,6 @@ def adopt_exploited_checkpoint(tune_checkpoint, run: RunDir, spec: JobSpec) -> O
     """PBT exploit: replace this run's checkpoints by the donor's, with this trial's optimizer settings; the loop then restores it."""
     if tune_checkpoint is None:
         return None
-    from orchestrator import checkpoint as ckpt
-
     with tune_checkpoint.as_directory() as d:
         pointer = json.loads(Path(d, POINTER).read_text())
     if pointer["run_uri"] == run.uri:
