@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch that lies on these machines' disk; users with CUDA install their own torch first.
 TORCH_PIN ?= torch==2.13.0
+LINTED := orchestrator tests bench jobs
 
-.PHONY: setup system-packages run test test-fast bench clean
+.PHONY: setup system-packages run lint format test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,16 @@ system-packages:
 run: $(VENV)/.installed
 	$(VENV)/bin/orchestrator run jobs/digits_mlp.yaml
 
-test: setup
+# Code the linter or the formatter would change fails CI before any test runs.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix $(LINTED)
+	$(VENV)/bin/ruff format $(LINTED)
+
+test: setup lint
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -25,9 +25,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # About 26M parameters: 105 MB of fp32 weights, 316 MB with AdamW's two moments.
-MODEL = ["model.name=mlp", "model.hidden=2560", "model.layers=5", "data.name=digits", "optim.name=adamw", "schedule.name=constant",
-         "train.batch_size=32", "train.epochs=1000", "early_stopping=null", "validation.every_n_steps=1000000", "train.log_every_n_steps=1000000",
-         "checkpoint.every_n_epochs=null", "checkpoint.keep_last=2", "name=bench-ckpt"]
+MODEL = [
+    "model.name=mlp",
+    "model.hidden=2560",
+    "model.layers=5",
+    "data.name=digits",
+    "optim.name=adamw",
+    "schedule.name=constant",
+    "train.batch_size=32",
+    "train.epochs=1000",
+    "early_stopping=null",
+    "validation.every_n_steps=1000000",
+    "train.log_every_n_steps=1000000",
+    "checkpoint.every_n_epochs=null",
+    "checkpoint.keep_last=2",
+    "name=bench-ckpt",
+]
 
 
 def free_port() -> int:
@@ -38,7 +51,11 @@ def free_port() -> int:
 
 def start_moto() -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(300):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -54,10 +71,15 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 def train_seconds(storage: str, endpoint: str | None, steps: int, every: int | None, asynchronous: bool) -> dict:
     """Run the loop in-process; seconds from the first to the last step, and to the end (last upload committed)."""
-    from orchestrator.spec import build_spec
     from orchestrator.loop import LoopContext, run_training
+    from orchestrator.spec import build_spec
 
-    overrides = [*MODEL, f"train.max_steps={steps}", f"checkpoint.storage={storage}", f"checkpoint.async={str(asynchronous).lower()}"]
+    overrides = [
+        *MODEL,
+        f"train.max_steps={steps}",
+        f"checkpoint.storage={storage}",
+        f"checkpoint.async={str(asynchronous).lower()}",
+    ]
     if endpoint:
         overrides.append(f"checkpoint.endpoint_url={endpoint}")
     if every:
@@ -73,8 +95,12 @@ def train_seconds(storage: str, endpoint: str | None, steps: int, every: int | N
     fs, root = st.open_storage(run_uri, endpoint)
     info, files = ckpt.restore_latest(fs, root)
     state = ckpt.deserialize_state(files["state.pt"])["train"]
-    return {"steps_s": state["last_step_at"] - state["first_step_at"], "wall_s": end - t0, "checkpoint_bytes": info.size,
-            "blocked_s": state["checkpoint_blocked_s"]}
+    return {
+        "steps_s": state["last_step_at"] - state["first_step_at"],
+        "wall_s": end - t0,
+        "checkpoint_bytes": info.size,
+        "blocked_s": state["checkpoint_blocked_s"],
+    }
 
 
 def best_of(repeats: int, *args) -> dict:
@@ -98,15 +124,36 @@ def copy_throughput(storage: str, endpoint: str | None, nbytes: int) -> dict:
     t0 = time.time()
     ckpt.commit_checkpoint(fs, st.join(root, "commit-probe"), 1, 0, {ckpt.WEIGHTS: ckpt.serialize_weights(weights)}, {})
     commit = time.time() - t0
-    return {"bytes": nbytes, "plain_copy_MBps": nbytes / plain / 1e6, "checkpoint_commit_MBps": nbytes / commit / 1e6, "ratio": plain / commit}
+    return {
+        "bytes": nbytes,
+        "plain_copy_MBps": nbytes / plain / 1e6,
+        "checkpoint_commit_MBps": nbytes / commit / 1e6,
+        "ratio": plain / commit,
+    }
 
 
 def kill_to_next_step(steps: int) -> float:
     """SIGKILL the Ray Train worker after its first checkpoint; seconds until the restarted worker's next step."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = [sys.executable, "-m", "orchestrator", "run", str(ROOT / "jobs" / "digits_mlp.yaml"), "model.hidden=512", "model.layers=3",
-                "train.batch_size=16", "train.epochs=50", f"train.max_steps={steps}", "early_stopping=null", "checkpoint.every_n_steps=20",
-                "train.log_every_n_steps=1", "scaling.num_workers=1", "failure.max_failures=2", f"checkpoint.storage={tmp}", "--json"]
+        args = [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "run",
+            str(ROOT / "jobs" / "digits_mlp.yaml"),
+            "model.hidden=512",
+            "model.layers=3",
+            "train.batch_size=16",
+            "train.epochs=50",
+            f"train.max_steps={steps}",
+            "early_stopping=null",
+            "checkpoint.every_n_steps=20",
+            "train.log_every_n_steps=1",
+            "scaling.num_workers=1",
+            "failure.max_failures=2",
+            f"checkpoint.storage={tmp}",
+            "--json",
+        ]
         proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         run_dir = Path(tmp) / "digits-mlp"
         while not list(run_dir.glob("checkpoint_*/manifest.json")):
@@ -158,8 +205,12 @@ def main() -> None:
                 row = {"no_checkpoints_s": base["steps_s"]}
                 for mode in ("sync", "async"):
                     timed = best_of(args.repeats, storage, ep, args.steps, args.every, mode == "async")
-                    row[mode] = {"train_s": timed["steps_s"], "wall_s": timed["wall_s"], "lost_fraction": timed["steps_s"] / base["steps_s"] - 1,
-                                 "blocked_fraction": timed["blocked_s"] / timed["steps_s"]}
+                    row[mode] = {
+                        "train_s": timed["steps_s"],
+                        "wall_s": timed["wall_s"],
+                        "lost_fraction": timed["steps_s"] / base["steps_s"] - 1,
+                        "blocked_fraction": timed["blocked_s"] / timed["steps_s"],
+                    }
                     row["checkpoint_MB"] = timed["checkpoint_bytes"] / 1e6
                 row["throughput"] = copy_throughput(storage, ep, int(row["checkpoint_MB"] * 1e6) // 3)
                 results["storage"][name] = row
@@ -172,13 +223,19 @@ def main() -> None:
         return
     print(f"{args.steps} steps, a checkpoint every {args.every} steps")
     for name, row in results["storage"].items():
-        print(f"[{name}] checkpoint {row['checkpoint_MB']:.0f} MB; training without checkpoints {row['no_checkpoints_s']:.1f}s")
+        print(
+            f"[{name}] checkpoint {row['checkpoint_MB']:.0f} MB; training without checkpoints {row['no_checkpoints_s']:.1f}s"
+        )
         for mode in ("sync", "async"):
             r = row[mode]
-            print(f"  {mode:5}: training {r['train_s']:.1f}s  slower by {100 * r['lost_fraction']:5.1f}%  training thread blocked {100 * r['blocked_fraction']:5.1f}%"
-                  f"  (wall incl. last upload {r['wall_s']:.1f}s)")
+            print(
+                f"  {mode:5}: training {r['train_s']:.1f}s  slower by {100 * r['lost_fraction']:5.1f}%  training thread blocked {100 * r['blocked_fraction']:5.1f}%"
+                f"  (wall incl. last upload {r['wall_s']:.1f}s)"
+            )
         t = row["throughput"]
-        print(f"  commit {t['checkpoint_commit_MBps']:.0f} MB/s against a plain copy at {t['plain_copy_MBps']:.0f} MB/s (ratio {t['ratio']:.2f})")
+        print(
+            f"  commit {t['checkpoint_commit_MBps']:.0f} MB/s against a plain copy at {t['plain_copy_MBps']:.0f} MB/s (ratio {t['ratio']:.2f})"
+        )
     if "worker_kill_to_next_step_s" in results:
         print(f"SIGKILLed Ray Train worker to the next training step: {results['worker_kill_to_next_step_s']:.1f}s")
 

@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = "jobs/digits_mlp.yaml"
@@ -65,13 +65,13 @@ class Timing:
     argv: list[str]
     rc: int
     wall_s: float  # just before Popen to the process's exit
-    first_step_s: Optional[float] = None  # command start to its first optimizer step
-    own_wall_s: Optional[float] = None  # the command's own wall_s (from inside the process)
-    best_metric: Optional[str] = None
-    best: Optional[float] = None
-    steps: Optional[int] = None
+    first_step_s: float | None = None  # command start to its first optimizer step
+    own_wall_s: float | None = None  # the command's own wall_s (from inside the process)
+    best_metric: str | None = None
+    best: float | None = None
+    steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    error: Optional[str] = None
+    error: str | None = None
 
 
 def command(case: str, storage: str, overrides: list[str]) -> list[str]:
@@ -90,7 +90,7 @@ def command(case: str, storage: str, overrides: list[str]) -> list[str]:
     return [*ORCH, "sweep", SWEEP, *scheduler, *overrides, store, "--fresh", "--json", *where]
 
 
-def last_json(text: str) -> Optional[dict[str, Any]]:
+def last_json(text: str) -> dict[str, Any] | None:
     """The last line of stdout that is a JSON object (the commands' --json contract)."""
     for line in reversed(text.strip().splitlines()):
         if line.startswith("{"):
@@ -123,8 +123,12 @@ def run_case(case: str, repeat: int, storage: str, overrides: list[str]) -> Timi
     if case in SWEEPS:
         best = result.get("best") or {}
         t.best_metric, t.best, t.steps = result.get("metric"), best.get("metric"), result.get("total_steps")
-        t.extra = {"status": result.get("status"), "trials": len(result.get("trials") or []),
-                   "stopped": sum(tr.get("status") == "stopped" for tr in result.get("trials") or []), "best_config": best.get("config")}
+        t.extra = {
+            "status": result.get("status"),
+            "trials": len(result.get("trials") or []),
+            "stopped": sum(tr.get("status") == "stopped" for tr in result.get("trials") or []),
+            "best_config": best.get("config"),
+        }
         return t
     first = result.get("first_step_at")
     t.first_step_s = first - start if isinstance(first, (int, float)) else None
@@ -135,17 +139,20 @@ def run_case(case: str, repeat: int, storage: str, overrides: list[str]) -> Timi
     else:
         best = result.get("best") or {}
         t.best_metric, t.best = best.get("metric"), best.get("value")
-        t.extra = {"status": result.get("status"), "test_accuracy": ((result.get("test") or {}).get("metrics") or {}).get("accuracy"),
-                   "stopped_early": result.get("stopped_early")}
+        t.extra = {
+            "status": result.get("status"),
+            "test_accuracy": ((result.get("test") or {}).get("metrics") or {}).get("accuracy"),
+            "stopped_early": result.get("stopped_early"),
+        }
     return t
 
 
-def median(values: list[Optional[float]]) -> Optional[float]:
+def median(values: list[float | None]) -> float | None:
     got = [v for v in values if v is not None]
     return statistics.median(got) if got else None
 
 
-def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
@@ -158,8 +165,13 @@ def machine() -> dict[str, Any]:
 
     # Versions from package metadata: importing torch or ray here would load this process, not measure it.
     # OMP_NUM_THREADS shapes tiny-model step times a lot on a busy machine; a Ray Train worker sets its own.
-    return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": version("torch"), "ray": version("ray"),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    return {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "torch": version("torch"),
+        "ray": version("ray"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
 def summarize(runs: list[Timing], cases: list[str]) -> dict[str, Any]:
@@ -181,7 +193,7 @@ def summarize(runs: list[Timing], cases: list[str]) -> dict[str, Any]:
             "steps": median([r.steps for r in ok]),
         }
     plain = per.get("plain", {})
-    ratios: dict[str, Optional[float]] = {}
+    ratios: dict[str, float | None] = {}
     for case in ("local", "worker", "worker_up"):
         if case in per and plain:
             ratios[f"{case}_wall_x_plain"] = ratio(per[case]["wall_s"], plain["wall_s"])
@@ -194,15 +206,21 @@ def summarize(runs: list[Timing], cases: list[str]) -> dict[str, Any]:
     return {"cases": per, "ratios": ratios}
 
 
-def fmt(value: Optional[float], spec: str = ".1f", unit: str = "") -> str:
+def fmt(value: float | None, spec: str = ".1f", unit: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
 def print_table(result: dict[str, Any]) -> None:
     m, per, ratios = result["machine"], result["summary"]["cases"], result["summary"]["ratios"]
-    print(f"{m['cpus']} CPUs, Python {m['python']}, torch {m['torch']}, ray {m['ray']}, OMP_NUM_THREADS {m['omp_num_threads'] or 'unset'}")
-    print("load average (1/5/15 min): before " + " ".join(f"{x:.2f}" for x in result["load_before"])
-          + "   after " + " ".join(f"{x:.2f}" for x in result["load_after"]))
+    print(
+        f"{m['cpus']} CPUs, Python {m['python']}, torch {m['torch']}, ray {m['ray']}, OMP_NUM_THREADS {m['omp_num_threads'] or 'unset'}"
+    )
+    print(
+        "load average (1/5/15 min): before "
+        + " ".join(f"{x:.2f}" for x in result["load_before"])
+        + "   after "
+        + " ".join(f"{x:.2f}" for x in result["load_after"])
+    )
     print(f"overrides: {' '.join(result['overrides']) or '(none)'}   repeats: {result['repeat']} (medians)")
     print()
     plain = per.get("plain", {})
@@ -213,25 +231,35 @@ def print_table(result: dict[str, Any]) -> None:
         vs_plain = case in ("local", "worker", "worker_up")
         x_wall = fmt(ratio(s["wall_s"], plain.get("wall_s")), ".2f", "x") if vs_plain else ""
         x_first = fmt(ratio(s["first_step_s"], plain.get("first_step_s")), ".2f", "x") if vs_plain else ""
-        print(f"{CASES[case]:38}{fmt(s['wall_s'], '.1f', 's'):>8}{fmt(s['first_step_s'], '.1f', 's'):>12}{x_wall:>14}{x_first:>13}"
-              f"{fmt(s['own_wall_s'], '.1f', 's'):>10}{fmt(s['best'], '.4f'):>8}{fmt(s['steps'], '.0f'):>8}"
-              f"{s['rc'] if s['rc'] is not None else 'n/a':>6}")
+        print(
+            f"{CASES[case]:38}{fmt(s['wall_s'], '.1f', 's'):>8}{fmt(s['first_step_s'], '.1f', 's'):>12}{x_wall:>14}{x_first:>13}"
+            f"{fmt(s['own_wall_s'], '.1f', 's'):>10}{fmt(s['best'], '.4f'):>8}{fmt(s['steps'], '.0f'):>8}"
+            f"{s['rc'] if s['rc'] is not None else 'n/a':>6}"
+        )
     for suffix, label in (("", ""), ("_up", " (local Ray up)")):
         if f"asha{suffix}_wall_x_fifo" in ratios:
             fifo, asha = per[f"fifo{suffix}"], per[f"asha{suffix}"]
             print()
-            print(f"ASHA / FIFO{label}: wall {fmt(ratios[f'asha{suffix}_wall_x_fifo'], '.2f')}, steps {fmt(ratios[f'asha{suffix}_steps_x_fifo'], '.2f')}"
-                  f"   best {fifo['best_metric'] or 'metric'}: FIFO {fmt(fifo['best'], '.4f')}, ASHA {fmt(asha['best'], '.4f')}")
-    print("wall: whole command to exit; first step: command start to first optimizer step; own wall: the command's own wall_s;"
-          " best: best validation metric (val_accuracy)")
+            print(
+                f"ASHA / FIFO{label}: wall {fmt(ratios[f'asha{suffix}_wall_x_fifo'], '.2f')}, steps {fmt(ratios[f'asha{suffix}_steps_x_fifo'], '.2f')}"
+                f"   best {fifo['best_metric'] or 'metric'}: FIFO {fmt(fifo['best'], '.4f')}, ASHA {fmt(asha['best'], '.4f')}"
+            )
+    print(
+        "wall: whole command to exit; first step: command start to first optimizer step; own wall: the command's own wall_s;"
+        " best: best validation metric (val_accuracy)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=1, help="rounds of all commands, interleaved (A B A B); figures are medians")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds of all commands, interleaved (A B A B); figures are medians"
+    )
     parser.add_argument("--only", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for every command, e.g. train.epochs=2")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for every command, e.g. train.epochs=2"
+    )
     args = parser.parse_args()
     cases = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
@@ -241,14 +269,18 @@ def main() -> None:
         parser.error("--repeat: at least 1")
     bad = [o for o in args.overrides if "=" not in o or o.startswith("checkpoint.storage=")]
     if bad:
-        parser.error(f"{' '.join(bad)}: overrides look like dotted.key=value (checkpoint.storage is the benchmark's own)")
+        parser.error(
+            f"{' '.join(bad)}: overrides look like dotted.key=value (checkpoint.storage is the benchmark's own)"
+        )
 
     if any(c in ATTACHED for c in cases):
         sys.path.insert(0, str(ROOT))  # this checkout's package, as the timed commands (run from ROOT) use
         from orchestrator.ray_runtime import running_local_ray
 
         if running_local_ray():
-            parser.error("a local Ray is already up (ray start --head): the benchmark starts and stops its own; stop that one first")
+            parser.error(
+                "a local Ray is already up (ray start --head): the benchmark starts and stops its own; stop that one first"
+            )
     runs: list[Timing] = []
     load_before = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as storage:
@@ -259,7 +291,11 @@ def main() -> None:
                     continue
                 attached = group[0] in ATTACHED
                 if attached:
-                    subprocess.run([RAY, "start", "--head", f"--num-cpus={os.cpu_count()}", "--disable-usage-stats"], check=True, capture_output=True)
+                    subprocess.run(
+                        [RAY, "start", "--head", f"--num-cpus={os.cpu_count()}", "--disable-usage-stats"],
+                        check=True,
+                        capture_output=True,
+                    )
                 try:
                     for case in group:
                         t = run_case(case, rep, storage, args.overrides)

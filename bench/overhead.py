@@ -21,19 +21,52 @@ JOB = ROOT / "jobs" / "digits_mlp.yaml"  # both sides load this file under the s
 
 PRESETS = {
     # A digits MLP big enough that a step is compute, not bookkeeping (about 3 GFLOP a step).
-    "cpu": ["name=bench-overhead", "model.name=mlp", "model.hidden=1024", "model.layers=3", "data.name=digits", "train.batch_size=256",
-            "optim.name=adamw", "schedule.name=constant", "train.precision=fp32"],
+    "cpu": [
+        "name=bench-overhead",
+        "model.name=mlp",
+        "model.hidden=1024",
+        "model.layers=3",
+        "data.name=digits",
+        "train.batch_size=256",
+        "optim.name=adamw",
+        "schedule.name=constant",
+        "train.precision=fp32",
+    ],
     # GPT-2-small sized (12 layers, 768 wide, 12 heads) in bf16 on a synthetic token stream.
-    "gpu": ["name=bench-overhead-gpu", "model.name=gpt", "model.hidden=768", "model.layers=12", "model.heads=12", "model.context=256",
-            "data.name=synthetic", "data.task=lm", "data.vocab_size=50257", "data.seq_len=256", "data.samples=20000", "train.batch_size=16",
-            "optim.name=adamw", "optim.lr=3e-4", "schedule.name=constant", "train.precision=bf16", "scaling.use_gpu=true"],
+    "gpu": [
+        "name=bench-overhead-gpu",
+        "model.name=gpt",
+        "model.hidden=768",
+        "model.layers=12",
+        "model.heads=12",
+        "model.context=256",
+        "data.name=synthetic",
+        "data.task=lm",
+        "data.vocab_size=50257",
+        "data.seq_len=256",
+        "data.samples=20000",
+        "train.batch_size=16",
+        "optim.name=adamw",
+        "optim.lr=3e-4",
+        "schedule.name=constant",
+        "train.precision=bf16",
+        "scaling.use_gpu=true",
+    ],
 }
 
 
 def common(steps: int, storage: str) -> list[str]:
     # Validation and checkpoints only at the end, in both: what is compared is the training step.
-    return [f"train.max_steps={steps}", "train.epochs=1000", "validation.every_n_steps=1000000", "checkpoint.every_n_epochs=null",
-            f"checkpoint.storage={storage}", "early_stopping=null", "train.log_every_n_steps=1000000", "scaling.cpus_per_worker=" + str(os.cpu_count() or 1)]
+    return [
+        f"train.max_steps={steps}",
+        "train.epochs=1000",
+        "validation.every_n_steps=1000000",
+        "checkpoint.every_n_epochs=null",
+        f"checkpoint.storage={storage}",
+        "early_stopping=null",
+        "train.log_every_n_steps=1000000",
+        "scaling.cpus_per_worker=" + str(os.cpu_count() or 1),
+    ]
 
 
 def plain_loop(overrides: list[str], steps: int) -> dict:
@@ -60,7 +93,11 @@ def plain_loop(overrides: list[str], steps: int) -> dict:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = model(x)
-            loss = F.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1)) if lm else F.cross_entropy(out.float(), y)
+            loss = (
+                F.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1))
+                if lm
+                else F.cross_entropy(out.float(), y)
+            )
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -82,8 +119,12 @@ def orchestrated(overrides: list[str], steps: int, num_workers: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args = [*overrides, *common(steps, tmp), f"scaling.num_workers={num_workers}"]
         t0 = time.time()
-        res = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(JOB), *args, "--json"],
-                             capture_output=True, text=True, cwd=ROOT)
+        res = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "run", str(JOB), *args, "--json"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if res.returncode != 0:
             raise SystemExit(f"orchestrator run failed:\n{res.stderr[-3000:]}")
         summary = json.loads(res.stdout.strip().splitlines()[-1])

@@ -22,7 +22,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,14 +114,23 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     }
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", default=str(DEFAULT_JOB), help="job file whose numbers to use [default: jobs/digits_mlp.yaml]")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=2 train.max_steps=50")
+    parser.add_argument(
+        "--job", default=str(DEFAULT_JOB), help="job file whose numbers to use [default: jobs/digits_mlp.yaml]"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.epochs=2 train.max_steps=50"
+    )
     args = parser.parse_args(argv)
     job = load_job(args.job, args.overrides)
     # This is the baseline of one job, not a second orchestrator: refuse settings it would silently ignore.
-    for key, want in (("model.name", "mlp"), ("data.name", "digits"), ("optim.name", "adamw"), ("schedule.name", "warmup_cosine")):
+    for key, want in (
+        ("model.name", "mlp"),
+        ("data.name", "digits"),
+        ("optim.name", "adamw"),
+        ("schedule.name", "warmup_cosine"),
+    ):
         if get(job, key) != want:
             raise SystemExit(f"{key}: plain_digits.py only does {want}, the job says {get(job, key)!r}")
 
@@ -141,30 +150,47 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     x_all, y_all = load_digits(return_X_y=True)
     x_all = torch.from_numpy((x_all / 16.0).astype(np.float32))
     y_all = torch.from_numpy(y_all.astype(np.int64))
-    train_idx, val_idx, test_idx = split_indices(len(x_all), seed, float(get(job, "data.test_split", 0.1)), float(get(job, "validation.split", 0.2)))
+    train_idx, val_idx, test_idx = split_indices(
+        len(x_all), seed, float(get(job, "data.test_split", 0.1)), float(get(job, "validation.split", 0.2))
+    )
     x_train, y_train = x_all[train_idx], y_all[train_idx]
     x_val, y_val = x_all[val_idx], y_all[val_idx]
     x_test, y_test = x_all[test_idx], y_all[test_idx]
 
-    model = build_mlp(x_all.shape[1], int(get(job, "model.hidden", 128)), int(get(job, "model.layers", 2)), float(get(job, "model.dropout", 0.0)), 10)
+    model = build_mlp(
+        x_all.shape[1],
+        int(get(job, "model.hidden", 128)),
+        int(get(job, "model.layers", 2)),
+        float(get(job, "model.dropout", 0.0)),
+        10,
+    )
     # Two groups as the orchestrator builds them (biases undecayed), so that both sides train the same model.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": float(get(job, "optim.weight_decay", 0.0))},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": float(get(job, "optim.weight_decay", 0.0))},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     total_steps = steps_per_epoch * epochs if not max_steps else min(steps_per_epoch * epochs, int(max_steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(int(get(job, "schedule.warmup_steps", 0)), total_steps, lr, float(get(job, "schedule.min_lr", 0.0))))
+        optimizer,
+        warmup_cosine(
+            int(get(job, "schedule.warmup_steps", 0)), total_steps, lr, float(get(job, "schedule.min_lr", 0.0))
+        ),
+    )
     shuffle = torch.Generator().manual_seed(seed)
 
     ckpt_dir = Path(tempfile.mkdtemp(prefix="plain-digits-"))
     saved: list[Path] = []
     step, epoch, first_step_at = 0, 0, None
-    best_value: Optional[float] = None
-    best_step: Optional[int] = None
+    best_value: float | None = None
+    best_step: int | None = None
     best_val: dict[str, Any] = {}
-    best_path: Optional[Path] = None
+    best_path: Path | None = None
     bad, stopped_early = 0, False
     try:
         while epoch < epochs and step < total_steps and not stopped_early:
@@ -187,17 +213,31 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             # Validation every epoch and at the end of training, as the orchestrator does.
             val = evaluate(model, x_val, y_val, batch_size)
             value = val[watched]
-            better = best_value is None or (value > best_value + min_delta if mode == "max" else value < best_value - min_delta)
+            better = best_value is None or (
+                value > best_value + min_delta if mode == "max" else value < best_value - min_delta
+            )
             if better:
                 best_value, best_step, best_val, bad = value, step, val, 0
             else:
                 bad += 1
             stopped_early = patience is not None and bad >= patience
-            print(f"epoch {epoch} step {step}  val loss {val['loss']:.4f}  accuracy {val['accuracy']:.4f}  f1 {val['f1']:.4f}  roc_auc {val['roc_auc']:.4f}", flush=True)
+            print(
+                f"epoch {epoch} step {step}  val loss {val['loss']:.4f}  accuracy {val['accuracy']:.4f}  f1 {val['f1']:.4f}  roc_auc {val['roc_auc']:.4f}",
+                flush=True,
+            )
             if (epoch_done and every_n_epochs and epoch % every_n_epochs == 0) or step >= total_steps or stopped_early:
                 path = ckpt_dir / f"step-{step:08d}.pt"
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                            "step": step, "epoch": epoch, "metrics": {k: v for k, v in val.items() if k != "confusion_matrix"}}, path)
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "step": step,
+                        "epoch": epoch,
+                        "metrics": {k: v for k, v in val.items() if k != "confusion_matrix"},
+                    },
+                    path,
+                )
                 saved.append(path)
                 if better:
                     best_path = path

@@ -22,7 +22,12 @@ SWEEP = ROOT / "jobs" / "sweep_digits_asha.yaml"
 
 def run_sweep(storage: str, scheduler: str, samples: int, seed: int) -> dict:
     """One sweep through the CLI; its --json result."""
-    overrides = [f"checkpoint.storage={storage}", f"sweep.name=bench-{scheduler}", f"sweep.num_samples={samples}", f"sweep.seed={seed}"]
+    overrides = [
+        f"checkpoint.storage={storage}",
+        f"sweep.name=bench-{scheduler}",
+        f"sweep.num_samples={samples}",
+        f"sweep.seed={seed}",
+    ]
     if scheduler == "fifo":
         overrides.append("sweep.scheduler={name: fifo}")
     cmd = [sys.executable, "-m", "orchestrator", "sweep", str(SWEEP), *overrides, "--json"]
@@ -35,14 +40,18 @@ def run_sweep(storage: str, scheduler: str, samples: int, seed: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=16, help="trials in each sweep")
-    parser.add_argument("--seed", type=int, default=7, help="seed of the random search (both sweeps draw the same trials)")
+    parser.add_argument(
+        "--seed", type=int, default=7, help="seed of the random search (both sweeps draw the same trials)"
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON object")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as storage:
         fifo = run_sweep(storage, "fifo", args.samples, args.seed)
         asha = run_sweep(storage, "asha", args.samples, args.seed)
-    same_trials = sorted(map(str, (t["config"] for t in fifo["trials"]))) == sorted(map(str, (t["config"] for t in asha["trials"])))
+    same_trials = sorted(map(str, (t["config"] for t in fifo["trials"]))) == sorted(
+        map(str, (t["config"] for t in asha["trials"]))
+    )
     metric = fifo["metric"]
     gap = (fifo["best"]["metric"] - asha["best"]["metric"]) / fifo["best"]["metric"]
     ratio = asha["total_steps"] / fifo["total_steps"]
@@ -64,9 +73,13 @@ def main() -> None:
         "asha_best_config": asha["best"]["config"],
         "goal_met": gap <= 0.005 and ratio <= 0.40,
     }
-    print(f"{args.samples} trials each ({'the same draws' if same_trials else 'DIFFERENT draws'}), {metric}, search space of {SWEEP.name}")
+    print(
+        f"{args.samples} trials each ({'the same draws' if same_trials else 'DIFFERENT draws'}), {metric}, search space of {SWEEP.name}"
+    )
     print(f"  FIFO  best {fifo['best']['metric']:.4f}  steps {fifo['total_steps']:>6}  wall {fifo['wall_s']:.0f}s")
-    print(f"  ASHA  best {asha['best']['metric']:.4f}  steps {asha['total_steps']:>6}  wall {asha['wall_s']:.0f}s  ({stopped} trials stopped early)")
+    print(
+        f"  ASHA  best {asha['best']['metric']:.4f}  steps {asha['total_steps']:>6}  wall {asha['wall_s']:.0f}s  ({stopped} trials stopped early)"
+    )
     print(f"  ASHA/FIFO steps {ratio:.2f} (goal <= 0.40)   ASHA below FIFO's best by {gap:.2%} (goal <= 0.50%)")
     print(f"  FIFO's best: {fifo['best']['config']}")
     print(f"  ASHA's best: {asha['best']['config']}")

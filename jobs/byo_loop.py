@@ -14,14 +14,14 @@ def train_loop_per_worker(config):
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target)
     ctx = ray.train.get_context()
-    x, y = x[ctx.get_world_rank():: ctx.get_world_size()], y[ctx.get_world_rank():: ctx.get_world_size()]
+    x, y = x[ctx.get_world_rank() :: ctx.get_world_size()], y[ctx.get_world_rank() :: ctx.get_world_size()]
     torch.manual_seed(0)
     model = ray.train.torch.prepare_model(torch.nn.Linear(64, 10))
     opt = torch.optim.SGD(model.parameters(), lr=config["lr"])
     for epoch in range(config["epochs"]):
         for i in range(0, len(x), 64):
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64])
+            loss = torch.nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
             loss.backward()
             opt.step()
         accuracy = (model(x).argmax(1) == y).float().mean().item()

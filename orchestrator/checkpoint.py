@@ -18,8 +18,9 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
@@ -55,9 +56,15 @@ class CheckpointManifest:
         return json.dumps(asdict(self), indent=1, sort_keys=True, default=float).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "CheckpointManifest":
+    def from_json(cls, data: bytes) -> CheckpointManifest:
         raw = json.loads(data)
-        return cls(**{k: raw[k] for k in ("step", "epoch", "metrics", "files", "run_record", "created", "format", "train") if k in raw})
+        return cls(
+            **{
+                k: raw[k]
+                for k in ("step", "epoch", "metrics", "files", "run_record", "created", "format", "train")
+                if k in raw
+            }
+        )
 
 
 @dataclass
@@ -128,8 +135,15 @@ def deserialize_state(data: bytes) -> Any:
 # Writing, committing, retention
 
 
-def commit_checkpoint(fs, run_root: str, step: int, epoch: int, files: dict[str, bytes], metrics: dict[str, Any],
-                      train: Optional[dict[str, Any]] = None) -> str:
+def commit_checkpoint(
+    fs,
+    run_root: str,
+    step: int,
+    epoch: int,
+    files: dict[str, bytes],
+    metrics: dict[str, Any],
+    train: dict[str, Any] | None = None,
+) -> str:
     """Write the files of a checkpoint, then its manifest last (with the loop's `train` counters); return the checkpoint path."""
     path = storage.join(run_root, checkpoint_dir_name(step))
     manifest_path = storage.join(path, MANIFEST)
@@ -155,7 +169,7 @@ def _protocols(fs) -> tuple:
     return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
 
-def list_checkpoints(fs, run_root: str, uri_prefix: Optional[str] = None) -> list[CheckpointInfo]:
+def list_checkpoints(fs, run_root: str, uri_prefix: str | None = None) -> list[CheckpointInfo]:
     """Committed checkpoints of a run (those with a readable manifest), oldest first."""
     try:
         entries = storage.with_retries(lambda: fs.ls(run_root, detail=False), f"list {run_root}")
@@ -179,7 +193,7 @@ def list_checkpoints(fs, run_root: str, uri_prefix: Optional[str] = None) -> lis
     return sorted(found, key=lambda c: c.step)
 
 
-def read_verified(fs, info: CheckpointInfo, names: Optional[list[str]] = None) -> dict[str, bytes]:
+def read_verified(fs, info: CheckpointInfo, names: list[str] | None = None) -> dict[str, bytes]:
     """Read a checkpoint's files, checking each against the manifest; ValueError on a mismatch."""
     out = {}
     for name in names or list(info.manifest.files):
@@ -193,7 +207,7 @@ def read_verified(fs, info: CheckpointInfo, names: Optional[list[str]] = None) -
     return out
 
 
-def restore_latest(fs, run_root: str) -> Optional[tuple[CheckpointInfo, dict[str, bytes]]]:
+def restore_latest(fs, run_root: str) -> tuple[CheckpointInfo, dict[str, bytes]] | None:
     """The newest checkpoint whose files match its manifest, with its files; None for a fresh start."""
     for info in reversed(list_checkpoints(fs, run_root)):
         try:
@@ -203,8 +217,15 @@ def restore_latest(fs, run_root: str) -> Optional[tuple[CheckpointInfo, dict[str
     return None
 
 
-def apply_retention(fs, run_root: str, keep_last: int, keep_best: int = 0, best_metric: Optional[str] = None, best_mode: str = "min",
-                    best_step: Optional[int] = None) -> list[str]:
+def apply_retention(
+    fs,
+    run_root: str,
+    keep_last: int,
+    keep_best: int = 0,
+    best_metric: str | None = None,
+    best_mode: str = "min",
+    best_step: int | None = None,
+) -> list[str]:
     """Delete committed checkpoints beyond the newest `keep_last` and the best `keep_best`; return deleted paths.
 
     `best_step` is the run's own best (early stopping's min_delta can make it differ from the top value): it is
@@ -223,8 +244,8 @@ def delete_checkpoints(fs, checkpoints: list[CheckpointInfo]) -> list[str]:
     """Delete committed checkpoints, each manifest first so that a half-deleted checkpoint is never visible as committed."""
     deleted = []
     for c in checkpoints:
-        storage.with_retries(lambda: fs.rm_file(storage.join(c.path, MANIFEST)), f"remove {c.path}")
-        storage.with_retries(lambda: fs.rm(c.path, recursive=True), f"remove {c.path}")
+        storage.with_retries(lambda path=c.path: fs.rm_file(storage.join(path, MANIFEST)), f"remove {c.path}")
+        storage.with_retries(lambda path=c.path: fs.rm(path, recursive=True), f"remove {c.path}")
         deleted.append(c.path)
     return deleted
 
@@ -236,17 +257,17 @@ def delete_checkpoints(fs, checkpoints: list[CheckpointInfo]) -> list[str]:
 class CheckpointWriter:
     """Serializes and commits snapshots on a background thread (or inline when not async)."""
 
-    def __init__(self, fs, run_root: str, asynchronous: bool = True, after_commit: Optional[Callable[[str], None]] = None):
+    def __init__(self, fs, run_root: str, asynchronous: bool = True, after_commit: Callable[[str], None] | None = None):
         self.fs = fs
         self.run_root = run_root
         self.asynchronous = asynchronous
         self.after_commit = after_commit
-        self.last_committed: Optional[str] = None
-        self._error: Optional[BaseException] = None
-        self._pending: "queue.Queue[Optional[Callable[[], None]]]" = queue.Queue(maxsize=1)
+        self.last_committed: str | None = None
+        self._error: BaseException | None = None
+        self._pending: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=1)
         self._idle = threading.Event()
         self._idle.set()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         if asynchronous:
             self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
             self._thread.start()
@@ -268,8 +289,15 @@ class CheckpointWriter:
             err, self._error = self._error, None
             raise RuntimeError(f"checkpoint upload failed: {err}") from err
 
-    def save(self, step: int, epoch: int, build_files: Callable[[], dict[str, bytes]], metrics: dict[str, Any], then: Optional[Callable[[], None]] = None,
-             train: Optional[dict[str, Any]] = None) -> None:
+    def save(
+        self,
+        step: int,
+        epoch: int,
+        build_files: Callable[[], dict[str, bytes]],
+        metrics: dict[str, Any],
+        then: Callable[[], None] | None = None,
+        train: dict[str, Any] | None = None,
+    ) -> None:
         """Commit a checkpoint; `build_files` serializes an in-memory snapshot (run in the background when async).
 
         `then` runs after the commit on the same thread (e.g. rewriting metrics.jsonl on an object store).
@@ -310,7 +338,7 @@ class CheckpointWriter:
 # Reading weights out
 
 
-def resolve_checkpoint(uri: str, endpoint_url: Optional[str] = None):
+def resolve_checkpoint(uri: str, endpoint_url: str | None = None):
     """(fs, CheckpointInfo) for a checkpoint URI, or for a run URI its latest checkpoint; BadInput if none."""
     fs, path = storage.open_storage(uri, endpoint_url)
     name = path.rstrip("/").rsplit("/", 1)[-1]
@@ -326,7 +354,7 @@ def resolve_checkpoint(uri: str, endpoint_url: Optional[str] = None):
     return fs, found[-1]
 
 
-def load_weights(uri: str, endpoint_url: Optional[str] = None) -> dict:
+def load_weights(uri: str, endpoint_url: str | None = None) -> dict:
     """Weights from a checkpoint/run URI, a .safetensors file or a torch state_dict file (weights_only)."""
     fs, path = storage.open_storage(uri, endpoint_url)
     try:

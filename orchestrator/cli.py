@@ -6,7 +6,8 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -69,18 +70,29 @@ def validate(job_file: str, overrides: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         print_json(spec.to_dict())
     else:
-        click.echo(f"{job_file}: valid ({spec.name}: {spec.model.name} on {spec.data.name}, {spec.optim.name} lr={spec.optim.lr:g})")
+        click.echo(
+            f"{job_file}: valid ({spec.name}: {spec.model.name} on {spec.data.name}, {spec.optim.name} lr={spec.optim.lr:g})"
+        )
 
 
 @main.command()
 @job_file_argument
 @overrides_argument
-@click.option("--address", envvar="ORCHESTRATOR_RAY_ADDRESS", default=None, help="Ray to run on: HOST:PORT or auto [default: a Ray already up on this machine, else a new embedded one; local: always a new one].")
+@click.option(
+    "--address",
+    envvar="ORCHESTRATOR_RAY_ADDRESS",
+    default=None,
+    help="Ray to run on: HOST:PORT or auto [default: a Ray already up on this machine, else a new embedded one; local: always a new one].",
+)
 @click.option("--fresh", is_flag=True, help="Start a new run under a new name instead of resuming this one.")
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON summary on the last line of stdout.")
-@click.option("--verbose", is_flag=True, help="Show Ray's and the workers' own output too (it is always in <run>/run.log).")
+@click.option(
+    "--verbose", is_flag=True, help="Show Ray's and the workers' own output too (it is always in <run>/run.log)."
+)
 @friendly_errors
-def run(job_file: str, overrides: tuple[str, ...], address: str | None, fresh: bool, as_json: bool, verbose: bool) -> None:
+def run(
+    job_file: str, overrides: tuple[str, ...], address: str | None, fresh: bool, as_json: bool, verbose: bool
+) -> None:
     """Train a job on this machine (embedded Ray) or on the cluster at --address."""
     from orchestrator.console import RunConsole, prepare_ray_output
     from orchestrator.launch import run_job
@@ -90,8 +102,12 @@ def run(job_file: str, overrides: tuple[str, ...], address: str | None, fresh: b
     spec = load_spec(job_file, list(overrides))
     prepare_ray_output()
     stream = sys.stderr if as_json else sys.stdout
-    console = RunConsole(stream, live=stream.isatty() and os.environ.get("TERM") != "dumb" and not as_json, verbose=verbose)
-    summary = run_job(spec, job_file=job_file, address=address, fresh=fresh, quiet=as_json, console=console, capture=True)
+    console = RunConsole(
+        stream, live=stream.isatty() and os.environ.get("TERM") != "dumb" and not as_json, verbose=verbose
+    )
+    summary = run_job(
+        spec, job_file=job_file, address=address, fresh=fresh, quiet=as_json, console=console, capture=True
+    )
     if as_json:
         print_json(summary.to_dict())
     if summary.status == RunStatus.FAILED:
@@ -143,12 +159,36 @@ def k8s() -> None:
 def k8s_options(fn: Callable) -> Callable:
     """The options `k8s render` and `k8s apply` share: what to run, where, and for how long."""
     options = [
-        click.option("--image", default=None, help="Job image, pinned to a tag or digest [default: orchestrator:<version>, -gpu for GPU jobs]."),
-        click.option("--namespace", default="orchestrator", show_default=True, help="Namespace of the ConfigMap and RayJob."),
-        click.option("--cluster", default=None, help="Run on this existing RayCluster instead of a new cluster per job."),
-        click.option("--worker-memory", default=None, help="Memory of a worker pod, e.g. 16Gi [default: 4Gi per CPU, 8Gi more per GPU]."),
-        click.option("--ttl", "ttl_seconds", type=int, default=None, help="Seconds the finished job's cluster is kept for its logs [default: 600]."),
-        click.option("--deadline", "deadline_seconds", type=int, default=None, help="Seconds the job may run before KubeRay stops it [default: 7 days]."),
+        click.option(
+            "--image",
+            default=None,
+            help="Job image, pinned to a tag or digest [default: orchestrator:<version>, -gpu for GPU jobs].",
+        ),
+        click.option(
+            "--namespace", default="orchestrator", show_default=True, help="Namespace of the ConfigMap and RayJob."
+        ),
+        click.option(
+            "--cluster", default=None, help="Run on this existing RayCluster instead of a new cluster per job."
+        ),
+        click.option(
+            "--worker-memory",
+            default=None,
+            help="Memory of a worker pod, e.g. 16Gi [default: 4Gi per CPU, 8Gi more per GPU].",
+        ),
+        click.option(
+            "--ttl",
+            "ttl_seconds",
+            type=int,
+            default=None,
+            help="Seconds the finished job's cluster is kept for its logs [default: 600].",
+        ),
+        click.option(
+            "--deadline",
+            "deadline_seconds",
+            type=int,
+            default=None,
+            help="Seconds the job may run before KubeRay stops it [default: 7 days].",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -159,7 +199,9 @@ def _render_k8s(job_file: str, overrides: tuple[str, ...], **options: Any) -> li
     from orchestrator.k8s import render_job_file
 
     # Options left out take render_manifests' defaults, so the defaults live in one place.
-    manifests, warnings = render_job_file(job_file, list(overrides), **{k: v for k, v in options.items() if v is not None})
+    manifests, warnings = render_job_file(
+        job_file, list(overrides), **{k: v for k, v in options.items() if v is not None}
+    )
     for line in warnings:
         click.echo(f"warning: {line}", err=True)
     return manifests
@@ -189,14 +231,18 @@ def k8s_apply(job_file: str, overrides: tuple[str, ...], **options: Any) -> None
     manifests = _render_k8s(job_file, overrides, **options)
     click.echo(apply_manifests(manifests), nl=False)
     name, namespace = job_names(manifests)["RayJob"], options["namespace"]
-    click.echo(f"follow it: kubectl -n {namespace} get rayjob {name} -w; kubectl -n {namespace} logs -f job/{name}", err=True)
+    click.echo(
+        f"follow it: kubectl -n {namespace} get rayjob {name} -w; kubectl -n {namespace} logs -f job/{name}", err=True
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Ray clusters through the Jobs API (orchestrator/cluster.py)
 
 address_option = click.option(
-    "--address", default=None, metavar="URL",
+    "--address",
+    default=None,
+    metavar="URL",
     help="The cluster's dashboard, e.g. http://HOST:8265 [default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS]. "
     "The auth token comes from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.",
 )
@@ -208,9 +254,16 @@ address_option = click.option(
 @address_option
 @click.option("--wait", is_flag=True, help="Follow the job's output to its end; exit 1 unless it succeeds.")
 @click.option("--fresh", is_flag=True, help="Start a new run under a new name instead of resuming this one.")
-@click.option("--json", "as_json", is_flag=True, help="End with one JSON object on stdout (with --wait: the final status and run summary).")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="End with one JSON object on stdout (with --wait: the final status and run summary).",
+)
 @friendly_errors
-def submit(job_file: str, overrides: tuple[str, ...], address: str | None, wait: bool, fresh: bool, as_json: bool) -> None:
+def submit(
+    job_file: str, overrides: tuple[str, ...], address: str | None, wait: bool, fresh: bool, as_json: bool
+) -> None:
     """Submit a job to a Ray cluster (Jobs API) with the code in its directory; print the job id."""
     from orchestrator.cluster import RayJobsBackend, follow_to_end, format_status, prepare_submission, summary_from_logs
 
@@ -220,10 +273,15 @@ def submit(job_file: str, overrides: tuple[str, ...], address: str | None, wait:
         click.echo(f"warning: {line}", err=True)
     job_id = backend.submit(submission)
     package = submission["package"]
-    click.echo(f"submitted {job_id} to {backend.address} ({package['files']} files, {package['bytes'] / 1e6:.2f} MB from {package['dir']})", err=True)
+    click.echo(
+        f"submitted {job_id} to {backend.address} ({package['files']} files, {package['bytes'] / 1e6:.2f} MB from {package['dir']})",
+        err=True,
+    )
     if not wait:
         if as_json:
-            print_json({"submission_id": job_id, "address": backend.address, "run": submission["metadata"]["orchestrator_run"]})
+            print_json(
+                {"submission_id": job_id, "address": backend.address, "run": submission["metadata"]["orchestrator_run"]}
+            )
         else:
             click.echo(job_id)
             click.echo(f"follow it: orchestrator logs {job_id} --follow --address {backend.address}", err=True)
@@ -315,15 +373,37 @@ def list_jobs(address: str | None, as_json: bool) -> None:
 @main.command()
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
 @overrides_argument
-@click.option("--address", envvar="ORCHESTRATOR_RAY_ADDRESS", default=None,
-              help="A cluster's dashboard (http://HOST:8265): submit the sweep there through the Jobs API and follow it; "
-              "or Ray itself (auto, HOST:PORT): run the trials there from this process.")
+@click.option(
+    "--address",
+    envvar="ORCHESTRATOR_RAY_ADDRESS",
+    default=None,
+    help="A cluster's dashboard (http://HOST:8265): submit the sweep there through the Jobs API and follow it; "
+    "or Ray itself (auto, HOST:PORT): run the trials there from this process.",
+)
 @click.option("--fresh", is_flag=True, help="Start a new sweep under a new name instead of continuing this one.")
-@click.option("--best-out", type=click.Path(dir_okay=False), default=None, help="Where to write the best trial's job file [default: <sweep>/best.yaml on storage].")
+@click.option(
+    "--best-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write the best trial's job file [default: <sweep>/best.yaml on storage].",
+)
 @click.option("--verbose", is_flag=True, help="Show every trial's training progress, not only the live view.")
-@click.option("--json", "as_json", is_flag=True, help="End with one JSON object (trials, best, best_job_file) on the last line of stdout.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="End with one JSON object (trials, best, best_job_file) on the last line of stdout.",
+)
 @friendly_errors
-def sweep(sweep_file: str, overrides: tuple[str, ...], address: str | None, fresh: bool, best_out: str | None, verbose: bool, as_json: bool) -> None:
+def sweep(
+    sweep_file: str,
+    overrides: tuple[str, ...],
+    address: str | None,
+    fresh: bool,
+    best_out: str | None,
+    verbose: bool,
+    as_json: bool,
+) -> None:
     """Sweep hyper-parameters of a job with Ray Tune (its `sweep` section); rerun to continue an interrupted sweep."""
     from orchestrator.runrecord import RunStatus
     from orchestrator.sweep import format_result, is_dashboard_address, load_sweep, run_sweep, submit_sweep
@@ -331,7 +411,9 @@ def sweep(sweep_file: str, overrides: tuple[str, ...], address: str | None, fres
     job = load_sweep(sweep_file, list(overrides), fresh=fresh)
     if is_dashboard_address(address):
         if best_out or verbose:
-            raise BadInput("--best-out and --verbose apply to a sweep run from here; a submitted sweep writes <sweep>/best.yaml on its storage")
+            raise BadInput(
+                "--best-out and --verbose apply to a sweep run from here; a submitted sweep writes <sweep>/best.yaml on its storage"
+            )
         # A fresh name is decided here, once: the cluster must not pick another one.
         pinned = list(overrides) + ([f"sweep.name={job.name}"] if fresh else [])
         result = submit_sweep(job, pinned, address, out=sys.stderr if as_json else sys.stdout)
@@ -353,9 +435,14 @@ def sweep(sweep_file: str, overrides: tuple[str, ...], address: str | None, fres
 
 @main.command()
 @click.argument("uri")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the report to this local file [default: <URI>/report.html].")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the report to this local file [default: <URI>/report.html].",
+)
 @click.option("--endpoint-url", default=None, help="S3-compatible endpoint of the URI [default: $AWS_ENDPOINT_URL].")
-@click.option("--json", "as_json", is_flag=True, help="Print {\"report\": where it went} as JSON.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"report": where it went} as JSON.')
 @friendly_errors
 def report(uri: str, out: str | None, endpoint_url: str | None, as_json: bool) -> None:
     """Write the offline HTML report (plots, settings, provenance) of a run or a sweep."""
@@ -370,7 +457,9 @@ def report(uri: str, out: str | None, endpoint_url: str | None, as_json: bool) -
 
 @main.command()
 @click.argument("storage_uri", required=False, default="runs", metavar="[STORAGE]")
-@click.option("--endpoint-url", default=None, help="S3-compatible endpoint of the storage [default: $AWS_ENDPOINT_URL].")
+@click.option(
+    "--endpoint-url", default=None, help="S3-compatible endpoint of the storage [default: $AWS_ENDPOINT_URL]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
 @friendly_errors
 def runs(storage_uri: str, endpoint_url: str | None, as_json: bool) -> None:
@@ -391,7 +480,16 @@ def runs(storage_uri: str, endpoint_url: str | None, as_json: bool) -> None:
         best = f"{r['best_metric']} {r['best_value']:.4f}" if isinstance(r.get("best_value"), (int, float)) else "-"
         wall = f"{r['wall_s']:.1f}s" if isinstance(r.get("wall_s"), (int, float)) else "-"
         started = (r.get("started") or "-")[:19].replace("T", " ")
-        table.add_row(r["name"], r["kind"], r.get("status") or "-", started, str(r["steps"] if r.get("steps") is not None else "-"), best, wall, r["uri"])
+        table.add_row(
+            r["name"],
+            r["kind"],
+            r.get("status") or "-",
+            started,
+            str(r["steps"] if r.get("steps") is not None else "-"),
+            best,
+            wall,
+            r["uri"],
+        )
     console().print(table)
 
 

@@ -22,10 +22,11 @@ import secrets
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import BadInput, RunFailed
@@ -35,10 +36,27 @@ from orchestrator.spec import HOOK_RE, JobSpec, load_spec
 DEFAULT_DASHBOARD_PORT = 8265
 # Never worth shipping: version control, environments, caches, run outputs and weights.
 DEFAULT_EXCLUDES = (
-    ".git/", ".hg/", ".svn/", ".venv/", "venv/", "node_modules/", "__pycache__/", "*.pyc",
-    ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", ".ipynb_checkpoints/", ".DS_Store",
-    "runs/", "mlruns/", "ray_results/", "wandb/",
-    "*.safetensors", "*.pt", "*.pth", "*.ckpt",
+    ".git/",
+    ".hg/",
+    ".svn/",
+    ".venv/",
+    "venv/",
+    "node_modules/",
+    "__pycache__/",
+    "*.pyc",
+    ".pytest_cache/",
+    ".mypy_cache/",
+    ".ruff_cache/",
+    ".ipynb_checkpoints/",
+    ".DS_Store",
+    "runs/",
+    "mlruns/",
+    "ray_results/",
+    "wandb/",
+    "*.safetensors",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
 )
 MAX_PACKAGE_BYTES = 100 * 1000 * 1000
 # A bigger single file is left out of the package (Ray warns at 10 MiB): data belongs on storage the cluster reads.
@@ -53,7 +71,7 @@ METADATA_STORAGE = "orchestrator_storage"
 # Address and token
 
 
-def resolve_address(address: Optional[str], env: Optional[dict[str, str]] = None) -> str:
+def resolve_address(address: str | None, env: dict[str, str] | None = None) -> str:
     """The dashboard URL: --address, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS, with http:// and the port filled in."""
     env = os.environ if env is None else env
     address = address or env.get("RAY_API_SERVER_ADDRESS") or env.get("RAY_ADDRESS")
@@ -61,7 +79,9 @@ def resolve_address(address: Optional[str], env: Optional[dict[str, str]] = None
         raise BadInput("--address: no cluster given; pass --address http://HOST:8265 or set RAY_ADDRESS")
     address = address.strip().rstrip("/")
     if address.startswith("ray://") or address == "auto":
-        raise BadInput(f"--address {address}: give the dashboard's HTTP address, e.g. http://HOST:{DEFAULT_DASHBOARD_PORT}")
+        raise BadInput(
+            f"--address {address}: give the dashboard's HTTP address, e.g. http://HOST:{DEFAULT_DASHBOARD_PORT}"
+        )
     if "://" not in address:
         address = f"http://{address}"
     scheme, _, rest = address.partition("://")
@@ -69,7 +89,7 @@ def resolve_address(address: Optional[str], env: Optional[dict[str, str]] = None
         raise BadInput(f"--address {address}: the Jobs API speaks http or https, not {scheme}")
     host = rest.split("/", 1)[0]
     if ":" not in host.rsplit("]", 1)[-1]:
-        address = f"{scheme}://{host}:{DEFAULT_DASHBOARD_PORT}" + rest[len(host):]
+        address = f"{scheme}://{host}:{DEFAULT_DASHBOARD_PORT}" + rest[len(host) :]
     return address
 
 
@@ -87,12 +107,12 @@ class Token:
         return {"Authorization": f"Bearer {self.value}"}
 
 
-def default_token_path(home: Optional[Path] = None) -> Path:
+def default_token_path(home: Path | None = None) -> Path:
     """Ray's own token file, written by `ray get-auth-token --generate` and by a local ray.init."""
     return (home or Path.home()) / ".ray" / "auth_token"
 
 
-def find_token(env: Optional[dict[str, str]] = None, home: Optional[Path] = None) -> Optional[Token]:
+def find_token(env: dict[str, str] | None = None, home: Path | None = None) -> Token | None:
     """The token Ray itself would use: RAY_AUTH_TOKEN, then the file at RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token."""
     env = os.environ if env is None else env
     value = (env.get("RAY_AUTH_TOKEN") or "").strip()
@@ -116,7 +136,7 @@ def find_token(env: Optional[dict[str, str]] = None, home: Optional[Path] = None
     return Token(value, str(default)) if value else None
 
 
-def redact(text: str, token: Optional[Token]) -> str:
+def redact(text: str, token: Token | None) -> str:
     """Text from Ray or a server with the token blanked out, in case anything echoed it."""
     return text.replace(token.value, "***") if token and token.value else text
 
@@ -223,7 +243,7 @@ def new_submission_id(run_name: str) -> str:
     return f"{run_name}-{secrets.token_hex(3)}"
 
 
-def _inside(path: str, root: Path) -> Optional[str]:
+def _inside(path: str, root: Path) -> str | None:
     """`path` relative to `root` when it lies under it, else None."""
     try:
         return Path(path).resolve().relative_to(root.resolve()).as_posix()
@@ -236,7 +256,7 @@ def build_submission(
     job_file: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
     *,
-    submission_id: Optional[str] = None,
+    submission_id: str | None = None,
     excludes: tuple[str, ...] | list[str] = DEFAULT_EXCLUDES,
     max_package_bytes: int = MAX_PACKAGE_BYTES,
     max_file_bytes: int = MAX_FILE_BYTES,
@@ -267,12 +287,18 @@ def build_submission(
         )
     if not plan.ships(job_path.name):
         raise BadInput(f"{job_path}: the job file itself is excluded from the package (.gitignore/.rayignore)")
-    for field_name, hook in (("entrypoint", spec.entrypoint), ("model.name", spec.model.name), ("data.name", spec.data.name)):
+    for field_name, hook in (
+        ("entrypoint", spec.entrypoint),
+        ("model.name", spec.model.name),
+        ("data.name", spec.data.name),
+    ):
         if hook and HOOK_RE.match(hook):
             module = hook.partition(":")[0].split(".")[0]
             for candidate in (module, f"{module}.py"):
                 if (job_dir / candidate).exists() and not plan.ships(candidate):
-                    raise BadInput(f"{field_name}: {candidate} is excluded from the package, so {hook} cannot be imported on the cluster")
+                    raise BadInput(
+                        f"{field_name}: {candidate} is excluded from the package, so {hook} cannot be imported on the cluster"
+                    )
     if spec.data.path and "://" not in spec.data.path and not os.path.isabs(spec.data.path):
         rel = Path(spec.data.path).as_posix()
         left = dict(plan.left_out)
@@ -283,7 +309,10 @@ def build_submission(
             )
         if not plan.ships(rel):
             raise BadInput(f"data.path: {rel} is excluded from the package, so the cluster would not see it")
-    warnings = [f"not shipped: {rel} ({_mb(size)}, over {_mb(max_file_bytes)}); put big files on storage the cluster reads" for rel, size in plan.left_out]
+    warnings = [
+        f"not shipped: {rel} ({_mb(size)}, over {_mb(max_file_bytes)}); put big files on storage the cluster reads"
+        for rel, size in plan.left_out
+    ]
 
     runtime_env: dict[str, Any] = {
         "working_dir": str(job_dir),
@@ -296,13 +325,24 @@ def build_submission(
         if _inside(str(package_dir), job_dir) is None:
             # The cluster runs the same orchestrator code that validated the job here.
             runtime_env["py_modules"] = [str(package_dir)]
-    words = ["python", "-m", "orchestrator", "run", job_path.name, *overrides, "--address", "auto", "--json"] + (["--fresh"] if fresh else [])
+    words = ["python", "-m", "orchestrator", "run", job_path.name, *overrides, "--address", "auto", "--json"] + (
+        ["--fresh"] if fresh else []
+    )
     return {
         "submission_id": submission_id or new_submission_id(spec.name),
         "entrypoint": " ".join(shlex.quote(w) for w in words),
         "runtime_env": runtime_env,
-        "metadata": {METADATA_RUN: spec.name, METADATA_JOB_FILE: job_path.name, METADATA_STORAGE: spec.checkpoint.storage},
-        "package": {"dir": str(job_dir), "files": plan.files, "bytes": plan.bytes, "left_out": [rel for rel, _ in plan.left_out]},
+        "metadata": {
+            METADATA_RUN: spec.name,
+            METADATA_JOB_FILE: job_path.name,
+            METADATA_STORAGE: spec.checkpoint.storage,
+        },
+        "package": {
+            "dir": str(job_dir),
+            "files": plan.files,
+            "bytes": plan.bytes,
+            "left_out": [rel for rel, _ in plan.left_out],
+        },
         "warnings": warnings,
     }
 
@@ -310,7 +350,11 @@ def build_submission(
 def check_user_code(spec: JobSpec, job_dir: str | Path) -> None:
     """Import every `module:function` the job names from its directory, as the cluster will; BadInput naming the field."""
 
-    for field_name, hook in (("entrypoint", spec.entrypoint), ("model.name", spec.model.name), ("data.name", spec.data.name)):
+    for field_name, hook in (
+        ("entrypoint", spec.entrypoint),
+        ("model.name", spec.model.name),
+        ("data.name", spec.data.name),
+    ):
         if hook and HOOK_RE.match(hook):
             import_hook(hook, str(job_dir), field_name)
 
@@ -338,12 +382,14 @@ def _only_address(address: str):
 class RayJobsBackend:
     """The Jobs API of one Ray cluster, answering submit, status, logs, stop and list."""
 
-    def __init__(self, address: Optional[str] = None, token: Optional[Token] = None, *, find: bool = True, timeout: float = 10.0):
+    def __init__(
+        self, address: str | None = None, token: Token | None = None, *, find: bool = True, timeout: float = 10.0
+    ):
         self.address = resolve_address(address)
         self.token = token if token is not None or not find else find_token()
         self.timeout = timeout
         self._client = None
-        self._checked: Optional[dict[str, Any]] = None
+        self._checked: dict[str, Any] | None = None
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -351,16 +397,22 @@ class RayJobsBackend:
         import requests
 
         try:
-            return requests.get(self.address + path, headers=self.token.header() if self.token else {}, timeout=self.timeout)
+            return requests.get(
+                self.address + path, headers=self.token.header() if self.token else {}, timeout=self.timeout
+            )
         except requests.exceptions.RequestException as exc:
             reason = type(exc).__name__
-            raise BadInput(f"--address {self.address}: no Ray dashboard answers there ({reason}); is the cluster up, and is this the dashboard port (default {DEFAULT_DASHBOARD_PORT})?") from None
+            raise BadInput(
+                f"--address {self.address}: no Ray dashboard answers there ({reason}); is the cluster up, and is this the dashboard port (default {DEFAULT_DASHBOARD_PORT})?"
+            ) from None
 
-    def _auth_problem(self, status_code: int) -> Optional[str]:
+    def _auth_problem(self, status_code: int) -> str | None:
         if status_code == 401:
             if self.token is None:
-                return (f"{self.address}: the cluster requires a Ray auth token and none was found; set RAY_AUTH_TOKEN or "
-                        f"RAY_AUTH_TOKEN_PATH, or put it in {default_token_path()} (`ray get-auth-token` on the head node prints it)")
+                return (
+                    f"{self.address}: the cluster requires a Ray auth token and none was found; set RAY_AUTH_TOKEN or "
+                    f"RAY_AUTH_TOKEN_PATH, or put it in {default_token_path()} (`ray get-auth-token` on the head node prints it)"
+                )
             return f"{self.address}: the cluster did not accept the {self.token}"
         if status_code == 403:
             who = self.token or "token"
@@ -376,7 +428,9 @@ class RayJobsBackend:
         if problem:
             raise BadInput(problem)
         if r.status_code != 200:
-            raise BadInput(f"--address {self.address}: answered HTTP {r.status_code} to /api/version; is this a Ray dashboard?")
+            raise BadInput(
+                f"--address {self.address}: answered HTTP {r.status_code} to /api/version; is this a Ray dashboard?"
+            )
         try:
             info = r.json()
         except ValueError:
@@ -396,14 +450,22 @@ class RayJobsBackend:
             from ray.job_submission import JobSubmissionClient  # ray only where a command talks to a cluster
 
             # Ray's client narrates every upload and websocket at INFO; a person wants the job's output.
-            for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk", "ray._private.runtime_env.packaging"):
+            for name in (
+                "ray.dashboard.modules.dashboard_sdk",
+                "ray.dashboard.modules.job.sdk",
+                "ray._private.runtime_env.packaging",
+            ):
                 logging.getLogger(name).setLevel(logging.WARNING)
 
             with _only_address(self.address):
                 try:
-                    self._client = JobSubmissionClient(self.address, headers=self.token.header() if self.token else None)
+                    self._client = JobSubmissionClient(
+                        self.address, headers=self.token.header() if self.token else None
+                    )
                 except Exception as exc:
-                    raise BadInput(f"--address {self.address}: {redact(str(exc), self.token).splitlines()[0]}") from None
+                    raise BadInput(
+                        f"--address {self.address}: {redact(str(exc), self.token).splitlines()[0]}"
+                    ) from None
         return self._client
 
     def _call(self, what: str, fn, *args, **kwargs):
@@ -420,7 +482,7 @@ class RayJobsBackend:
                 raise BadInput(f"{self.address}: {text.splitlines()[0]}") from None
             raise RunFailed(f"{what}: {text.strip().splitlines()[0] if text.strip() else type(exc).__name__}") from None
 
-    def alive_nodes(self) -> Optional[int]:
+    def alive_nodes(self) -> int | None:
         """How many nodes of the cluster are alive, or None when the state API does not say."""
         r = self._get("/api/v0/nodes?limit=10000&detail=false")
         try:
@@ -476,7 +538,7 @@ class RayJobsBackend:
         jobs = [job_to_dict(j) for j in self._call("list", self.client.list_jobs) if j.submission_id]
         return sorted(jobs, key=lambda j: j.get("start_time") or 0, reverse=True)
 
-    def wait(self, job_id: str, timeout: Optional[float] = None, poll: float = 1.0) -> dict[str, Any]:
+    def wait(self, job_id: str, timeout: float | None = None, poll: float = 1.0) -> dict[str, Any]:
         """Poll until the job ends (or `timeout` seconds pass); return its last status."""
         deadline = None if timeout is None else time.time() + timeout
         while True:
@@ -541,7 +603,7 @@ def follow_to_end(backend: RayJobsBackend, job_id: str, out=None) -> dict[str, A
     return backend.wait(job_id)
 
 
-def summary_from_logs(logs: str) -> Optional[dict[str, Any]]:
+def summary_from_logs(logs: str) -> dict[str, Any] | None:
     """The run summary the entrypoint printed (`orchestrator run --json`): the last JSON object line of the logs."""
     for line in reversed(logs.splitlines()):
         line = line.strip()
@@ -555,7 +617,7 @@ def summary_from_logs(logs: str) -> Optional[dict[str, Any]]:
     return None
 
 
-def _when(ts: Optional[float]) -> str:
+def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
@@ -570,18 +632,27 @@ def _duration(job: dict[str, Any]) -> str:
 
 def format_status(job: dict[str, Any]) -> str:
     """A job as a person reads it: what, how it stands, since when, why it ended, what to do next."""
-    lines = [f"{job['submission_id']}  {job['status']}  ({'ran' if job.get('end_time') else 'running for'} {_duration(job)})"]
+    lines = [
+        f"{job['submission_id']}  {job['status']}  ({'ran' if job.get('end_time') else 'running for'} {_duration(job)})"
+    ]
     if job.get("run"):
         lines.append(f"  run:      {job['run']}" + (f" in {job['storage']}" if job.get("storage") else ""))
-    lines.append(f"  started:  {_when(job.get('start_time'))}" + (f"   ended: {_when(job['end_time'])}" if job.get("end_time") else ""))
+    lines.append(
+        f"  started:  {_when(job.get('start_time'))}"
+        + (f"   ended: {_when(job['end_time'])}" if job.get("end_time") else "")
+    )
     if job.get("message"):
         message = job["message"].strip().splitlines()
         lines.append(f"  message:  {message[0]}" + (" ..." if len(message) > 1 else ""))
     lines.append(f"  command:  {job.get('entrypoint')}")
     if job["status"] == "FAILED" and job.get("run"):
-        lines.append(f"  next:     `orchestrator logs {job['submission_id']}` shows why; submitting the job again resumes run {job['run']} from its last checkpoint")
+        lines.append(
+            f"  next:     `orchestrator logs {job['submission_id']}` shows why; submitting the job again resumes run {job['run']} from its last checkpoint"
+        )
     elif job["status"] not in TERMINAL:
-        lines.append(f"  next:     `orchestrator logs {job['submission_id']} --follow`, or `orchestrator stop {job['submission_id']}`")
+        lines.append(
+            f"  next:     `orchestrator logs {job['submission_id']} --follow`, or `orchestrator stop {job['submission_id']}`"
+        )
     return "\n".join(lines)
 
 
@@ -596,5 +667,12 @@ def format_jobs(jobs: list[dict[str, Any]]):
     table.add_column("message", overflow="ellipsis")
     for j in jobs:
         message = (j.get("message") or "").strip().splitlines()
-        table.add_row(j["submission_id"], j["status"], j.get("run") or "-", _when(j.get("start_time")), _duration(j), (message[0][:60] if message else ""))
+        table.add_row(
+            j["submission_id"],
+            j["status"],
+            j.get("run") or "-",
+            _when(j.get("start_time")),
+            _duration(j),
+            (message[0][:60] if message else ""),
+        )
     return table

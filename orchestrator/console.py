@@ -17,8 +17,9 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any, Callable, Iterator, Optional
+from typing import IO, Any
 
 Event = dict[str, Any]
 # A worker's progress event on its stdout: MARKER followed by the event as JSON, one line.
@@ -53,19 +54,25 @@ def prepare_ray_output() -> None:
 def clock(seconds: float) -> str:
     """m:ss, or h:mm:ss from an hour on."""
     seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 def _metrics_text(metrics: dict[str, Any], prefix: str) -> str:
     return "  ".join(f"{k.removeprefix(prefix)} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
-def format_event(event: Event) -> Optional[str]:
+def format_event(event: Event) -> str | None:
     """The plain line of a progress event (what a log file or a pipe shows)."""
     kind = event.get("kind")
     if kind == "train":
-        return (f"step {event['step']}/{event['total_steps']}  epoch {event['epoch_shown']}/{event['epochs']}  loss {event['loss']:.4f}  "
-                f"lr {event['lr']:.2e}  {event['samples_per_s']:,.0f} samples/s  eta {clock(event['eta_s'])}")
+        return (
+            f"step {event['step']}/{event['total_steps']}  epoch {event['epoch_shown']}/{event['epochs']}  loss {event['loss']:.4f}  "
+            f"lr {event['lr']:.2e}  {event['samples_per_s']:,.0f} samples/s  eta {clock(event['eta_s'])}"
+        )
     if kind == "val":
         return "  validation: " + _metrics_text(event["metrics"], "val_")
     if kind == "test":
@@ -84,7 +91,7 @@ def text_progress(log: Callable[[str], None]) -> Callable[[Event], None]:
     return emit
 
 
-def marker_progress(stream: Optional[IO[str]] = None) -> Callable[[Event], None]:
+def marker_progress(stream: IO[str] | None = None) -> Callable[[Event], None]:
     """A progress sink for a Ray worker: each event as one marker line on stdout, for the driver's console."""
 
     def emit(event: Event) -> None:
@@ -96,13 +103,13 @@ def marker_progress(stream: Optional[IO[str]] = None) -> Callable[[Event], None]
     return emit
 
 
-def parse_marker(line: str) -> Optional[Event]:
+def parse_marker(line: str) -> Event | None:
     """The event a marker line carries (Ray may have put a process prefix before it), or None."""
     at = line.find(MARKER)
     if at < 0:
         return None
     try:
-        event = json.loads(line[at + len(MARKER):])
+        event = json.loads(line[at + len(MARKER) :])
     except ValueError:
         return None
     return event if isinstance(event, dict) else None
@@ -115,18 +122,18 @@ class RunConsole:
     own output too. Thread-safe: events arrive from the capture thread and from the loop.
     """
 
-    def __init__(self, stream: Optional[IO[str]] = None, live: bool = False, verbose: bool = False):
+    def __init__(self, stream: IO[str] | None = None, live: bool = False, verbose: bool = False):
         self.stream = stream or sys.stdout
         self.live = live
         self.verbose = verbose
         self._lock = threading.RLock()
         self._pipe_lock = threading.Lock()
-        self._log: Optional[IO[str]] = None
+        self._log: IO[str] | None = None
         self._progress = None  # rich Progress while live
         self._task = None
-        self._captured_out: Optional[IO[str]] = None
-        self._pipe: Optional[IO[str]] = None  # while capturing: our own events join the captured output, in order
-        self._pump_thread: Optional[threading.Thread] = None
+        self._captured_out: IO[str] | None = None
+        self._pipe: IO[str] | None = None  # while capturing: our own events join the captured output, in order
+        self._pump_thread: threading.Thread | None = None
 
     # -- what the driver and the loop say
 
@@ -165,12 +172,22 @@ class RunConsole:
                     self._show(text)
                 return
             if kind == "start":
-                self._progress.update(self._task, total=event["total_steps"], completed=event.get("step", 0), description="training")
+                self._progress.update(
+                    self._task, total=event["total_steps"], completed=event.get("step", 0), description="training"
+                )
                 self._progress.console.print(event.get("text", ""), markup=False, highlight=False)
             elif kind == "train":
-                fields = (f"epoch {event['epoch_shown']}/{event['epochs']}  loss {event['loss']:.4f}  "
-                          f"{event['samples_per_s']:,.0f} samples/s  eta {clock(event['eta_s'])}")
-                self._progress.update(self._task, total=event["total_steps"], completed=event["step"], description="training", fields=fields)
+                fields = (
+                    f"epoch {event['epoch_shown']}/{event['epochs']}  loss {event['loss']:.4f}  "
+                    f"{event['samples_per_s']:,.0f} samples/s  eta {clock(event['eta_s'])}"
+                )
+                self._progress.update(
+                    self._task,
+                    total=event["total_steps"],
+                    completed=event["step"],
+                    description="training",
+                    fields=fields,
+                )
             elif text is not None:
                 self._progress.console.print(text, markup=False, highlight=False)
 
@@ -200,10 +217,17 @@ class RunConsole:
 
         console = Console(file=out, force_terminal=True)
         self._progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[fields]}"), TimeElapsedColumn(), console=console, refresh_per_second=8,
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[fields]}"),
+            TimeElapsedColumn(),
+            console=console,
+            refresh_per_second=8,
             # Not rich's own redirection of sys.stdout/stderr: they feed the capture, which decides what is shown.
-            redirect_stdout=False, redirect_stderr=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
         )
         self._task = self._progress.add_task("starting", total=None, fields="")
         self._progress.start()
@@ -216,7 +240,7 @@ class RunConsole:
     # -- everything else the process prints
 
     @contextmanager
-    def capture(self, log_path: Optional[str]) -> Iterator[None]:
+    def capture(self, log_path: str | None) -> Iterator[None]:
         """Send this process's stdout/stderr (its prints, Ray's forwarded worker lines, C++ logs) through the console.
 
         Every line goes to `log_path` (appended); worker progress events are picked out; what Ray
@@ -235,7 +259,9 @@ class RunConsole:
         os.dup2(write_fd, 1)
         os.dup2(write_fd, 2)
         self._pipe = os.fdopen(write_fd, "w", buffering=1, errors="replace")
-        pump = self._pump_thread = threading.Thread(target=self._pump, args=(read_fd,), name="console-capture", daemon=True)
+        pump = self._pump_thread = threading.Thread(
+            target=self._pump, args=(read_fd,), name="console-capture", daemon=True
+        )
         pump.start()
         if self.live:
             self._start_live(self._captured_out)

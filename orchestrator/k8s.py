@@ -12,7 +12,7 @@ import math
 import re
 import shutil
 import subprocess
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -60,7 +60,7 @@ QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 # Checks of what the user typed: each raises BadInput with one line
 
 
-def default_image(spec: Optional[JobSpec] = None) -> str:
+def default_image(spec: JobSpec | None = None) -> str:
     """The image `docker build` makes from this checkout: `orchestrator:<version>` (`-gpu` for GPU jobs)."""
     gpu = spec is not None and spec.scaling.use_gpu
     return f"orchestrator:{__version__}{'-gpu' if gpu else ''}"
@@ -80,7 +80,9 @@ def check_image(image: str) -> str:
     if tag is not None and not IMAGE_TAG.match(tag):
         raise BadInput(f"--image {image}: {tag!r} is not a valid tag")
     if tag is None and not digest:
-        raise BadInput(f"--image {image}: pin a version tag (e.g. {name}:{__version__}) or a digest; an untagged image means latest")
+        raise BadInput(
+            f"--image {image}: pin a version tag (e.g. {name}:{__version__}) or a digest; an untagged image means latest"
+        )
     if tag is not None and tag.lower() == "latest":
         raise BadInput(f"--image {image}: 'latest' is not a version; pin a tag (e.g. {name}:{__version__}) or a digest")
     return image
@@ -89,14 +91,18 @@ def check_image(image: str) -> str:
 def check_namespace(namespace: str) -> str:
     """A Kubernetes namespace name (DNS-1123 label)."""
     if not DNS1123_LABEL.match(namespace):
-        raise BadInput(f"--namespace {namespace}: must be lowercase letters, digits and '-', at most 63, starting and ending with a letter or digit")
+        raise BadInput(
+            f"--namespace {namespace}: must be lowercase letters, digits and '-', at most 63, starting and ending with a letter or digit"
+        )
     return namespace
 
 
 def check_cluster_name(cluster: str) -> str:
     """A RayCluster name (DNS-1035 label, as KubeRay requires)."""
     if not DNS1035_LABEL.match(cluster):
-        raise BadInput(f"--cluster {cluster}: a RayCluster name is lowercase letters, digits and '-', starting with a letter, at most 63")
+        raise BadInput(
+            f"--cluster {cluster}: a RayCluster name is lowercase letters, digits and '-', starting with a letter, at most 63"
+        )
     return cluster
 
 
@@ -105,7 +111,17 @@ def parse_memory_mi(quantity: str, what: str = "--worker-memory") -> int:
     m = QUANTITY.match(quantity.strip())
     if not m:
         raise BadInput(f"{what} {quantity}: a memory size looks like 8Gi or 512Mi")
-    factor = {None: 1 / 2**20, "Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024**2, "k": 1e3 / 2**20, "M": 1e6 / 2**20, "G": 1e9 / 2**20, "T": 1e12 / 2**20}[m.group(2)]
+    factor = {
+        None: 1 / 2**20,
+        "Ki": 1 / 1024,
+        "Mi": 1,
+        "Gi": 1024,
+        "Ti": 1024**2,
+        "k": 1e3 / 2**20,
+        "M": 1e6 / 2**20,
+        "G": 1e9 / 2**20,
+        "T": 1e12 / 2**20,
+    }[m.group(2)]
     mib = int(float(m.group(1)) * factor)
     if mib < 512:
         raise BadInput(f"{what} {quantity}: Ray needs at least 512Mi per pod")
@@ -116,8 +132,10 @@ def storage_warnings(spec: JobSpec) -> list[str]:
     """What in the job will not survive or not exist on Kubernetes, one line each (the render still goes on)."""
     out = []
     if "://" not in spec.checkpoint.storage or spec.checkpoint.storage.startswith("file://"):
-        out.append(f"checkpoint.storage: {spec.checkpoint.storage} is a path inside the pods: checkpoints die with the cluster and workers "
-                   "on other pods cannot share them; use s3://bucket/prefix (or another shared store) on Kubernetes")
+        out.append(
+            f"checkpoint.storage: {spec.checkpoint.storage} is a path inside the pods: checkpoints die with the cluster and workers "
+            "on other pods cannot share them; use s3://bucket/prefix (or another shared store) on Kubernetes"
+        )
     if spec.data.path and "://" not in spec.data.path:
         out.append(f"data.path: {spec.data.path} must exist inside the image (or use s3://...)")
     if spec.model.init_from and "://" not in spec.model.init_from:
@@ -176,7 +194,13 @@ def container_security_context() -> dict[str, Any]:
 
 
 def pod_security_context() -> dict[str, Any]:
-    return {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID, "fsGroup": RAY_GID, "seccompProfile": {"type": "RuntimeDefault"}}
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RAY_UID,
+        "runAsGroup": RAY_GID,
+        "fsGroup": RAY_GID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def cache_env() -> list[dict[str, Any]]:
@@ -192,7 +216,10 @@ def storage_env() -> list[dict[str, Any]]:
     """Where the storage client finds credentials and endpoint: a mounted file and an optional ConfigMap, never a value."""
     return [
         {"name": "AWS_SHARED_CREDENTIALS_FILE", "value": f"{S3_SECRET_DIR}/credentials"},
-        {"name": "AWS_ENDPOINT_URL", "valueFrom": {"configMapKeyRef": {"name": S3_ENDPOINT_CONFIGMAP, "key": "endpoint_url", "optional": True}}},
+        {
+            "name": "AWS_ENDPOINT_URL",
+            "valueFrom": {"configMapKeyRef": {"name": S3_ENDPOINT_CONFIGMAP, "key": "endpoint_url", "optional": True}},
+        },
     ]
 
 
@@ -231,8 +258,17 @@ def resources(cpus: float, memory_mib: int, gpus: int = 0) -> dict[str, Any]:
     return {"requests": dict(amount), "limits": dict(amount)}
 
 
-def ray_pod_template(*, instance: str, component: str, image: str, cpus: float, memory_mib: int, gpus: int,
-                     head: bool, service_account_token: bool = False) -> dict[str, Any]:
+def ray_pod_template(
+    *,
+    instance: str,
+    component: str,
+    image: str,
+    cpus: float,
+    memory_mib: int,
+    gpus: int,
+    head: bool,
+    service_account_token: bool = False,
+) -> dict[str, Any]:
     """The pod of a Ray head or worker: hardened, sized, with Ray's probes and writable volumes."""
     container: dict[str, Any] = {
         "name": "ray-head" if head else "ray-worker",
@@ -276,15 +312,23 @@ def submitter_pod_template(*, instance: str, image: str, configmap: str) -> dict
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
             "securityContext": pod_security_context(),
-            "containers": [{
-                "name": "ray-job-submitter",
-                "image": image,
-                "imagePullPolicy": "Always",
-                "env": cache_env(),
-                "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
-                "securityContext": container_security_context(),
-                "volumeMounts": [{"name": "job-file", "mountPath": JOB_DIR, "readOnly": True}, {"name": "tmp", "mountPath": "/tmp"}],
-            }],
+            "containers": [
+                {
+                    "name": "ray-job-submitter",
+                    "image": image,
+                    "imagePullPolicy": "Always",
+                    "env": cache_env(),
+                    "resources": {
+                        "requests": {"cpu": "500m", "memory": "512Mi"},
+                        "limits": {"cpu": "1", "memory": "1Gi"},
+                    },
+                    "securityContext": container_security_context(),
+                    "volumeMounts": [
+                        {"name": "job-file", "mountPath": JOB_DIR, "readOnly": True},
+                        {"name": "tmp", "mountPath": "/tmp"},
+                    ],
+                }
+            ],
             "volumes": [
                 {"name": "job-file", "configMap": {"name": configmap, "defaultMode": 0o444}},
                 {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
@@ -293,7 +337,7 @@ def submitter_pod_template(*, instance: str, image: str, configmap: str) -> dict
     }
 
 
-def worker_size(spec: JobSpec, worker_memory: Optional[str]) -> tuple[int, int, int]:
+def worker_size(spec: JobSpec, worker_memory: str | None) -> tuple[int, int, int]:
     """(CPUs, GPUs, MiB) of one worker pod, which hosts one Ray Train worker."""
     cpus = max(1, math.ceil(spec.scaling.cpus_per_worker))
     gpus = math.ceil(spec.scaling.gpus_per_worker or 1) if spec.scaling.use_gpu else 0
@@ -302,7 +346,7 @@ def worker_size(spec: JobSpec, worker_memory: Optional[str]) -> tuple[int, int, 
     return cpus, gpus, mib
 
 
-def ray_cluster_spec(spec: JobSpec, *, instance: str, image: str, worker_memory: Optional[str]) -> dict[str, Any]:
+def ray_cluster_spec(spec: JobSpec, *, instance: str, image: str, worker_memory: str | None) -> dict[str, Any]:
     """A RayClusterSpec sized from `scaling`: one worker pod per Ray Train worker, the head runs only the driver."""
     cpus, gpus, mib = worker_size(spec, worker_memory)
     workers = spec.scaling.max_workers
@@ -320,21 +364,39 @@ def ray_cluster_spec(spec: JobSpec, *, instance: str, image: str, worker_memory:
         "authOptions": {"mode": "token"},
         "headGroupSpec": {
             "rayStartParams": head_params,
-            "template": ray_pod_template(instance=instance, component="ray-head", image=image, cpus=head_cpus, memory_mib=head_mib, gpus=head_gpus, head=True),
+            "template": ray_pod_template(
+                instance=instance,
+                component="ray-head",
+                image=image,
+                cpus=head_cpus,
+                memory_mib=head_mib,
+                gpus=head_gpus,
+                head=True,
+            ),
         },
     }
     if workers:
         params = {"num-cpus": str(cpus)}
         if gpus:
             params["num-gpus"] = str(gpus)
-        cluster["workerGroupSpecs"] = [{
-            "groupName": "workers",
-            "replicas": workers,
-            "minReplicas": workers,
-            "maxReplicas": workers,
-            "rayStartParams": params,
-            "template": ray_pod_template(instance=instance, component="ray-worker", image=image, cpus=cpus, memory_mib=mib, gpus=gpus, head=False),
-        }]
+        cluster["workerGroupSpecs"] = [
+            {
+                "groupName": "workers",
+                "replicas": workers,
+                "minReplicas": workers,
+                "maxReplicas": workers,
+                "rayStartParams": params,
+                "template": ray_pod_template(
+                    instance=instance,
+                    component="ray-worker",
+                    image=image,
+                    cpus=cpus,
+                    memory_mib=mib,
+                    gpus=gpus,
+                    head=False,
+                ),
+            }
+        ]
     return cluster
 
 
@@ -342,9 +404,17 @@ def ray_cluster_spec(spec: JobSpec, *, instance: str, image: str, worker_memory:
 # The manifests
 
 
-def render_manifests(spec: JobSpec, job_yaml_text: Optional[str] = None, *, image: Optional[str] = None,
-                     namespace: str = DEFAULT_NAMESPACE, cluster: Optional[str] = None, worker_memory: Optional[str] = None,
-                     ttl_seconds: int = DEFAULT_TTL_SECONDS, deadline_seconds: int = DEFAULT_DEADLINE_SECONDS) -> list[dict[str, Any]]:
+def render_manifests(
+    spec: JobSpec,
+    job_yaml_text: str | None = None,
+    *,
+    image: str | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+    cluster: str | None = None,
+    worker_memory: str | None = None,
+    ttl_seconds: int = DEFAULT_TTL_SECONDS,
+    deadline_seconds: int = DEFAULT_DEADLINE_SECONDS,
+) -> list[dict[str, Any]]:
     """The ConfigMap holding the resolved job file and the RayJob that runs it (on its own cluster, or on `cluster`)."""
     text = job_yaml_text if job_yaml_text is not None else job_file_text(spec)
     image = check_image(image or default_image(spec))
@@ -373,8 +443,11 @@ def render_manifests(spec: JobSpec, job_yaml_text: Optional[str] = None, *, imag
         "activeDeadlineSeconds": deadline_seconds,
     }
     if cluster is None:
-        job_spec.update(shutdownAfterJobFinishes=True, ttlSecondsAfterFinished=ttl_seconds,
-                        rayClusterSpec=ray_cluster_spec(spec, instance=name, image=image, worker_memory=worker_memory))
+        job_spec.update(
+            shutdownAfterJobFinishes=True,
+            ttlSecondsAfterFinished=ttl_seconds,
+            rayClusterSpec=ray_cluster_spec(spec, instance=name, image=image, worker_memory=worker_memory),
+        )
     else:
         # A long-lived cluster outlives its jobs: KubeRay refuses a TTL or shutdown with a clusterSelector.
         job_spec["clusterSelector"] = {"ray.io/cluster": cluster}
@@ -383,7 +456,12 @@ def render_manifests(spec: JobSpec, job_yaml_text: Optional[str] = None, *, imag
         {
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": {"name": configmap, "namespace": namespace, "labels": labels(name, "job-file"), "annotations": dict(annotations)},
+            "metadata": {
+                "name": configmap,
+                "namespace": namespace,
+                "labels": labels(name, "job-file"),
+                "annotations": dict(annotations),
+            },
             # Immutable: a changed job gets a new name, so a running job never sees its file change.
             "immutable": True,
             "data": {JOB_FILE: text},
@@ -391,22 +469,45 @@ def render_manifests(spec: JobSpec, job_yaml_text: Optional[str] = None, *, imag
         {
             "apiVersion": "ray.io/v1",
             "kind": "RayJob",
-            "metadata": {"name": name, "namespace": namespace, "labels": labels(name, "ray-job"), "annotations": dict(annotations)},
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": labels(name, "ray-job"),
+                "annotations": dict(annotations),
+            },
             "spec": job_spec,
         },
     ]
 
 
-def render_raycluster(name: str = "orchestrator", *, image: Optional[str] = None, namespace: str = DEFAULT_NAMESPACE,
-                      max_workers: int = 4, worker_cpus: int = 2, worker_memory: str = "8Gi") -> dict[str, Any]:
+def render_raycluster(
+    name: str = "orchestrator",
+    *,
+    image: str | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+    max_workers: int = 4,
+    worker_cpus: int = 2,
+    worker_memory: str = "8Gi",
+) -> dict[str, Any]:
     """A long-lived, autoscaling RayCluster (0..max_workers workers) that `render --cluster NAME` jobs run on."""
     image = check_image(image or default_image())
     check_namespace(namespace)
     check_cluster_name(name)
     mib = parse_memory_mi(worker_memory)
     # The head's autoscaler sidecar talks to the Kubernetes API: only this pod gets a token (see k8s/base/rbac.yaml).
-    head = ray_pod_template(instance=name, component="ray-head", image=image, cpus=1, memory_mib=4096, gpus=0, head=True, service_account_token=True)
-    worker = ray_pod_template(instance=name, component="ray-worker", image=image, cpus=worker_cpus, memory_mib=mib, gpus=0, head=False)
+    head = ray_pod_template(
+        instance=name,
+        component="ray-head",
+        image=image,
+        cpus=1,
+        memory_mib=4096,
+        gpus=0,
+        head=True,
+        service_account_token=True,
+    )
+    worker = ray_pod_template(
+        instance=name, component="ray-worker", image=image, cpus=worker_cpus, memory_mib=mib, gpus=0, head=False
+    )
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayCluster",
@@ -420,19 +521,24 @@ def render_raycluster(name: str = "orchestrator", *, image: Optional[str] = None
                 "idleTimeoutSeconds": 300,
                 "imagePullPolicy": "Always",
                 "env": cache_env(),
-                "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}},
+                "resources": {
+                    "requests": {"cpu": "500m", "memory": "512Mi"},
+                    "limits": {"cpu": "500m", "memory": "512Mi"},
+                },
                 "securityContext": container_security_context(),
                 "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
             },
             "headGroupSpec": {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"}, "template": head},
-            "workerGroupSpecs": [{
-                "groupName": "workers",
-                "replicas": 0,
-                "minReplicas": 0,
-                "maxReplicas": max_workers,
-                "rayStartParams": {"num-cpus": str(worker_cpus)},
-                "template": worker,
-            }],
+            "workerGroupSpecs": [
+                {
+                    "groupName": "workers",
+                    "replicas": 0,
+                    "minReplicas": 0,
+                    "maxReplicas": max_workers,
+                    "rayStartParams": {"num-cpus": str(worker_cpus)},
+                    "template": worker,
+                }
+            ],
         },
     }
 
@@ -468,11 +574,15 @@ def render_job_file(job_file: str, overrides: list[str], **options: Any) -> tupl
 def kubectl_context(kubectl: str = "kubectl") -> str:
     """The current kubectl context, or BadInput saying why there is none."""
     if shutil.which(kubectl) is None:
-        raise BadInput(f"{kubectl}: not found on PATH; install kubectl, or run `orchestrator k8s render ... > job.yaml` and apply it elsewhere")
+        raise BadInput(
+            f"{kubectl}: not found on PATH; install kubectl, or run `orchestrator k8s render ... > job.yaml` and apply it elsewhere"
+        )
     done = subprocess.run([kubectl, "config", "current-context"], capture_output=True, text=True, timeout=30)
     context = done.stdout.strip()
     if done.returncode != 0 or not context:
-        raise BadInput(f"{kubectl}: no current context (set one with `kubectl config use-context NAME` or KUBECONFIG); nothing was applied")
+        raise BadInput(
+            f"{kubectl}: no current context (set one with `kubectl config use-context NAME` or KUBECONFIG); nothing was applied"
+        )
     return context
 
 
@@ -480,11 +590,17 @@ def apply_manifests(manifests: list[dict[str, Any]], kubectl: str = "kubectl", t
     """`kubectl apply -f -` of the manifests in the current context; returns kubectl's output."""
     context = kubectl_context(kubectl)
     try:
-        done = subprocess.run([kubectl, "apply", "-f", "-"], input=dump_manifests(manifests), capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [kubectl, "apply", "-f", "-"],
+            input=dump_manifests(manifests),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         raise RunFailed(f"kubectl apply (context {context}): no answer within {timeout}s") from None
     if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or ["exit code %d" % done.returncode])[-1]
+        reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         raise RunFailed(f"kubectl apply (context {context}): {reason}")
     return done.stdout
 
@@ -492,4 +608,3 @@ def apply_manifests(manifests: list[dict[str, Any]], kubectl: str = "kubectl", t
 def job_names(manifests: list[dict[str, Any]]) -> dict[str, str]:
     """kind -> name of the rendered objects, for the follow-up commands a user types."""
     return {m["kind"]: m["metadata"]["name"] for m in manifests}
-

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
@@ -22,9 +22,9 @@ from orchestrator.console import RunConsole
 from orchestrator.preflight import preflight
 from orchestrator.provenance import add_placement, collect_provenance
 from orchestrator.ray_runtime import resolve_address, start_ray
+from orchestrator.report import write_report
 from orchestrator.rundir import LOG_FILE, REPORT, RUN_RECORD, RunDir, run_uri_for
 from orchestrator.runrecord import RunRecord, RunStatus, RunSummary, summary_from_checkpoints
-from orchestrator.report import write_report
 from orchestrator.spec import JobSpec
 from orchestrator.tracking import TrackingSession
 from orchestrator.trainer import fit
@@ -43,10 +43,10 @@ class RunPlan:
 
     spec: JobSpec
     run: RunDir
-    job_file: Optional[str]
+    job_file: str | None
     base_dir: str
-    address: Optional[str]  # None: an embedded Ray (or none at all, in local mode)
-    previous: Optional[RunRecord]  # the record of an earlier attempt
+    address: str | None  # None: an embedded Ray (or none at all, in local mode)
+    previous: RunRecord | None  # the record of an earlier attempt
     data_info: Any
     t0: float
 
@@ -56,8 +56,15 @@ class RunPlan:
         return self.spec.scaling.num_workers == 0 and not self.address
 
 
-def run_job(spec: JobSpec, job_file: Optional[str] = None, address: Optional[str] = None, fresh: bool = False, quiet: bool = False,
-            console: Optional[RunConsole] = None, capture: bool = False) -> RunSummary:
+def run_job(
+    spec: JobSpec,
+    job_file: str | None = None,
+    address: str | None = None,
+    fresh: bool = False,
+    quiet: bool = False,
+    console: RunConsole | None = None,
+    capture: bool = False,
+) -> RunSummary:
     """Validate, then train a job through Ray Train; return the summary (also recorded in run.json).
 
     `console` shows the run (plain lines on stdout, or stderr when `quiet`, by default). With `capture`
@@ -93,9 +100,15 @@ def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
     """The run itself, once its input is known good: record, Ray, fit, summary first, then report and trackers."""
     spec, run = plan.spec, plan.run
     # Hosts are known here for a run on this machine; on a cluster rank 0 reports them (see trainer.train_worker).
-    prov = collect_provenance(spec, plan.base_dir, getattr(plan.data_info, "fingerprint", None), hosts=1 if plan.address is None else None)
-    session = TrackingSession.start(spec, run.uri, run.name, prov, previous=plan.previous.tracking if plan.previous else None)
-    record = RunRecord.begin(run.name, spec.to_dict(), plan.previous, job_file=plan.job_file, provenance=prov, tracking=session.to_record())
+    prov = collect_provenance(
+        spec, plan.base_dir, getattr(plan.data_info, "fingerprint", None), hosts=1 if plan.address is None else None
+    )
+    session = TrackingSession.start(
+        spec, run.uri, run.name, prov, previous=plan.previous.tracking if plan.previous else None
+    )
+    record = RunRecord.begin(
+        run.name, spec.to_dict(), plan.previous, job_file=plan.job_file, provenance=prov, tracking=session.to_record()
+    )
     record.save(run)
 
     existing = ckpt.list_checkpoints(run.fs, run.root, uri_prefix=run.uri)
@@ -106,7 +119,9 @@ def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
     # Ray Train's actors all carry a runtime environment, so none of them would take a prestarted worker.
     connected = start_ray(plan.address, prestart=False) if not plan.local_mode else False
     try:
-        summary, placed = _fit_and_summarize(plan, session.worker_config(), console, embedded=connected and not plan.address, worker_events=worker_events)
+        summary, placed = _fit_and_summarize(
+            plan, session.worker_config(), console, embedded=connected and not plan.address, worker_events=worker_events
+        )
         summary.resumed_from = resumed_from
         add_placement(prov, placed)
         record.end(summary.status, summary)
@@ -122,20 +137,32 @@ def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
     if summary.report is None:
         record.save(run)
     weights = f"{summary.checkpoint}/model.safetensors" if summary.checkpoint and not spec.entrypoint else None
-    session.finish(spec, summary.status, summary, [("", summary.report), ("", run.uri_of(RUN_RECORD)), ("model", weights)])
+    session.finish(
+        spec, summary.status, summary, [("", summary.report), ("", run.uri_of(RUN_RECORD)), ("model", weights)]
+    )
     return summary
 
 
-def _fit_and_summarize(plan: RunPlan, tracking_config: Optional[dict[str, Any]], console: RunConsole, embedded: bool,
-                       worker_events: bool) -> tuple[RunSummary, dict[str, Any]]:
+def _fit_and_summarize(
+    plan: RunPlan, tracking_config: dict[str, Any] | None, console: RunConsole, embedded: bool, worker_events: bool
+) -> tuple[RunSummary, dict[str, Any]]:
     """Ray Train's fit, then what the run's checkpoints say of it; with what rank 0 reported of where it ran."""
     spec, run = plan.spec, plan.run
     run_name = f"{run.name}-{int(plan.t0)}" if not spec.entrypoint else run.name
-    status, error, result = fit(spec, run.uri, plan.base_dir, run_name, tracking_config, console, embedded, worker_events, plan.local_mode)
+    status, error, result = fit(
+        spec, run.uri, plan.base_dir, run_name, tracking_config, console, embedded, worker_events, plan.local_mode
+    )
     if spec.entrypoint:
         # A bring-your-own loop reports to Ray and checkpoints through Ray's storage: its result is all there is.
-        summary = RunSummary(run=run.name, run_uri=run.uri, status=RunStatus(status), steps=None, epochs=None,
-                             metrics=dict(result.metrics or {}) if result else {}, checkpoint=result.checkpoint.path if result and result.checkpoint else None)
+        summary = RunSummary(
+            run=run.name,
+            run_uri=run.uri,
+            status=RunStatus(status),
+            steps=None,
+            epochs=None,
+            metrics=dict(result.metrics or {}) if result else {},
+            checkpoint=result.checkpoint.path if result and result.checkpoint else None,
+        )
     else:
         summary = summary_from_checkpoints(run, RunStatus(status))
     summary.report, summary.error, summary.wall_s = run.uri_of(REPORT), error, round(time.time() - plan.t0, 3)
@@ -168,18 +195,25 @@ def _upload_log(local: str, run: RunDir) -> None:
             os.remove(local)
 
 
-def write_report_safely(run: RunDir) -> Optional[str]:
+def write_report_safely(run: RunDir) -> str | None:
     """Write `<run>/report.html`; a report that cannot be made is a warning, not a failed run."""
     try:
         return write_report(run.uri, endpoint_url=run.endpoint_url)
     except Exception as exc:
-        log.warning("report: could not write %s (%s: %s)", run.uri_of(REPORT), type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        log.warning(
+            "report: could not write %s (%s: %s)",
+            run.uri_of(REPORT),
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
         return None
 
 
 def format_summary(summary: RunSummary) -> str:
     """The human-readable end of a run."""
-    lines = [f"{summary.status}: {summary.run}  steps {summary.steps}  epochs {summary.epochs}  wall {summary.wall_s:.1f}s"]
+    lines = [
+        f"{summary.status}: {summary.run}  steps {summary.steps}  epochs {summary.epochs}  wall {summary.wall_s:.1f}s"
+    ]
     shown = "  ".join(f"{k} {v:.4f}" for k, v in (summary.metrics or {}).items() if isinstance(v, float))
     if shown:
         lines.append(f"  last validation: {shown}")
@@ -188,7 +222,9 @@ def format_summary(summary: RunSummary) -> str:
         kept = f" ({best.checkpoint})" if best.checkpoint else " (checkpoint not kept)"
         lines.append(f"  best {best.metric or ''} {best.value:.4f} at step {best.step}{kept}")
     test = summary.test
-    shown = "  ".join(f"{k[5:]} {v:.4f}" for k, v in ((test.metrics if test else None) or {}).items() if isinstance(v, float))
+    shown = "  ".join(
+        f"{k[5:]} {v:.4f}" for k, v in ((test.metrics if test else None) or {}).items() if isinstance(v, float)
+    )
     if shown:
         lines.append(f"  test (step {test.step}): {shown}")
     if summary.checkpoint:

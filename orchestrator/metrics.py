@@ -7,12 +7,11 @@ every worker import it.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
 
 import numpy as np
 import torch
 
-MetricValue = Union[float, list, None]
+MetricValue = float | list | None
 
 _TASK_METRICS = {
     "classification": ("loss", "accuracy", "f1", "roc_auc", "confusion_matrix"),
@@ -24,7 +23,9 @@ _MAX_METRICS = ("accuracy", "f1", "roc_auc", "r2")
 _SPLIT_PREFIXES = ("val_", "train_", "test_")
 
 
-def compute_metrics(task: str, names: list[str], outputs: torch.Tensor, targets: torch.Tensor, loss: float) -> dict[str, MetricValue]:
+def compute_metrics(
+    task: str, names: list[str], outputs: torch.Tensor, targets: torch.Tensor, loss: float
+) -> dict[str, MetricValue]:
     """The named metrics of a split: `outputs` are logits (N, C), predictions (N,) or unused (lm); `loss` is its mean loss.
 
     A metric that is undefined on this split (AUC with one class present, anything on zero examples) is None.
@@ -55,7 +56,9 @@ def _to_numpy(t: torch.Tensor, dtype) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy().astype(dtype, copy=False)
 
 
-def _classification(names: list[str], outputs: torch.Tensor, targets: torch.Tensor, loss: float) -> dict[str, MetricValue]:
+def _classification(
+    names: list[str], outputs: torch.Tensor, targets: torch.Tensor, loss: float
+) -> dict[str, MetricValue]:
     if outputs.ndim != 2:
         raise ValueError(f"classification outputs must be logits of shape (N, C), got {tuple(outputs.shape)}")
     logits = _to_numpy(outputs, np.float64)
@@ -64,14 +67,18 @@ def _classification(names: list[str], outputs: torch.Tensor, targets: torch.Tens
     if y.shape[0] != n:
         raise ValueError(f"{n} outputs but {y.shape[0]} targets")
     if n and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"target labels must lie in [0, {num_classes}) for a {num_classes}-way output, got [{y.min()}, {y.max()}]")
+        raise ValueError(
+            f"target labels must lie in [0, {num_classes}) for a {num_classes}-way output, got [{y.min()}, {y.max()}]"
+        )
     pred = logits.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
     out: dict[str, MetricValue] = {}
     for name in names:
         if name == "loss":
             out[name] = float(loss)
         elif name == "confusion_matrix":
-            cm = np.bincount(y * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+            cm = np.bincount(y * num_classes + pred, minlength=num_classes * num_classes).reshape(
+                num_classes, num_classes
+            )
             out[name] = cm.tolist()
         elif n == 0:
             out[name] = None
@@ -97,7 +104,7 @@ def _macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-def _roc_auc(y: np.ndarray, logits: np.ndarray) -> Optional[float]:
+def _roc_auc(y: np.ndarray, logits: np.ndarray) -> float | None:
     present = np.unique(y)
     if present.size < 2:
         return None
@@ -170,16 +177,18 @@ def default_mode(metric_name: str) -> str:
     base = metric_name
     for prefix in _SPLIT_PREFIXES:
         if base.startswith(prefix):
-            base = base[len(prefix):]
+            base = base[len(prefix) :]
             break
     if base in _MIN_METRICS:
         return "min"
     if base in _MAX_METRICS:
         return "max"
-    raise ValueError(f"no default mode for metric {metric_name!r}; known: {', '.join(_MIN_METRICS + _MAX_METRICS)} (with a val_ prefix); set the mode explicitly")
+    raise ValueError(
+        f"no default mode for metric {metric_name!r}; known: {', '.join(_MIN_METRICS + _MAX_METRICS)} (with a val_ prefix); set the mode explicitly"
+    )
 
 
-def is_better(value: Optional[float], best: Optional[float], mode: str, min_delta: float = 0.0) -> bool:
+def is_better(value: float | None, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
     """Whether `value` improves on `best` by more than `min_delta` in direction `mode`; any value beats no best, None/NaN never wins."""
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from orchestrator.data import DataInfo
 from orchestrator.errors import BadInput
 from orchestrator.hooks import accepts, call_hook, import_hook
@@ -39,7 +40,9 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """`layers` Conv-ReLU blocks of `hidden` channels, halving the image while it is at least 2x2, then a linear head."""
 
-    def __init__(self, input_shape: tuple[int, ...], hidden: int, layers: int, out_features: int, dropout: float, squeeze: bool):
+    def __init__(
+        self, input_shape: tuple[int, ...], hidden: int, layers: int, out_features: int, dropout: float, squeeze: bool
+    ):
         super().__init__()
         channels, h, w = input_shape
         parts: list[nn.Module] = []
@@ -78,11 +81,17 @@ class ResidualBlock(nn.Module):
 class ResNet(nn.Module):
     """A small residual net: stem, `layers` residual blocks, global average pool, linear head."""
 
-    def __init__(self, input_shape: tuple[int, ...], hidden: int, layers: int, out_features: int, dropout: float, squeeze: bool):
+    def __init__(
+        self, input_shape: tuple[int, ...], hidden: int, layers: int, out_features: int, dropout: float, squeeze: bool
+    ):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(input_shape[0], hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(input_shape[0], hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU()
+        )
         self.blocks = nn.Sequential(*[ResidualBlock(hidden, dropout) for _ in range(layers)])
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(hidden, out_features))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(hidden, out_features)
+        )
         self.squeeze = squeeze
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +176,7 @@ def _outputs(info: DataInfo) -> tuple[int, bool]:
     return 1, True
 
 
-def build_model(spec: "JobSpec", info: DataInfo, base_dir: str | Path | None = None) -> nn.Module:
+def build_model(spec: JobSpec, info: DataInfo, base_dir: str | Path | None = None) -> nn.Module:
     """Build the job's model for this data: a built-in by name, or a user `module:function` from base_dir."""
     m = spec.model
     if ":" in m.name:
@@ -176,7 +185,9 @@ def build_model(spec: "JobSpec", info: DataInfo, base_dir: str | Path | None = N
         if info.task != "lm":
             raise BadInput(f"model.name: gpt needs token data (data.task=lm), not {info.task}")
         if info.input_shape[0] > m.context:
-            raise BadInput(f"model.context: {m.context} is shorter than the data's sequence length {info.input_shape[0]}")
+            raise BadInput(
+                f"model.context: {m.context} is shorter than the data's sequence length {info.input_shape[0]}"
+            )
         if m.hidden % m.heads:
             raise BadInput(f"model.heads: {m.heads} does not divide model.hidden={m.hidden}")
         return GPT(int(info.vocab_size), m.context, m.hidden, m.layers, m.heads, m.dropout)
@@ -186,7 +197,9 @@ def build_model(spec: "JobSpec", info: DataInfo, base_dir: str | Path | None = N
     if m.name == "mlp":
         return MLP(math.prod(info.input_shape), m.hidden, m.layers, out, m.dropout, squeeze)
     if len(info.input_shape) != 3:
-        raise BadInput(f"model.name: {m.name} needs image inputs (C, H, W); the data has inputs of shape {info.input_shape}")
+        raise BadInput(
+            f"model.name: {m.name} needs image inputs (C, H, W); the data has inputs of shape {info.input_shape}"
+        )
     if m.name == "cnn":
         return CNN(info.input_shape, m.hidden, m.layers, out, m.dropout, squeeze)
     if m.name == "resnet":
@@ -194,7 +207,7 @@ def build_model(spec: "JobSpec", info: DataInfo, base_dir: str | Path | None = N
     raise BadInput(f"model.name: unknown model {m.name!r}")
 
 
-def _build_user_model(spec: "JobSpec", info: DataInfo, base_dir) -> nn.Module:
+def _build_user_model(spec: JobSpec, info: DataInfo, base_dir) -> nn.Module:
     ref = spec.model.name
     func = import_hook(ref, base_dir, "model.name")
     kwargs = dict(spec.model.options)
@@ -215,7 +228,7 @@ def expected_output_shape(info: DataInfo, batch: int) -> tuple[int, ...]:
     return (batch, info.input_shape[0], int(info.vocab_size))
 
 
-def check_model(spec: "JobSpec", info: DataInfo, base_dir: str | Path | None = None) -> int:
+def check_model(spec: JobSpec, info: DataInfo, base_dir: str | Path | None = None) -> int:
     """Preflight: build the model and run two dummy examples through it; return its parameter count or raise BadInput."""
     model = build_model(spec, info, base_dir)
     dtype = torch.long if info.task == "lm" else torch.float32
@@ -226,7 +239,9 @@ def check_model(spec: "JobSpec", info: DataInfo, base_dir: str | Path | None = N
             out = model(x)
     except Exception as exc:  # a model that cannot take this data: one line, naming the model
         text = str(exc).strip().splitlines()
-        raise BadInput(f"model.name: {spec.model.name} fails on a batch of shape {tuple(x.shape)}: {type(exc).__name__}: {text[0] if text else ''}") from None
+        raise BadInput(
+            f"model.name: {spec.model.name} fails on a batch of shape {tuple(x.shape)}: {type(exc).__name__}: {text[0] if text else ''}"
+        ) from None
     want = expected_output_shape(info, 2)
     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if got != want:

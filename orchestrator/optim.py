@@ -7,7 +7,7 @@ the step count (and, for plateau, its small bookkeeping) to continue exactly whe
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,7 +87,7 @@ class LRSchedule:
         self.step_count = 0
         # Plateau bookkeeping: the LR of the first group, the best metric and the bad validations since.
         self.plateau_lr = self.base_lr
-        self.best: Optional[float] = None
+        self.best: float | None = None
         self.num_bad = 0
         self._apply()
 
@@ -106,7 +106,9 @@ class LRSchedule:
         if self.spec.name != "plateau":
             return
         if self.spec.metric not in metrics:
-            raise ValueError(f"schedule.metric: {self.spec.metric!r} is not among the validation metrics ({', '.join(sorted(metrics))})")
+            raise ValueError(
+                f"schedule.metric: {self.spec.metric!r} is not among the validation metrics ({', '.join(sorted(metrics))})"
+            )
         value = metrics[self.spec.metric]
         value = None if value is None else float(value)
         if is_better(value, self.best, self.spec.mode):

@@ -8,17 +8,16 @@ costs seconds.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from orchestrator import storage, tracking
 from orchestrator.checkpoint import load_weights
 from orchestrator.data import DataInfo, check_data
-from orchestrator.hooks import import_hook
 from orchestrator.errors import BadInput
+from orchestrator.hooks import import_hook
 from orchestrator.spec import JobSpec
 
 
-def preflight(spec: JobSpec, base_dir: Optional[str], address: Optional[str]) -> Optional[DataInfo]:
+def preflight(spec: JobSpec, base_dir: str | None, address: str | None) -> DataInfo | None:
     """Check the job against this machine, its storage, user code, data, model, weights to start from and trackers.
 
     Returns the data's DataInfo (None for a bring-your-own loop, which owns its data).
@@ -42,17 +41,21 @@ def check_resources(spec: JobSpec) -> None:
     cpus = os.cpu_count() or 1
     need = max(1, spec.scaling.max_workers) * spec.scaling.cpus_per_worker
     if need > cpus:
-        raise BadInput(f"scaling.num_workers: {spec.scaling.max_workers} worker(s) x {spec.scaling.cpus_per_worker:g} CPU need {need:g} CPUs; this machine has {cpus}")
+        raise BadInput(
+            f"scaling.num_workers: {spec.scaling.max_workers} worker(s) x {spec.scaling.cpus_per_worker:g} CPU need {need:g} CPUs; this machine has {cpus}"
+        )
     if spec.scaling.use_gpu:
         import torch  # only a GPU job needs torch this early
 
         if not torch.cuda.is_available():
             raise BadInput("scaling.use_gpu: no CUDA GPU on this machine")
         if spec.scaling.max_workers > torch.cuda.device_count():
-            raise BadInput(f"scaling.num_workers: {spec.scaling.max_workers} GPU workers but this machine has {torch.cuda.device_count()} GPU(s)")
+            raise BadInput(
+                f"scaling.num_workers: {spec.scaling.max_workers} GPU workers but this machine has {torch.cuda.device_count()} GPU(s)"
+            )
 
 
-def check_model(spec: JobSpec, info: DataInfo, base_dir: Optional[str]) -> None:
+def check_model(spec: JobSpec, info: DataInfo, base_dir: str | None) -> None:
     """The model builds for the data's shapes."""
     from orchestrator.models import build_model  # torch: after the checks that need none
 

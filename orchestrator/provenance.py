@@ -6,13 +6,13 @@ Recorded in run.json (`provenance`), tagged on the MLflow run and shown in the r
 from __future__ import annotations
 
 import hashlib
-from importlib.metadata import PackageNotFoundError, version
 import json
 import platform
 import shutil
 import socket
 import subprocess
-from typing import Any, Optional
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from orchestrator import __version__
 from orchestrator.spec import JobSpec
@@ -24,7 +24,7 @@ def job_hash(job: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def git_state(directory: Optional[str]) -> Optional[dict[str, Any]]:
+def git_state(directory: str | None) -> dict[str, Any] | None:
     """Commit and dirtiness (tracked files) of the git checkout holding `directory`; None when it is not one."""
     if not directory or not shutil.which("git"):
         return None
@@ -59,17 +59,29 @@ def device_facts() -> dict[str, Any]:
     return {"cuda": torch.version.cuda, "gpus": gpus}
 
 
-def add_placement(provenance: dict[str, Any], placed: Optional[dict[str, Any]]) -> None:
+def add_placement(provenance: dict[str, Any], placed: dict[str, Any] | None) -> None:
     """Where a run really ran, as rank 0 reported it with its metrics (elastic groups change it)."""
     if placed and "placement_world_size" in placed:
-        provenance.update(world_size=placed["placement_world_size"], hosts=placed["placement_hosts"],
-                          gpus=[g for g in str(placed.get("placement_gpus") or "").split(",") if g])
+        provenance.update(
+            world_size=placed["placement_world_size"],
+            hosts=placed["placement_hosts"],
+            gpus=[g for g in str(placed.get("placement_gpus") or "").split(",") if g],
+        )
 
 
-def collect_provenance(spec: JobSpec, base_dir: Optional[str] = None, data_fingerprint: Optional[dict] = None,
-                       world_size: Optional[int] = None, hosts: Optional[int] = None) -> dict[str, Any]:
+def collect_provenance(
+    spec: JobSpec,
+    base_dir: str | None = None,
+    data_fingerprint: dict | None = None,
+    world_size: int | None = None,
+    hosts: int | None = None,
+) -> dict[str, Any]:
     """Versions, devices, placement, seed, job hash, user-code commit and data fingerprint of a run."""
-    out: dict[str, Any] = {"orchestrator": __version__, "python": platform.python_version(), "host": socket.gethostname()}
+    out: dict[str, Any] = {
+        "orchestrator": __version__,
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+    }
     for name in ("torch", "ray"):
         try:
             out[name] = version(name)

@@ -7,10 +7,9 @@ import logging
 import os
 import socket
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 from orchestrator.errors import BadInput
-
 
 # Ray Train's controller takes one report per worker per poll, and a worker's next report waits for that
 # slot: at Ray's default of 2 s, validations every epoch of a small job queue up behind it.
@@ -51,7 +50,7 @@ def train_environment(embedded: bool):
         yield
 
 
-def running_local_ray() -> Optional[str]:
+def running_local_ray() -> str | None:
     """The address of a Ray already up on this machine (`ray start --head`), or None.
 
     Ray records its newest local cluster in its temp dir; a cluster that has since stopped leaves the
@@ -73,7 +72,7 @@ def running_local_ray() -> Optional[str]:
         return None
 
 
-def resolve_address(address: Optional[str]) -> Optional[str]:
+def resolve_address(address: str | None) -> str | None:
     """Where a run's Ray is: the given address, else a Ray already up on this machine, else None (start an embedded one).
 
     `local` asks for a new embedded Ray even when another one is up.
@@ -84,7 +83,7 @@ def resolve_address(address: Optional[str]) -> Optional[str]:
     return address or ("auto" if running_local_ray() else None)
 
 
-def start_ray(address: Optional[str], log_to_driver: bool = True, prestart: bool = True) -> bool:
+def start_ray(address: str | None, log_to_driver: bool = True, prestart: bool = True) -> bool:
     """Attach to Ray at `address`, or start an embedded Ray of this machine's CPUs; True if this call connected (shut it down after).
 
     An embedded Ray has no dashboard: it serves the Jobs API and the state API, which runs and sweeps

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from orchestrator import storage
 from orchestrator.spec import JobSpec
@@ -30,7 +31,7 @@ REPORT = "report.html"
 LOG_FILE = "run.log"
 
 
-def run_uri_for(spec: JobSpec, name: Optional[str] = None) -> str:
+def run_uri_for(spec: JobSpec, name: str | None = None) -> str:
     """The URI of a run's directory: `<checkpoint.storage>/<name>` (local storage as an absolute path)."""
     protocol, path = storage.split_uri(spec.checkpoint.storage)
     root = path if protocol == "file" else f"{protocol}://{path}"
@@ -44,10 +45,10 @@ class RunDir:
     uri: str
     fs: Any
     root: str
-    endpoint_url: Optional[str] = None
+    endpoint_url: str | None = None
 
     @classmethod
-    def open(cls, uri: str, endpoint_url: Optional[str] = None) -> "RunDir":
+    def open(cls, uri: str, endpoint_url: str | None = None) -> RunDir:
         fs, root = storage.open_storage(uri, endpoint_url)
         return cls(uri=uri.rstrip("/"), fs=fs, root=root, endpoint_url=endpoint_url)
 
@@ -79,7 +80,9 @@ class RunDir:
         except FileNotFoundError:
             return None
 
-    def write_json(self, name: str, document: Any, indent: Optional[int] = None, default: Callable[[Any], Any] = str) -> None:
+    def write_json(
+        self, name: str, document: Any, indent: int | None = None, default: Callable[[Any], Any] = str
+    ) -> None:
         storage.write_bytes(self.fs, self.path(name), json.dumps(document, indent=indent, default=default).encode())
 
     # -- metrics.jsonl
@@ -98,13 +101,13 @@ class RunDir:
                 continue  # a crash mid-append leaves a torn last line
         return entries
 
-    def metrics_log(self, history: list[dict[str, Any]]) -> "MetricsLog":
+    def metrics_log(self, history: list[dict[str, Any]]) -> MetricsLog:
         """The writer of metrics.jsonl, starting from a (restored) history."""
         return MetricsLog(self.fs, self.path(METRICS), history)
 
     # -- the test record
 
-    def read_test(self) -> Optional[dict[str, Any]]:
+    def read_test(self) -> dict[str, Any] | None:
         """test.json: the best checkpoint on the test split (metrics and what the plots need), or None."""
         return self.read_json(TEST_RECORD)
 
@@ -123,7 +126,7 @@ class MetricsLog:
         # A resumed run's file may hold steps past the checkpoint: rewrite it so no step appears twice.
         self._rewrite()
 
-    def _rewrite(self, lines: Optional[list[str]] = None) -> None:
+    def _rewrite(self, lines: list[str] | None = None) -> None:
         data = "".join(line + "\n" for line in (self.lines if lines is None else lines)).encode()
         if self.local:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -141,7 +144,7 @@ class MetricsLog:
             with open(self.path, "a") as fh:
                 fh.write(line + "\n")
 
-    def flush(self, lines: Optional[list[str]] = None) -> None:
+    def flush(self, lines: list[str] | None = None) -> None:
         """Object stores cannot append: rewrite the whole file (at checkpoints and at the end).
 
         Best effort: the history also lives in every checkpoint, and the next flush rewrites it whole.

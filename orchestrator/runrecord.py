@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from orchestrator import checkpoint as ckpt
 from orchestrator.rundir import RUN_RECORD, TEST_RECORD, RunDir
@@ -34,11 +34,11 @@ class RunStatus(str, Enum):
 class Best:
     """The run's best validation by the watched metric, and the checkpoint that holds it (None once deleted)."""
 
-    metric: Optional[str] = None
-    value: Optional[float] = None
-    step: Optional[int] = None
+    metric: str | None = None
+    value: float | None = None
+    step: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
 
 
 @dataclass
@@ -46,8 +46,8 @@ class TestSummary:
     """Where test.json is and what it says in short: the checkpoint it evaluated and its metrics."""
 
     uri: str
-    checkpoint: Optional[str]
-    step: Optional[int]
+    checkpoint: str | None
+    step: int | None
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -58,21 +58,21 @@ class RunSummary:
     run: str
     run_uri: str
     status: RunStatus
-    steps: Optional[int] = 0
-    epochs: Optional[int] = 0
+    steps: int | None = 0
+    epochs: int | None = 0
     metrics: dict[str, Any] = field(default_factory=dict)  # the last validation
-    best: Optional[Best] = None
-    checkpoint: Optional[str] = None  # the newest committed checkpoint
+    best: Best | None = None
+    checkpoint: str | None = None  # the newest committed checkpoint
     stopped_early: bool = False
-    first_step_at: Optional[float] = None
-    last_step_at: Optional[float] = None
-    report_blocked_s: Optional[float] = None
-    report_blocked_max_s: Optional[float] = None
-    test: Optional[TestSummary] = None
-    resumed_from: Optional[str] = None
-    report: Optional[str] = None
-    wall_s: Optional[float] = None
-    error: Optional[str] = None
+    first_step_at: float | None = None
+    last_step_at: float | None = None
+    report_blocked_s: float | None = None
+    report_blocked_max_s: float | None = None
+    test: TestSummary | None = None
+    resumed_from: str | None = None
+    report: str | None = None
+    wall_s: float | None = None
+    error: str | None = None
     already_finished: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,14 +84,16 @@ class RunSummary:
         return out
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "RunSummary":
+    def from_dict(cls, raw: dict[str, Any]) -> RunSummary:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
         values["status"] = RunStatus(values.get("status", "finished"))
         if isinstance(values.get("best"), dict):
             values["best"] = Best(**{k: v for k, v in values["best"].items() if k in {f.name for f in fields(Best)}})
         if isinstance(values.get("test"), dict):
-            values["test"] = TestSummary(**{k: v for k, v in values["test"].items() if k in {f.name for f in fields(TestSummary)}})
+            values["test"] = TestSummary(
+                **{k: v for k, v in values["test"].items() if k in {f.name for f in fields(TestSummary)}}
+            )
         return cls(**values)
 
 
@@ -107,26 +109,33 @@ class RunRecord:
     status: RunStatus
     started: str
     job: dict[str, Any]
-    ended: Optional[str] = None
+    ended: str | None = None
     command: list[str] = field(default_factory=list)
-    job_file: Optional[str] = None
+    job_file: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     tracking: dict[str, Any] = field(default_factory=dict)
     attempts: int = 1
-    summary: Optional[RunSummary] = None
+    summary: RunSummary | None = None
     # A sweep trial's: its sweep, settings, and where it started from.
-    sweep: Optional[str] = None
-    config: Optional[dict[str, Any]] = None
-    resumed_from: Optional[str] = None
-    exploited_from: Optional[str] = None
+    sweep: str | None = None
+    config: dict[str, Any] | None = None
+    resumed_from: str | None = None
+    exploited_from: str | None = None
 
     @classmethod
-    def begin(cls, run: str, job: dict[str, Any], previous: Optional["RunRecord"] = None, **details: Any) -> "RunRecord":
+    def begin(cls, run: str, job: dict[str, Any], previous: RunRecord | None = None, **details: Any) -> RunRecord:
         """A new attempt of a run, `running` from now; `previous` is the record of the attempt before (attempts count on)."""
         details.setdefault("command", list(sys.argv))
-        return cls(run=run, status=RunStatus.RUNNING, started=now(), job=job, attempts=(previous.attempts if previous else 0) + 1, **details)
+        return cls(
+            run=run,
+            status=RunStatus.RUNNING,
+            started=now(),
+            job=job,
+            attempts=(previous.attempts if previous else 0) + 1,
+            **details,
+        )
 
-    def end(self, status: RunStatus, summary: Optional[RunSummary]) -> None:
+    def end(self, status: RunStatus, summary: RunSummary | None) -> None:
         """The attempt ended: its status and summary, stamped now."""
         self.status, self.ended, self.summary = RunStatus(status), now(), summary
 
@@ -144,7 +153,7 @@ class RunRecord:
         return out
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "RunRecord":
+    def from_dict(cls, raw: dict[str, Any]) -> RunRecord:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
         values["status"] = RunStatus(values["status"])
@@ -155,7 +164,7 @@ class RunRecord:
         run.write_json(RUN_RECORD, self.to_dict(), indent=1)
 
     @classmethod
-    def load(cls, run: RunDir) -> Optional["RunRecord"]:
+    def load(cls, run: RunDir) -> RunRecord | None:
         """The run's record, or None when it has none (or one this version cannot read)."""
         raw = run.read_json(RUN_RECORD)
         if not isinstance(raw, dict):
@@ -166,12 +175,17 @@ class RunRecord:
             return None
 
 
-def test_summary(run: RunDir) -> Optional[TestSummary]:
+def test_summary(run: RunDir) -> TestSummary | None:
     """The short form of the run's test.json, or None when it has none."""
     test = run.read_test()
     if test is None:
         return None
-    return TestSummary(uri=run.uri_of(TEST_RECORD), checkpoint=test.get("checkpoint"), step=test.get("step"), metrics=test.get("metrics", {}))
+    return TestSummary(
+        uri=run.uri_of(TEST_RECORD),
+        checkpoint=test.get("checkpoint"),
+        step=test.get("step"),
+        metrics=test.get("metrics", {}),
+    )
 
 
 def summary_from_checkpoints(run: RunDir, status: RunStatus) -> RunSummary:
@@ -189,14 +203,19 @@ def summary_from_checkpoints(run: RunDir, status: RunStatus) -> RunSummary:
         return summary
     summary.steps, summary.epochs, summary.metrics = train["step"], train["epoch"], train["last_val"]
     summary.checkpoint, summary.stopped_early = info.uri, train["stopped_early"]
-    summary.best = Best(metric=train.get("best_metric"), value=train["best_value"], step=train["best_step"], metrics=train["best_metrics"],
-                        checkpoint=next((c.uri for c in found if c.step == train["best_step"]), None))
+    summary.best = Best(
+        metric=train.get("best_metric"),
+        value=train["best_value"],
+        step=train["best_step"],
+        metrics=train["best_metrics"],
+        checkpoint=next((c.uri for c in found if c.step == train["best_step"]), None),
+    )
     for key in ("first_step_at", "last_step_at", "report_blocked_s", "report_blocked_max_s"):
         setattr(summary, key, train.get(key))
     return summary
 
 
-def _counters_from_state(run: RunDir, info) -> Optional[dict[str, Any]]:
+def _counters_from_state(run: RunDir, info) -> dict[str, Any] | None:
     try:
         return ckpt.deserialize_state(ckpt.read_verified(run.fs, info, ["state.pt"])["state.pt"])["train"]
     except (ValueError, FileNotFoundError):

@@ -10,11 +10,12 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
-from orchestrator.errors import BadInput
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import BadInput
 
 # A user hook: `package.module:function`, importable from the job file's directory.
 HOOK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -43,58 +44,97 @@ class Section(BaseModel):
 
 
 class ModelSpec(Section):
-    name: str = Field("mlp", description="Built-in model (mlp, cnn, resnet, gpt) or a user `module:function` returning an nn.Module.")
-    hidden: int = Field(128, ge=1, description="Width of hidden layers (mlp), channels (cnn, resnet) or embedding size (gpt).")
-    layers: int = Field(2, ge=1, description="Hidden layers (mlp), conv blocks (cnn), residual blocks (resnet) or transformer blocks (gpt).")
+    name: str = Field(
+        "mlp", description="Built-in model (mlp, cnn, resnet, gpt) or a user `module:function` returning an nn.Module."
+    )
+    hidden: int = Field(
+        128, ge=1, description="Width of hidden layers (mlp), channels (cnn, resnet) or embedding size (gpt)."
+    )
+    layers: int = Field(
+        2,
+        ge=1,
+        description="Hidden layers (mlp), conv blocks (cnn), residual blocks (resnet) or transformer blocks (gpt).",
+    )
     heads: int = Field(4, ge=1, description="Attention heads (gpt); must divide `hidden`.")
     context: int = Field(64, ge=2, description="Longest token sequence the model attends over (gpt).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability in every built-in model.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to a user model function.")
-    init_from: Optional[str] = Field(None, description="Start from these weights: a checkpoint URI of an earlier run, or a safetensors/state_dict file.")
-    freeze: list[str] = Field(default_factory=list, description="Parameter-name patterns (fnmatch) whose weights are not trained.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to a user model function."
+    )
+    init_from: str | None = Field(
+        None,
+        description="Start from these weights: a checkpoint URI of an earlier run, or a safetensors/state_dict file.",
+    )
+    freeze: list[str] = Field(
+        default_factory=list, description="Parameter-name patterns (fnmatch) whose weights are not trained."
+    )
 
     @field_validator("name")
     @classmethod
     def _known_model(cls, v: str) -> str:
         if v not in BUILTIN_MODELS and not HOOK_RE.match(v):
-            raise ValueError(f"unknown model {v!r}{_suggest(v, BUILTIN_MODELS)}; use one of {', '.join(BUILTIN_MODELS)} or module:function")
+            raise ValueError(
+                f"unknown model {v!r}{_suggest(v, BUILTIN_MODELS)}; use one of {', '.join(BUILTIN_MODELS)} or module:function"
+            )
         return v
 
 
 class AugmentSpec(Section):
-    shift: int = Field(0, ge=0, description="Random image shift in pixels, up to this many in each direction (0 = off).")
-    noise: float = Field(0.0, ge=0.0, description="Standard deviation of Gaussian noise added to training inputs (0 = off).")
+    shift: int = Field(
+        0, ge=0, description="Random image shift in pixels, up to this many in each direction (0 = off)."
+    )
+    noise: float = Field(
+        0.0, ge=0.0, description="Standard deviation of Gaussian noise added to training inputs (0 = off)."
+    )
 
 
 class DataSpec(Section):
-    name: str = Field("digits", description="Data source: digits, synthetic, parquet, or a user `module:function` returning a dataset.")
-    task: Optional[Literal["classification", "regression", "lm"]] = Field(None, description="Task; built-in sources know theirs, synthetic and parquet data need it.")
-    path: Optional[str] = Field(None, description="Parquet file, glob or directory, local or s3:// (parquet).")
-    features: list[str] = Field(default_factory=list, description="Feature columns (parquet, classification/regression).")
-    label: Optional[str] = Field(None, description="Label column (parquet, classification/regression).")
-    tokens: Optional[str] = Field(None, description="Column of token-id lists (parquet, lm).")
+    name: str = Field(
+        "digits",
+        description="Data source: digits, synthetic, parquet, or a user `module:function` returning a dataset.",
+    )
+    task: Literal["classification", "regression", "lm"] | None = Field(
+        None, description="Task; built-in sources know theirs, synthetic and parquet data need it."
+    )
+    path: str | None = Field(None, description="Parquet file, glob or directory, local or s3:// (parquet).")
+    features: list[str] = Field(
+        default_factory=list, description="Feature columns (parquet, classification/regression)."
+    )
+    label: str | None = Field(None, description="Label column (parquet, classification/regression).")
+    tokens: str | None = Field(None, description="Column of token-id lists (parquet, lm).")
     samples: int = Field(2000, ge=10, description="Number of examples (synthetic).")
     num_features: int = Field(20, ge=1, description="Input features (synthetic classification/regression).")
     num_classes: int = Field(2, ge=2, description="Classes (synthetic classification).")
     vocab_size: int = Field(256, ge=2, description="Token vocabulary size (synthetic lm; parquet lm).")
     seq_len: int = Field(32, ge=2, description="Tokens per training example (lm).")
-    classes: Optional[list[int]] = Field(None, description="Keep only these labels (classification), e.g. digits 0-4 for a transfer-learning source task.")
+    classes: list[int] | None = Field(
+        None,
+        description="Keep only these labels (classification), e.g. digits 0-4 for a transfer-learning source task.",
+    )
     test_split: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction held out as the test split, chosen by seed.")
-    folds: Optional[int] = Field(None, ge=2, description="K-fold cross-validation: number of folds; the validation set is fold `fold`.")
+    folds: int | None = Field(
+        None, ge=2, description="K-fold cross-validation: number of folds; the validation set is fold `fold`."
+    )
     fold: int = Field(0, ge=0, description="Which fold (0-based) is the validation set when `folds` is set.")
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Training-time image augmentation.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to a user data function.")
-    endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint for an s3:// parquet path (credentials come from the environment).")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to a user data function."
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint for an s3:// parquet path (credentials come from the environment)."
+    )
 
     @field_validator("name")
     @classmethod
     def _known_data(cls, v: str) -> str:
         if v not in BUILTIN_DATA and not HOOK_RE.match(v):
-            raise ValueError(f"unknown dataset {v!r}{_suggest(v, BUILTIN_DATA)}; use one of {', '.join(BUILTIN_DATA)} or module:function")
+            raise ValueError(
+                f"unknown dataset {v!r}{_suggest(v, BUILTIN_DATA)}; use one of {', '.join(BUILTIN_DATA)} or module:function"
+            )
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "DataSpec":
+    def _consistent(self) -> DataSpec:
         if self.name == "parquet":
             if not self.path:
                 raise ValueError("path: required for parquet data")
@@ -112,7 +152,9 @@ class DataSpec(Section):
 
 
 class OptimSpec(Section):
-    name: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("adamw", description="Optimizer: sgd, adam, adamw or rmsprop.")
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = Field(
+        "adamw", description="Optimizer: sgd, adam, adamw or rmsprop."
+    )
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for adamw, L2 for the others).")
     momentum: float = Field(0.0, ge=0, lt=1, description="Momentum (sgd, rmsprop).")
@@ -122,26 +164,31 @@ class OptimSpec(Section):
     alpha: float = Field(0.99, gt=0, lt=1, description="RMSprop smoothing constant.")
 
     @model_validator(mode="after")
-    def _nesterov(self) -> "OptimSpec":
+    def _nesterov(self) -> OptimSpec:
         if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
             raise ValueError("nesterov: needs name=sgd and momentum > 0")
         return self
 
 
 class ScheduleSpec(Section):
-    name: Literal["constant", "step", "cosine", "warmup_cosine", "plateau"] = Field("constant", description="LR schedule: constant, step, cosine, warmup_cosine or plateau.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from 0 to `optim.lr` (warmup_cosine; also allowed with constant).")
+    name: Literal["constant", "step", "cosine", "warmup_cosine", "plateau"] = Field(
+        "constant", description="LR schedule: constant, step, cosine, warmup_cosine or plateau."
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear warm-up steps from 0 to `optim.lr` (warmup_cosine; also allowed with constant)."
+    )
     step_size: int = Field(100, ge=1, description="Optimizer steps between LR decays (step).")
     gamma: float = Field(0.1, gt=0, le=1, description="LR multiplier at each decay (step).")
     min_lr: float = Field(0.0, ge=0, description="Floor of the cosine schedules.")
     factor: float = Field(0.5, gt=0, lt=1, description="LR multiplier when the metric plateaus (plateau).")
     patience: int = Field(2, ge=0, description="Validations without improvement before the LR drops (plateau).")
     metric: str = Field("val_loss", description="Validation metric watched by plateau.")
-    mode: Literal["min", "max"] = Field("min", description="Whether the plateau metric should go down (min) or up (max).")
-
+    mode: Literal["min", "max"] = Field(
+        "min", description="Whether the plateau metric should go down (min) or up (max)."
+    )
 
     @model_validator(mode="after")
-    def _warmup(self) -> "ScheduleSpec":
+    def _warmup(self) -> ScheduleSpec:
         if self.warmup_steps and self.name not in ("constant", "warmup_cosine"):
             raise ValueError(f"warmup_steps: applies to constant and warmup_cosine, not {self.name}")
         return self
@@ -149,24 +196,34 @@ class ScheduleSpec(Section):
 
 class TrainSpec(Section):
     epochs: int = Field(10, ge=1, description="Passes over the training data.")
-    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps, whatever the epoch.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps, whatever the epoch.")
     batch_size: int = Field(64, ge=1, description="Examples per worker per micro-batch.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
-    clip_grad_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm to this value (off when null).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, or autocast to bf16/fp16 (fp16 uses a grad scaler).")
+    clip_grad_norm: float | None = Field(
+        None, gt=0, description="Clip the global gradient norm to this value (off when null)."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32, or autocast to bf16/fp16 (fp16 uses a grad scaler)."
+    )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
     seed: int = Field(0, description="Seed for Python, NumPy and torch (offset per rank) and for the data order.")
-    log_every_n_steps: int = Field(20, ge=1, description="Optimizer steps between progress lines and training-metric reports.")
+    log_every_n_steps: int = Field(
+        20, ge=1, description="Optimizer steps between progress lines and training-metric reports."
+    )
 
 
 class ValidationSpec(Section):
-    split: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of the non-test data used for validation (ignored with data.folds).")
-    every_n_steps: Optional[int] = Field(None, ge=1, description="Validate every N optimizer steps; null = at the end of every epoch.")
-    metrics: Optional[list[str]] = Field(None, description="Validation metrics; null = every metric of the task.")
+    split: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Fraction of the non-test data used for validation (ignored with data.folds)."
+    )
+    every_n_steps: int | None = Field(
+        None, ge=1, description="Validate every N optimizer steps; null = at the end of every epoch."
+    )
+    metrics: list[str] | None = Field(None, description="Validation metrics; null = every metric of the task.")
 
     @field_validator("metrics")
     @classmethod
-    def _known_metrics(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+    def _known_metrics(cls, v: list[str] | None) -> list[str] | None:
         for m in v or []:
             if m not in ALL_METRICS:
                 raise ValueError(f"unknown metric {m!r}{_suggest(m, ALL_METRICS)}")
@@ -174,21 +231,25 @@ class ValidationSpec(Section):
 
 
 class EarlyStoppingSpec(Section):
-    metric: str = Field("val_loss", description="Validation metric watched (val_ prefix), e.g. val_loss or val_accuracy.")
+    metric: str = Field(
+        "val_loss", description="Validation metric watched (val_ prefix), e.g. val_loss or val_accuracy."
+    )
     mode: Literal["min", "max"] = Field("min", description="Whether the metric should go down (min) or up (max).")
     patience: int = Field(3, ge=1, description="Validations without improvement before training stops.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
 class ScalingSpec(Section):
-    num_workers: Union[int, tuple[int, int]] = Field(1, description="Training workers (DDP ranks); 0 runs the loop in the driver; [min, max] is elastic.")
+    num_workers: int | tuple[int, int] = Field(
+        1, description="Training workers (DDP ranks); 0 runs the loop in the driver; [min, max] is elastic."
+    )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
-    gpus_per_worker: Optional[float] = Field(None, gt=0, description="GPUs per worker when use_gpu (default 1).")
+    gpus_per_worker: float | None = Field(None, gt=0, description="GPUs per worker when use_gpu (default 1).")
 
     @field_validator("num_workers")
     @classmethod
-    def _workers(cls, v: Union[int, tuple[int, int]]) -> Union[int, tuple[int, int]]:
+    def _workers(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
         if isinstance(v, int):
             if v < 0:
                 raise ValueError("must be >= 0")
@@ -202,15 +263,31 @@ class ScalingSpec(Section):
 
 
 class CheckpointSpec(Section):
-    storage: str = Field("runs", description="Where runs live: a local path, file://, s3://bucket/prefix or another fsspec URI.")
-    every_n_steps: Optional[int] = Field(None, ge=1, description="Checkpoint every N optimizer steps (null = off).")
-    every_n_epochs: Optional[int] = Field(1, ge=1, description="Checkpoint every N epochs (null = off); the last step is always checkpointed.")
+    storage: str = Field(
+        "runs", description="Where runs live: a local path, file://, s3://bucket/prefix or another fsspec URI."
+    )
+    every_n_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps (null = off).")
+    every_n_epochs: int | None = Field(
+        1, ge=1, description="Checkpoint every N epochs (null = off); the last step is always checkpointed."
+    )
     keep_last: int = Field(2, ge=1, description="Newest committed checkpoints kept.")
-    keep_best: int = Field(1, ge=0, description="Best checkpoints kept by the watched metric, beyond keep_last (the best is the one tested).")
-    best_metric: Optional[str] = Field(None, description="Metric that makes a checkpoint the best; default early_stopping.metric, else val_loss.")
-    best_mode: Optional[Literal["min", "max"]] = Field(None, description="min or max for best_metric; default from the metric name.")
-    async_: bool = Field(True, alias="async", description="Upload in the background; training blocks only for the snapshot.")
-    endpoint_url: Optional[str] = Field(None, description="S3-compatible endpoint (MinIO, Ceph); credentials come from the environment.")
+    keep_best: int = Field(
+        1,
+        ge=0,
+        description="Best checkpoints kept by the watched metric, beyond keep_last (the best is the one tested).",
+    )
+    best_metric: str | None = Field(
+        None, description="Metric that makes a checkpoint the best; default early_stopping.metric, else val_loss."
+    )
+    best_mode: Literal["min", "max"] | None = Field(
+        None, description="min or max for best_metric; default from the metric name."
+    )
+    async_: bool = Field(
+        True, alias="async", description="Upload in the background; training blocks only for the snapshot."
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph); credentials come from the environment."
+    )
 
 
 class FailureSpec(Section):
@@ -218,42 +295,64 @@ class FailureSpec(Section):
 
 
 class MlflowSpec(Section):
-    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (http(s)://, sqlite:///, databricks); null = $MLFLOW_TRACKING_URI.")
-    experiment: Optional[str] = Field(None, description="MLflow experiment; null = the job name.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (http(s)://, sqlite:///, databricks); null = $MLFLOW_TRACKING_URI."
+    )
+    experiment: str | None = Field(None, description="MLflow experiment; null = the job name.")
 
 
 class TensorBoardSpec(Section):
-    log_dir: Optional[str] = Field(None, description="Where TensorBoard event files go (local path or URI); null = `<run>/tensorboard`.")
+    log_dir: str | None = Field(
+        None, description="Where TensorBoard event files go (local path or URI); null = `<run>/tensorboard`."
+    )
 
 
 class TrackingSpec(Section):
-    mlflow: Optional[MlflowSpec] = Field(None, description="Log params, metrics, provenance tags and artifacts to MLflow (on when present, e.g. `mlflow: {}`).")
-    tensorboard: Optional[TensorBoardSpec] = Field(None, description="Write TensorBoard scalars and hyper-parameters (on when present, e.g. `tensorboard: {}`).")
+    mlflow: MlflowSpec | None = Field(
+        None,
+        description="Log params, metrics, provenance tags and artifacts to MLflow (on when present, e.g. `mlflow: {}`).",
+    )
+    tensorboard: TensorBoardSpec | None = Field(
+        None, description="Write TensorBoard scalars and hyper-parameters (on when present, e.g. `tensorboard: {}`)."
+    )
 
 
 PARAM_TYPES = ("choice", "grid", "uniform", "loguniform", "randint", "qloguniform")
 _MAX_METRICS = ("accuracy", "f1", "roc_auc", "r2")
 # PBT mutates a running trial and restores its weights: only settings that leave the weights' shapes alone.
-PBT_MUTABLE = ("optim.lr", "optim.weight_decay", "optim.momentum", "optim.betas", "optim.eps", "optim.alpha", "schedule.", "model.dropout", "data.augment.", "train.clip_grad_norm")
+PBT_MUTABLE = (
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.momentum",
+    "optim.betas",
+    "optim.eps",
+    "optim.alpha",
+    "schedule.",
+    "model.dropout",
+    "data.augment.",
+    "train.clip_grad_norm",
+)
 
 
 class ParamSpec(Section):
     """One searched field of the job: `choice`/`grid` take `values`, the ranges take `low` and `high`."""
 
-    type: Literal["choice", "grid", "uniform", "loguniform", "randint", "qloguniform"] = Field(description="choice (sampled from values), grid (every value), uniform, loguniform, randint (integers, high included) or qloguniform (log scale, rounded to q).")
-    values: Optional[list[Any]] = Field(None, description="The values (choice, grid).")
-    low: Optional[float] = Field(None, description="Lower bound (uniform, loguniform, randint, qloguniform).")
-    high: Optional[float] = Field(None, description="Upper bound, included (uniform, loguniform, randint, qloguniform).")
-    q: Optional[float] = Field(None, gt=0, description="Quantum (qloguniform): values are multiples of q.")
+    type: Literal["choice", "grid", "uniform", "loguniform", "randint", "qloguniform"] = Field(
+        description="choice (sampled from values), grid (every value), uniform, loguniform, randint (integers, high included) or qloguniform (log scale, rounded to q)."
+    )
+    values: list[Any] | None = Field(None, description="The values (choice, grid).")
+    low: float | None = Field(None, description="Lower bound (uniform, loguniform, randint, qloguniform).")
+    high: float | None = Field(None, description="Upper bound, included (uniform, loguniform, randint, qloguniform).")
+    q: float | None = Field(None, gt=0, description="Quantum (qloguniform): values are multiples of q.")
 
     @field_validator("values")
     @classmethod
-    def _numbers(cls, v: Optional[list[Any]]) -> Optional[list[Any]]:
+    def _numbers(cls, v: list[Any] | None) -> list[Any] | None:
         # YAML 1.1 reads 1e-4 as a string; every user means the number.
         return None if v is None else [float(x) if isinstance(x, str) and FLOAT_RE.match(x) else x for x in v]
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ParamSpec":
+    def _consistent(self) -> ParamSpec:
         if self.type in ("choice", "grid"):
             if not self.values:
                 raise ValueError(f"values: a {self.type} needs at least one value")
@@ -287,21 +386,48 @@ class ParamSpec(Section):
 
 
 class SchedulerSpec(Section):
-    name: Literal["fifo", "asha", "pbt"] = Field("fifo", description="fifo (every trial runs to the end), asha (stops the weaker trials early) or pbt (population based training).")
-    time_attr: Literal["epoch", "step", "training_iteration"] = Field("epoch", description="The clock of asha and pbt: reported epoch, optimizer step, or number of validations.")
-    max_t: Optional[int] = Field(None, ge=1, description="ASHA: the longest a trial runs, in time_attr units; null = train.epochs (or the trial's steps).")
-    grace_period: int = Field(1, ge=1, description="ASHA: the shortest a trial runs before it may be stopped, in time_attr units.")
+    name: Literal["fifo", "asha", "pbt"] = Field(
+        "fifo",
+        description="fifo (every trial runs to the end), asha (stops the weaker trials early) or pbt (population based training).",
+    )
+    time_attr: Literal["epoch", "step", "training_iteration"] = Field(
+        "epoch", description="The clock of asha and pbt: reported epoch, optimizer step, or number of validations."
+    )
+    max_t: int | None = Field(
+        None,
+        ge=1,
+        description="ASHA: the longest a trial runs, in time_attr units; null = train.epochs (or the trial's steps).",
+    )
+    grace_period: int = Field(
+        1, ge=1, description="ASHA: the shortest a trial runs before it may be stopped, in time_attr units."
+    )
     reduction_factor: float = Field(3.0, gt=1, description="ASHA: 1 in reduction_factor trials goes on at each rung.")
     perturbation_interval: int = Field(2, ge=1, description="PBT: time_attr units between exploit/explore decisions.")
-    quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="PBT: the bottom fraction copies the top fraction's weights and mutates their settings.")
-    mutations: dict[str, ParamSpec] = Field(default_factory=dict, description="PBT: the dotted fields mutated and how; empty = the sweep's parameters.")
+    quantile_fraction: float = Field(
+        0.25,
+        gt=0,
+        le=0.5,
+        description="PBT: the bottom fraction copies the top fraction's weights and mutates their settings.",
+    )
+    mutations: dict[str, ParamSpec] = Field(
+        default_factory=dict, description="PBT: the dotted fields mutated and how; empty = the sweep's parameters."
+    )
 
     @model_validator(mode="after")
-    def _options_of_this_scheduler(self) -> "SchedulerSpec":
-        owners = {"max_t": "asha", "grace_period": "asha", "reduction_factor": "asha", "perturbation_interval": "pbt", "quantile_fraction": "pbt", "mutations": "pbt"}
+    def _options_of_this_scheduler(self) -> SchedulerSpec:
+        owners = {
+            "max_t": "asha",
+            "grace_period": "asha",
+            "reduction_factor": "asha",
+            "perturbation_interval": "pbt",
+            "quantile_fraction": "pbt",
+            "mutations": "pbt",
+        }
         fields = type(self).model_fields
         # Only a value other than the default counts: a resolved job (every default written out) must load again.
-        given = {k for k in self.model_fields_set if getattr(self, k) != fields[k].get_default(call_default_factory=True)}
+        given = {
+            k for k in self.model_fields_set if getattr(self, k) != fields[k].get_default(call_default_factory=True)
+        }
         for option, owner in owners.items():
             if option in given and owner != self.name:
                 raise ValueError(f"{option}: is an option of {owner}, not {self.name}")
@@ -311,24 +437,48 @@ class SchedulerSpec(Section):
             raise ValueError(f"grace_period: {self.grace_period} is above max_t={self.max_t}")
         for path in self.mutations:
             if not path.startswith(PBT_MUTABLE):
-                raise ValueError(f"mutations: {path} cannot change in a running trial (PBT keeps its weights and optimizer state); mutate {', '.join(p.rstrip('.') for p in PBT_MUTABLE)}")
+                raise ValueError(
+                    f"mutations: {path} cannot change in a running trial (PBT keeps its weights and optimizer state); mutate {', '.join(p.rstrip('.') for p in PBT_MUTABLE)}"
+                )
         return self
 
 
 class SweepSpec(Section):
-    name: Optional[str] = Field(None, description="The sweep's directory under checkpoint.storage (trials are `<name>/<trial id>`); null = `<job name>-sweep`.")
-    parameters: dict[str, ParamSpec] = Field(default_factory=dict, validate_default=True, description="Searched fields by dotted path (`optim.lr`, `model.hidden`), each a choice, grid, uniform, loguniform, randint or qloguniform.")
-    num_samples: int = Field(1, ge=1, description="Trials drawn (random, optuna); with grid parameters, each grid point is repeated this many times.")
+    name: str | None = Field(
+        None,
+        description="The sweep's directory under checkpoint.storage (trials are `<name>/<trial id>`); null = `<job name>-sweep`.",
+    )
+    parameters: dict[str, ParamSpec] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="Searched fields by dotted path (`optim.lr`, `model.hidden`), each a choice, grid, uniform, loguniform, randint or qloguniform.",
+    )
+    num_samples: int = Field(
+        1,
+        ge=1,
+        description="Trials drawn (random, optuna); with grid parameters, each grid point is repeated this many times.",
+    )
     metric: str = Field("val_loss", description="The validation metric that ranks trials (and that ASHA/PBT act on).")
-    mode: Optional[Literal["min", "max"]] = Field(None, description="Whether the metric should go down (min) or up (max); null = from the metric name.")
-    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="When trials stop early or are mutated.")
-    search: Literal["random", "grid", "optuna"] = Field("random", description="random (grid parameters crossed, the rest sampled), grid (every combination of choice/grid values) or optuna (Tune's Optuna search).")
-    max_concurrent_trials: int = Field(2, ge=1, description="Trials running at once; each takes scaling.num_workers x scaling.cpus_per_worker CPUs.")
-    seed: Optional[int] = Field(None, description="Seed of the random and Optuna searches (null = a different draw each sweep).")
+    mode: Literal["min", "max"] | None = Field(
+        None, description="Whether the metric should go down (min) or up (max); null = from the metric name."
+    )
+    scheduler: SchedulerSpec = Field(
+        default_factory=SchedulerSpec, description="When trials stop early or are mutated."
+    )
+    search: Literal["random", "grid", "optuna"] = Field(
+        "random",
+        description="random (grid parameters crossed, the rest sampled), grid (every combination of choice/grid values) or optuna (Tune's Optuna search).",
+    )
+    max_concurrent_trials: int = Field(
+        2, ge=1, description="Trials running at once; each takes scaling.num_workers x scaling.cpus_per_worker CPUs."
+    )
+    seed: int | None = Field(
+        None, description="Seed of the random and Optuna searches (null = a different draw each sweep)."
+    )
 
     @field_validator("name")
     @classmethod
-    def _sweep_name(cls, v: Optional[str]) -> Optional[str]:
+    def _sweep_name(cls, v: str | None) -> str | None:
         if v is not None and not RUN_NAME_RE.match(v):
             raise ValueError("must be letters, digits, '_', '-' or '.', starting with a letter or digit")
         return v
@@ -337,21 +487,30 @@ class SweepSpec(Section):
     @classmethod
     def _some_parameters(cls, v: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
         if not v:
-            raise ValueError("name at least one field to search, e.g. optim.lr: {type: loguniform, low: 1e-4, high: 1e-1}")
+            raise ValueError(
+                "name at least one field to search, e.g. optim.lr: {type: loguniform, low: 1e-4, high: 1e-1}"
+            )
         for path in v:
-            if path == "sweep" or path.startswith("sweep.") or path == "name" or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", path):
+            if (
+                path == "sweep"
+                or path.startswith("sweep.")
+                or path == "name"
+                or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", path)
+            ):
                 raise ValueError(f"{path!r} is not a dotted field path of the job (e.g. optim.lr)")
         return v
 
     @model_validator(mode="after")
-    def _search_fits(self) -> "SweepSpec":
+    def _search_fits(self) -> SweepSpec:
         if self.mode is None:
             base = self.metric.removeprefix("val_")
             self.__dict__["mode"] = "max" if base in _MAX_METRICS else "min"
         if self.search == "grid":
             ranged = [p for p, s in self.parameters.items() if s.type not in ("choice", "grid")]
             if ranged:
-                raise ValueError(f"search: grid needs values to enumerate; {ranged[0]} is {self.parameters[ranged[0]].type} (use random or optuna)")
+                raise ValueError(
+                    f"search: grid needs values to enumerate; {ranged[0]} is {self.parameters[ranged[0]].type} (use random or optuna)"
+                )
         if self.search == "optuna":
             grids = [p for p, s in self.parameters.items() if s.type == "grid"]
             if grids:
@@ -361,7 +520,9 @@ class SweepSpec(Section):
         if self.scheduler.name == "pbt":
             for path in self.scheduler.mutations or self.parameters:
                 if not path.startswith(PBT_MUTABLE):
-                    raise ValueError(f"sweep.scheduler.mutations: {path} cannot change in a running trial (PBT keeps its weights and optimizer state); set scheduler.mutations to {', '.join(p.rstrip('.') for p in PBT_MUTABLE)}")
+                    raise ValueError(
+                        f"sweep.scheduler.mutations: {path} cannot change in a running trial (PBT keeps its weights and optimizer state); set scheduler.mutations to {', '.join(p.rstrip('.') for p in PBT_MUTABLE)}"
+                    )
         return self
 
     @property
@@ -377,21 +538,36 @@ class SweepSpec(Section):
 class JobSpec(Section):
     """A training job: everything a run needs, nothing secret."""
 
-    name: str = Field("job", description="Run name: the run's directory under checkpoint.storage; a rerun with the same name resumes.")
-    entrypoint: Optional[str] = Field(None, description="Bring-your-own loop: `module:function`, a Ray Train train_loop_per_worker(config).")
+    name: str = Field(
+        "job", description="Run name: the run's directory under checkpoint.storage; a rerun with the same name resumes."
+    )
+    entrypoint: str | None = Field(
+        None, description="Bring-your-own loop: `module:function`, a Ray Train train_loop_per_worker(config)."
+    )
     config: dict[str, Any] = Field(default_factory=dict, description="Passed as `config` to a bring-your-own loop.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="The network.")
     data: DataSpec = Field(default_factory=DataSpec, description="The data and its splits.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="The optimizer.")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="The learning-rate schedule.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="The loop.")
-    validation: ValidationSpec = Field(default_factory=ValidationSpec, description="Validation split, cadence and metrics.")
-    early_stopping: Optional[EarlyStoppingSpec] = Field(None, description="Stop when a validation metric stops improving (off when absent).")
+    validation: ValidationSpec = Field(
+        default_factory=ValidationSpec, description="Validation split, cadence and metrics."
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None, description="Stop when a validation metric stops improving (off when absent)."
+    )
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers and their resources.")
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Where and how often checkpoints are written.")
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec, description="Where and how often checkpoints are written."
+    )
     failure: FailureSpec = Field(default_factory=FailureSpec, description="Failure handling.")
-    sweep: Optional[SweepSpec] = Field(None, description="A hyper-parameter sweep of this job with Ray Tune (`orchestrator sweep`); `run` ignores it.")
-    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment trackers: MLflow and TensorBoard (each on when its section is present).")
+    sweep: SweepSpec | None = Field(
+        None, description="A hyper-parameter sweep of this job with Ray Tune (`orchestrator sweep`); `run` ignores it."
+    )
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec,
+        description="Experiment trackers: MLflow and TensorBoard (each on when its section is present).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -402,13 +578,13 @@ class JobSpec(Section):
 
     @field_validator("entrypoint")
     @classmethod
-    def _entrypoint(cls, v: Optional[str]) -> Optional[str]:
+    def _entrypoint(cls, v: str | None) -> str | None:
         if v is not None and not HOOK_RE.match(v):
             raise ValueError(f"{v!r} is not of the form module:function")
         return v
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "JobSpec":
+    def _cross_checks(self) -> JobSpec:
         task = self.task
         if self.model.name == "gpt" and task != "lm":
             raise ValueError("model.name: gpt needs token data (data.task=lm)")
@@ -416,36 +592,54 @@ class JobSpec(Section):
             raise ValueError(f"model.name: {self.model.name} cannot model tokens; use gpt")
         if self.model.name == "gpt" and self.model.hidden % self.model.heads:
             raise ValueError(f"model.heads: {self.model.heads} does not divide model.hidden={self.model.hidden}")
-        if self.model.name in ("cnn", "resnet") and self.data.name not in ("digits",) and not HOOK_RE.match(self.data.name):
+        if (
+            self.model.name in ("cnn", "resnet")
+            and self.data.name not in ("digits",)
+            and not HOOK_RE.match(self.data.name)
+        ):
             raise ValueError(f"model.name: {self.model.name} needs image data (digits or a user dataset of images)")
-        allowed = {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS, "lm": LM_METRICS}.get(task or "", ALL_METRICS)
+        allowed = {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS, "lm": LM_METRICS}.get(
+            task or "", ALL_METRICS
+        )
         for m in self.validation.metrics or []:
             if m not in allowed:
                 raise ValueError(f"validation.metrics: {m!r} does not apply to {task}; use {', '.join(allowed)}")
-        watched = [("schedule.metric", self.schedule.metric if self.schedule.name == "plateau" else None),
-                   ("early_stopping.metric", self.early_stopping.metric if self.early_stopping else None),
-                   ("checkpoint.best_metric", self.checkpoint.best_metric)]
+        watched = [
+            ("schedule.metric", self.schedule.metric if self.schedule.name == "plateau" else None),
+            ("early_stopping.metric", self.early_stopping.metric if self.early_stopping else None),
+            ("checkpoint.best_metric", self.checkpoint.best_metric),
+        ]
         names = [f"val_{m}" for m in allowed if m != "confusion_matrix"]
         for field_path, metric in watched:
             if metric is not None and metric not in names:
-                raise ValueError(f"{field_path}: {metric!r} is not a validation metric of this job{_suggest(metric, names)}; use one of {', '.join(names)}")
-        if self.early_stopping and self.checkpoint.best_metric and self.checkpoint.best_metric != self.early_stopping.metric:
-            raise ValueError(f"checkpoint.best_metric: {self.checkpoint.best_metric!r} differs from early_stopping.metric "
-                             f"{self.early_stopping.metric!r}; the best checkpoint is judged by the metric early stopping watches: set one")
+                raise ValueError(
+                    f"{field_path}: {metric!r} is not a validation metric of this job{_suggest(metric, names)}; use one of {', '.join(names)}"
+                )
+        if (
+            self.early_stopping
+            and self.checkpoint.best_metric
+            and self.checkpoint.best_metric != self.early_stopping.metric
+        ):
+            raise ValueError(
+                f"checkpoint.best_metric: {self.checkpoint.best_metric!r} differs from early_stopping.metric "
+                f"{self.early_stopping.metric!r}; the best checkpoint is judged by the metric early stopping watches: set one"
+            )
         if self.scaling.gpus_per_worker and not self.scaling.use_gpu:
             raise ValueError("scaling.gpus_per_worker: set scaling.use_gpu=true too")
         return self
 
     @model_validator(mode="after")
-    def _sweep_metric(self) -> "JobSpec":
+    def _sweep_metric(self) -> JobSpec:
         if self.sweep is not None:
             names = [f"val_{m}" for m in self.metric_names() if m != "confusion_matrix"]
             if self.sweep.metric not in names:
-                raise ValueError(f"sweep.metric: {self.sweep.metric!r} is not a validation metric of this job{_suggest(self.sweep.metric, names)}; use one of {', '.join(names)}")
+                raise ValueError(
+                    f"sweep.metric: {self.sweep.metric!r} is not a validation metric of this job{_suggest(self.sweep.metric, names)}; use one of {', '.join(names)}"
+                )
         return self
 
     @property
-    def task(self) -> Optional[str]:
+    def task(self) -> str | None:
         """The task, known from the data source when it is built in."""
         if self.data.task:
             return self.data.task
@@ -455,7 +649,11 @@ class JobSpec(Section):
         """Validation metrics to compute, defaulting to all of the task's."""
         if self.validation.metrics:
             return list(self.validation.metrics)
-        return list({"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS, "lm": LM_METRICS}.get(self.task or "", ("loss",)))
+        return list(
+            {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS, "lm": LM_METRICS}.get(
+                self.task or "", ("loss",)
+            )
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved job as plain data (YAML/JSON-ready), with defaults filled in."""
@@ -529,7 +727,7 @@ def format_errors(err: ValidationError) -> list[str]:
         if e["type"] == "extra_forbidden":
             msg = f"unknown field{_suggest(str(loc[-1]), _section_fields(loc[:-1]))}"
         elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
             # A model validator names the field itself: "field: problem".
             head, sep, rest = msg.partition(": ")
             if sep and re.fullmatch(r"[a-z_][\w.]*( and [a-z_]\w*)?", head):

@@ -12,7 +12,8 @@ import posixpath
 import re
 import time
 import uuid
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from orchestrator.errors import BadInput
 
@@ -100,15 +101,38 @@ def describe_error(uri: str, exc: BaseException) -> str:
     low = (code + " " + text).lower()
     if "nosuchbucket" in low or ("bucket" in low and "not exist" in low):
         return f"{uri}: the bucket does not exist"
-    if any(k in low for k in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403", "credentials", "expiredtoken")):
+    if any(
+        k in low
+        for k in (
+            "invalidaccesskeyid",
+            "signaturedoesnotmatch",
+            "accessdenied",
+            "forbidden",
+            "403",
+            "credentials",
+            "expiredtoken",
+        )
+    ):
         return f"{uri}: access denied (check the AWS credentials in the environment)"
-    if any(k in low for k in ("could not connect", "connect timeout", "connection refused", "endpointconnectionerror", "cannot connect", "name or service not known")):
+    if any(
+        k in low
+        for k in (
+            "could not connect",
+            "connect timeout",
+            "connection refused",
+            "endpointconnectionerror",
+            "cannot connect",
+            "name or service not known",
+        )
+    ):
         return f"{uri}: cannot reach the storage endpoint"
     if isinstance(exc, FileNotFoundError):
         return f"{uri}: not found"
     if isinstance(exc, PermissionError):
         protocol = split_uri(uri)[0]
-        return f"{uri}: access denied" + (" (check the AWS credentials in the environment)" if protocol in ("s3", "s3a") else "")
+        return f"{uri}: access denied" + (
+            " (check the AWS credentials in the environment)" if protocol in ("s3", "s3a") else ""
+        )
     return f"{uri}: storage error ({type(exc).__name__})"
 
 
@@ -127,7 +151,9 @@ def preflight(uri: str, endpoint_url: str | None = None) -> None:
         raise BadInput(describe_error(uri, exc)) from None
 
 
-def with_retries(fn: Callable[[], T], what: str, attempts: int | None = None, first_delay: float = 0.5, max_delay: float = 15.0) -> T:
+def with_retries(
+    fn: Callable[[], T], what: str, attempts: int | None = None, first_delay: float = 0.5, max_delay: float = 15.0
+) -> T:
     """Call fn, retrying transient storage failures with exponential back-off; the last error propagates.
 
     ORCHESTRATOR_STORAGE_ATTEMPTS sets the attempts (default 8: about a minute of outage survived).

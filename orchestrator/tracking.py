@@ -17,13 +17,14 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
-from orchestrator.spec import JobSpec, flatten
 from orchestrator.runrecord import RunStatus
+from orchestrator.spec import JobSpec, flatten
 from orchestrator.storage import redact
 
 if TYPE_CHECKING:
@@ -79,9 +80,13 @@ class MlflowSink:
     def log(self, entries: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric
 
-        metrics = [Metric(key, value, int(e.get("time", time.time()) * 1000), int(e["step"])) for e in entries for key, value in metric_items(e)]
+        metrics = [
+            Metric(key, value, int(e.get("time", time.time()) * 1000), int(e["step"]))
+            for e in entries
+            for key, value in metric_items(e)
+        ]
         for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def flush(self) -> None:
         pass
@@ -93,7 +98,7 @@ class MlflowSink:
 class _EventDir:
     """A TensorBoard log directory: written in place when local, staged and uploaded when it is a remote URI."""
 
-    def __init__(self, uri: str, endpoint_url: Optional[str]):
+    def __init__(self, uri: str, endpoint_url: str | None):
         protocol, path = storage.split_uri(uri)
         self.uri, self.endpoint_url = uri, endpoint_url
         self.remote = protocol != "file"
@@ -127,7 +132,7 @@ class TensorBoardSink:
 
     name = "tensorboard"
 
-    def __init__(self, log_dir: str, endpoint_url: Optional[str] = None):
+    def __init__(self, log_dir: str, endpoint_url: str | None = None):
         from tensorboardX import SummaryWriter
 
         self.dir = _EventDir(log_dir, endpoint_url)
@@ -159,7 +164,7 @@ class Tracker:
         self.flush_every_s = flush_every_s
         self.dropped = 0
         self._failing: set[str] = set()
-        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=QUEUE_SIZE)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_SIZE)
         self._thread = threading.Thread(target=self._work, name="orchestrator-tracker", daemon=True)
         self._thread.start()
 
@@ -201,7 +206,11 @@ class Tracker:
             except Exception as exc:  # a tracker outage is a warning, never a training failure
                 if sink.name not in self._failing:
                     self._failing.add(sink.name)
-                    log.warning("%s tracking failed (%s); training goes on without it until it recovers", sink.name, _one_line(exc))
+                    log.warning(
+                        "%s tracking failed (%s); training goes on without it until it recovers",
+                        sink.name,
+                        _one_line(exc),
+                    )
             else:
                 if sink.name in self._failing and method == "log":
                     self._failing.discard(sink.name)
@@ -223,7 +232,7 @@ class Tracker:
         return True
 
 
-def create_tracker(config: Optional[dict[str, Any]], endpoint_url: Optional[str] = None) -> Optional[Tracker]:
+def create_tracker(config: dict[str, Any] | None, endpoint_url: str | None = None) -> Tracker | None:
     """Rank 0's tracker from `TrackingSession.worker_config()`; None when no tracker is on (or none could be opened)."""
     if not config:
         return None
@@ -252,7 +261,7 @@ def mlflow_tracking_uri(spec: JobSpec) -> str:
     if not uri:
         raise BadInput("tracking.mlflow.tracking_uri: not set, and $MLFLOW_TRACKING_URI is empty")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///") :])
     if "://" not in uri and not uri.startswith("databricks"):
         return os.path.abspath(uri)
     return uri
@@ -273,8 +282,20 @@ def _describe_mlflow_error(uri: str, exc: BaseException) -> str:
     shown = redact(uri)
     if any(k in text for k in ("401", "403", "unauthorized", "forbidden", "permission_denied", "unauthenticated")):
         return f"tracking.mlflow.tracking_uri: {shown}: access denied (check MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD in the environment)"
-    if any(k in text for k in ("connection refused", "failed to establish", "max retries exceeded", "name or service not known",
-                                "nodename nor servname", "timed out", "timeout", "connectionerror", "remote end closed")):
+    if any(
+        k in text
+        for k in (
+            "connection refused",
+            "failed to establish",
+            "max retries exceeded",
+            "name or service not known",
+            "nodename nor servname",
+            "timed out",
+            "timeout",
+            "connectionerror",
+            "remote end closed",
+        )
+    ):
         return f"tracking.mlflow.tracking_uri: cannot reach the MLflow tracking server at {shown}"
     return f"tracking.mlflow.tracking_uri: {shown}: MLflow tracking does not work ({type(exc).__name__})"
 
@@ -286,9 +307,11 @@ def preflight(spec: JobSpec) -> None:
         try:
             from mlflow.tracking import MlflowClient
         except ImportError:
-            raise BadInput("tracking.mlflow: the mlflow package is not installed (pip install 'orchestrator[mlflow]')") from None
+            raise BadInput(
+                "tracking.mlflow: the mlflow package is not installed (pip install 'orchestrator[mlflow]')"
+            ) from None
         if uri.startswith("sqlite:///"):
-            folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
+            folder = os.path.dirname(uri[len("sqlite:///") :]) or "."
             if not os.path.isdir(folder):
                 raise BadInput(f"tracking.mlflow.tracking_uri: {redact(uri)}: the directory {folder} does not exist")
         # One quick call: a dead server answers within seconds, not after MLflow's minutes of retries.
@@ -308,7 +331,9 @@ def preflight(spec: JobSpec) -> None:
         try:
             import tensorboardX  # noqa: F401
         except ImportError:
-            raise BadInput("tracking.tensorboard: the tensorboardX package is not installed (pip install tensorboardX)") from None
+            raise BadInput(
+                "tracking.tensorboard: the tensorboardX package is not installed (pip install tensorboardX)"
+            ) from None
         if spec.tracking.tensorboard.log_dir:
             try:
                 storage.preflight(spec.tracking.tensorboard.log_dir, spec.checkpoint.endpoint_url)
@@ -321,17 +346,24 @@ class TrackingSession:
     """The trackers of one run, opened on the driver; rank 0 reaches them through `worker_config()`."""
 
     run_uri: str
-    endpoint_url: Optional[str] = None
-    mlflow_uri: Optional[str] = None
-    experiment: Optional[str] = None
-    experiment_id: Optional[str] = None
-    mlflow_run_id: Optional[str] = None
-    parent_run_id: Optional[str] = None
-    tensorboard_dir: Optional[str] = None
+    endpoint_url: str | None = None
+    mlflow_uri: str | None = None
+    experiment: str | None = None
+    experiment_id: str | None = None
+    mlflow_run_id: str | None = None
+    parent_run_id: str | None = None
+    tensorboard_dir: str | None = None
 
     @classmethod
-    def start(cls, spec: JobSpec, run_uri: str, run_name: str, provenance: dict[str, Any], previous: Optional[dict[str, Any]] = None,
-              parent_run_id: Optional[str] = None) -> "TrackingSession":
+    def start(
+        cls,
+        spec: JobSpec,
+        run_uri: str,
+        run_name: str,
+        provenance: dict[str, Any],
+        previous: dict[str, Any] | None = None,
+        parent_run_id: str | None = None,
+    ) -> TrackingSession:
         """Open the run's trackers: an MLflow run (the one `previous` names when it still exists) with params and tags.
 
         `previous` is the `tracking` entry of an earlier attempt's run.json; `parent_run_id` makes a sweep trial a child run.
@@ -348,7 +380,9 @@ class TrackingSession:
                 raise BadInput(_describe_mlflow_error(mlflow_tracking_uri(spec), exc)) from None
         return session
 
-    def _start_mlflow(self, spec: JobSpec, run_name: str, provenance: dict[str, Any], previous_run_id: Optional[str]) -> None:
+    def _start_mlflow(
+        self, spec: JobSpec, run_name: str, provenance: dict[str, Any], previous_run_id: str | None
+    ) -> None:
         _bound_mlflow_http()
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
@@ -383,25 +417,33 @@ class TrackingSession:
         params = {k: _text(v)[:6000] for k, v in flatten(spec.to_dict()).items()}
         changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
         if changed:
-            log.warning("mlflow: params cannot change within a run; %s keep their first values (the new ones are in run.json)", ", ".join(changed))
+            log.warning(
+                "mlflow: params cannot change within a run; %s keep their first values (the new ones are in run.json)",
+                ", ".join(changed),
+            )
         new_params = [Param(k, v) for k, v in params.items() if k not in existing]
         tag_list = [RunTag(k, v[:8000]) for k, v in tags.items()]
         for i in range(0, len(new_params), 100):  # MLflow's limit per batch
-            client.log_batch(self.mlflow_run_id, params=new_params[i:i + 100])
+            client.log_batch(self.mlflow_run_id, params=new_params[i : i + 100])
         for i in range(0, len(tag_list), 100):
-            client.log_batch(self.mlflow_run_id, tags=tag_list[i:i + 100])
+            client.log_batch(self.mlflow_run_id, tags=tag_list[i : i + 100])
 
     def to_record(self) -> dict[str, Any]:
         """The `tracking` entry of run.json (the tracking URI without credentials)."""
         out: dict[str, Any] = {}
         if self.mlflow_run_id:
-            out["mlflow"] = {"tracking_uri": redact(self.mlflow_uri or ""), "experiment": self.experiment,
-                             "experiment_id": self.experiment_id, "run_id": self.mlflow_run_id, "parent_run_id": self.parent_run_id}
+            out["mlflow"] = {
+                "tracking_uri": redact(self.mlflow_uri or ""),
+                "experiment": self.experiment,
+                "experiment_id": self.experiment_id,
+                "run_id": self.mlflow_run_id,
+                "parent_run_id": self.parent_run_id,
+            }
         if self.tensorboard_dir:
             out["tensorboard"] = {"log_dir": self.tensorboard_dir}
         return out
 
-    def worker_config(self) -> Optional[dict[str, Any]]:
+    def worker_config(self) -> dict[str, Any] | None:
         """What rank 0 needs to open its tracker (`create_tracker`); None when no tracker is on."""
         out: dict[str, Any] = {}
         if self.mlflow_run_id:
@@ -410,7 +452,9 @@ class TrackingSession:
             out["tensorboard"] = {"log_dir": self.tensorboard_dir}
         return out or None
 
-    def finish(self, spec: JobSpec, status: str, summary: Optional["RunSummary"], artifacts: list[tuple[str, Optional[str]]]) -> None:
+    def finish(
+        self, spec: JobSpec, status: str, summary: RunSummary | None, artifacts: list[tuple[str, str | None]]
+    ) -> None:
         """Final metrics, hyper-parameters and artifacts ((artifact folder or "", storage URI of a file)); failures are warnings.
 
         `status` is the run's (finished, stopped by a sweep's scheduler, failed): MLflow's FINISHED for the first two, else FAILED.
@@ -418,7 +462,13 @@ class TrackingSession:
         final = final_metrics(summary)
         if self.tensorboard_dir:
             try:
-                write_hparams(self.tensorboard_dir, self.endpoint_url, flatten(spec.to_dict()), final, (summary.steps if summary else None) or 0)
+                write_hparams(
+                    self.tensorboard_dir,
+                    self.endpoint_url,
+                    flatten(spec.to_dict()),
+                    final,
+                    (summary.steps if summary else None) or 0,
+                )
             except Exception as exc:
                 log.warning("tensorboard: could not write the hyper-parameters (%s)", _one_line(exc))
         if self.mlflow_run_id:
@@ -427,14 +477,18 @@ class TrackingSession:
             except Exception as exc:
                 log.warning("mlflow: could not finish run %s (%s)", self.mlflow_run_id, _one_line(exc))
 
-    def _finish_mlflow(self, status: str, final: dict[str, float], summary: Optional["RunSummary"], artifacts: list[tuple[str, Optional[str]]]) -> None:
+    def _finish_mlflow(
+        self, status: str, final: dict[str, float], summary: RunSummary | None, artifacts: list[tuple[str, str | None]]
+    ) -> None:
         _bound_mlflow_http()
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.mlflow_uri)
         now = int(time.time() * 1000)
-        step = int((summary.test.step if summary and summary.test else None) or (summary.steps if summary else None) or 0)
+        step = int(
+            (summary.test.step if summary and summary.test else None) or (summary.steps if summary else None) or 0
+        )
         metrics = [Metric(k, v, now, step) for k, v in final.items()]
         if metrics:
             client.log_batch(self.mlflow_run_id, metrics=metrics)
@@ -450,10 +504,12 @@ class TrackingSession:
                 client.log_artifact(self.mlflow_run_id, local, folder or None)
         # A trial that a scheduler stopped ended as planned; the tag tells it from one that trained to its end.
         client.set_tag(self.mlflow_run_id, "orchestrator.status", str(status))
-        client.set_terminated(self.mlflow_run_id, "FINISHED" if status in (RunStatus.FINISHED, RunStatus.STOPPED) else "FAILED")
+        client.set_terminated(
+            self.mlflow_run_id, "FINISHED" if status in (RunStatus.FINISHED, RunStatus.STOPPED) else "FAILED"
+        )
 
 
-def final_metrics(summary: Optional["RunSummary"]) -> dict[str, float]:
+def final_metrics(summary: RunSummary | None) -> dict[str, float]:
     """The scalar metrics that close a run: test_* of the evaluated checkpoint, and best_* validation values."""
     out: dict[str, float] = {}
     if summary is None:
@@ -473,7 +529,9 @@ def _hparam_value(value: Any) -> Any:
     return _text(value)
 
 
-def write_hparams(log_dir: str, endpoint_url: Optional[str], hparams: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+def write_hparams(
+    log_dir: str, endpoint_url: str | None, hparams: dict[str, Any], metrics: dict[str, float], step: int
+) -> None:
     """TensorBoard's HParams entry of a run: the flattened job and its final metrics (also written as scalars)."""
     from tensorboardX import SummaryWriter
     from tensorboardX.summary import hparams as hparams_summary

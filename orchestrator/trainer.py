@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 from orchestrator.console import RunConsole, marker_progress
-from orchestrator.provenance import device_facts
 from orchestrator.hooks import import_hook
+from orchestrator.provenance import device_facts
 from orchestrator.ray_runtime import train_environment
 from orchestrator.runrecord import RunStatus
 from orchestrator.spec import JobSpec
@@ -33,8 +33,11 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     # Where the run really ran (elastic groups change it): rank 0 passes it to the driver with every report.
     placed = all_gather((socket.gethostname(), device_facts()["gpus"]), world_size)
-    placement = {"placement_world_size": world_size, "placement_hosts": len({host for host, _ in placed}),
-                 "placement_gpus": ",".join(name for _, names in placed for name in names)}
+    placement = {
+        "placement_world_size": world_size,
+        "placement_hosts": len({host for host, _ in placed}),
+        "placement_gpus": ",".join(name for _, names in placed for name in names),
+    }
     tracker = create_tracker(config.get("tracking"), spec.checkpoint.endpoint_url) if rank == 0 else None
 
     def report(metrics: dict[str, Any]) -> None:
@@ -64,8 +67,15 @@ def user_loop_worker(config: dict[str, Any]) -> None:
     fn(config["user_config"])
 
 
-def build_trainer_kwargs(spec: JobSpec, run_uri: str, base_dir: Optional[str], ray_storage: str, run_name: str,
-                         tracking_config: Optional[dict[str, Any]] = None, worker_events: bool = False) -> dict[str, Any]:
+def build_trainer_kwargs(
+    spec: JobSpec,
+    run_uri: str,
+    base_dir: str | None,
+    ray_storage: str,
+    run_name: str,
+    tracking_config: dict[str, Any] | None = None,
+    worker_events: bool = False,
+) -> dict[str, Any]:
     """TorchTrainer arguments for a job (pure: no Ray calls).
 
     `tracking_config` lets rank 0 reach the run's trackers; with `worker_events` rank 0 describes its
@@ -83,7 +93,10 @@ def build_trainer_kwargs(spec: JobSpec, run_uri: str, base_dir: Optional[str], r
         resources_per_worker=resources if num_workers != 0 else None,
     )
     if spec.entrypoint:
-        loop, loop_config = user_loop_worker, {"entrypoint": spec.entrypoint, "base_dir": base_dir, "user_config": dict(spec.config)}
+        loop, loop_config = (
+            user_loop_worker,
+            {"entrypoint": spec.entrypoint, "base_dir": base_dir, "user_config": dict(spec.config)},
+        )
         storage_path = spec.checkpoint.storage  # a user loop checkpoints through Ray's own storage
     else:
         loop, loop_config = train_worker, {"job": spec.to_dict(), "run_uri": run_uri, "base_dir": base_dir}
@@ -92,18 +105,36 @@ def build_trainer_kwargs(spec: JobSpec, run_uri: str, base_dir: Optional[str], r
         if worker_events:
             loop_config["events"] = True
         storage_path = ray_storage
-    run_config = RunConfig(name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=spec.failure.max_failures))
-    return {"train_loop_per_worker": loop, "train_loop_config": loop_config, "scaling_config": scaling, "run_config": run_config}
+    run_config = RunConfig(
+        name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=spec.failure.max_failures)
+    )
+    return {
+        "train_loop_per_worker": loop,
+        "train_loop_config": loop_config,
+        "scaling_config": scaling,
+        "run_config": run_config,
+    }
 
 
-def fit(spec: JobSpec, run_uri: str, base_dir: Optional[str], run_name: str, tracking_config: Optional[dict[str, Any]],
-        console: RunConsole, embedded: bool, worker_events: bool, local_mode: bool) -> tuple[RunStatus, Optional[str], Any]:
+def fit(
+    spec: JobSpec,
+    run_uri: str,
+    base_dir: str | None,
+    run_name: str,
+    tracking_config: dict[str, Any] | None,
+    console: RunConsole,
+    embedded: bool,
+    worker_events: bool,
+    local_mode: bool,
+) -> tuple[RunStatus, str | None, Any]:
     """Ray Train's fit of the job: (status, one-line error, Ray's result); a failure after Ray's retries is a failed run, not an exception."""
     try:
         from ray.train.torch import TorchTrainer
 
         ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
-        kwargs = build_trainer_kwargs(spec, run_uri, base_dir, ray_storage, run_name, tracking_config, worker_events=worker_events)
+        kwargs = build_trainer_kwargs(
+            spec, run_uri, base_dir, ray_storage, run_name, tracking_config, worker_events=worker_events
+        )
         if not local_mode:
             console.status(f"starting {spec.scaling.max_workers} worker(s)")
         with train_environment(embedded=embedded):

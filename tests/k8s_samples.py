@@ -20,7 +20,11 @@ from orchestrator.spec import load_spec  # noqa: E402
 K8S = ROOT / "k8s"
 OVERLAYS = ("cpu", "gpu", "s3")
 # Render options of each overlay's example job (the cpu and s3 overlays are for small test clusters).
-OVERLAY_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {"worker_memory": "2Gi"}, "gpu": {}, "s3": {"worker_memory": "2Gi"}}
+OVERLAY_OPTIONS: dict[str, dict[str, Any]] = {
+    "cpu": {"worker_memory": "2Gi"},
+    "gpu": {},
+    "s3": {"worker_memory": "2Gi"},
+}
 HEADER = "# Rendered by orchestrator.k8s ({what}); regenerate with `python tests/k8s_samples.py`, do not edit.\n"
 
 
@@ -29,14 +33,20 @@ def expected_samples() -> dict[Path, list[dict[str, Any]]]:
     out = {K8S / "base" / "raycluster.yaml": [k8s.render_raycluster()]}
     for overlay in OVERLAYS:
         spec = load_spec(K8S / "overlays" / overlay / "job.yaml")
-        out[K8S / "overlays" / overlay / "rayjob.yaml"] = k8s.render_manifests(spec, k8s.job_file_text(spec), **OVERLAY_OPTIONS[overlay])
+        out[K8S / "overlays" / overlay / "rayjob.yaml"] = k8s.render_manifests(
+            spec, k8s.job_file_text(spec), **OVERLAY_OPTIONS[overlay]
+        )
     return out
 
 
 def write_samples() -> list[Path]:
     written = []
     for path, objects in expected_samples().items():
-        what = "render_raycluster()" if path.name == "raycluster.yaml" else f"orchestrator k8s render {path.parent.relative_to(ROOT)}/job.yaml"
+        what = (
+            "render_raycluster()"
+            if path.name == "raycluster.yaml"
+            else f"orchestrator k8s render {path.parent.relative_to(ROOT)}/job.yaml"
+        )
         path.write_text(k8s.dump_manifests(objects, header=HEADER.format(what=what)))
         written.append(path)
     return written

@@ -13,8 +13,9 @@ import copy
 import functools
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -37,8 +38,12 @@ def _strict(schema: Any) -> Any:
     """Forbid unknown fields wherever the CRD lists the known ones and does not keep unknown ones."""
     if isinstance(schema, dict):
         schema = {k: _strict(v) for k, v in schema.items()}
-        if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema \
-                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            schema.get("type") == "object"
+            and "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
         return schema
     if isinstance(schema, list):
@@ -46,7 +51,7 @@ def _strict(schema: Any) -> Any:
     return schema
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> strict openAPIV3Schema, from every CRD file in ../shared/kuberay-crds/."""
     out = {}
@@ -142,7 +147,9 @@ def kuberay_errors(obj: dict[str, Any]) -> list[str]:
         if (cluster.get("authOptions") or {}).get("mode") == "token":
             if not cluster.get("rayVersion") or _version_tuple(cluster["rayVersion"]) < (2, 52, 0):
                 errors.append(f"{kind}/{name}: token authentication needs rayVersion >= 2.52.0")
-        groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster.get("workerGroupSpecs") or []]
+        groups = [("head", cluster["headGroupSpec"])] + [
+            (g["groupName"], g) for g in cluster.get("workerGroupSpecs") or []
+        ]
         for group, g in groups:
             params = g.get("rayStartParams") or {}
             if any(params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")) and g.get("resources"):
@@ -172,9 +179,22 @@ def as_scannable(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
         meta = obj["metadata"]
         for role, template in pod_templates(obj):
             name = f"{meta['name']}-{role}"[:63].rstrip("-")
-            tmeta = {"name": name, "namespace": meta.get("namespace", "default"), "labels": dict((template.get("metadata") or {}).get("labels") or {})}
+            tmeta = {
+                "name": name,
+                "namespace": meta.get("namespace", "default"),
+                "labels": dict((template.get("metadata") or {}).get("labels") or {}),
+            }
             if role == "submitter":
-                out.append({"apiVersion": "batch/v1", "kind": "Job", "metadata": tmeta, "spec": {"template": copy.deepcopy(template)}})
+                out.append(
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "metadata": tmeta,
+                        "spec": {"template": copy.deepcopy(template)},
+                    }
+                )
             else:
-                out.append({"apiVersion": "v1", "kind": "Pod", "metadata": tmeta, "spec": copy.deepcopy(template["spec"])})
+                out.append(
+                    {"apiVersion": "v1", "kind": "Pod", "metadata": tmeta, "spec": copy.deepcopy(template["spec"])}
+                )
     return out

@@ -67,7 +67,7 @@ def pids_with_marker(marker: str) -> list[int]:
 class RayNode:
     """One `ray start` node: its ports, temp dir and processes."""
 
-    def __init__(self, cluster: "RayCluster", name: str, num_cpus: int, head: bool):
+    def __init__(self, cluster: RayCluster, name: str, num_cpus: int, head: bool):
         self.cluster, self.name, self.num_cpus, self.head = cluster, name, num_cpus, head
         self.marker = f"{cluster.marker}-{name}"
         # Each node its own loopback address, as real nodes have their own IPs. Not 127.0.0.1: Ray
@@ -78,7 +78,8 @@ class RayNode:
     def command(self) -> list[str]:
         low, high = free_port_range(40)
         args = [
-            os.path.join(VENV_BIN, "ray"), "start",
+            os.path.join(VENV_BIN, "ray"),
+            "start",
             f"--num-cpus={self.num_cpus}",
             f"--resources={json.dumps({self.name: 1})}",
             f"--temp-dir={self.temp_dir}",
@@ -180,13 +181,18 @@ class RayCluster:
 
     def server_env(self) -> dict[str, str]:
         """What every node is started with: token auth on, the token from the cluster's own file."""
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path), "RAY_USAGE_STATS_ENABLED": "0", **self.extra_env}
+        return {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            **self.extra_env,
+        }
 
     def client_env(self) -> dict[str, str]:
         """Environment of a client of this cluster: its address and its token file, nothing else of Ray's."""
         return {"RAY_ADDRESS": self.dashboard_url, "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
 
-    def start(self) -> "RayCluster":
+    def start(self) -> RayCluster:
         self.head.start()
         self.wait_for_nodes(1)
         return self

@@ -8,12 +8,11 @@ import sys
 import time
 
 import numpy as np
+from conftest import ROOT
 
 from orchestrator.data import load_data
 from orchestrator.optim import lr_at
 from orchestrator.spec import load_spec
-
-from conftest import ROOT
 
 PLAIN = ROOT / "bench" / "plain_digits.py"
 JOB = ROOT / "jobs" / "digits_mlp.yaml"
@@ -29,7 +28,9 @@ def _plain_module():
 
 def test_plain_script_runs_and_ends_with_its_json_line():
     start = time.time()
-    proc = subprocess.run([sys.executable, str(PLAIN), "train.max_steps=5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(PLAIN), "train.max_steps=5"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     end = time.time()
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -50,7 +51,9 @@ def test_plain_split_sizes_equal_the_orchestrators():
     job = plain.load_job(JOB, [])
     splits = load_data(load_spec(JOB))
     n = sum(splits.info.sizes.values())
-    train, val, test = plain.split_indices(n, job["train"]["seed"], job["data"]["test_split"], job["validation"]["split"])
+    train, val, test = plain.split_indices(
+        n, job["train"]["seed"], job["data"]["test_split"], job["validation"]["split"]
+    )
     assert {"train": len(train), "val": len(val), "test": len(test)} == splits.info.sizes
     assert np.array_equal(np.sort(np.concatenate([train, val, test])), np.arange(n))
 

@@ -51,7 +51,9 @@ def test_roc_and_precision_recall_points_and_areas_match_scikit_learn(seed):
         sk_precision, sk_recall, _ = skm.precision_recall_curve(positive, score)
         np.testing.assert_allclose(precision, sk_precision)
         np.testing.assert_allclose(recall, sk_recall)
-        assert average_precision(precision, recall) == pytest.approx(skm.average_precision_score(positive, score), abs=1e-12)
+        assert average_precision(precision, recall) == pytest.approx(
+            skm.average_precision_score(positive, score), abs=1e-12
+        )
 
 
 @pytest.mark.parametrize("classes", [2, 5, 12])
@@ -78,14 +80,21 @@ def test_a_long_curve_is_thinned_to_what_the_plot_shows_keeping_its_extremes():
     tx, ty = _thin_curve(x, y)
     assert len(tx) <= 4 * 1000 and tx[0] == x[0] and tx[-1] == x[-1] and tx == sorted(tx)
     assert min(ty) == y.min() and max(ty) == y.max()
-    points = [(float(a), float(b)) for a, b in zip(x[:5000] * 400, y[:5000] * 300)]
+    points = [(float(a), float(b)) for a, b in zip(x[:5000] * 400, y[:5000] * 300, strict=False)]
     thin = charts.thin(points)
     assert len(thin) < len(points) and thin[0] == points[0] and thin[-1] == points[-1]
     assert min(p[1] for p in thin) == min(p[1] for p in points) and max(p[1] for p in thin) == max(p[1] for p in points)
 
 
 def test_ticks_are_round_numbers_inside_the_range():
-    assert [label for _, label in charts.linear_ticks(0.85, 0.98)] == ["0.850", "0.875", "0.900", "0.925", "0.950", "0.975"]
+    assert [label for _, label in charts.linear_ticks(0.85, 0.98)] == [
+        "0.850",
+        "0.875",
+        "0.900",
+        "0.925",
+        "0.950",
+        "0.975",
+    ]
     assert [label for _, label in charts.linear_ticks(-1.1, 1.1)] == ["-1.0", "-0.5", "0.0", "0.5", "1.0"]
     assert [label for _, label in charts.linear_ticks(0, 25000)] == ["0", "5000", "10000", "15000", "20000", "25000"]
     assert [label for _, label in charts.log_ticks(0.0004, 0.05)] == ["0.001", "0.01"]
@@ -96,8 +105,14 @@ def test_ticks_are_round_numbers_inside_the_range():
 
 
 def test_every_text_of_a_chart_is_escaped_and_the_svg_stays_well_formed():
-    ax = charts.Axes(title=HOSTILE[0], xlabel=HOSTILE[1], ylabel=HOSTILE[0], legend_loc="best",
-                     xticks=[(0.0, HOSTILE[0]), (1.0, HOSTILE[1])], colorbar=(charts.VIRIDIS, 0.0, 1.0, HOSTILE[1]))
+    ax = charts.Axes(
+        title=HOSTILE[0],
+        xlabel=HOSTILE[1],
+        ylabel=HOSTILE[0],
+        legend_loc="best",
+        xticks=[(0.0, HOSTILE[0]), (1.0, HOSTILE[1])],
+        colorbar=(charts.VIRIDIS, 0.0, 1.0, HOSTILE[1]),
+    )
     ax.line([0, 1], [0, 1], "#000", HOSTILE[1], marker="o")
     ax.points([0.5], [0.5], "#f00", HOSTILE[0], marker="star", size=8)
     ax.text([0.2], [0.2], ["a & b\x00\x07 <c>"])

@@ -44,7 +44,10 @@ def test_commit_list_restore(run_store):
     assert info.step == 20 and set(files) == {ckpt.WEIGHTS, "state.pt"}
     assert torch.equal(ckpt.deserialize_weights(files[ckpt.WEIGHTS])["w"], torch.full((4, 4), 20.0))
     manifest = json.loads(fs.cat_file(f"{root}/checkpoint_00000020/manifest.json"))
-    assert manifest["files"][ckpt.WEIGHTS]["size"] == len(files[ckpt.WEIGHTS]) and len(manifest["files"]["state.pt"]["sha256"]) == 64
+    assert (
+        manifest["files"][ckpt.WEIGHTS]["size"] == len(files[ckpt.WEIGHTS])
+        and len(manifest["files"]["state.pt"]["sha256"]) == 64
+    )
     assert manifest["run_record"] == "../run.json"
 
 

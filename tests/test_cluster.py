@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 import orchestrator.cluster as cluster
-from orchestrator.cluster import Token, build_submission, find_token, plan_package, redact, resolve_address, summary_from_logs
+from orchestrator.cluster import (
+    Token,
+    build_submission,
+    find_token,
+    plan_package,
+    redact,
+    resolve_address,
+    summary_from_logs,
+)
 from orchestrator.errors import BadInput
 from orchestrator.spec import build_spec
 
@@ -20,7 +28,14 @@ PACKAGE_DIR = str(Path(cluster.__file__).resolve().parent)
 def cli(*args, env=None, cwd=None, timeout=60):
     """Run `python -m orchestrator ...` in a clean environment (no Ray address or token of the caller's)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], env={**base, **(env or {})}, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        env={**base, **(env or {})},
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +57,10 @@ def test_resolve_address(given, env, expected):
     assert resolve_address(given, env) == expected
 
 
-@pytest.mark.parametrize("given, fragment", [(None, "no cluster given"), ("ray://head:10001", "dashboard's HTTP address"), ("ftp://x:1", "not ftp")])
+@pytest.mark.parametrize(
+    "given, fragment",
+    [(None, "no cluster given"), ("ray://head:10001", "dashboard's HTTP address"), ("ftp://x:1", "not ftp")],
+)
 def test_resolve_address_rejects(given, fragment):
     with pytest.raises(BadInput, match=fragment):
         resolve_address(given, {})
@@ -102,7 +120,9 @@ def make_job_dir(root: Path, storage: str, **extra) -> Path:
 def test_build_submission_golden(tmp_path):
     job = make_job_dir(tmp_path / "proj", "/shared/runs")
     spec = build_spec({"name": "demo", "entrypoint": "demo_loop:train", "checkpoint": {"storage": "/shared/runs"}})
-    sub = build_submission(spec, job, ["config.msg=hello world", "train.epochs=2"], submission_id="demo-abc123", max_file_bytes=1000)
+    sub = build_submission(
+        spec, job, ["config.msg=hello world", "train.epochs=2"], submission_id="demo-abc123", max_file_bytes=1000
+    )
     job_dir = str((tmp_path / "proj").resolve())
     assert sub == {
         "submission_id": "demo-abc123",
@@ -113,7 +133,11 @@ def test_build_submission_golden(tmp_path):
             "env_vars": {"PYTHONUNBUFFERED": "1"},
             "py_modules": [PACKAGE_DIR],
         },
-        "metadata": {"orchestrator_run": "demo", "orchestrator_job_file": "job.yaml", "orchestrator_storage": "/shared/runs"},
+        "metadata": {
+            "orchestrator_run": "demo",
+            "orchestrator_job_file": "job.yaml",
+            "orchestrator_storage": "/shared/runs",
+        },
         # job.yaml, demo_loop.py, data/small.csv, lib/helper.py, .rayignore: the junk and notes.txt stay home
         "package": {"dir": job_dir, "files": 5, "bytes": sub["package"]["bytes"], "left_out": ["data/big.bin"]},
         "warnings": ["not shipped: data/big.bin (0.0 MB, over 0.0 MB); put big files on storage the cluster reads"],
@@ -138,7 +162,11 @@ def test_package_over_the_limit_names_directory_and_size(tmp_path):
     spec = build_spec({"checkpoint": {"storage": "/shared/runs"}})
     with pytest.raises(BadInput) as err:
         build_submission(spec, job, max_package_bytes=20_000, max_file_bytes=1000)
-    assert str((tmp_path / "p").resolve()) in str(err.value) and "0.0 MB in 35 files" in str(err.value) and "limit" in str(err.value)
+    assert (
+        str((tmp_path / "p").resolve()) in str(err.value)
+        and "0.0 MB in 35 files" in str(err.value)
+        and "limit" in str(err.value)
+    )
 
 
 def test_relative_storage_is_refused(tmp_path):
@@ -158,7 +186,12 @@ def test_storage_inside_the_job_dir_is_not_shipped(tmp_path):
 
 def test_data_too_large_to_ship_is_bad_input(tmp_path):
     job = make_job_dir(tmp_path / "p", "/shared/runs")
-    spec = build_spec({"data": {"name": "parquet", "path": "data/big.bin", "task": "regression", "features": ["a"], "label": "y"}, "checkpoint": {"storage": "/s"}})
+    spec = build_spec(
+        {
+            "data": {"name": "parquet", "path": "data/big.bin", "task": "regression", "features": ["a"], "label": "y"},
+            "checkpoint": {"storage": "/s"},
+        }
+    )
     with pytest.raises(BadInput, match=r"data.path: data/big.bin is 0.0 MB, too large to ship"):
         build_submission(spec, job, max_file_bytes=1000)
 
@@ -179,7 +212,9 @@ def test_gitignore_patterns_apply_in_subdirectories(tmp_path):
     (tmp_path / "a" / "b" / "y.py").write_text("1")
     (tmp_path / "top.log").write_text("1")
     plan = plan_package(tmp_path, [])
-    assert not plan.ships("a/x.log") and not plan.ships("a/b/y.py") and plan.ships("a/keep.py") and plan.ships("top.log")
+    assert (
+        not plan.ships("a/x.log") and not plan.ships("a/b/y.py") and plan.ships("a/keep.py") and plan.ships("top.log")
+    )
 
 
 def test_summary_from_logs_takes_the_last_run_summary():
@@ -189,8 +224,16 @@ def test_summary_from_logs_takes_the_last_run_summary():
 
 
 def test_format_status_says_what_to_do_after_a_failure():
-    job = {"submission_id": "demo-1", "status": "FAILED", "message": "Job entrypoint command failed with exit code -9", "start_time": 100.0, "end_time": 172.0,
-           "entrypoint": "python -m orchestrator run job.yaml", "run": "demo", "storage": "/s"}
+    job = {
+        "submission_id": "demo-1",
+        "status": "FAILED",
+        "message": "Job entrypoint command failed with exit code -9",
+        "start_time": 100.0,
+        "end_time": 172.0,
+        "entrypoint": "python -m orchestrator run job.yaml",
+        "run": "demo",
+        "storage": "/s",
+    }
     text = cluster.format_status(job)
     assert text.splitlines()[0] == "demo-1  FAILED  (ran 1m12s)"
     assert "exit code -9" in text and "submitting the job again resumes run demo" in text
@@ -219,7 +262,10 @@ def test_unreachable_address_exits_2_with_one_line(tmp_path):
     for args in (["submit", str(job)], ["status", "x"], ["list"]):
         out = cli(*args, env={"RAY_ADDRESS": "http://127.0.0.1:1"})
         assert out.returncode == 2, out.stderr
-        assert out.stderr.strip() == "error: --address http://127.0.0.1:1: no Ray dashboard answers there (ConnectionError); is the cluster up, and is this the dashboard port (default 8265)?"
+        assert (
+            out.stderr.strip()
+            == "error: --address http://127.0.0.1:1: no Ray dashboard answers there (ConnectionError); is the cluster up, and is this the dashboard port (default 8265)?"
+        )
 
 
 def test_submit_missing_user_code_exits_2(tmp_path):
@@ -227,7 +273,10 @@ def test_submit_missing_user_code_exits_2(tmp_path):
     job.write_text(job.read_text().replace("demo_loop:train", "no_such_module_here:train"))
     out = cli("submit", str(job), "--address", "http://127.0.0.1:1")
     assert out.returncode == 2
-    assert out.stderr.startswith("error: entrypoint: cannot import 'no_such_module_here") and len(out.stderr.strip().splitlines()) == 1
+    assert (
+        out.stderr.startswith("error: entrypoint: cannot import 'no_such_module_here")
+        and len(out.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_fresh_submission_asks_the_run_for_a_new_name(tmp_path):

@@ -8,14 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from ray_cluster import RayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 # A bring-your-own Ray Train loop: it reports `steps` times, sleeping between.
-LOOP = '''
+LOOP = """
 import time
 
 import ray.train
@@ -25,7 +24,7 @@ def train(config):
     for step in range(config["steps"]):
         time.sleep(config.get("sleep", 0))
         ray.train.report({"step": step})
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,14 @@ def cli(head, *args, env=None, timeout=300):
     """`python -m orchestrator ...` as a user of this cluster runs it; the token must never appear in what it prints."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     full = {**base, **head.client_env(), **(env or {})}
-    out = subprocess.run([sys.executable, "-m", "orchestrator", *args], env=full, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        env=full,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert head.token not in out.stdout + out.stderr
     return out
 
@@ -114,7 +120,9 @@ def test_submit_prints_the_id_and_stop_stops_it(head, job_dir):
 
 def test_submit_wait_exits_1_when_the_job_fails_and_follow_streams_to_the_end(head, job_dir):
     # Storage the cluster cannot write: this machine does not probe it, the run on the cluster fails its preflight.
-    out = cli(head, "submit", str(job_dir / "loop.yaml"), "name=loop-fail", "checkpoint.storage=/proc/no-runs-here", "--wait")
+    out = cli(
+        head, "submit", str(job_dir / "loop.yaml"), "name=loop-fail", "checkpoint.storage=/proc/no-runs-here", "--wait"
+    )
     assert out.returncode == 1
     assert "error: " in out.stdout and "/proc/no-runs-here" in out.stdout  # the job's own output, followed
     assert out.stderr.strip().splitlines()[-1].startswith("failed: loop-") and "FAILED" in out.stderr
@@ -129,15 +137,27 @@ def test_wrong_or_missing_token_exits_2_and_submits_nothing(head, job_dir, tmp_p
     before = job_ids(head)
     wrong = cli(head, "submit", str(job_dir / "loop.yaml"), env={"RAY_AUTH_TOKEN": "not-the-token"})
     assert wrong.returncode == 2
-    assert wrong.stderr.strip() == f"error: {head.dashboard_url}: the cluster rejected the token from RAY_AUTH_TOKEN: it is not this cluster's token (compare with `ray get-auth-token` on the head node)"
+    assert (
+        wrong.stderr.strip()
+        == f"error: {head.dashboard_url}: the cluster rejected the token from RAY_AUTH_TOKEN: it is not this cluster's token (compare with `ray get-auth-token` on the head node)"
+    )
     # No token anywhere: not in the environment, not in this (empty) home's ~/.ray/auth_token.
     missing = subprocess.run(
         [sys.executable, "-m", "orchestrator", "status", "whatever"],
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "HOME": str(tmp_path), "RAY_ADDRESS": head.dashboard_url},
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+            "HOME": str(tmp_path),
+            "RAY_ADDRESS": head.dashboard_url,
+        },
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert missing.returncode == 2
-    assert missing.stderr.strip().startswith(f"error: {head.dashboard_url}: the cluster requires a Ray auth token and none was found; set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+    assert missing.stderr.strip().startswith(
+        f"error: {head.dashboard_url}: the cluster requires a Ray auth token and none was found; set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
+    )
     unreadable = cli(head, "list", env={"RAY_AUTH_TOKEN_PATH": str(tmp_path / "nope")})
     assert unreadable.returncode == 2 and "RAY_AUTH_TOKEN_PATH: cannot read" in unreadable.stderr
     assert job_ids(head) == before
@@ -148,7 +168,9 @@ def test_bad_jobs_exit_2_and_submit_nothing(head, job_dir, tmp_path):
     invalid = cli(head, "submit", str(job_dir / "loop.yaml"), "scaling.num_workers=-1")
     assert invalid.returncode == 2 and invalid.stderr.strip() == "error: scaling.num_workers: must be >= 0"
     missing = cli(head, "submit", str(job_dir / "loop.yaml"), "entrypoint=jobs_cluster_nowhere:train")
-    assert missing.returncode == 2 and missing.stderr.startswith("error: entrypoint: cannot import 'jobs_cluster_nowhere")
+    assert missing.returncode == 2 and missing.stderr.startswith(
+        "error: entrypoint: cannot import 'jobs_cluster_nowhere"
+    )
     relative = cli(head, "submit", str(job_dir / "loop.yaml"), "checkpoint.storage=runs")
     assert relative.returncode == 2 and "checkpoint.storage: 'runs' is relative" in relative.stderr
     # Too much to ship: sparse files, so the size is real to the check and costs no disk.
@@ -160,7 +182,11 @@ def test_bad_jobs_exit_2_and_submit_nothing(head, job_dir, tmp_path):
         with open(big / f"shard{i}.bin", "wb") as f:
             f.truncate(10 * 1000 * 1000)
     too_big = cli(head, "submit", str(big / "loop.yaml"))
-    assert too_big.returncode == 2 and too_big.stderr.strip() == f"error: {big}: 110.0 MB in 13 files to ship as the job's working directory, over the 100.0 MB limit; add a .rayignore or move data to storage the cluster reads (s3://...)"
+    assert (
+        too_big.returncode == 2
+        and too_big.stderr.strip()
+        == f"error: {big}: 110.0 MB in 13 files to ship as the job's working directory, over the 100.0 MB limit; add a .rayignore or move data to storage the cluster reads (s3://...)"
+    )
     assert job_ids(head) == before
 
 

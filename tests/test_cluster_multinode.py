@@ -9,14 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from ray_cluster import RayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
 # A user model that sleeps in every training step, so that a test can act while training runs.
-SLOW_MODEL = '''
+SLOW_MODEL = """
 import math
 import time
 
@@ -37,7 +36,7 @@ class SlowMLP(nn.Module):
 
 def build(info, hidden=32, delay=0.0):
     return SlowMLP(math.prod(info.input_shape), hidden, int(info.num_classes), delay)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +45,10 @@ def cluster():
     # Ray's defaults take ~30 s to declare a silent node dead, and Ray Train waits 60 s for a worker
     # group that cannot start before it tries a smaller one; a test need not wait that long.
     fast = {
-        "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
-        "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3",
+        "RAY_health_check_initial_delay_ms": "1000",
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_timeout_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20",
     }
     c = RayCluster(head_cpus=1, env=fast)
@@ -80,7 +81,14 @@ def project(tmp_path_factory):
 
 def cli(cluster, *args, timeout=400):
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    out = subprocess.run([sys.executable, "-m", "orchestrator", *args], env={**base, **cluster.client_env()}, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        env={**base, **cluster.client_env()},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert cluster.token not in out.stdout + out.stderr
     return out
 
@@ -111,7 +119,12 @@ def committed(storage: Path, run: str) -> list[Path]:
 
 
 def wait_end(cluster, job_id, timeout=400):
-    return wait_for(lambda: (s := status(cluster, job_id))["status"] in ("SUCCEEDED", "FAILED", "STOPPED") and s, timeout=timeout, every=2, what=f"{job_id} to end")
+    return wait_for(
+        lambda: (s := status(cluster, job_id))["status"] in ("SUCCEEDED", "FAILED", "STOPPED") and s,
+        timeout=timeout,
+        every=2,
+        what=f"{job_id} to end",
+    )
 
 
 def run_log(storage: Path, run: str) -> str:
@@ -128,8 +141,21 @@ def test_ddp_across_two_nodes_matches_one_node(cluster, project, tmp_path):
     # The same job on one node: an embedded single-node Ray on this machine, started alongside.
     root, storage = project
     local = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(root / "job.yaml"), "name=mn-ddp", f"checkpoint.storage={tmp_path}", "--json"],
-        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "run",
+            str(root / "job.yaml"),
+            "name=mn-ddp",
+            f"checkpoint.storage={tmp_path}",
+            "--json",
+        ],
+        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     final, out = submit(cluster, project, "name=mn-ddp", wait=True)
     local_out, local_err = local.communicate(timeout=400)
@@ -144,7 +170,9 @@ def test_ddp_across_two_nodes_matches_one_node(cluster, project, tmp_path):
 
 def test_elastic_run_survives_a_killed_node_on_fewer_workers(cluster, project):
     _, storage = project
-    final, _ = submit(cluster, project, "name=mn-elastic", "scaling.num_workers=[1,2]", "train.epochs=5", "model.options.delay=0.1")
+    final, _ = submit(
+        cluster, project, "name=mn-elastic", "scaling.num_workers=[1,2]", "train.epochs=5", "model.options.delay=0.1"
+    )
     job_id = final["submission_id"]
     wait_for(lambda: committed(storage, "mn-elastic"), what="a first committed checkpoint")
     node = cluster.workers[0]

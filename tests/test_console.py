@@ -21,7 +21,11 @@ RAY_LINES = [
     "\x1b[33m(raylet)\x1b[0m A worker died or was killed while executing a task",
     "[repeated 3x across cluster]",
 ]
-OWN_LINES = ["step 20/645  epoch 1/15  loss 0.1234", "UserWarning: something a user's code warned about", "  validation: loss 0.1"]
+OWN_LINES = [
+    "step 20/645  epoch 1/15  loss 0.1234",
+    "UserWarning: something a user's code warned about",
+    "  validation: loss 0.1",
+]
 
 
 @pytest.mark.parametrize("line", RAY_LINES)
@@ -44,11 +48,26 @@ def test_a_marker_survives_rays_prefix_and_round_trips():
 
 
 def test_plain_lines_of_each_event():
-    train = {"kind": "train", "step": 20, "total_steps": 645, "epoch_shown": 1, "epochs": 15, "loss": 0.5, "lr": 1e-3,
-             "samples_per_s": 12345.6, "eta_s": 75}
+    train = {
+        "kind": "train",
+        "step": 20,
+        "total_steps": 645,
+        "epoch_shown": 1,
+        "epochs": 15,
+        "loss": 0.5,
+        "lr": 1e-3,
+        "samples_per_s": 12345.6,
+        "eta_s": 75,
+    }
     assert format_event(train) == "step 20/645  epoch 1/15  loss 0.5000  lr 1.00e-03  12,346 samples/s  eta 1:15"
-    assert format_event({"kind": "val", "step": 3, "metrics": {"val_loss": 0.1, "val_accuracy": 0.5}}) == "  validation: loss 0.1000  accuracy 0.5000"
-    assert format_event({"kind": "test", "step": 7, "metrics": {"test_accuracy": 0.75}}) == "  test (step 7): accuracy 0.7500"
+    assert (
+        format_event({"kind": "val", "step": 3, "metrics": {"val_loss": 0.1, "val_accuracy": 0.5}})
+        == "  validation: loss 0.1000  accuracy 0.5000"
+    )
+    assert (
+        format_event({"kind": "test", "step": 7, "metrics": {"test_accuracy": 0.75}})
+        == "  test (step 7): accuracy 0.7500"
+    )
     assert format_event({"kind": "message", "text": "resumed"}) == "resumed"
 
 
@@ -79,10 +98,19 @@ print("after the capture")
 @pytest.mark.parametrize("verbose", [False, True])
 def test_capture_keeps_everything_in_the_log_and_shows_only_the_runs_lines(tmp_path, verbose):
     log = tmp_path / "run" / "run.log"
-    res = subprocess.run([sys.executable, "-c", CAPTURED.format(verbose=verbose, log=str(log))], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-c", CAPTURED.format(verbose=verbose, log=str(log))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     shown = res.stdout.splitlines()
-    assert shown[-4:] == ["  validation: loss 0.5000", "a warning of the user's own code", "finished: x", "after the capture"] or verbose
+    assert (
+        shown[-4:]
+        == ["  validation: loss 0.5000", "a warning of the user's own code", "finished: x", "after the capture"]
+        or verbose
+    )
     ray_lines = ["Started a local Ray instance", "core_worker.cc:1: a C++ line", "TrainingReport("]
     for fragment in ray_lines:
         assert any(fragment in line for line in shown) == verbose, (fragment, shown)

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from orchestrator.data import check_data, load_data, shift_images
 from orchestrator.errors import BadInput
 from orchestrator.spec import build_spec
@@ -21,8 +22,10 @@ def make_spec(data: dict, **sections):
 
 
 def synthetic_spec(samples=600, batch_size=16, seed=0, **data):
-    return make_spec({"name": "synthetic", "task": "classification", "samples": samples, "num_features": 4, **data},
-                     train={"batch_size": batch_size, "seed": seed})
+    return make_spec(
+        {"name": "synthetic", "task": "classification", "samples": samples, "num_features": 4, **data},
+        train={"batch_size": batch_size, "seed": seed},
+    )
 
 
 def keys(x: torch.Tensor) -> list[tuple]:
@@ -39,7 +42,9 @@ def epoch_keys(source, epoch=0, rank=0, world=1, start_batch=0) -> list[tuple]:
 
 
 def same_batches(a, b) -> bool:
-    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    return len(a) == len(b) and all(
+        torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=False)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +117,7 @@ def test_kfold_folds_are_disjoint_cover_the_non_test_data_and_keep_test_fixed():
     tests = [set(epoch_keys(r.test)) for r in runs]
     assert all(t == tests[0] for t in tests)
     assert sum(map(len, vals)) == len(set().union(*vals)) == 400 - len(tests[0])
-    for r, v in zip(runs, vals):
+    for r, v in zip(runs, vals, strict=False):
         assert set(epoch_keys(r.train)) == set().union(*vals) - v
 
 
@@ -140,8 +145,8 @@ def test_augmentation_changes_train_only_is_reproducible_and_leaves_global_rng_a
     first = list(aug.train.batches(1, 0, 2))
     assert torch.equal(state, torch.get_rng_state())
     reference = list(plain.train.batches(1, 0, 2))
-    assert all(torch.equal(ya, yb) for (_, ya), (_, yb) in zip(first, reference))
-    assert not any(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(first, reference))
+    assert all(torch.equal(ya, yb) for (_, ya), (_, yb) in zip(first, reference, strict=False))
+    assert not any(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(first, reference, strict=False))
     assert same_batches(first, list(aug.train.batches(1, 0, 2)))
     assert same_batches(list(aug.train.batches(1, 0, 2, start_batch=3)), first[3:])
     assert same_batches(list(aug.val.batches(0, 0, 1)), list(plain.val.batches(0, 0, 1)))
@@ -150,7 +155,7 @@ def test_augmentation_changes_train_only_is_reproducible_and_leaves_global_rng_a
 def test_shift_images_translates_with_zero_fill():
     x = torch.rand(16, 2, 6, 7) + 1.0
     out = shift_images(x, 2, torch.Generator().manual_seed(0))
-    for img, got in zip(x, out):
+    for img, got in zip(x, out, strict=False):
         matches = []
         for dy in range(-2, 3):
             for dx in range(-2, 3):
@@ -167,8 +172,11 @@ def test_shift_needs_images():
 
 
 def test_synthetic_lm_windows_are_shifted_and_learnable():
-    spec = make_spec({"name": "synthetic", "task": "lm", "samples": 300, "vocab_size": 64, "seq_len": 16},
-                     model={"name": "gpt", "context": 16}, train={"batch_size": 8})
+    spec = make_spec(
+        {"name": "synthetic", "task": "lm", "samples": 300, "vocab_size": 64, "seq_len": 16},
+        model={"name": "gpt", "context": 16},
+        train={"batch_size": 8},
+    )
     splits = load_data(spec)
     assert splits.info.input_shape == (16,) and splits.info.vocab_size == 64
     x, y = next(splits.train.batches(0, 0, 1))
@@ -196,12 +204,14 @@ def test_synthetic_regression_targets_are_standardized_float():
 
 def write_table(path, n=500, row_group_size=40, start=0):
     index = np.arange(start, start + n)
-    table = pa.table({
-        "f0": index.astype(np.float64),
-        "f1": np.sin(index),
-        "unused": np.zeros(n),
-        "label": (index % 3).astype(np.int64),
-    })
+    table = pa.table(
+        {
+            "f0": index.astype(np.float64),
+            "f1": np.sin(index),
+            "unused": np.zeros(n),
+            "label": (index % 3).astype(np.int64),
+        }
+    )
     pq.write_table(table, path, row_group_size=row_group_size)
 
 
@@ -246,7 +256,9 @@ def test_parquet_train_epoch_covers_train_split_and_shards_are_equal(parquet_fil
     one = epoch_keys(splits.train, 0)
     assert len(one) == len(set(one)) == n
     assert not set(one) & set(epoch_keys(splits.val)) and not set(one) & set(epoch_keys(splits.test))
-    assert one != epoch_keys(splits.train, 1) and one == epoch_keys(load_data(parquet_spec(parquet_file), shuffle_buffer=100).train, 0)
+    assert one != epoch_keys(splits.train, 1) and one == epoch_keys(
+        load_data(parquet_spec(parquet_file), shuffle_buffer=100).train, 0
+    )
     shards = [epoch_keys(splits.train, 2, r, 3) for r in range(3)]
     assert [len(s) for s in shards] == [n // 3] * 3 and len(set().union(*map(set, shards))) == 3 * (n // 3)
     assert [len(list(splits.train.batches(2, r, 3))) for r in range(3)] == [splits.train.num_batches(3)] * 3
@@ -267,13 +279,19 @@ def test_parquet_directory_and_glob_match_a_single_file(tmp_path, parquet_file):
         assert epoch_keys(multi.val) == epoch_keys(single.val)
 
 
-@pytest.mark.parametrize("data, pattern", [
-    ({"path": "nope.parquet"}, r"^data\.path: .*nope\.parquet: no such file$"),
-    ({"path": "*.nothing"}, r"^data\.path: .*: no parquet files match$"),
-    ({"features": ["f0", "foo"]}, r"^data\.features: column 'foo' not in parquet schema .*\(columns: f0, f1, unused, label\)$"),
-    ({"label": "missing"}, r"^data\.label: column 'missing' not in parquet schema"),
-    ({"label": "f1"}, r"^data\.label: column 'f1' .* is double, not integer class labels$"),
-])
+@pytest.mark.parametrize(
+    "data, pattern",
+    [
+        ({"path": "nope.parquet"}, r"^data\.path: .*nope\.parquet: no such file$"),
+        ({"path": "*.nothing"}, r"^data\.path: .*: no parquet files match$"),
+        (
+            {"features": ["f0", "foo"]},
+            r"^data\.features: column 'foo' not in parquet schema .*\(columns: f0, f1, unused, label\)$",
+        ),
+        ({"label": "missing"}, r"^data\.label: column 'missing' not in parquet schema"),
+        ({"label": "f1"}, r"^data\.label: column 'f1' .* is double, not integer class labels$"),
+    ],
+)
 def test_parquet_bad_input_names_the_field_in_one_line(tmp_path, parquet_file, data, pattern):
     path = tmp_path / data.pop("path") if "path" in data else parquet_file
     with pytest.raises(BadInput, match=pattern) as err:
@@ -299,12 +317,25 @@ def test_parquet_classes_filter_and_regression(parquet_file):
 
 def test_parquet_lm_windows(tmp_path):
     rows = [list(range(i * 10, i * 10 + 10)) for i in range(60)]  # tokens 0..599, each row continues the last
-    pq.write_table(pa.table({"tokens": pa.array(rows, type=pa.list_(pa.int64()))}), tmp_path / "lm.parquet", row_group_size=20)
-    spec = make_spec({"name": "parquet", "task": "lm", "path": str(tmp_path / "lm.parquet"), "tokens": "tokens",
-                      "vocab_size": 600, "seq_len": 8, "test_split": 0.0}, model={"name": "gpt", "context": 8}, train={"batch_size": 4})
+    pq.write_table(
+        pa.table({"tokens": pa.array(rows, type=pa.list_(pa.int64()))}), tmp_path / "lm.parquet", row_group_size=20
+    )
+    spec = make_spec(
+        {
+            "name": "parquet",
+            "task": "lm",
+            "path": str(tmp_path / "lm.parquet"),
+            "tokens": "tokens",
+            "vocab_size": 600,
+            "seq_len": 8,
+            "test_split": 0.0,
+        },
+        model={"name": "gpt", "context": 8},
+        train={"batch_size": 4},
+    )
     splits = load_data(spec)
     assert splits.info.input_shape == (8,) and splits.info.vocab_size == 600
-    xs, ys = zip(*splits.train.batches(0, 0, 1))
+    xs, ys = zip(*splits.train.batches(0, 0, 1), strict=False)
     x, y = torch.cat(xs), torch.cat(ys)
     assert len(x) == splits.info.sizes["train"] and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
@@ -319,7 +350,11 @@ def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             mp.setenv(key, value)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
@@ -356,12 +391,15 @@ def write_module(tmp_path, body: str) -> str:
 
 
 def test_user_dataset_arrays_with_options(tmp_path):
-    mod = write_module(tmp_path, """
+    mod = write_module(
+        tmp_path,
+        """
         import numpy as np
         def make(n, features):
             x = np.arange(n * features, dtype=np.float64).reshape(n, features)
             return x, np.arange(n) % 4
-    """)
+    """,
+    )
     spec = make_spec({"name": f"{mod}:make", "options": {"n": 100, "features": 3}})
     splits = load_data(spec, base_dir=tmp_path)
     assert (splits.info.task, splits.info.input_shape, splits.info.num_classes) == ("classification", (3,), 4)
@@ -371,11 +409,14 @@ def test_user_dataset_arrays_with_options(tmp_path):
 
 
 def test_user_dataset_torch_dataset_regression(tmp_path):
-    mod = write_module(tmp_path, """
+    mod = write_module(
+        tmp_path,
+        """
         import torch
         def make():
             return torch.utils.data.TensorDataset(torch.randn(50, 1, 4, 4), torch.randn(50))
-    """)
+    """,
+    )
     info = check_data(make_spec({"name": f"{mod}:make"}), base_dir=tmp_path)
     assert (info.task, info.input_shape, info.is_image, info.num_classes) == ("regression", (1, 4, 4), True, None)
 
@@ -383,10 +424,13 @@ def test_user_dataset_torch_dataset_regression(tmp_path):
 def test_user_dataset_errors_are_one_line_naming_data_name(tmp_path):
     with pytest.raises(BadInput, match=r"^data\.name: cannot import 'no_such_mod_x:make' from .*: ModuleNotFoundError"):
         check_data(make_spec({"name": "no_such_mod_x:make"}), base_dir=tmp_path)
-    mod = write_module(tmp_path, """
+    mod = write_module(
+        tmp_path,
+        """
         def make():
             return 42
-    """)
+    """,
+    )
     with pytest.raises(BadInput, match=r"^data\.name: .* returned int; expected \(X, y\)"):
         check_data(make_spec({"name": f"{mod}:make"}), base_dir=tmp_path)
     with pytest.raises(BadInput, match=r"^data\.name: .* failed: TypeError"):
@@ -405,5 +449,7 @@ def test_diabetes_script_writes_streamable_parquet(tmp_path):
     meta = pq.read_metadata(out)
     assert meta.num_rows == 442 and meta.num_row_groups > 1
     features = ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
-    info = check_data(make_spec({"name": "parquet", "task": "regression", "path": str(out), "features": features, "label": "target"}))
+    info = check_data(
+        make_spec({"name": "parquet", "task": "regression", "path": str(out), "features": features, "label": "target"})
+    )
     assert info.input_shape == (10,) and sum(info.sizes.values()) == 442

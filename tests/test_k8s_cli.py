@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from k8s_samples import K8S, ROOT
+
 from orchestrator import k8s
 from orchestrator.spec import load_spec
 
@@ -19,16 +19,34 @@ JOB = K8S / "overlays" / "cpu" / "job.yaml"
 
 
 def cli(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator", "k8s", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", "k8s", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
 
 
 def test_render_prints_what_render_manifests_returns():
-    done = cli("render", str(JOB), "optim.lr=0.01", "--namespace", "team-a", "--image", "ghcr.io/acme/orchestrator:1.2.3", "--ttl", "60")
+    done = cli(
+        "render",
+        str(JOB),
+        "optim.lr=0.01",
+        "--namespace",
+        "team-a",
+        "--image",
+        "ghcr.io/acme/orchestrator:1.2.3",
+        "--ttl",
+        "60",
+    )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     spec = load_spec(JOB, ["optim.lr=0.01"])
-    expected = k8s.render_manifests(spec, k8s.job_file_text(spec), namespace="team-a", image="ghcr.io/acme/orchestrator:1.2.3", ttl_seconds=60)
+    expected = k8s.render_manifests(
+        spec, k8s.job_file_text(spec), namespace="team-a", image="ghcr.io/acme/orchestrator:1.2.3", ttl_seconds=60
+    )
     assert list(yaml.safe_load_all(done.stdout)) == expected
 
 
@@ -40,13 +58,16 @@ def test_render_with_cluster_and_a_local_storage_warning():
     assert done.stderr.startswith("warning: checkpoint.storage: runs is a path inside the pods")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["optim.lrr=0.1"], "error: optim.lrr: unknown field (did you mean 'lr'?)"),
-    (["--image", "orchestrator:latest"], "error: --image orchestrator:latest: 'latest' is not a version"),
-    (["--image", "orchestrator"], "error: --image orchestrator: pin a version tag"),
-    (["--namespace", "Team_A"], "error: --namespace Team_A: must be lowercase"),
-    (["--cluster", "9lives"], "error: --cluster 9lives: a RayCluster name"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["optim.lrr=0.1"], "error: optim.lrr: unknown field (did you mean 'lr'?)"),
+        (["--image", "orchestrator:latest"], "error: --image orchestrator:latest: 'latest' is not a version"),
+        (["--image", "orchestrator"], "error: --image orchestrator: pin a version tag"),
+        (["--namespace", "Team_A"], "error: --namespace Team_A: must be lowercase"),
+        (["--cluster", "9lives"], "error: --cluster 9lives: a RayCluster name"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, message):
     for command in ("render", "apply"):
         done = cli(command, str(JOB), *args)
@@ -80,12 +101,16 @@ esac
 
 def test_apply_pipes_the_rendered_manifests_to_kubectl_apply(tmp_path):
     bin_dir = fake_kubectl(tmp_path / "bin")
-    done = cli("apply", str(JOB), "--namespace", "orchestrator", env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    done = cli(
+        "apply", str(JOB), "--namespace", "orchestrator", env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    )
     assert done.returncode == 0, done.stderr
     assert "rayjob.ray.io/x created" in done.stdout
     assert (bin_dir / "calls").read_text().splitlines() == ["config current-context", "apply -f -"]
     spec = load_spec(JOB)
-    assert list(yaml.safe_load_all((bin_dir / "applied.yaml").read_text())) == k8s.render_manifests(spec, k8s.job_file_text(spec))
+    assert list(yaml.safe_load_all((bin_dir / "applied.yaml").read_text())) == k8s.render_manifests(
+        spec, k8s.job_file_text(spec)
+    )
     name = k8s.render_manifests(spec)[1]["metadata"]["name"]
     assert f"kubectl -n orchestrator get rayjob {name}" in done.stderr
 
@@ -94,7 +119,10 @@ def test_apply_reports_kubectl_failure_as_exit_1(tmp_path):
     bin_dir = fake_kubectl(tmp_path / "bin", apply_rc=1)
     done = cli("apply", str(JOB), env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
     assert done.returncode == 1
-    assert done.stderr.strip() == 'failed: kubectl apply (context test-context): error: resource mapping not found for kind "RayJob"'
+    assert (
+        done.stderr.strip()
+        == 'failed: kubectl apply (context test-context): error: resource mapping not found for kind "RayJob"'
+    )
 
 
 def test_apply_without_kubectl_says_so(tmp_path):

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import free_port
 from k8s_samples import K8S, ROOT
 
@@ -87,15 +86,32 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.mark.timeout(600)
 def test_rendered_rayjob_trains_when_submitted_as_kuberay_submits_it(tmp_path):
     runs = tmp_path / "runs"
-    render = subprocess.run([sys.executable, "-m", "orchestrator", "k8s", "render", str(JOB), "train.max_steps=5", f"checkpoint.storage={runs}",
-                             "scaling.num_workers=1"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    render = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "k8s",
+            "render",
+            str(JOB),
+            "train.max_steps=5",
+            f"checkpoint.storage={runs}",
+            "scaling.num_workers=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert render.returncode == 0, render.stderr
     configmap, rayjob = yaml.safe_load_all(render.stdout)
     spec = rayjob["spec"]
 
     # Where the submitter pod sees the job file, and where the runtime env uploads it from.
     submitter = spec["submitterPodTemplate"]["spec"]
-    volume = next(v for v in submitter["volumes"] if v.get("configMap", {}).get("name") == configmap["metadata"]["name"])
+    volume = next(
+        v for v in submitter["volumes"] if v.get("configMap", {}).get("name") == configmap["metadata"]["name"]
+    )
     mount_path = next(m["mountPath"] for m in submitter["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"] == mount_path
@@ -110,10 +126,26 @@ def test_rendered_rayjob_trains_when_submitted_as_kuberay_submits_it(tmp_path):
     # Free ports for everything Ray would otherwise take at a fixed number: other tests may run a Ray too.
     gcs, dashboard, client, agent = (free_port() for _ in range(4))
     temp_dir = tempfile.mkdtemp(prefix="rk8s", dir="/tmp")  # Ray's socket paths must stay short
-    head = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-                             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-                             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = subprocess.Popen(
+        [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{dashboard}"
     try:
         wait_healthy(url, head)
@@ -125,7 +157,9 @@ def test_rendered_rayjob_trains_when_submitted_as_kuberay_submits_it(tmp_path):
         # KubeRay's submitter runs this line with `bash -ce`, the entrypoint spliced in unquoted
         # (ray-operator/controllers/ray/common/job.go, BuildJobSubmitCommand).
         line = f"ray job submit --address {url} --runtime-env-json {shlex.quote(json.dumps(runtime_env))} -- {spec['entrypoint']}"
-        submit = subprocess.run(["bash", "-ce", "--", line], capture_output=True, text=True, timeout=480, env=env, cwd=tmp_path)
+        submit = subprocess.run(
+            ["bash", "-ce", "--", line], capture_output=True, text=True, timeout=480, env=env, cwd=tmp_path
+        )
     finally:
         stop(head)
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from k8s_samples import K8S, OVERLAYS, ROOT, expected_samples
 from k8s_validation import CRD_DIR, SECRET_LIKE, all_pod_specs, kuberay_errors, kustomize, validate_object
+
 from orchestrator import k8s
 from orchestrator.spec import build_spec, load_spec
 
@@ -37,12 +37,14 @@ def base_objects():
     return kustomize(K8S / "base")
 
 
-SET_NAMES = [f"overlay-{o}" for o in OVERLAYS] + [
-    f"render-{path.parent.name}-{path.stem}-{variant}" for path in JOB_FILES for variant in RENDER_VARIANTS
-] + [f"render-{variant}" for variant in EXTRA_RENDERS]
+SET_NAMES = (
+    [f"overlay-{o}" for o in OVERLAYS]
+    + [f"render-{path.parent.name}-{path.stem}-{variant}" for path in JOB_FILES for variant in RENDER_VARIANTS]
+    + [f"render-{variant}" for variant in EXTRA_RENDERS]
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def manifest_set(name: str) -> tuple:
     """The objects of one overlay (kubectl kustomize) or one render, by its name in SET_NAMES."""
     if name.startswith("overlay-"):
@@ -83,7 +85,9 @@ def test_the_validators_reject_what_an_api_server_would():
     typo["spec"]["shutdownAfterJobFinish"] = True
     assert any("shutdownAfterJobFinish" in e for e in validate_object(typo))
     wrong = copy.deepcopy(rayjob)
-    wrong["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["securityContext"]["runAsNonRoot"] = "yes"
+    wrong["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["securityContext"][
+        "runAsNonRoot"
+    ] = "yes"
     assert validate_object(wrong)
     old = copy.deepcopy(rayjob)
     old["spec"]["rayClusterSpec"]["rayVersion"] = "2.40.0"
@@ -102,7 +106,9 @@ def test_every_pod_is_hardened(name):
     assert pods
     for where, template in pods:
         pod = template["spec"]
-        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["seccompProfile"] == {
+            "type": "RuntimeDefault"
+        }, where
         assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), where
         assert all("hostPath" not in v for v in pod.get("volumes", [])), where
         assert pod["serviceAccountName"] == k8s.SERVICE_ACCOUNT, where
@@ -134,7 +140,11 @@ def test_every_pod_is_hardened(name):
 def test_references_resolve_and_the_base_covers_every_pod(name, base_objects):
     objects = objects_of(name)
     # A rendered job is applied into a namespace prepared from k8s/base (its ServiceAccount, NetworkPolicy).
-    universe = objects if name.startswith("overlay") else objects + [o for o in base_objects if o["kind"] in ("ServiceAccount", "NetworkPolicy")]
+    universe = (
+        objects
+        if name.startswith("overlay")
+        else objects + [o for o in base_objects if o["kind"] in ("ServiceAccount", "NetworkPolicy")]
+    )
     present = {(o["kind"], o["metadata"]["name"]) for o in universe}
     policy = next(o for o in universe if o["kind"] == "NetworkPolicy")
     for where, template in all_pod_specs(objects):
@@ -151,7 +161,9 @@ def test_references_resolve_and_the_base_covers_every_pod(name, base_objects):
                 if ref:
                     assert ref.get("optional") or ("ConfigMap", ref["name"]) in present, where
         labels = template["metadata"]["labels"]
-        assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items(), f"{where} escapes the NetworkPolicy"
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items(), (
+            f"{where} escapes the NetworkPolicy"
+        )
     if name.startswith("overlay"):
         namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
         assert namespaces == {"orchestrator"} and ("Namespace", "orchestrator") in present
@@ -195,7 +207,9 @@ def test_samples_under_k8s_are_what_the_code_renders():
             # Names carry a hash of the full job file, which grows when JobSpec gains a field:
             # compare the job semantically and everything else with the name abstracted.
             got_name, want_name = actual[-1]["metadata"]["name"], expected[-1]["metadata"]["name"]
-            assert build_spec(yaml.safe_load(actual[0]["data"][k8s.JOB_FILE])) == build_spec(yaml.safe_load(expected[0]["data"][k8s.JOB_FILE])), path
+            assert build_spec(yaml.safe_load(actual[0]["data"][k8s.JOB_FILE])) == build_spec(
+                yaml.safe_load(expected[0]["data"][k8s.JOB_FILE])
+            ), path
             for o in actual + expected:
                 o.get("data", {}).pop(k8s.JOB_FILE, None)
             actual = yaml.safe_load(yaml.safe_dump(actual).replace(got_name, "NAME"))
@@ -207,7 +221,10 @@ def test_overlays_patch_what_they_promise():
     cpu, gpu = objects_of("overlay-cpu"), objects_of("overlay-gpu")
     cpu_cluster = next(o for o in cpu if o["kind"] == "RayCluster")
     workers = cpu_cluster["spec"]["workerGroupSpecs"][0]
-    assert workers["maxReplicas"] == 2 and workers["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "1", "memory": "2Gi"}
+    assert workers["maxReplicas"] == 2 and workers["template"]["spec"]["containers"][0]["resources"]["limits"] == {
+        "cpu": "1",
+        "memory": "2Gi",
+    }
     for obj in (o for o in gpu if o["kind"] in ("RayCluster", "RayJob")):
         spec = obj["spec"].get("rayClusterSpec", obj["spec"])
         pod = spec["workerGroupSpecs"][0]["template"]["spec"]
@@ -221,7 +238,10 @@ def test_overlays_patch_what_they_promise():
     assert endpoint["data"]["endpoint_url"].startswith("http")
     rayjob = next(o for o in s3 if o["kind"] == "RayJob")
     env = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
-    assert {"name": "AWS_ENDPOINT_URL", "valueFrom": {"configMapKeyRef": {"name": k8s.S3_ENDPOINT_CONFIGMAP, "key": "endpoint_url", "optional": True}}} in env
+    assert {
+        "name": "AWS_ENDPOINT_URL",
+        "valueFrom": {"configMapKeyRef": {"name": k8s.S3_ENDPOINT_CONFIGMAP, "key": "endpoint_url", "optional": True}},
+    } in env
 
 
 def test_one_ray_version_everywhere():
@@ -237,7 +257,11 @@ def test_one_ray_version_everywhere():
 
 
 def test_dockerfile_builds_on_rays_image_and_runs_as_non_root():
-    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    lines = [
+        line.strip()
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     froms = [line for line in lines if line.startswith("FROM ")]
     assert froms == ["FROM rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${DEVICE}"]
     assert "latest" not in " ".join(lines).lower()
@@ -251,7 +275,17 @@ def test_dockerfile_builds_on_rays_image_and_runs_as_non_root():
 
 def test_readme_covers_the_workflow():
     text = (K8S / "README.md").read_text()
-    for needle in ("helm install kuberay-operator", "docker build", "docker push", "orchestrator k8s render", "orchestrator k8s apply",
-                   "kubectl kustomize", "logs -f", "checkpoint", "backoffLimit", "orchestrator-s3-credentials"):
+    for needle in (
+        "helm install kuberay-operator",
+        "docker build",
+        "docker push",
+        "orchestrator k8s render",
+        "orchestrator k8s apply",
+        "kubectl kustomize",
+        "logs -f",
+        "checkpoint",
+        "backoffLimit",
+        "orchestrator-s3-credentials",
+    ):
         assert needle in text, needle
     assert Path(K8S / "security-exceptions.yaml").is_file()

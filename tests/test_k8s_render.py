@@ -12,7 +12,12 @@ from orchestrator import __version__, k8s
 from orchestrator.errors import BadInput
 from orchestrator.spec import build_spec
 
-BASE = {"name": "digits-mlp", "model": {"name": "mlp"}, "data": {"name": "digits"}, "checkpoint": {"storage": "s3://runs/prefix"}}
+BASE = {
+    "name": "digits-mlp",
+    "model": {"name": "mlp"},
+    "data": {"name": "digits"},
+    "checkpoint": {"storage": "s3://runs/prefix"},
+}
 
 
 def render(overrides=(), **options):
@@ -39,11 +44,17 @@ def test_worker_group_is_sized_from_scaling():
 
 
 def test_gpu_jobs_get_gpus_tolerations_node_selector_shared_memory_and_the_gpu_image():
-    _, out = render(["scaling.num_workers=2", "scaling.use_gpu=true", "scaling.gpus_per_worker=2", "scaling.cpus_per_worker=4"])
+    _, out = render(
+        ["scaling.num_workers=2", "scaling.use_gpu=true", "scaling.gpus_per_worker=2", "scaling.cpus_per_worker=4"]
+    )
     group = split(out)[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     pod = group["template"]["spec"]
     container = pod["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"] == "2"
+    assert (
+        container["resources"]["limits"]["nvidia.com/gpu"]
+        == container["resources"]["requests"]["nvidia.com/gpu"]
+        == "2"
+    )
     assert container["resources"]["limits"]["memory"] == "32Gi"
     assert group["rayStartParams"] == {"num-cpus": "4", "num-gpus": "2"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -61,12 +72,17 @@ def test_elastic_and_driver_only_jobs():
     cluster = split(out)[1]["spec"]["rayClusterSpec"]
     assert "workerGroupSpecs" not in cluster
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "2"
-    assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "3", "memory": "12Gi"}
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {
+        "cpu": "3",
+        "memory": "12Gi",
+    }
 
 
 def test_worker_memory_option_and_its_errors():
     _, out = render(worker_memory="6Gi")
-    res = split(out)[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
+    res = split(out)[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+        "resources"
+    ]
     assert res["limits"]["memory"] == "6Gi"
     for bad in ("6 GB", "lots", "100Mi"):
         with pytest.raises(BadInput, match="--worker-memory"):
@@ -143,19 +159,39 @@ def test_names_are_valid_stable_and_unique_per_job():
         assert rayjob["metadata"]["annotations"]["orchestrator/run-name"] == name
 
 
-@pytest.mark.parametrize("image", ["orchestrator", "orchestrator:latest", "registry.example.com:5000/team/orchestrator", "ghcr.io/x/orchestrator:LATEST",
-                                   "Orchestrator:1.0", "orchestrator:bad tag", "orchestrator@sha256:123"])
+@pytest.mark.parametrize(
+    "image",
+    [
+        "orchestrator",
+        "orchestrator:latest",
+        "registry.example.com:5000/team/orchestrator",
+        "ghcr.io/x/orchestrator:LATEST",
+        "Orchestrator:1.0",
+        "orchestrator:bad tag",
+        "orchestrator@sha256:123",
+    ],
+)
 def test_unpinned_or_malformed_images_are_refused(image):
     with pytest.raises(BadInput, match="--image"):
         render(image=image)
 
 
-@pytest.mark.parametrize("image", ["orchestrator:0.1.0", "registry.example.com:5000/team/orchestrator:1.2.3-gpu", "ghcr.io/x/y@sha256:" + "a" * 64])
+@pytest.mark.parametrize(
+    "image",
+    ["orchestrator:0.1.0", "registry.example.com:5000/team/orchestrator:1.2.3-gpu", "ghcr.io/x/y@sha256:" + "a" * 64],
+)
 def test_pinned_images_are_used_everywhere(image):
     _, out = render(image=image)
     rayjob = split(out)[1]
-    images = {c["image"] for t in (rayjob["spec"]["submitterPodTemplate"], rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"],
-                                   rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]) for c in t["spec"]["containers"]}
+    images = {
+        c["image"]
+        for t in (
+            rayjob["spec"]["submitterPodTemplate"],
+            rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"],
+            rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"],
+        )
+        for c in t["spec"]["containers"]
+    }
     assert images == {image}
 
 

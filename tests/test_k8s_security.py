@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from k8s_samples import K8S, OVERLAYS, ROOT
 from k8s_validation import as_scannable, kustomize
+
 from orchestrator import k8s
 from orchestrator.spec import build_spec, load_spec
 
@@ -28,16 +28,25 @@ EXCEPTIONS = K8S / "security-exceptions.yaml"
 @pytest.fixture(scope="session")
 def checkov() -> Path:
     exe = SCAN_VENV / "bin" / "checkov"
-    done = subprocess.run(["bash", str(ROOT / "tests" / "k8s_scan_setup.sh")], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0 and exe.exists(), f"could not install checkov: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+    done = subprocess.run(
+        ["bash", str(ROOT / "tests" / "k8s_scan_setup.sh")], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0 and exe.exists(), (
+        f"could not install checkov: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+    )
     return exe
 
 
 def run_checkov(checkov: Path, args: list[str]) -> list[dict]:
     """checkov's reports (JSON), offline: no guideline download, no telemetry."""
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false", "LOG_LEVEL": "WARNING"}
-    done = subprocess.run([str(checkov), *args, "-o", "json", "--compact", "--skip-download"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(
+        [str(checkov), *args, "-o", "json", "--compact", "--skip-download"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode in (0, 1), f"checkov failed to run: {done.stderr[-3000:]}"
     reports = json.loads(done.stdout)
     return reports if isinstance(reports, list) else [reports]
@@ -51,7 +60,15 @@ def exceptions() -> list[dict]:
 
 
 def excused(finding: dict, entries: list[dict]) -> dict | None:
-    return next((e for e in entries if e["check"] == finding["check_id"] and any(fnmatch.fnmatch(finding["resource"], p) for p in e["resources"])), None)
+    return next(
+        (
+            e
+            for e in entries
+            if e["check"] == finding["check_id"]
+            and any(fnmatch.fnmatch(finding["resource"], p) for p in e["resources"])
+        ),
+        None,
+    )
 
 
 def scanned_sets() -> dict[str, list[dict]]:
@@ -71,7 +88,11 @@ def test_kubernetes_scan_passes_with_only_the_listed_exceptions(checkov, tmp_pat
     workloads = set()
     for name, objects in sets.items():
         scannable = as_scannable(objects)
-        workloads |= {f"{o['kind']}.{o['metadata']['namespace']}.{o['metadata']['name']}" for o in scannable if o["kind"] in ("Pod", "Job")}
+        workloads |= {
+            f"{o['kind']}.{o['metadata']['namespace']}.{o['metadata']['name']}"
+            for o in scannable
+            if o["kind"] in ("Pod", "Job")
+        }
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all(scannable, sort_keys=False))
     reports = run_checkov(checkov, ["-d", str(tmp_path), "--framework", "kubernetes"])
     results = [r for r in reports if r.get("check_type") == "kubernetes"]
@@ -82,7 +103,13 @@ def test_kubernetes_scan_passes_with_only_the_listed_exceptions(checkov, tmp_pat
     assert workloads and workloads <= {c["resource"] for c in passed + failed}
     assert {c["resource"].split(".")[0] for c in passed} >= {"Pod", "Job", "Role", "ServiceAccount"}
     entries = exceptions()
-    unexcused = sorted({f"{c['check_id']} {c['resource']} ({c['file_path']}): {c['check_name']}" for c in failed if not excused(c, entries)})
+    unexcused = sorted(
+        {
+            f"{c['check_id']} {c['resource']} ({c['file_path']}): {c['check_name']}"
+            for c in failed
+            if not excused(c, entries)
+        }
+    )
     assert unexcused == []
     unused = [e["check"] for e in entries if not any(excused(c, [e]) for c in failed)]
     assert unused == [], "exceptions no finding needs any more: remove them from k8s/security-exceptions.yaml"
@@ -96,7 +123,12 @@ def test_scan_catches_an_insecure_pod(checkov, tmp_path):
     del container["resources"]["limits"]
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump_all(as_scannable(objects)))
     reports = run_checkov(checkov, ["-d", str(tmp_path), "--framework", "kubernetes"])
-    failed = {c["check_id"] for r in reports for c in r["results"]["failed_checks"] if c["resource"].startswith("Pod.") and "worker" in c["resource"]}
+    failed = {
+        c["check_id"]
+        for r in reports
+        for c in r["results"]["failed_checks"]
+        if c["resource"].startswith("Pod.") and "worker" in c["resource"]
+    }
     assert {"CKV_K8S_16", "CKV_K8S_20", "CKV_K8S_22", "CKV_K8S_11", "CKV_K8S_13"} <= failed
 
 

@@ -130,7 +130,9 @@ def test_regression_matches_sklearn(seed):
     y = rng.normal(size=250)
     pred = y + rng.normal(scale=0.5, size=250)
     # (N, 1) outputs, as a one-unit head gives them.
-    m = compute_metrics("regression", ["loss", "mse", "mae", "r2"], torch.tensor(pred).unsqueeze(1), torch.tensor(y), loss=0.3)
+    m = compute_metrics(
+        "regression", ["loss", "mse", "mae", "r2"], torch.tensor(pred).unsqueeze(1), torch.tensor(y), loss=0.3
+    )
     assert m["loss"] == 0.3
     assert m["mse"] == pytest.approx(skm.mean_squared_error(y, pred), rel=1e-12)
     assert m["mae"] == pytest.approx(skm.mean_absolute_error(y, pred), rel=1e-12)
@@ -153,14 +155,26 @@ def test_perplexity_is_exp_of_mean_token_cross_entropy():
     # A uniform model over the vocabulary is exactly as perplexed as the vocabulary is large.
     assert m["perplexity"] == pytest.approx(vocab, rel=1e-6)
     assert m["loss"] == loss
-    assert compute_metrics("lm", ["perplexity"], logits, targets, loss=2.0)["perplexity"] == pytest.approx(math.exp(2.0))
+    assert compute_metrics("lm", ["perplexity"], logits, targets, loss=2.0)["perplexity"] == pytest.approx(
+        math.exp(2.0)
+    )
     assert compute_metrics("lm", ["perplexity"], logits, targets, loss=1e4)["perplexity"] == math.inf
 
 
 @pytest.mark.parametrize(
     "name, mode",
-    [("loss", "min"), ("val_loss", "min"), ("val_mse", "min"), ("mae", "min"), ("val_perplexity", "min"),
-     ("accuracy", "max"), ("val_accuracy", "max"), ("val_f1", "max"), ("roc_auc", "max"), ("val_r2", "max")],
+    [
+        ("loss", "min"),
+        ("val_loss", "min"),
+        ("val_mse", "min"),
+        ("mae", "min"),
+        ("val_perplexity", "min"),
+        ("accuracy", "max"),
+        ("val_accuracy", "max"),
+        ("val_f1", "max"),
+        ("roc_auc", "max"),
+        ("val_r2", "max"),
+    ],
 )
 def test_default_mode(name, mode):
     assert default_mode(name) == mode

@@ -29,14 +29,26 @@ def _ids(params):
 @pytest.mark.parametrize(
     "spec, cls, expected",
     [
-        (OptimSpec(name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01), torch.optim.SGD,
-         {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
-        (OptimSpec(name="adam", lr=3e-4, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02), torch.optim.Adam,
-         {"lr": 3e-4, "betas": (0.8, 0.95), "eps": 1e-6}),
-        (OptimSpec(name="adamw", lr=1e-3, betas=(0.9, 0.98), eps=1e-7, weight_decay=0.1), torch.optim.AdamW,
-         {"lr": 1e-3, "betas": (0.9, 0.98), "eps": 1e-7}),
-        (OptimSpec(name="rmsprop", lr=0.01, alpha=0.9, eps=1e-5, momentum=0.5, weight_decay=0.03), torch.optim.RMSprop,
-         {"lr": 0.01, "alpha": 0.9, "eps": 1e-5, "momentum": 0.5}),
+        (
+            OptimSpec(name="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+            torch.optim.SGD,
+            {"lr": 0.1, "momentum": 0.9, "nesterov": True},
+        ),
+        (
+            OptimSpec(name="adam", lr=3e-4, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.02),
+            torch.optim.Adam,
+            {"lr": 3e-4, "betas": (0.8, 0.95), "eps": 1e-6},
+        ),
+        (
+            OptimSpec(name="adamw", lr=1e-3, betas=(0.9, 0.98), eps=1e-7, weight_decay=0.1),
+            torch.optim.AdamW,
+            {"lr": 1e-3, "betas": (0.9, 0.98), "eps": 1e-7},
+        ),
+        (
+            OptimSpec(name="rmsprop", lr=0.01, alpha=0.9, eps=1e-5, momentum=0.5, weight_decay=0.03),
+            torch.optim.RMSprop,
+            {"lr": 0.01, "alpha": 0.9, "eps": 1e-5, "momentum": 0.5},
+        ),
     ],
     ids=["sgd", "adam", "adamw", "rmsprop"],
 )
@@ -130,7 +142,12 @@ def test_warmup_on_a_schedule_without_one_is_an_error():
         ScheduleSpec(name="cosine", warmup_steps=5)  # the job file is refused before anything runs
     # lr_at guards itself too, for a spec built without validation.
     with pytest.raises(ValueError, match="schedule.warmup_steps"):
-        lr_at(0, BASE, ScheduleSpec.model_construct(name="cosine", warmup_steps=5, step_size=100, gamma=0.1, min_lr=0.0), 100)
+        lr_at(
+            0,
+            BASE,
+            ScheduleSpec.model_construct(name="cosine", warmup_steps=5, step_size=100, gamma=0.1, min_lr=0.0),
+            100,
+        )
     with pytest.raises(ValueError, match="total steps"):
         build_schedule(build_optimizer(Net(), OptimSpec()), ScheduleSpec(name="cosine"), 0)
 
@@ -148,8 +165,9 @@ def test_schedule_sets_every_group_once_per_step():
 
 def test_groups_with_their_own_peak_lr_are_scaled():
     model = Net()
-    opt = torch.optim.SGD([{"params": model.head.parameters(), "lr": 0.1},
-                           {"params": model.embed.parameters(), "lr": 0.01}], lr=0.1)
+    opt = torch.optim.SGD(
+        [{"params": model.head.parameters(), "lr": 0.1}, {"params": model.embed.parameters(), "lr": 0.01}], lr=0.1
+    )
     spec = ScheduleSpec(name="cosine")
     sched = build_schedule(opt, spec, 10)
     for _ in range(5):
@@ -183,7 +201,9 @@ def test_plateau_drops_after_patience_and_stops_at_min_lr():
 
 def test_plateau_max_mode_and_missing_metric():
     opt = build_optimizer(Net(), OptimSpec(lr=1.0))
-    sched = build_schedule(opt, ScheduleSpec(name="plateau", metric="val_accuracy", mode="max", patience=0, factor=0.1), 10)
+    sched = build_schedule(
+        opt, ScheduleSpec(name="plateau", metric="val_accuracy", mode="max", patience=0, factor=0.1), 10
+    )
     sched.on_validation({"val_accuracy": 0.5})
     sched.on_validation({"val_accuracy": 0.6})
     assert sched.lr == 1.0

@@ -24,11 +24,15 @@ from orchestrator.spec import build_spec, load_spec
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "jobs" / "digits_mlp.yaml")
 # Debian's Chromium (make setup installs it); Playwright drives it, its own browser download is not used.
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+CHROMIUM = (
+    os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+)
 
 
 def orchestrator(*args, cwd=ROOT, timeout=300):
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
 
 
 def summary_of(res) -> dict:
@@ -42,16 +46,54 @@ def runs(tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     # Every validation after the first misses min_delta: early stopping ends the run at step 10 while the best is step 5
     # (both checkpoints kept, so the test split must see step 5's, not the latest).
-    digits = load_spec(DIGITS, ["scaling.num_workers=0", f"checkpoint.storage={storage}", "train.max_steps=40", "validation.every_n_steps=5",
-                                "train.log_every_n_steps=1", "early_stopping.patience=1", "early_stopping.min_delta=0.5",
-                                "checkpoint.every_n_steps=5", "checkpoint.keep_last=2"])
-    regression = build_spec({"name": "synthetic-regression"}, [
-        "scaling.num_workers=0", f"checkpoint.storage={storage}", "data.name=synthetic", "data.task=regression", "data.samples=600",
-        "train.max_steps=30", "validation.every_n_steps=10", "train.log_every_n_steps=5", "optim.lr=0.01"])
-    lm = build_spec({"name": "tiny-lm"}, [
-        "scaling.num_workers=0", f"checkpoint.storage={storage}", "data.name=synthetic", "data.task=lm", "data.samples=200", "data.vocab_size=32",
-        "data.seq_len=16", "model.name=gpt", "model.hidden=32", "model.heads=2", "model.layers=1", "model.context=16",
-        "train.max_steps=20", "validation.every_n_steps=5", "train.log_every_n_steps=5"])
+    digits = load_spec(
+        DIGITS,
+        [
+            "scaling.num_workers=0",
+            f"checkpoint.storage={storage}",
+            "train.max_steps=40",
+            "validation.every_n_steps=5",
+            "train.log_every_n_steps=1",
+            "early_stopping.patience=1",
+            "early_stopping.min_delta=0.5",
+            "checkpoint.every_n_steps=5",
+            "checkpoint.keep_last=2",
+        ],
+    )
+    regression = build_spec(
+        {"name": "synthetic-regression"},
+        [
+            "scaling.num_workers=0",
+            f"checkpoint.storage={storage}",
+            "data.name=synthetic",
+            "data.task=regression",
+            "data.samples=600",
+            "train.max_steps=30",
+            "validation.every_n_steps=10",
+            "train.log_every_n_steps=5",
+            "optim.lr=0.01",
+        ],
+    )
+    lm = build_spec(
+        {"name": "tiny-lm"},
+        [
+            "scaling.num_workers=0",
+            f"checkpoint.storage={storage}",
+            "data.name=synthetic",
+            "data.task=lm",
+            "data.samples=200",
+            "data.vocab_size=32",
+            "data.seq_len=16",
+            "model.name=gpt",
+            "model.hidden=32",
+            "model.heads=2",
+            "model.layers=1",
+            "model.context=16",
+            "train.max_steps=20",
+            "validation.every_n_steps=5",
+            "train.log_every_n_steps=5",
+        ],
+    )
     out = {
         "classification": run_job(digits, job_file=DIGITS, quiet=True),
         "regression": run_job(regression, quiet=True),
@@ -64,8 +106,18 @@ def runs(tmp_path_factory):
 def sweep_uri(tmp_path_factory):
     """A real ASHA sweep of three short trials on a log-scaled learning rate."""
     storage = tmp_path_factory.mktemp("sweeps")
-    res = orchestrator("sweep", "jobs/sweep_digits_asha.yaml", f"checkpoint.storage={storage}", "scaling.num_workers=0", "sweep.num_samples=3",
-                       "train.epochs=3", "sweep.scheduler.grace_period=1", "checkpoint.every_n_epochs=1", "sweep.max_concurrent_trials=2", "--json")
+    res = orchestrator(
+        "sweep",
+        "jobs/sweep_digits_asha.yaml",
+        f"checkpoint.storage={storage}",
+        "scaling.num_workers=0",
+        "sweep.num_samples=3",
+        "train.epochs=3",
+        "sweep.scheduler.grace_period=1",
+        "checkpoint.every_n_epochs=1",
+        "sweep.max_concurrent_trials=2",
+        "--json",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return str(storage / "digits-asha")
 
@@ -90,24 +142,62 @@ def open_in_browser(browser, path: Path) -> dict:
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.goto(path.as_uri(), wait_until="load")
     figures = page.eval_on_selector_all(
-        "figure.plot img", "els => els.map(e => ({alt: e.alt, natural: e.naturalWidth, w: e.getBoundingClientRect().width, h: e.getBoundingClientRect().height}))")
+        "figure.plot img",
+        "els => els.map(e => ({alt: e.alt, natural: e.naturalWidth, w: e.getBoundingClientRect().width, h: e.getBoundingClientRect().height}))",
+    )
     text = page.inner_text("body")
     page.close()
-    return {"errors": errors, "external": [u for u in requests if not u.startswith(("file:", "data:"))], "figures": figures, "text": text,
-            "dialogs": dialogs, "requests": requests}
+    return {
+        "errors": errors,
+        "external": [u for u in requests if not u.startswith(("file:", "data:"))],
+        "figures": figures,
+        "text": text,
+        "dialogs": dialogs,
+        "requests": requests,
+    }
 
 
 EXPECTED = {
-    "classification": ["Training and validation loss", "learning-rate schedule", "throughput", "val_accuracy at each validation", "val_f1", "val_roc_auc",
-                       "Confusion matrix", "ROC curves", "Precision-recall curves"],
-    "regression": ["Training and validation loss", "learning-rate schedule", "throughput", "val_r2", "val_mae", "Predictions of the best checkpoint against the true values", "Residuals"],
-    "lm": ["Training and validation loss", "learning-rate schedule", "throughput", "val_perplexity", "exp(training loss)"],
-    "sweep": ["val_accuracy against optim.lr on a log axis", "val_accuracy against model.hidden", "val_accuracy of every trial", "Parallel coordinates"],
+    "classification": [
+        "Training and validation loss",
+        "learning-rate schedule",
+        "throughput",
+        "val_accuracy at each validation",
+        "val_f1",
+        "val_roc_auc",
+        "Confusion matrix",
+        "ROC curves",
+        "Precision-recall curves",
+    ],
+    "regression": [
+        "Training and validation loss",
+        "learning-rate schedule",
+        "throughput",
+        "val_r2",
+        "val_mae",
+        "Predictions of the best checkpoint against the true values",
+        "Residuals",
+    ],
+    "lm": [
+        "Training and validation loss",
+        "learning-rate schedule",
+        "throughput",
+        "val_perplexity",
+        "exp(training loss)",
+    ],
+    "sweep": [
+        "val_accuracy against optim.lr on a log axis",
+        "val_accuracy against model.hidden",
+        "val_accuracy of every trial",
+        "Parallel coordinates",
+    ],
 }
 
 
 @pytest.mark.parametrize("kind", ["classification", "regression", "lm", "sweep"])
-def test_each_kind_of_report_opens_offline_in_chromium_with_every_figure_drawn(kind, runs, sweep_uri, browser, tmp_path):
+def test_each_kind_of_report_opens_offline_in_chromium_with_every_figure_drawn(
+    kind, runs, sweep_uri, browser, tmp_path
+):
     if kind == "sweep":
         res = orchestrator("report", sweep_uri, "--json")
         report = Path(summary_of(res)["report"])
@@ -116,7 +206,9 @@ def test_each_kind_of_report_opens_offline_in_chromium_with_every_figure_drawn(k
         report = Path(runs[1][kind].report)  # written by the run itself, at its end
     seen = open_in_browser(browser, report)
     assert seen["errors"] == [] and seen["external"] == [] and seen["dialogs"] == []
-    assert seen["figures"] and all(f["natural"] > 0 and f["w"] > 0 and f["h"] > 0 for f in seen["figures"]), seen["figures"]
+    assert seen["figures"] and all(f["natural"] > 0 and f["w"] > 0 and f["h"] > 0 for f in seen["figures"]), seen[
+        "figures"
+    ]
     alts = " | ".join(f["alt"] for f in seen["figures"])
     for expected in EXPECTED[kind]:
         assert expected in alts, f"{expected!r} not among the figures: {alts}"
@@ -134,7 +226,9 @@ def test_classification_run_evaluates_its_best_checkpoint_on_the_test_split(runs
     assert test["examples"] == len(test["labels"]) == len(test["scores"]) == 180 and test["num_classes"] == 10
     assert all(abs(sum(row) - 1) < 1e-4 for row in test["scores"])
     cm = test["metrics"]["test_confusion_matrix"]
-    assert sum(map(sum, cm)) == 180 and test["metrics"]["test_accuracy"] == pytest.approx(sum(cm[i][i] for i in range(10)) / 180)
+    assert sum(map(sum, cm)) == 180 and test["metrics"]["test_accuracy"] == pytest.approx(
+        sum(cm[i][i] for i in range(10)) / 180
+    )
     html = (storage / "digits-mlp" / "report.html").read_text()
     assert "early stop at step" in html and "best step" in html
 
@@ -145,13 +239,27 @@ def test_regression_and_lm_test_records_hold_what_their_plots_need(runs):
     assert reg["task"] == "regression" and len(reg["predictions"]) == len(reg["targets"]) == reg["examples"] > 0
     assert {"test_mse", "test_mae", "test_r2"} <= set(reg["metrics"])
     lm = json.loads((storage / "tiny-lm" / "test.json").read_text())
-    assert lm["task"] == "lm" and lm["metrics"]["test_perplexity"] == pytest.approx(2.718281828 ** lm["metrics"]["test_loss"])
+    assert lm["task"] == "lm" and lm["metrics"]["test_perplexity"] == pytest.approx(
+        2.718281828 ** lm["metrics"]["test_loss"]
+    )
     assert "scores" not in lm and "predictions" not in lm
 
 
 def test_best_checkpoint_gone_means_the_latest_is_evaluated(tmp_path):
-    spec = load_spec(DIGITS, ["scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "train.max_steps=40", "validation.every_n_steps=5",
-                              "early_stopping.patience=1", "early_stopping.min_delta=0.5", "checkpoint.every_n_steps=5", "checkpoint.keep_last=1", "checkpoint.keep_best=0"])
+    spec = load_spec(
+        DIGITS,
+        [
+            "scaling.num_workers=0",
+            f"checkpoint.storage={tmp_path}",
+            "train.max_steps=40",
+            "validation.every_n_steps=5",
+            "early_stopping.patience=1",
+            "early_stopping.min_delta=0.5",
+            "checkpoint.every_n_steps=5",
+            "checkpoint.keep_last=1",
+            "checkpoint.keep_best=0",
+        ],
+    )
     out = run_job(spec, quiet=True)
     assert out.best.step == 5 and out.test.step == 10  # keep_best=0: the best was deleted by retention
     assert "the best one was not kept" in (tmp_path / "digits-mlp" / "report.html").read_text()
@@ -165,7 +273,7 @@ def test_sweep_report_marks_the_trials_the_scheduler_stopped(sweep_uri):
     assert len(sweep.trials) == 3 and all(t["run"] is not None for t in sweep.trials)
     assert sweep.metric == "val_accuracy" and sweep.mode == "max"
     steps = [t["run"].history[-1]["step"] for t in sweep.trials]
-    stopped = [_stopped_by_scheduler(sweep, t, s, max(steps)) for t, s in zip(sweep.trials, steps)]
+    stopped = [_stopped_by_scheduler(sweep, t, s, max(steps)) for t, s in zip(sweep.trials, steps, strict=False)]
     assert stopped == [s < max(steps) for s in steps]
 
 
@@ -179,7 +287,9 @@ def test_report_to_a_local_file_and_run_listing_newest_first(runs, tmp_path):
     assert [r["name"] for r in listed] == ["tiny-lm", "synthetic-regression", "digits-mlp"]
     by_name = {r["name"]: r for r in listed}
     assert by_name["digits-mlp"]["status"] == "finished" and by_name["digits-mlp"]["steps"] == 10
-    assert by_name["digits-mlp"]["best_metric"] == "val_accuracy" and by_name["digits-mlp"]["best_value"] == pytest.approx(out["classification"].best.value)
+    assert by_name["digits-mlp"]["best_metric"] == "val_accuracy" and by_name["digits-mlp"][
+        "best_value"
+    ] == pytest.approx(out["classification"].best.value)
     assert all(r["kind"] == "run" and r["wall_s"] > 0 for r in listed)
     table = orchestrator("runs", str(storage))
     assert table.returncode == 0 and table.stdout.index("tiny-lm") < table.stdout.index("digits-mlp")
@@ -201,20 +311,36 @@ def test_report_of_a_uri_without_a_run_is_one_line_exit_2_and_writes_nothing(wha
     for args in (["report", str(target), "--out", str(out)], ["report", str(target)]):
         res = orchestrator(*args)
         assert res.returncode == 2
-        assert res.stderr.strip().splitlines() == [f"error: {target}: holds no run or sweep (no run.json or sweep.json)"]
+        assert res.stderr.strip().splitlines() == [
+            f"error: {target}: holds no run or sweep (no run.json or sweep.json)"
+        ]
     assert not out.exists() and not (target / "report.html").exists()
     res = orchestrator("runs", str(tmp_path / "nowhere"))
     assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such storage"
 
 
 def test_run_on_s3_keeps_its_test_record_report_and_tensorboard_there(s3_server, bucket, tmp_path):
-    spec = load_spec(DIGITS, ["scaling.num_workers=0", f"checkpoint.storage=s3://{bucket}/runs", "train.max_steps=10", "validation.every_n_steps=5", "train.log_every_n_steps=5",
-                              "tracking.tensorboard={}"])
+    spec = load_spec(
+        DIGITS,
+        [
+            "scaling.num_workers=0",
+            f"checkpoint.storage=s3://{bucket}/runs",
+            "train.max_steps=10",
+            "validation.every_n_steps=5",
+            "train.log_every_n_steps=5",
+            "tracking.tensorboard={}",
+        ],
+    )
     out = run_job(spec, quiet=True)
     run_uri = f"s3://{bucket}/runs/digits-mlp"
     assert out.report == f"{run_uri}/report.html" and out.test.uri == f"{run_uri}/test.json"
     keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="runs/digits-mlp/")["Contents"]}
-    assert {"runs/digits-mlp/report.html", "runs/digits-mlp/test.json", "runs/digits-mlp/run.json", "runs/digits-mlp/metrics.jsonl"} <= keys
+    assert {
+        "runs/digits-mlp/report.html",
+        "runs/digits-mlp/test.json",
+        "runs/digits-mlp/run.json",
+        "runs/digits-mlp/metrics.jsonl",
+    } <= keys
     assert any(k.startswith("runs/digits-mlp/tensorboard/events.out.tfevents.") for k in keys)
     run = load_run(run_uri)
     assert run.test["step"] == out.test.step and len(run.history) == 4
@@ -245,14 +371,54 @@ def assert_only_the_reports_own_markup(page: str) -> None:
     """No script, no event handler, no image but the report's SVG figures, in the page or in any of its SVGs."""
     check = TagCheck()
     check.feed(page)
-    assert "script" not in check.tags and not [a for a in check.attrs if a.startswith("on")], (set(check.tags), set(check.attrs))
-    assert set(check.tags) <= {"html", "head", "meta", "title", "style", "body", "header", "h1", "h2", "h3", "div", "main", "p", "b", "span",
-                               "code", "table", "thead", "tbody", "tr", "th", "td", "figure", "img", "figcaption"}, set(check.tags)
+    assert "script" not in check.tags and not [a for a in check.attrs if a.startswith("on")], (
+        set(check.tags),
+        set(check.attrs),
+    )
+    assert set(check.tags) <= {
+        "html",
+        "head",
+        "meta",
+        "title",
+        "style",
+        "body",
+        "header",
+        "h1",
+        "h2",
+        "h3",
+        "div",
+        "main",
+        "p",
+        "b",
+        "span",
+        "code",
+        "table",
+        "thead",
+        "tbody",
+        "tr",
+        "th",
+        "td",
+        "figure",
+        "img",
+        "figcaption",
+    }, set(check.tags)
     assert check.srcs and all(src.startswith("data:image/svg+xml;base64,") for src in check.srcs)
     for src in check.srcs:
         svg = ElementTree.fromstring(base64.b64decode(src.split(",", 1)[1]))  # well-formed, or this raises
         tags = {e.tag.rsplit("}", 1)[-1] for e in svg.iter()}
-        assert tags <= {"svg", "rect", "path", "polyline", "polygon", "circle", "text", "g", "clipPath", "linearGradient", "stop"}, tags
+        assert tags <= {
+            "svg",
+            "rect",
+            "path",
+            "polyline",
+            "polygon",
+            "circle",
+            "text",
+            "g",
+            "clipPath",
+            "linearGradient",
+            "stop",
+        }, tags
         assert not [a for e in svg.iter() for a in e.attrib if a.lower().startswith("on")]
 
 
@@ -266,8 +432,14 @@ def write_records(folder: Path, records: dict[str, object]) -> Path:
 
 
 def history(steps: int, extra_val: dict[str, float] | None = None) -> list[dict]:
-    lines = [{"step": s, "epoch": 0, "split": "train", "loss": 2.0 / s, "lr": 0.01, "samples_per_s": 1000.0 + s} for s in range(1, steps + 1)]
-    lines += [{"step": s, "epoch": 0, "split": "val", "val_loss": 1.0 / s, "val_accuracy": 0.5 + s / 100, **(extra_val or {})} for s in range(5, steps + 1, 5)]
+    lines = [
+        {"step": s, "epoch": 0, "split": "train", "loss": 2.0 / s, "lr": 0.01, "samples_per_s": 1000.0 + s}
+        for s in range(1, steps + 1)
+    ]
+    lines += [
+        {"step": s, "epoch": 0, "split": "val", "val_loss": 1.0 / s, "val_accuracy": 0.5 + s / 100, **(extra_val or {})}
+        for s in range(5, steps + 1, 5)
+    ]
     return lines
 
 
@@ -276,21 +448,56 @@ def test_hostile_strings_in_a_run_record_are_shown_as_text(tmp_path, browser):
     run = tmp_path / HOSTILE[1]  # the run's own URI is shown too
     labels = [0, 1, 2] * 10
     scores = [[0.8 if c == label else 0.1 for c in range(3)] for label in labels]
-    write_records(run, {
-        "run.json": {"run": bad, "status": HOSTILE[0], "started": HOSTILE[1], "ended": None, "command": ["orchestrator", "run", *HOSTILE],
-                     "job": {"name": bad, "data": {"name": HOSTILE[0], "task": "classification"}, "optim": {"name": HOSTILE[1]}, HOSTILE[0]: {HOSTILE[1]: 1}},
-                     "provenance": {"job_hash": HOSTILE[1], "git": {"branch": HOSTILE[0]}}, "tracking": {"mlflow": HOSTILE[1]},
-                     "summary": {"steps": 20, "error": bad, "best": {"metric": f"val_{HOSTILE[1]}", "value": 0.7, "step": 10}}},
-        "metrics.jsonl": history(20, {f"val_{HOSTILE[0]}": 0.5}),
-        "test.json": {"task": "classification", "step": 10, "best_step": 10, "checkpoint": HOSTILE[1], "examples": 30, "labels": labels, "scores": scores,
-                      "metrics": {"test_accuracy": 1.0, f"test_{HOSTILE[0]}": 0.5, "test_confusion_matrix": [[10, 0, 0], [0, 10, 0], [0, 0, 10]]}},
-    })
+    write_records(
+        run,
+        {
+            "run.json": {
+                "run": bad,
+                "status": HOSTILE[0],
+                "started": HOSTILE[1],
+                "ended": None,
+                "command": ["orchestrator", "run", *HOSTILE],
+                "job": {
+                    "name": bad,
+                    "data": {"name": HOSTILE[0], "task": "classification"},
+                    "optim": {"name": HOSTILE[1]},
+                    HOSTILE[0]: {HOSTILE[1]: 1},
+                },
+                "provenance": {"job_hash": HOSTILE[1], "git": {"branch": HOSTILE[0]}},
+                "tracking": {"mlflow": HOSTILE[1]},
+                "summary": {
+                    "steps": 20,
+                    "error": bad,
+                    "best": {"metric": f"val_{HOSTILE[1]}", "value": 0.7, "step": 10},
+                },
+            },
+            "metrics.jsonl": history(20, {f"val_{HOSTILE[0]}": 0.5}),
+            "test.json": {
+                "task": "classification",
+                "step": 10,
+                "best_step": 10,
+                "checkpoint": HOSTILE[1],
+                "examples": 30,
+                "labels": labels,
+                "scores": scores,
+                "metrics": {
+                    "test_accuracy": 1.0,
+                    f"test_{HOSTILE[0]}": 0.5,
+                    "test_confusion_matrix": [[10, 0, 0], [0, 10, 0], [0, 0, 10]],
+                },
+            },
+        },
+    )
     report = Path(write_report(str(run)))
     page = report.read_text()
     assert_only_the_reports_own_markup(page)
     assert 'class="status status-idle"' in page  # an unknown status: escaped, in the neutral colour
     seen = open_in_browser(browser, report)
-    assert seen["errors"] == [] and seen["dialogs"] == [] and set(seen["requests"]) <= {report.as_uri()} | {u for u in seen["requests"] if u.startswith("data:")}
+    assert (
+        seen["errors"] == []
+        and seen["dialogs"] == []
+        and set(seen["requests"]) <= {report.as_uri()} | {u for u in seen["requests"] if u.startswith("data:")}
+    )
     for hostile in HOSTILE:
         assert seen["text"].count(hostile) >= 5  # shown as the text it is: name, status, command, error, settings...
     assert len(seen["figures"]) == 8 and all(f["natural"] > 0 and f["h"] > 0 for f in seen["figures"])
@@ -299,24 +506,64 @@ def test_hostile_strings_in_a_run_record_are_shown_as_text(tmp_path, browser):
 
 def test_hostile_choice_values_and_trial_ids_in_a_sweep_are_shown_as_text(tmp_path, browser):
     sweep = tmp_path / "sweep"
-    trials = [(HOSTILE[1], HOSTILE[0], 0.01, 0.9, "done"), ("t2", HOSTILE[1], 0.001, 0.8, HOSTILE[0]), ("t3", "relu", 0.0001, 0.7, "stopped")]
+    trials = [
+        (HOSTILE[1], HOSTILE[0], 0.01, 0.9, "done"),
+        ("t2", HOSTILE[1], 0.001, 0.8, HOSTILE[0]),
+        ("t3", "relu", 0.0001, 0.7, "stopped"),
+    ]
     rows = []
     for trial_id, act, lr, best, status in trials:
-        write_records(sweep / trial_id, {"run.json": {"run": trial_id, "status": "finished", "config": {"model.act": act, "optim.lr": lr}},
-                                         "metrics.jsonl": history(10 if status != "stopped" else 5)})
-        rows.append({"trial_id": trial_id, "status": status, "config": {"model.act": act, "optim.lr": lr}, "metric": best, "best_metric": best, "steps": 10})
-    write_records(sweep, {"sweep.json": {
-        "sweep": HOSTILE[0], "status": "finished", "started": HOSTILE[1], "job": {"name": HOSTILE[0]},
-        "spec": {"metric": "val_accuracy", "mode": "max", "scheduler": {"name": "asha"},
-                 "parameters": {"model.act": {"type": "choice", "values": [HOSTILE[0], HOSTILE[1], "relu"]}, "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 0.1}}},
-        "result": {"metric": "val_accuracy", "mode": "max", "trials": rows, "wall_s": 1.0}}})
+        write_records(
+            sweep / trial_id,
+            {
+                "run.json": {"run": trial_id, "status": "finished", "config": {"model.act": act, "optim.lr": lr}},
+                "metrics.jsonl": history(10 if status != "stopped" else 5),
+            },
+        )
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                "config": {"model.act": act, "optim.lr": lr},
+                "metric": best,
+                "best_metric": best,
+                "steps": 10,
+            }
+        )
+    write_records(
+        sweep,
+        {
+            "sweep.json": {
+                "sweep": HOSTILE[0],
+                "status": "finished",
+                "started": HOSTILE[1],
+                "job": {"name": HOSTILE[0]},
+                "spec": {
+                    "metric": "val_accuracy",
+                    "mode": "max",
+                    "scheduler": {"name": "asha"},
+                    "parameters": {
+                        "model.act": {"type": "choice", "values": [HOSTILE[0], HOSTILE[1], "relu"]},
+                        "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 0.1},
+                    },
+                },
+                "result": {"metric": "val_accuracy", "mode": "max", "trials": rows, "wall_s": 1.0},
+            }
+        },
+    )
     report = Path(write_report(str(sweep)))
     page = report.read_text()
     assert_only_the_reports_own_markup(page)
     assert page.count('class="status status-ok">done<') == 1 and page.count('class="status status-warn">stopped<') == 1
-    assert f'class="status status-idle">{html.escape(HOSTILE[0])}<' in page  # a status outside the known set: escaped, no colour
+    assert (
+        f'class="status status-idle">{html.escape(HOSTILE[0])}<' in page
+    )  # a status outside the known set: escaped, no colour
     seen = open_in_browser(browser, report)
-    assert seen["errors"] == [] and seen["dialogs"] == [] and set(seen["requests"]) <= {report.as_uri()} | {u for u in seen["requests"] if u.startswith("data:")}
+    assert (
+        seen["errors"] == []
+        and seen["dialogs"] == []
+        and set(seen["requests"]) <= {report.as_uri()} | {u for u in seen["requests"] if u.startswith("data:")}
+    )
     assert all(h in seen["text"] for h in HOSTILE)
     assert len(seen["figures"]) == 4 and all(f["natural"] > 0 and f["h"] > 0 for f in seen["figures"])
 
@@ -324,13 +571,30 @@ def test_hostile_choice_values_and_trial_ids_in_a_sweep_are_shown_as_text(tmp_pa
 def test_report_imports_neither_matplotlib_nor_scikit_learn(tmp_path):
     """Both cost seconds to import at the end of every run and sweep trial; the figures need neither."""
     labels = list(range(4)) * 25
-    run = write_records(tmp_path / "run", {
-        "run.json": {"run": "r", "status": "finished", "job": {"data": {"task": "classification"}}, "summary": {"steps": 20}},
-        "metrics.jsonl": history(20),
-        "test.json": {"task": "classification", "step": 20, "best_step": 20, "labels": labels, "scores": [[0.25] * 4] * 100,
-                      "metrics": {"test_confusion_matrix": [[25, 0, 0, 0]] * 4}}})
-    code = ("import sys; from orchestrator.report import write_report; write_report(sys.argv[1]); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'sklearn', 'scipy'}))")
+    run = write_records(
+        tmp_path / "run",
+        {
+            "run.json": {
+                "run": "r",
+                "status": "finished",
+                "job": {"data": {"task": "classification"}},
+                "summary": {"steps": 20},
+            },
+            "metrics.jsonl": history(20),
+            "test.json": {
+                "task": "classification",
+                "step": 20,
+                "best_step": 20,
+                "labels": labels,
+                "scores": [[0.25] * 4] * 100,
+                "metrics": {"test_confusion_matrix": [[25, 0, 0, 0]] * 4},
+            },
+        },
+    )
+    code = (
+        "import sys; from orchestrator.report import write_report; write_report(sys.argv[1]); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'sklearn', 'scipy'}))"
+    )
     res = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip() == "[]"
@@ -344,46 +608,109 @@ def test_a_large_test_split_keeps_the_report_small(tmp_path):
     scores = rng.dirichlet(np.ones(50), 20_000).round(4)
     cm = np.zeros((50, 50), dtype=int)
     np.add.at(cm, (labels, scores.argmax(axis=1)), 1)
-    write_records(tmp_path / "cls", {
-        "run.json": {"run": "cls", "status": "finished", "summary": {"steps": 2000}}, "metrics.jsonl": history(2000),
-        "test.json": {"task": "classification", "step": 2000, "best_step": 2000, "labels": labels.tolist(), "scores": scores.tolist(),
-                      "metrics": {"test_confusion_matrix": cm.tolist()}}})
+    write_records(
+        tmp_path / "cls",
+        {
+            "run.json": {"run": "cls", "status": "finished", "summary": {"steps": 2000}},
+            "metrics.jsonl": history(2000),
+            "test.json": {
+                "task": "classification",
+                "step": 2000,
+                "best_step": 2000,
+                "labels": labels.tolist(),
+                "scores": scores.tolist(),
+                "metrics": {"test_confusion_matrix": cm.tolist()},
+            },
+        },
+    )
     true = rng.normal(size=20_000)
-    write_records(tmp_path / "reg", {
-        "run.json": {"run": "reg", "status": "finished", "summary": {"steps": 10}}, "metrics.jsonl": history(10),
-        "test.json": {"task": "regression", "step": 10, "best_step": 10, "targets": true.tolist(), "predictions": (true + rng.normal(size=20_000)).tolist(),
-                      "metrics": {"test_mse": 1.0}}})
+    write_records(
+        tmp_path / "reg",
+        {
+            "run.json": {"run": "reg", "status": "finished", "summary": {"steps": 10}},
+            "metrics.jsonl": history(10),
+            "test.json": {
+                "task": "regression",
+                "step": 10,
+                "best_step": 10,
+                "targets": true.tolist(),
+                "predictions": (true + rng.normal(size=20_000)).tolist(),
+                "metrics": {"test_mse": 1.0},
+            },
+        },
+    )
     for name in ("cls", "reg"):
         page = Path(write_report(str(tmp_path / name))).read_text()
         assert_only_the_reports_own_markup(page)
         assert len(page) < 1_500_000, (name, len(page))
-    assert "micro-average (AUC" in base64.b64decode(re.search(r'alt="ROC[^"]*" src="data:image/svg\+xml;base64,([^"]+)"', 
-                                                              (tmp_path / "cls" / "report.html").read_text()).group(1)).decode()
+    assert (
+        "micro-average (AUC"
+        in base64.b64decode(
+            re.search(
+                r'alt="ROC[^"]*" src="data:image/svg\+xml;base64,([^"]+)"',
+                (tmp_path / "cls" / "report.html").read_text(),
+            ).group(1)
+        ).decode()
+    )
 
 
 def test_degenerate_records_still_make_a_report_with_well_formed_figures(tmp_path):
     """One point, constant series, NaN and inf, one class, constant regression, a sweep of mixed-type choices: no crash."""
-    flat = [{"step": 1, "split": "train", "loss": 0.5, "lr": 0.0, "samples_per_s": float("nan")},
-            {"step": 1, "split": "val", "val_loss": float("inf"), "val_accuracy": 1.0, "val_perplexity": 0.0}]
+    flat = [
+        {"step": 1, "split": "train", "loss": 0.5, "lr": 0.0, "samples_per_s": float("nan")},
+        {"step": 1, "split": "val", "val_loss": float("inf"), "val_accuracy": 1.0, "val_perplexity": 0.0},
+    ]
     cases = {
         "empty": {"run.json": {"run": "empty", "status": "running"}, "metrics.jsonl": []},
-        "flat": {"run.json": {"run": "flat", "status": "finished", "summary": {"steps": 1, "stopped_early": True}}, "metrics.jsonl": flat,
-                 "test.json": {"task": "classification", "step": 1, "labels": [2, 2], "scores": [[0, 0, 1], [0, 0, 1]],
-                               "metrics": {"test_confusion_matrix": [[0, 0, 0], [0, 0, 0], [0, 0, 2]]}}},
-        "constant": {"run.json": {"run": "constant", "status": "failed"}, "metrics.jsonl": history(3),
-                     "test.json": {"task": "regression", "step": 3, "targets": [1.0] * 5, "predictions": [1.0] * 5}},
+        "flat": {
+            "run.json": {"run": "flat", "status": "finished", "summary": {"steps": 1, "stopped_early": True}},
+            "metrics.jsonl": flat,
+            "test.json": {
+                "task": "classification",
+                "step": 1,
+                "labels": [2, 2],
+                "scores": [[0, 0, 1], [0, 0, 1]],
+                "metrics": {"test_confusion_matrix": [[0, 0, 0], [0, 0, 0], [0, 0, 2]]},
+            },
+        },
+        "constant": {
+            "run.json": {"run": "constant", "status": "failed"},
+            "metrics.jsonl": history(3),
+            "test.json": {"task": "regression", "step": 3, "targets": [1.0] * 5, "predictions": [1.0] * 5},
+        },
     }
     for name, records in cases.items():
         page = Path(write_report(str(write_records(tmp_path / name, records)))).read_text()
         assert_only_the_reports_own_markup(page) if name != "empty" else None
     assert "No metrics were recorded" in (tmp_path / "empty" / "report.html").read_text()
     choices = ["relu", None, [1, 2], 3, "a much longer choice value than fits"]
-    rows = [{"trial_id": f"t{i:02d}", "status": "done", "config": {"act": choices[i % 5], "lr": 10.0 ** -(i % 4), "flat": 1},
-             "metric": i / 10, "best_metric": i / 10 if i != 3 else None, "steps": 5} for i in range(15)]
+    rows = [
+        {
+            "trial_id": f"t{i:02d}",
+            "status": "done",
+            "config": {"act": choices[i % 5], "lr": 10.0 ** -(i % 4), "flat": 1},
+            "metric": i / 10,
+            "best_metric": i / 10 if i != 3 else None,
+            "steps": 5,
+        }
+        for i in range(15)
+    ]
     for row in rows[:13]:
-        write_records(tmp_path / "sweep" / row["trial_id"], {"run.json": {"run": row["trial_id"], "status": "finished"}, "metrics.jsonl": history(5)})
-    write_records(tmp_path / "sweep", {"sweep.json": {"sweep": "s", "status": "failed", "spec": {"metric": "val_loss", "mode": "min"},
-                                                      "result": {"trials": rows}}})
+        write_records(
+            tmp_path / "sweep" / row["trial_id"],
+            {"run.json": {"run": row["trial_id"], "status": "finished"}, "metrics.jsonl": history(5)},
+        )
+    write_records(
+        tmp_path / "sweep",
+        {
+            "sweep.json": {
+                "sweep": "s",
+                "status": "failed",
+                "spec": {"metric": "val_loss", "mode": "min"},
+                "result": {"trials": rows},
+            }
+        },
+    )
     page = Path(write_report(str(tmp_path / "sweep"))).read_text()
     assert_only_the_reports_own_markup(page)
     assert page.count('<figure class="plot">') == 5

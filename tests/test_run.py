@@ -23,7 +23,14 @@ JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
 
 def orchestrator(*args, cwd=ROOT, env=None, timeout=300):
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 def summary_of(res) -> dict:
@@ -47,7 +54,11 @@ def assert_same_weights(a: dict, b: dict) -> None:
 # Every example job runs (briefly, in local mode: the loop in the driver process)
 
 
-@pytest.mark.parametrize("job", [j for j in JOBS if j.name != "transfer_finetune.yaml"], ids=[p.name for p in JOBS if p.name != "transfer_finetune.yaml"])
+@pytest.mark.parametrize(
+    "job",
+    [j for j in JOBS if j.name != "transfer_finetune.yaml"],
+    ids=[p.name for p in JOBS if p.name != "transfer_finetune.yaml"],
+)
 def test_every_example_job_runs(job, tmp_path):
     brief = ["scaling.num_workers=0", f"checkpoint.storage={tmp_path}"]
     if "entrypoint" not in job.read_text():
@@ -67,7 +78,16 @@ def test_every_example_job_runs(job, tmp_path):
 def test_transfer_learning_example_pair(tmp_path):
     storage_arg = f"checkpoint.storage={tmp_path}"
     summary_of(orchestrator("run", "jobs/transfer_source.yaml", "scaling.num_workers=0", storage_arg, "--json"))
-    out = summary_of(orchestrator("run", "jobs/transfer_finetune.yaml", "scaling.num_workers=0", storage_arg, f"model.init_from={tmp_path}/transfer-source", "--json"))
+    out = summary_of(
+        orchestrator(
+            "run",
+            "jobs/transfer_finetune.yaml",
+            "scaling.num_workers=0",
+            storage_arg,
+            f"model.init_from={tmp_path}/transfer-source",
+            "--json",
+        )
+    )
     assert out["metrics"]["val_accuracy"] > 0.9  # digits 5-9, from features learnt on 0-4
     source, tuned = final_weights(str(tmp_path / "transfer-source")), final_weights(str(tmp_path / "transfer-finetune"))
     assert torch.equal(source["net.1.weight"], tuned["net.1.weight"])  # frozen
@@ -77,7 +97,9 @@ def test_transfer_learning_example_pair(tmp_path):
 def test_main_example_reaches_its_accuracy_in_local_mode(tmp_path):
     # The README promises >= 0.95 validation accuracy for jobs/digits_mlp.yaml.
     start = time.time()
-    out = summary_of(orchestrator("run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "--json"))
+    out = summary_of(
+        orchestrator("run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "--json")
+    )
     assert out["best"]["metrics"]["val_accuracy"] >= 0.95
     assert time.time() - start < 120
 
@@ -102,7 +124,11 @@ def test_main_example_reaches_its_accuracy_in_local_mode(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(overrides, message, tmp_path):
-    job = "jobs/diabetes_parquet.yaml" if overrides[0].startswith("data.") and "nope" not in overrides[0] else "jobs/digits_mlp.yaml"
+    job = (
+        "jobs/diabetes_parquet.yaml"
+        if overrides[0].startswith("data.") and "nope" not in overrides[0]
+        else "jobs/digits_mlp.yaml"
+    )
     res = orchestrator("run", job, f"checkpoint.storage={tmp_path}/runs", *overrides)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
@@ -122,7 +148,14 @@ def test_missing_bucket_is_caught_before_ray(s3_server, tmp_path):
 
 
 def test_rerun_of_a_finished_run_says_so_and_fresh_starts_anew(tmp_path):
-    args = ["run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "train.max_steps=10", "--json"]
+    args = [
+        "run",
+        "jobs/digits_mlp.yaml",
+        "scaling.num_workers=0",
+        f"checkpoint.storage={tmp_path}",
+        "train.max_steps=10",
+        "--json",
+    ]
     first = summary_of(orchestrator(*args))
     again = orchestrator(*args)
     second = summary_of(again)
@@ -133,7 +166,15 @@ def test_rerun_of_a_finished_run_says_so_and_fresh_starts_anew(tmp_path):
 
 
 def test_longer_rerun_resumes_from_the_last_checkpoint(tmp_path):
-    base = ["run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "--json", "train.epochs=2", "early_stopping=null"]
+    base = [
+        "run",
+        "jobs/digits_mlp.yaml",
+        "scaling.num_workers=0",
+        f"checkpoint.storage={tmp_path}",
+        "--json",
+        "train.epochs=2",
+        "early_stopping=null",
+    ]
     summary_of(orchestrator(*base))
     # A run that crashed leaves run.json "running": simulate by flipping the status.
     record_path = tmp_path / "digits-mlp" / "run.json"
@@ -149,8 +190,15 @@ def test_longer_rerun_resumes_from_the_last_checkpoint(tmp_path):
 # that was never interrupted.
 
 KILL_JOB = [
-    "model.hidden=256", "model.layers=3", "train.batch_size=16", "train.epochs=3", "early_stopping=null",
-    "checkpoint.every_n_steps=10", "checkpoint.every_n_epochs=null", "checkpoint.keep_last=3", "train.log_every_n_steps=50",
+    "model.hidden=256",
+    "model.layers=3",
+    "train.batch_size=16",
+    "train.epochs=3",
+    "early_stopping=null",
+    "checkpoint.every_n_steps=10",
+    "checkpoint.every_n_epochs=null",
+    "checkpoint.keep_last=3",
+    "train.log_every_n_steps=50",
 ]
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1"}  # Ray gives a 1-CPU worker one thread; the reference must match
 
@@ -194,13 +242,37 @@ def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 
 @pytest.fixture(scope="module")
 def reference_weights(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
-    summary_of(orchestrator("run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", f"checkpoint.storage={tmp}", *KILL_JOB, "--json", env=SINGLE_THREAD))
+    summary_of(
+        orchestrator(
+            "run",
+            "jobs/digits_mlp.yaml",
+            "scaling.num_workers=0",
+            f"checkpoint.storage={tmp}",
+            *KILL_JOB,
+            "--json",
+            env=SINGLE_THREAD,
+        )
+    )
     return final_weights(str(tmp / "digits-mlp"))
 
 
 def test_killed_driver_then_rerun_ends_with_identical_weights(tmp_path, reference_weights):
-    args = ["run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", f"checkpoint.storage={tmp_path}", *KILL_JOB, "--json"]
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=ROOT, env={**os.environ, **SINGLE_THREAD}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "run",
+        "jobs/digits_mlp.yaml",
+        "scaling.num_workers=0",
+        f"checkpoint.storage={tmp_path}",
+        *KILL_JOB,
+        "--json",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=ROOT,
+        env={**os.environ, **SINGLE_THREAD},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_checkpoint(tmp_path / "digits-mlp", proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -213,8 +285,22 @@ def test_killed_driver_then_rerun_ends_with_identical_weights(tmp_path, referenc
 
 @pytest.mark.slow
 def test_sigkilled_ray_worker_is_restarted_and_ends_with_identical_weights(tmp_path, reference_weights):
-    args = ["run", "jobs/digits_mlp.yaml", "scaling.num_workers=1", "failure.max_failures=2", f"checkpoint.storage={tmp_path}", *KILL_JOB, "--json"]
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "run",
+        "jobs/digits_mlp.yaml",
+        "scaling.num_workers=1",
+        "failure.max_failures=2",
+        f"checkpoint.storage={tmp_path}",
+        *KILL_JOB,
+        "--json",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_checkpoint(tmp_path / "digits-mlp", proc)
     workers = [p for p in descendants(proc.pid) if "RayTrainWorker" in cmdline(p)]
     assert workers, "no Ray Train worker process found"
@@ -230,8 +316,20 @@ def test_sigkilled_ray_worker_is_restarted_and_ends_with_identical_weights(tmp_p
 
 @pytest.mark.slow
 def test_two_ddp_workers_on_embedded_ray(tmp_path):
-    out = summary_of(orchestrator("run", "jobs/digits_mlp.yaml", "scaling.num_workers=2", "train.epochs=2", "early_stopping=null", f"checkpoint.storage={tmp_path}", "--json"))
-    assert out["status"] == "finished" and out["steps"] == 2 * 22  # 1374 training examples: 687 a rank, 22 batches of 32
+    out = summary_of(
+        orchestrator(
+            "run",
+            "jobs/digits_mlp.yaml",
+            "scaling.num_workers=2",
+            "train.epochs=2",
+            "early_stopping=null",
+            f"checkpoint.storage={tmp_path}",
+            "--json",
+        )
+    )
+    assert (
+        out["status"] == "finished" and out["steps"] == 2 * 22
+    )  # 1374 training examples: 687 a rank, 22 batches of 32
     fs, root = storage.open_storage(str(tmp_path / "digits-mlp"))
     _, files = ckpt.restore_latest(fs, root)
     assert len(ckpt.deserialize_state(files["rng.pt"])) == 2
@@ -240,7 +338,17 @@ def test_two_ddp_workers_on_embedded_ray(tmp_path):
 
 def test_checkpoints_and_export_commands(tmp_path, s3_server, bucket):
     storage_arg = f"checkpoint.storage=s3://{bucket}/runs"
-    out = summary_of(orchestrator("run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", storage_arg, "train.max_steps=20", "checkpoint.every_n_steps=10", "--json"))
+    out = summary_of(
+        orchestrator(
+            "run",
+            "jobs/digits_mlp.yaml",
+            "scaling.num_workers=0",
+            storage_arg,
+            "train.max_steps=20",
+            "checkpoint.every_n_steps=10",
+            "--json",
+        )
+    )
     run_uri = f"s3://{bucket}/runs/digits-mlp"
     assert out["run_uri"] == run_uri
     listed = json.loads(orchestrator("checkpoints", run_uri, "--json").stdout)
@@ -256,7 +364,9 @@ def test_checkpoints_and_export_commands(tmp_path, s3_server, bucket):
     exported = load_file(str(target))
     assert set(exported) == set(final_weights(run_uri))
     bad = orchestrator("export", f"{run_uri}/checkpoint_00000015", "--out", str(tmp_path / "x.safetensors"))
-    assert bad.returncode == 2 and "not a committed checkpoint" in bad.stderr and not (tmp_path / "x.safetensors").exists()
+    assert (
+        bad.returncode == 2 and "not a committed checkpoint" in bad.stderr and not (tmp_path / "x.safetensors").exists()
+    )
     empty = orchestrator("checkpoints", str(tmp_path / "nothing"))
     assert empty.returncode == 2 and "no committed checkpoint" in empty.stderr
 
@@ -279,7 +389,9 @@ def test_the_default_job_piped_shows_plain_progress_and_logs_everything(tmp_path
     assert_no_ray_lines(res.stdout + res.stderr)
     shown = res.stdout.splitlines()
     assert any(line.startswith("step ") and "samples/s" in line for line in shown)
-    assert any(line.startswith("  validation: ") for line in shown) and any(line.startswith("finished: digits-mlp") for line in shown)
+    assert any(line.startswith("  validation: ") for line in shown) and any(
+        line.startswith("finished: digits-mlp") for line in shown
+    )
     log = (tmp_path / "digits-mlp" / "run.log").read_text()
     assert "TrainingReport(" in log and "RayTrainWorker" in log  # the workers' own output is kept, not shown
     assert "  validation: " in log and "finished: digits-mlp" in log
@@ -291,12 +403,16 @@ def test_the_default_job_in_a_terminal_draws_one_progress_display(tmp_path):
         pytest.fail("tmux is needed for this test (make setup installs it)")
     server, session = f"orch-test-{os.getpid()}", "run"
     command = f"cd {ROOT} && {sys.executable} -m orchestrator run jobs/digits_mlp.yaml train.epochs=2 checkpoint.storage={tmp_path}; echo EXIT=$?; sleep 600"
-    subprocess.run(["tmux", "-L", server, "new-session", "-d", "-s", session, "-x", "160", "-y", "50", command], check=True)
+    subprocess.run(
+        ["tmux", "-L", server, "new-session", "-d", "-s", session, "-x", "160", "-y", "50", command], check=True
+    )
     try:
         deadline, screen = time.time() + 240, ""
         while time.time() < deadline and "EXIT=" not in screen:
             time.sleep(1)
-            screen = subprocess.run(["tmux", "-L", server, "capture-pane", "-p", "-t", session, "-S", "-"], capture_output=True, text=True).stdout
+            screen = subprocess.run(
+                ["tmux", "-L", server, "capture-pane", "-p", "-t", session, "-S", "-"], capture_output=True, text=True
+            ).stdout
     finally:
         subprocess.run(["tmux", "-L", server, "kill-server"], capture_output=True)
     assert "EXIT=0" in screen, screen
@@ -307,7 +423,7 @@ def test_the_default_job_in_a_terminal_draws_one_progress_display(tmp_path):
     assert "TrainingReport(" in (tmp_path / "digits-mlp" / "run.log").read_text()
 
 
-BROKEN_MODEL = '''
+BROKEN_MODEL = """
 import torch
 
 
@@ -326,14 +442,24 @@ class Breaks(torch.nn.Module):
 
 def model(info):
     return Breaks(info)
-'''
+"""
 
 
 def test_a_failed_run_still_gets_its_report_and_log(tmp_path):
     (tmp_path / "breaks.py").write_text(BROKEN_MODEL)
     job = tmp_path / "job.yaml"
-    job.write_text(f"name: breaks\nmodel: {{name: 'breaks:model'}}\ndata: {{name: digits}}\ncheckpoint: {{storage: {tmp_path / 'runs'}}}\n")
-    res = orchestrator("run", str(job), "scaling.num_workers=0", "train.max_steps=40", "validation.every_n_steps=10", "failure.max_failures=0", "--json")
+    job.write_text(
+        f"name: breaks\nmodel: {{name: 'breaks:model'}}\ndata: {{name: digits}}\ncheckpoint: {{storage: {tmp_path / 'runs'}}}\n"
+    )
+    res = orchestrator(
+        "run",
+        str(job),
+        "scaling.num_workers=0",
+        "train.max_steps=40",
+        "validation.every_n_steps=10",
+        "failure.max_failures=0",
+        "--json",
+    )
     assert res.returncode == 1
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["status"] == "failed" and "the user's model broke" in out["error"]

@@ -58,14 +58,31 @@ def test_defaults_are_a_valid_job():
         ({"entrypoint": "not a hook"}, "entrypoint: 'not a hook' is not of the form module:function"),
         ({"model": {"name": "gpt"}}, "model.name: gpt needs token data"),
         ({"data": {"name": "synthetic", "task": "lm"}}, "model.name: mlp cannot model tokens; use gpt"),
-        ({"model": {"name": "gpt", "hidden": 30, "heads": 4}, "data": {"name": "synthetic", "task": "lm"}}, "model.heads: 4 does not divide model.hidden=30"),
-        ({"model": {"name": "cnn"}, "data": {"name": "synthetic", "task": "classification"}}, "model.name: cnn needs image data"),
-        ({"schedule": {"name": "step", "warmup_steps": 5}}, "schedule.warmup_steps: applies to constant and warmup_cosine, not step"),
-        ({"early_stopping": {"metric": "val_acc"}}, "early_stopping.metric: 'val_acc' is not a validation metric of this job (did you mean 'val_accuracy'?)"),
-        ({"schedule": {"name": "plateau", "metric": "val_mse"}}, "schedule.metric: 'val_mse' is not a validation metric"),
+        (
+            {"model": {"name": "gpt", "hidden": 30, "heads": 4}, "data": {"name": "synthetic", "task": "lm"}},
+            "model.heads: 4 does not divide model.hidden=30",
+        ),
+        (
+            {"model": {"name": "cnn"}, "data": {"name": "synthetic", "task": "classification"}},
+            "model.name: cnn needs image data",
+        ),
+        (
+            {"schedule": {"name": "step", "warmup_steps": 5}},
+            "schedule.warmup_steps: applies to constant and warmup_cosine, not step",
+        ),
+        (
+            {"early_stopping": {"metric": "val_acc"}},
+            "early_stopping.metric: 'val_acc' is not a validation metric of this job (did you mean 'val_accuracy'?)",
+        ),
+        (
+            {"schedule": {"name": "plateau", "metric": "val_mse"}},
+            "schedule.metric: 'val_mse' is not a validation metric",
+        ),
         ({"checkpoint": {"best_metric": "loss"}}, "checkpoint.best_metric: 'loss' is not a validation metric"),
-        ({"early_stopping": {"metric": "val_accuracy", "mode": "max"}, "checkpoint": {"best_metric": "val_loss"}},
-         "checkpoint.best_metric: 'val_loss' differs from early_stopping.metric 'val_accuracy'"),
+        (
+            {"early_stopping": {"metric": "val_accuracy", "mode": "max"}, "checkpoint": {"best_metric": "val_loss"}},
+            "checkpoint.best_metric: 'val_loss' differs from early_stopping.metric 'val_accuracy'",
+        ),
         ("just a string", "(job): the job file must be a mapping of sections"),
     ],
 )
@@ -124,7 +141,9 @@ def test_readme_reference_matches_schema():
 
 
 def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, timeout=60
+    )
 
 
 def test_validate_cli_exit_codes(tmp_path):
@@ -135,7 +154,10 @@ def test_validate_cli_exit_codes(tmp_path):
     bad.write_text("optim:\n  lrr: 1\ntrain:\n  epochs: 0\n")
     res = run_cli("validate", str(bad))
     assert res.returncode == 2
-    assert res.stderr.splitlines() == ["error: optim.lrr: unknown field (did you mean 'lr'?)", "error: train.epochs: Input should be greater than or equal to 1"]
+    assert res.stderr.splitlines() == [
+        "error: optim.lrr: unknown field (did you mean 'lr'?)",
+        "error: train.epochs: Input should be greater than or equal to 1",
+    ]
     missing = run_cli("validate", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "no such job file" in missing.stderr
     broken = tmp_path / "broken.yaml"

@@ -7,12 +7,12 @@ import time
 
 import pytest
 import torch
-
 from conftest import S3Server, TcpProxy, free_port
+
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
-from orchestrator.spec import build_spec
 from orchestrator.loop import LoopContext, run_training
+from orchestrator.spec import build_spec
 
 JOB = {
     "name": "outage",
@@ -66,7 +66,9 @@ class VisibilityWatcher(threading.Thread):
             time.sleep(0.05)
 
 
-def outage_after_first_checkpoint(run_uri: str, endpoint: str, proxy: TcpProxy, down_s: float | None) -> threading.Thread:
+def outage_after_first_checkpoint(
+    run_uri: str, endpoint: str, proxy: TcpProxy, down_s: float | None
+) -> threading.Thread:
     fs, root = storage.open_storage(run_uri, endpoint)
 
     def cut():
@@ -84,7 +86,9 @@ def outage_after_first_checkpoint(run_uri: str, endpoint: str, proxy: TcpProxy, 
 
 def test_outage_mid_run_is_survived_with_identical_weights(s3_behind_proxy):
     server, proxy = s3_behind_proxy
-    reference = build_spec(JOB, ["checkpoint.storage=s3://outage/reference", f"checkpoint.endpoint_url={server.endpoint}"])
+    reference = build_spec(
+        JOB, ["checkpoint.storage=s3://outage/reference", f"checkpoint.endpoint_url={server.endpoint}"]
+    )
     run_training(reference, LoopContext(run_uri="s3://outage/reference/outage", log=lambda m: None))
 
     spec = build_spec(JOB, ["checkpoint.storage=s3://outage/runs", f"checkpoint.endpoint_url={proxy.endpoint}"])

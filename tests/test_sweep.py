@@ -20,11 +20,15 @@ ASHA_SWEEP = "jobs/sweep_digits_asha.yaml"
 
 
 def orchestrator(*args, cwd=ROOT, timeout=120):
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
 
 
 def sweep_spec(**sweep):
-    return build_spec({"sweep": {"parameters": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1}}, **sweep}}).sweep
+    return build_spec(
+        {"sweep": {"parameters": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1}}, **sweep}}
+    ).sweep
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,21 +38,66 @@ def sweep_spec(**sweep):
 @pytest.mark.parametrize(
     "file, overrides, message",
     [
-        (LR_SWEEP, ['sweep.parameters={"optim.lrr": {type: grid, values: [0.1]}}'],
-         "error: sweep.parameters.optim.lrr: not a field of the job (optim.lrr: unknown field (did you mean 'lr'?))"),
-        (LR_SWEEP, ['sweep.parameters={"optim": {type: grid, values: [0.1]}}'], "error: sweep.parameters.optim: is a section of the job, not a field; name a field in it (e.g. optim.name)"),
-        (LR_SWEEP, ['sweep.parameters={"optim.lr": {type: choice, values: []}}'], "error: sweep.parameters.optim.lr.values: a choice needs at least one value"),
-        (LR_SWEEP, ['sweep.parameters={"optim.lr": {type: loguniform, low: 0.1, high: 1e-3}}'], "error: sweep.parameters.optim.lr.low: 0.1 is above high=0.001"),
-        (LR_SWEEP, ['sweep.parameters={"model.hidden": {type: choice, values: [32, 0]}}'],
-         "error: sweep.parameters.model.hidden: the value 0 does not make a valid job (model.hidden: Input should be greater than or equal to 1)"),
-        (ASHA_SWEEP, ["sweep.scheduler.max_tt=3"], "error: sweep.scheduler.max_tt: unknown field (did you mean 'max_t'?)"),
-        (ASHA_SWEEP, ["sweep.scheduler.perturbation_interval=3"], "error: sweep.scheduler.perturbation_interval: is an option of pbt, not asha"),
-        (ASHA_SWEEP, ["sweep.scheduler.name=hyperband"], "error: sweep.scheduler.name: Input should be 'fifo', 'asha' or 'pbt'"),
-        (ASHA_SWEEP, ["sweep.metric=val_acc"], "error: sweep.metric: 'val_acc' is not a validation metric of this job (did you mean 'val_accuracy'?)"),
-        (ASHA_SWEEP, ["sweep.search=grid"], "error: sweep.search: grid needs values to enumerate; optim.lr is loguniform"),
-        (LR_SWEEP, ["sweep.scheduler.name=pbt", "sweep.scheduler.grace_period=2"], "error: sweep.scheduler.grace_period: is an option of asha, not pbt"),
-        (LR_SWEEP, ["sweep.scheduler.name=pbt", 'sweep.parameters={"model.hidden": {type: grid, values: [32]}}'],
-         "error: sweep.scheduler.mutations: model.hidden cannot change in a running trial"),
+        (
+            LR_SWEEP,
+            ['sweep.parameters={"optim.lrr": {type: grid, values: [0.1]}}'],
+            "error: sweep.parameters.optim.lrr: not a field of the job (optim.lrr: unknown field (did you mean 'lr'?))",
+        ),
+        (
+            LR_SWEEP,
+            ['sweep.parameters={"optim": {type: grid, values: [0.1]}}'],
+            "error: sweep.parameters.optim: is a section of the job, not a field; name a field in it (e.g. optim.name)",
+        ),
+        (
+            LR_SWEEP,
+            ['sweep.parameters={"optim.lr": {type: choice, values: []}}'],
+            "error: sweep.parameters.optim.lr.values: a choice needs at least one value",
+        ),
+        (
+            LR_SWEEP,
+            ['sweep.parameters={"optim.lr": {type: loguniform, low: 0.1, high: 1e-3}}'],
+            "error: sweep.parameters.optim.lr.low: 0.1 is above high=0.001",
+        ),
+        (
+            LR_SWEEP,
+            ['sweep.parameters={"model.hidden": {type: choice, values: [32, 0]}}'],
+            "error: sweep.parameters.model.hidden: the value 0 does not make a valid job (model.hidden: Input should be greater than or equal to 1)",
+        ),
+        (
+            ASHA_SWEEP,
+            ["sweep.scheduler.max_tt=3"],
+            "error: sweep.scheduler.max_tt: unknown field (did you mean 'max_t'?)",
+        ),
+        (
+            ASHA_SWEEP,
+            ["sweep.scheduler.perturbation_interval=3"],
+            "error: sweep.scheduler.perturbation_interval: is an option of pbt, not asha",
+        ),
+        (
+            ASHA_SWEEP,
+            ["sweep.scheduler.name=hyperband"],
+            "error: sweep.scheduler.name: Input should be 'fifo', 'asha' or 'pbt'",
+        ),
+        (
+            ASHA_SWEEP,
+            ["sweep.metric=val_acc"],
+            "error: sweep.metric: 'val_acc' is not a validation metric of this job (did you mean 'val_accuracy'?)",
+        ),
+        (
+            ASHA_SWEEP,
+            ["sweep.search=grid"],
+            "error: sweep.search: grid needs values to enumerate; optim.lr is loguniform",
+        ),
+        (
+            LR_SWEEP,
+            ["sweep.scheduler.name=pbt", "sweep.scheduler.grace_period=2"],
+            "error: sweep.scheduler.grace_period: is an option of asha, not pbt",
+        ),
+        (
+            LR_SWEEP,
+            ["sweep.scheduler.name=pbt", 'sweep.parameters={"model.hidden": {type: grid, values: [32]}}'],
+            "error: sweep.scheduler.mutations: model.hidden cannot change in a running trial",
+        ),
         (ASHA_SWEEP, ["sweep.scheduler.grace_period=30"], "error: sweep.scheduler.grace_period: 30 is above max_t=18"),
         (ASHA_SWEEP, ["scaling.num_workers=64"], "error: scaling.num_workers: 64 worker(s) x 1 CPU need 64 CPUs"),
         ("jobs/digits_mlp.yaml", [], "error: jobs/digits_mlp.yaml: no sweep section"),
@@ -76,7 +125,9 @@ def test_every_example_sweep_validates_and_runs_as_a_plain_job_file():
 
 
 def test_yaml_numbers_in_values_are_numbers_and_modes_follow_the_metric():
-    spec = build_spec(yaml.safe_load("sweep: {parameters: {optim.lr: {type: grid, values: [1e-4, 1e-3]}}, metric: val_accuracy}"))
+    spec = build_spec(
+        yaml.safe_load("sweep: {parameters: {optim.lr: {type: grid, values: [1e-4, 1e-3]}}, metric: val_accuracy}")
+    )
     assert spec.sweep.parameters["optim.lr"].values == [1e-4, 1e-3]
     assert spec.sweep.mode == "max" and sweep_spec().mode == "min"
 
@@ -88,7 +139,17 @@ def test_a_resolved_sweep_job_loads_again():
 
 def test_trial_count_crosses_grids_and_repeats_samples():
     assert sweep_spec(num_samples=5).trial_count == 5
-    grid = build_spec({"sweep": {"parameters": {"optim.lr": {"type": "grid", "values": [1, 2, 3]}, "model.hidden": {"type": "choice", "values": [8, 16]}}, "num_samples": 2}}).sweep
+    grid = build_spec(
+        {
+            "sweep": {
+                "parameters": {
+                    "optim.lr": {"type": "grid", "values": [1, 2, 3]},
+                    "model.hidden": {"type": "choice", "values": [8, 16]},
+                },
+                "num_samples": 2,
+            }
+        }
+    ).sweep
     assert grid.trial_count == 6
     assert grid.model_copy(update={"search": "grid"}).trial_count == 12
 
@@ -97,12 +158,16 @@ def test_a_sweep_file_can_name_its_job_file(tmp_path):
     from orchestrator.sweep import load_sweep
 
     (tmp_path / "base.yaml").write_text("name: base\nmodel: {hidden: 16, layers: 1}\ntrain: {epochs: 3}\n")
-    (tmp_path / "s.yaml").write_text("job: base.yaml\ntrain: {epochs: 2}\nsweep: {parameters: {optim.lr: {type: grid, values: [0.1]}}}\n")
+    (tmp_path / "s.yaml").write_text(
+        "job: base.yaml\ntrain: {epochs: 2}\nsweep: {parameters: {optim.lr: {type: grid, values: [0.1]}}}\n"
+    )
     job = load_sweep(str(tmp_path / "s.yaml"), [f"checkpoint.storage={tmp_path}/runs"])
     assert job.spec.train.epochs == 2 and job.spec.model.hidden == 16 and job.spec.model.layers == 1
     assert job.name == "base-sweep" and job.uri == f"{tmp_path}/runs/base-sweep" and job.base_dir == str(tmp_path)
     assert "sweep" not in job.job
-    (tmp_path / "s2.yaml").write_text("job: missing.yaml\nsweep: {parameters: {optim.lr: {type: grid, values: [0.1]}}}\n")
+    (tmp_path / "s2.yaml").write_text(
+        "job: missing.yaml\nsweep: {parameters: {optim.lr: {type: grid, values: [0.1]}}}\n"
+    )
     with pytest.raises(SpecError, match="missing.yaml: no such job file"):
         load_sweep(str(tmp_path / "s2.yaml"))
 
@@ -111,9 +176,17 @@ def test_the_same_sweep_has_the_same_fingerprint(tmp_path):
     from orchestrator.sweep import load_sweep
 
     base = load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}"])
-    assert load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}", "sweep.max_concurrent_trials=1"]).fingerprint() == base.fingerprint()
-    assert load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}", "sweep.num_samples=2"]).fingerprint() != base.fingerprint()
-    assert load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}", "train.epochs=3"]).fingerprint() != base.fingerprint()
+    assert (
+        load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}", "sweep.max_concurrent_trials=1"]).fingerprint()
+        == base.fingerprint()
+    )
+    assert (
+        load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}", "sweep.num_samples=2"]).fingerprint()
+        != base.fingerprint()
+    )
+    assert (
+        load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}", "train.epochs=3"]).fingerprint() != base.fingerprint()
+    )
     assert load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}"], fresh=True).name.startswith("digits-lr-")
 
 
@@ -126,23 +199,34 @@ def test_each_parameter_type_becomes_its_tune_domain():
 
     from orchestrator.sweep import build_param_space
 
-    sweep = build_spec({"sweep": {"parameters": {
-        "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1},
-        "model.dropout": {"type": "uniform", "low": 0.0, "high": 0.3},
-        "model.hidden": {"type": "choice", "values": [32, 64]},
-        "model.layers": {"type": "randint", "low": 1, "high": 3},
-        "train.batch_size": {"type": "grid", "values": [16, 32]},
-        "optim.weight_decay": {"type": "qloguniform", "low": 1e-5, "high": 1e-2, "q": 1e-5},
-    }}}).sweep
+    sweep = build_spec(
+        {
+            "sweep": {
+                "parameters": {
+                    "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1},
+                    "model.dropout": {"type": "uniform", "low": 0.0, "high": 0.3},
+                    "model.hidden": {"type": "choice", "values": [32, 64]},
+                    "model.layers": {"type": "randint", "low": 1, "high": 3},
+                    "train.batch_size": {"type": "grid", "values": [16, 32]},
+                    "optim.weight_decay": {"type": "qloguniform", "low": 1e-5, "high": 1e-2, "q": 1e-5},
+                }
+            }
+        }
+    ).sweep
     space = build_param_space(sweep)
     assert isinstance(space["optim.lr"], Float) and isinstance(space["optim.lr"].get_sampler(), LogUniform)
     assert (space["optim.lr"].lower, space["optim.lr"].upper) == (1e-4, 1e-1)
     assert isinstance(space["model.dropout"], Float) and space["model.dropout"].upper == 0.3
     assert isinstance(space["model.hidden"], Categorical) and space["model.hidden"].categories == [32, 64]
-    assert isinstance(space["model.layers"], Integer) and (space["model.layers"].lower, space["model.layers"].upper) == (1, 4)  # high included
+    assert isinstance(space["model.layers"], Integer) and (
+        space["model.layers"].lower,
+        space["model.layers"].upper,
+    ) == (1, 4)  # high included
     assert space["train.batch_size"] == {"grid_search": [16, 32]}
     assert isinstance(space["optim.weight_decay"].get_sampler(), Quantized)
-    enumerated = build_param_space(sweep.model_copy(update={"search": "grid", "parameters": {"model.hidden": sweep.parameters["model.hidden"]}}))
+    enumerated = build_param_space(
+        sweep.model_copy(update={"search": "grid", "parameters": {"model.hidden": sweep.parameters["model.hidden"]}})
+    )
     assert enumerated == {"model.hidden": {"grid_search": [32, 64]}}
 
 
@@ -158,12 +242,25 @@ def test_schedulers_and_searches():
     assert isinstance(asha, ASHAScheduler) and asha._time_attr == "epoch"
     # 18 epochs, grace 2, factor 3: rungs at 2 and 6; none at 18, where a trial has finished anyway.
     assert [r[0] for r in asha._brackets[0]._rungs] == [6, 2]
-    shorter = build_scheduler(spec.sweep.model_copy(update={"scheduler": spec.sweep.scheduler.model_copy(update={"max_t": 9})}), spec)
+    shorter = build_scheduler(
+        spec.sweep.model_copy(update={"scheduler": spec.sweep.scheduler.model_copy(update={"max_t": 9})}), spec
+    )
     assert shorter._max_t == 9  # a horizon below the trial's length stops trials there
     assert isinstance(build_scheduler(load_spec(LR_SWEEP).sweep, load_spec(LR_SWEEP)), FIFOScheduler)
-    pbt_spec = build_spec({"sweep": {"parameters": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1}}, "scheduler": {"name": "pbt", "perturbation_interval": 3}}})
+    pbt_spec = build_spec(
+        {
+            "sweep": {
+                "parameters": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1}},
+                "scheduler": {"name": "pbt", "perturbation_interval": 3},
+            }
+        }
+    )
     pbt = build_scheduler(pbt_spec.sweep, pbt_spec)
-    assert isinstance(pbt, PopulationBasedTraining) and pbt._perturbation_interval == 3 and list(pbt._hyperparam_mutations) == ["optim.lr"]
+    assert (
+        isinstance(pbt, PopulationBasedTraining)
+        and pbt._perturbation_interval == 3
+        and list(pbt._hyperparam_mutations) == ["optim.lr"]
+    )
     assert isinstance(build_search(spec.sweep), BasicVariantGenerator)
     optuna = build_search(spec.sweep.model_copy(update={"search": "optuna"}))
     assert isinstance(optuna, ConcurrencyLimiter) and type(optuna.searcher).__name__ == "OptunaSearch"
@@ -184,8 +281,15 @@ def test_trial_settings_are_applied_and_kept_in_range():
     from orchestrator.sweep import trial_spec
 
     sweep = build_spec({"sweep": {"parameters": {"model.dropout": {"type": "uniform", "low": 0.0, "high": 0.3}}}}).sweep
-    spec = trial_spec({"model": {"hidden": 8}}, {"model.dropout": np.float64(0.36), "model.hidden": np.int64(16)}, "t-1", sweep.parameters)
-    assert spec.model.dropout == 0.3 and spec.model.hidden == 16 and spec.name == "t-1"  # PBT's perturbation past high is clamped
+    spec = trial_spec(
+        {"model": {"hidden": 8}},
+        {"model.dropout": np.float64(0.36), "model.hidden": np.int64(16)},
+        "t-1",
+        sweep.parameters,
+    )
+    assert (
+        spec.model.dropout == 0.3 and spec.model.hidden == 16 and spec.name == "t-1"
+    )  # PBT's perturbation past high is clamped
 
 
 def test_build_sweep_submission_runs_the_sweep_command_on_the_cluster(tmp_path):
@@ -193,7 +297,10 @@ def test_build_sweep_submission_runs_the_sweep_command_on_the_cluster(tmp_path):
 
     job = load_sweep(LR_SWEEP, ["checkpoint.storage=/shared/runs"])
     submission = build_sweep_submission(job, ["checkpoint.storage=/shared/runs"])
-    assert submission["entrypoint"] == "python -m orchestrator sweep sweep_digits_lr.yaml checkpoint.storage=/shared/runs --address auto --json"
+    assert (
+        submission["entrypoint"]
+        == "python -m orchestrator sweep sweep_digits_lr.yaml checkpoint.storage=/shared/runs --address auto --json"
+    )
     assert submission["runtime_env"]["working_dir"] == str(ROOT / "jobs")
     assert submission["metadata"]["orchestrator_run"] == "digits-lr"
 
@@ -205,27 +312,41 @@ def test_build_sweep_submission_runs_the_sweep_command_on_the_cluster(tmp_path):
 def test_exploit_copies_the_donors_checkpoint_with_the_recipients_optimizer_settings(tmp_path):
     from ray import tune
 
+    from orchestrator.loop import LoopContext, run_training
     from orchestrator.rundir import RunDir
     from orchestrator.sweep.trial import POINTER, adopt_exploited_checkpoint
-    from orchestrator.loop import LoopContext, run_training
 
-    raw = {"model": {"name": "mlp", "hidden": 16, "layers": 1}, "train": {"epochs": 1, "max_steps": 8, "batch_size": 64},
-           "schedule": {"name": "warmup_cosine", "warmup_steps": 2}, "checkpoint": {"storage": str(tmp_path), "every_n_steps": 4, "keep_last": 5}}
+    raw = {
+        "model": {"name": "mlp", "hidden": 16, "layers": 1},
+        "train": {"epochs": 1, "max_steps": 8, "batch_size": 64},
+        "schedule": {"name": "warmup_cosine", "warmup_steps": 2},
+        "checkpoint": {"storage": str(tmp_path), "every_n_steps": 4, "keep_last": 5},
+    }
     donor, recipient = str(tmp_path / "donor"), str(tmp_path / "recipient")
     run_training(build_spec(raw, ["optim.lr=0.01"]), LoopContext(run_uri=donor))
-    run_training(build_spec(raw, ["optim.lr=0.0001", "train.max_steps=6", "checkpoint.every_n_steps=3"]), LoopContext(run_uri=recipient))
+    run_training(
+        build_spec(raw, ["optim.lr=0.0001", "train.max_steps=6", "checkpoint.every_n_steps=3"]),
+        LoopContext(run_uri=recipient),
+    )
     pointer = tmp_path / "tune-ckpt"
     pointer.mkdir()
     (pointer / POINTER).write_text(json.dumps({"run_uri": donor, "step": 4}))
     spec = build_spec(raw, ["optim.lr=0.02", "optim.weight_decay=0.5"])
 
-    assert adopt_exploited_checkpoint(tune.Checkpoint.from_directory(str(pointer)), RunDir.open(recipient), spec) == f"{donor}/checkpoint_00000004"
+    assert (
+        adopt_exploited_checkpoint(tune.Checkpoint.from_directory(str(pointer)), RunDir.open(recipient), spec)
+        == f"{donor}/checkpoint_00000004"
+    )
     fs, root = storage.open_storage(recipient)
     found = ckpt.list_checkpoints(fs, root)
     assert [c.step for c in found] == [4]  # the recipient's own lineage (steps 3, 6) is gone
     state = ckpt.deserialize_state(ckpt.read_verified(fs, found[0])["state.pt"])
     decay, no_decay = state["optimizer"]["param_groups"]
-    assert decay["initial_lr"] == no_decay["initial_lr"] == 0.02 and decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+    assert (
+        decay["initial_lr"] == no_decay["initial_lr"] == 0.02
+        and decay["weight_decay"] == 0.5
+        and no_decay["weight_decay"] == 0.0
+    )
     donor_weights = ckpt.deserialize_weights(ckpt.read_verified(*_checkpoint_at(donor, 4))[ckpt.WEIGHTS])
     own_weights = ckpt.deserialize_weights(ckpt.read_verified(fs, found[0])[ckpt.WEIGHTS])
     assert all((donor_weights[k] == own_weights[k]).all() for k in donor_weights)
@@ -235,7 +356,9 @@ def test_exploit_copies_the_donors_checkpoint_with_the_recipients_optimizer_sett
     assert summary.resumed_from.endswith("checkpoint_00000004") and summary.steps == 8
     # Its own pointer is no exploit: nothing changes.
     (pointer / POINTER).write_text(json.dumps({"run_uri": recipient, "step": 8}))
-    assert adopt_exploited_checkpoint(tune.Checkpoint.from_directory(str(pointer)), RunDir.open(recipient), spec) is None
+    assert (
+        adopt_exploited_checkpoint(tune.Checkpoint.from_directory(str(pointer)), RunDir.open(recipient), spec) is None
+    )
     assert [c.step for c in ckpt.list_checkpoints(fs, root)] == [4, 8]
 
 

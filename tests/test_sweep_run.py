@@ -20,7 +20,14 @@ TINY = ["model.hidden=32", "train.log_every_n_steps=50"]
 
 
 def orchestrator(*args, env=None, timeout=400):
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def result_of(res) -> dict:
@@ -29,7 +36,8 @@ def result_of(res) -> dict:
 
 
 def grid(*lrs: float) -> str:
-    return 'sweep.parameters={"optim.lr": {type: grid, values: [%s]}}' % ", ".join(repr(lr) for lr in lrs)
+    values = ", ".join(repr(lr) for lr in lrs)
+    return 'sweep.parameters={"optim.lr": {type: grid, values: [' + values + "]}}"
 
 
 def run_record(run_dir: Path) -> dict:
@@ -46,15 +54,23 @@ def test_grid_sweep_ranks_its_trials_and_the_best_job_file_runs_as_a_job(tmp_pat
     res = orchestrator(*args)
     out = result_of(res)
     assert "trials: " in res.stderr and "| best val_accuracy" in res.stderr  # the live view (stderr under --json)
-    assert [t["config"] for t in out["trials"]] == [{"optim.lr": 1e-2}, {"optim.lr": 1e-4}]  # ranked: 10x the LR wins at 2 epochs
+    assert [t["config"] for t in out["trials"]] == [
+        {"optim.lr": 1e-2},
+        {"optim.lr": 1e-4},
+    ]  # ranked: 10x the LR wins at 2 epochs
     assert [t["status"] for t in out["trials"]] == ["done", "done"] and out["status"] == "finished"
-    assert [t["steps"] for t in out["trials"]] == [2 * STEPS_PER_EPOCH] * 2 and out["total_steps"] == 4 * STEPS_PER_EPOCH
+    assert [t["steps"] for t in out["trials"]] == [2 * STEPS_PER_EPOCH] * 2 and out[
+        "total_steps"
+    ] == 4 * STEPS_PER_EPOCH
     assert out["trials"][0]["metric"] > out["trials"][1]["metric"] + 0.2
 
     best = out["best"]
     sweep_dir = tmp_path / "digits-lr"
     assert best["config"] == {"optim.lr": 1e-2} and best["metrics"]["val_accuracy"] == out["trials"][0]["metric"]
-    assert best["run_uri"] == str(sweep_dir / best["trial_id"]) and best["checkpoint"] == f"{best['run_uri']}/checkpoint_00000086"
+    assert (
+        best["run_uri"] == str(sweep_dir / best["trial_id"])
+        and best["checkpoint"] == f"{best['run_uri']}/checkpoint_00000086"
+    )
     for trial in out["trials"]:  # every trial is a run of the job under the sweep's storage
         record = run_record(sweep_dir / trial["trial_id"])
         assert record["status"] == "finished" and record["job"]["optim"]["lr"] == trial["config"]["optim.lr"]
@@ -63,9 +79,17 @@ def test_grid_sweep_ranks_its_trials_and_the_best_job_file_runs_as_a_job(tmp_pat
 
     # The best trial written out as a job file: it runs like any job and learns as the trial did.
     assert out["best_job_file"] == str(sweep_dir / "best.yaml")
-    run = result_of(orchestrator("run", out["best_job_file"], "scaling.num_workers=0", "--json", env={"OMP_NUM_THREADS": "1"}))
-    assert run["status"] == "finished" and run["run"] == "digits-lr-best" and run["run_uri"] == str(tmp_path / "digits-lr-best")
-    assert run["steps"] == 2 * STEPS_PER_EPOCH and run["metrics"]["val_accuracy"] == pytest.approx(best["metric"], abs=0.02)
+    run = result_of(
+        orchestrator("run", out["best_job_file"], "scaling.num_workers=0", "--json", env={"OMP_NUM_THREADS": "1"})
+    )
+    assert (
+        run["status"] == "finished"
+        and run["run"] == "digits-lr-best"
+        and run["run_uri"] == str(tmp_path / "digits-lr-best")
+    )
+    assert run["steps"] == 2 * STEPS_PER_EPOCH and run["metrics"]["val_accuracy"] == pytest.approx(
+        best["metric"], abs=0.02
+    )
 
     # The same command again: the sweep has finished; nothing runs.
     again = orchestrator(*args)
@@ -74,10 +98,18 @@ def test_grid_sweep_ranks_its_trials_and_the_best_job_file_runs_as_a_job(tmp_pat
 
 def test_asha_stops_the_weak_trials_early(tmp_path):
     # Good LRs first: by the time the poor ones reach the first rung (epoch 1), the cut-off is high.
-    out = result_of(orchestrator(
-        "sweep", LR_SWEEP, f"checkpoint.storage={tmp_path}", *TINY, "train.epochs=4", grid(3e-2, 1e-2, 1e-4, 3e-5),
-        "sweep.scheduler={name: asha, grace_period: 1, reduction_factor: 2}", "--json",
-    ))
+    out = result_of(
+        orchestrator(
+            "sweep",
+            LR_SWEEP,
+            f"checkpoint.storage={tmp_path}",
+            *TINY,
+            "train.epochs=4",
+            grid(3e-2, 1e-2, 1e-4, 3e-5),
+            "sweep.scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
+            "--json",
+        )
+    )
     by_lr = {t["config"]["optim.lr"]: t for t in out["trials"]}
     for lr in (1e-4, 3e-5):
         assert by_lr[lr]["status"] == "stopped" and by_lr[lr]["steps"] == STEPS_PER_EPOCH, by_lr[lr]
@@ -89,11 +121,32 @@ def test_asha_stops_the_weak_trials_early(tmp_path):
 
 def test_a_killed_sweep_continues_without_rerunning_finished_trials(tmp_path):
     # Trials of a few seconds (small batches), checkpointed within epochs, one at a time.
-    slow = ["model.hidden=256", "train.batch_size=8", "train.epochs=3", "checkpoint.every_n_steps=40", "checkpoint.every_n_epochs=null"]
-    args = ["sweep", LR_SWEEP, f"checkpoint.storage={tmp_path}", *slow, grid(1e-2, 3e-3, 1e-3), "sweep.max_concurrent_trials=1", "--json"]
+    slow = [
+        "model.hidden=256",
+        "train.batch_size=8",
+        "train.epochs=3",
+        "checkpoint.every_n_steps=40",
+        "checkpoint.every_n_epochs=null",
+    ]
+    args = [
+        "sweep",
+        LR_SWEEP,
+        f"checkpoint.storage={tmp_path}",
+        *slow,
+        grid(1e-2, 3e-3, 1e-3),
+        "sweep.max_concurrent_trials=1",
+        "--json",
+    ]
     # Tune snapshots its experiment state every second here, so that one holding a finished trial exists to restore.
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     sweep_dir = tmp_path / "digits-lr"
     deadline = time.time() + 240
 
@@ -103,7 +156,11 @@ def test_a_killed_sweep_continues_without_rerunning_finished_trials(tmp_path):
         finished = [t for t, r in records.items() if r["status"] == "finished"]
         states = list((sweep_dir / "tune").glob("experiment_state-*.json"))
         saved = bool(states) and "TERMINATED" in states[0].read_text()
-        started = [t for t, r in records.items() if r["status"] == "running" and list((sweep_dir / t).glob("checkpoint_*/manifest.json"))]
+        started = [
+            t
+            for t, r in records.items()
+            if r["status"] == "running" and list((sweep_dir / t).glob("checkpoint_*/manifest.json"))
+        ]
         return bool(finished and saved and started)
 
     while not ready():
@@ -130,11 +187,24 @@ def test_a_killed_sweep_continues_without_rerunning_finished_trials(tmp_path):
 @pytest.mark.slow
 def test_pbt_hands_the_best_weights_to_the_weak_trials(tmp_path):
     # PBT compares the trials running at once: single-example batches make each last long enough for both to overlap.
-    out = result_of(orchestrator(
-        "sweep", LR_SWEEP, f"checkpoint.storage={tmp_path}", *TINY, "train.batch_size=1", "train.epochs=5", "train.log_every_n_steps=5000",
-        "schedule.name=constant", "schedule.warmup_steps=0", "checkpoint.every_n_steps=500", grid(1e-3, 1e-6), "sweep.search=random",
-        "sweep.scheduler={name: pbt, perturbation_interval: 1, quantile_fraction: 0.5}", "--json",
-    ))
+    out = result_of(
+        orchestrator(
+            "sweep",
+            LR_SWEEP,
+            f"checkpoint.storage={tmp_path}",
+            *TINY,
+            "train.batch_size=1",
+            "train.epochs=5",
+            "train.log_every_n_steps=5000",
+            "schedule.name=constant",
+            "schedule.warmup_steps=0",
+            "checkpoint.every_n_steps=500",
+            grid(1e-3, 1e-6),
+            "sweep.search=random",
+            "sweep.scheduler={name: pbt, perturbation_interval: 1, quantile_fraction: 0.5}",
+            "--json",
+        )
+    )
     assert out["status"] == "finished" and all(t["steps"] == 5 * 1374 for t in out["trials"])
     records = [run_record(Path(t["run_uri"])) for t in out["trials"]]
     exploited = [r for r in records if r["exploited_from"]]
@@ -146,11 +216,23 @@ def test_pbt_hands_the_best_weights_to_the_weak_trials(tmp_path):
 
 @pytest.mark.slow
 def test_optuna_search_and_a_trial_of_two_ray_train_workers(tmp_path):
-    out = result_of(orchestrator(
-        "sweep", LR_SWEEP, f"checkpoint.storage={tmp_path}", *TINY, "train.epochs=1", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-        'sweep.parameters={"optim.lr": {type: loguniform, low: 1e-3, high: 1e-1}}', "sweep.search=optuna", "sweep.num_samples=2",
-        "sweep.seed=0", "sweep.max_concurrent_trials=1", "--json",
-    ))
+    out = result_of(
+        orchestrator(
+            "sweep",
+            LR_SWEEP,
+            f"checkpoint.storage={tmp_path}",
+            *TINY,
+            "train.epochs=1",
+            "scaling.num_workers=2",
+            "scaling.cpus_per_worker=0.5",
+            'sweep.parameters={"optim.lr": {type: loguniform, low: 1e-3, high: 1e-1}}',
+            "sweep.search=optuna",
+            "sweep.num_samples=2",
+            "sweep.seed=0",
+            "sweep.max_concurrent_trials=1",
+            "--json",
+        )
+    )
     assert out["status"] == "finished" and len(out["trials"]) == 2
     assert len({t["config"]["optim.lr"] for t in out["trials"]}) == 2
     # Two DDP ranks, 687 examples each: 22 steps an epoch, reported to Tune through TuneReportCallback.

@@ -21,7 +21,14 @@ TINY = ["model.hidden=16", "train.log_every_n_steps=10", "sweep.max_concurrent_t
 
 def orchestrator(*args, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def result_of(res) -> dict:
@@ -30,26 +37,50 @@ def result_of(res) -> dict:
 
 
 def grid(*lrs: float) -> str:
-    return 'sweep.parameters={"optim.lr": {type: grid, values: [%s]}}' % ", ".join(repr(lr) for lr in lrs)
+    values = ", ".join(repr(lr) for lr in lrs)
+    return 'sweep.parameters={"optim.lr": {type: grid, values: [' + values + "]}}"
 
 
 def test_sweep_is_a_parent_run_and_each_trial_a_child_run_with_its_provenance(mlflow_server, tmp_path):
     # ASHA, one trial at a time, the good LR first: the poor one is below it at epoch 1 and is stopped there.
-    out = result_of(orchestrator("sweep", LR_SWEEP, f"checkpoint.storage={tmp_path}", *TINY, "train.epochs=2", grid(1e-2, 1e-5),
-                                 "sweep.scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
-                                 f"tracking.mlflow.tracking_uri={mlflow_server.uri}", "tracking.tensorboard={}", "--json"))
+    out = result_of(
+        orchestrator(
+            "sweep",
+            LR_SWEEP,
+            f"checkpoint.storage={tmp_path}",
+            *TINY,
+            "train.epochs=2",
+            grid(1e-2, 1e-5),
+            "sweep.scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
+            f"tracking.mlflow.tracking_uri={mlflow_server.uri}",
+            "tracking.tensorboard={}",
+            "--json",
+        )
+    )
     assert out["status"] == "finished" and sorted(t["status"] for t in out["trials"]) == ["done", "stopped"]
     client = MlflowClient(mlflow_server.uri)
     parent = client.get_run(out["tracking"]["mlflow"]["run_id"])
     experiment = client.get_experiment(parent.info.experiment_id)
     # The job's experiment holds the sweep's run and its trials' runs, nothing else.
     assert experiment.name == "sweep-digits-lr" and len(client.search_runs([experiment.experiment_id])) == 3
-    children = {c.info.run_id: c for c in client.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    children = {
+        c.info.run_id: c
+        for c in client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        )
+    }
     sweep_dir = tmp_path / "digits-lr"
     record = json.loads((sweep_dir / "sweep.json").read_text())
     assert record["tracking"]["mlflow"]["run_id"] == parent.info.run_id
-    assert parent.info.run_name == "digits-lr" and parent.info.status == "FINISHED" and "mlflow.parentRunId" not in parent.data.tags
-    assert parent.data.params["sweep.metric"] == "val_accuracy" and parent.data.tags["orchestrator.job_hash"] == record["provenance"]["job_hash"]
+    assert (
+        parent.info.run_name == "digits-lr"
+        and parent.info.status == "FINISHED"
+        and "mlflow.parentRunId" not in parent.data.tags
+    )
+    assert (
+        parent.data.params["sweep.metric"] == "val_accuracy"
+        and parent.data.tags["orchestrator.job_hash"] == record["provenance"]["job_hash"]
+    )
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"sweep.json", "best.yaml"}
 
     assert len(children) == 2
@@ -62,11 +93,19 @@ def test_sweep_is_a_parent_run_and_each_trial_a_child_run_with_its_provenance(ml
         assert child.info.status == "FINISHED" and child.data.tags["orchestrator.status"] == trial_record["status"]
         assert trial_record["status"] == {"done": "finished", "stopped": "stopped"}[trial["status"]]
         assert child.info.run_name == f"digits-lr-{trial['trial_id']}"
-        assert float(child.data.params["optim.lr"]) == trial["config"]["optim.lr"] and child.data.params["model.hidden"] == "16"
+        assert (
+            float(child.data.params["optim.lr"]) == trial["config"]["optim.lr"]
+            and child.data.params["model.hidden"] == "16"
+        )
         # Provenance like an ordinary run's: in run.json and as the child's tags.
         prov = trial_record["provenance"]
         assert prov["job_hash"] == job_hash(trial_record["job"]) == child.data.tags["orchestrator.job_hash"]
-        assert prov["world_size"] == 1 and prov["hosts"] == 1 and prov["data"]["source"] == "digits" and prov["git"]["commit"]
+        assert (
+            prov["world_size"] == 1
+            and prov["hosts"] == 1
+            and prov["data"]["source"] == "digits"
+            and prov["git"]["commit"]
+        )
         assert child.data.tags["mlflow.source.git.commit"] == prov["git"]["commit"]
         # The trial's metric history, step by step as in its metrics.jsonl.
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -74,7 +113,10 @@ def test_sweep_is_a_parent_run_and_each_trial_a_child_run_with_its_provenance(ml
         logged = sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, "val_accuracy"))
         assert logged == [(s, pytest.approx(v)) for s, v in val] and val[-1][0] == trial["steps"]
         train_steps = [e["step"] for e in history if e["split"] == "train"]
-        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "train_loss")) == train_steps and train_steps
+        assert (
+            sorted(m.step for m in client.get_metric_history(child.info.run_id, "train_loss")) == train_steps
+            and train_steps
+        )
         assert "run.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
         # TensorBoard: each trial's events under its own run.
         events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})

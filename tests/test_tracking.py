@@ -14,19 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import free_port
 from orchestrator import tracking
 from orchestrator.checkpoint import CheckpointManifest, list_checkpoints
 from orchestrator.errors import BadInput
 from orchestrator.launch import run_job
+from orchestrator.loop import LoopContext, run_training
 from orchestrator.provenance import collect_provenance, git_state, job_hash
 from orchestrator.spec import build_spec, load_spec
 from orchestrator.storage import open_storage, redact
-from orchestrator.loop import LoopContext, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "jobs" / "digits_mlp.yaml")
@@ -36,7 +36,14 @@ BRIEF = ["train.max_steps=30", "validation.every_n_steps=10", "train.log_every_n
 def orchestrator(*args, cwd=ROOT, env=None, timeout=300):
     full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 def summary_of(res) -> dict:
@@ -54,8 +61,18 @@ def history_of(run_dir: Path) -> list[dict]:
 
 def test_run_feeds_mlflow_and_tensorboard_and_records_its_provenance(mlflow_server, tmp_path):
     # Local mode: Ray Train runs train_worker in this process, so rank 0's tracker is the one a Ray worker opens.
-    out = summary_of(orchestrator("run", DIGITS, "scaling.num_workers=0", f"checkpoint.storage={tmp_path}", *BRIEF,
-                                  f"tracking.mlflow.tracking_uri={mlflow_server.uri}", "tracking.tensorboard={}", "--json"))
+    out = summary_of(
+        orchestrator(
+            "run",
+            DIGITS,
+            "scaling.num_workers=0",
+            f"checkpoint.storage={tmp_path}",
+            *BRIEF,
+            f"tracking.mlflow.tracking_uri={mlflow_server.uri}",
+            "tracking.tensorboard={}",
+            "--json",
+        )
+    )
     run_dir = tmp_path / "digits-mlp"
     record = json.loads((run_dir / "run.json").read_text())
     history = history_of(run_dir)
@@ -81,8 +98,15 @@ def test_run_feeds_mlflow_and_tensorboard_and_records_its_provenance(mlflow_serv
     run = client.get_run(record["tracking"]["mlflow"]["run_id"])
     assert client.get_experiment(run.info.experiment_id).name == "digits-mlp"
     assert run.info.status == "FINISHED"
-    assert run.data.params["optim.lr"] == "0.003" and run.data.params["train.max_steps"] == "30" and run.data.params["model.name"] == "mlp"
-    assert run.data.tags["orchestrator.job_hash"] == prov["job_hash"] and run.data.tags["orchestrator.torch"] == prov["torch"]
+    assert (
+        run.data.params["optim.lr"] == "0.003"
+        and run.data.params["train.max_steps"] == "30"
+        and run.data.params["model.name"] == "mlp"
+    )
+    assert (
+        run.data.tags["orchestrator.job_hash"] == prov["job_hash"]
+        and run.data.tags["orchestrator.torch"] == prov["torch"]
+    )
     assert run.data.tags["mlflow.source.git.commit"] == commit
     val = [(e["step"], e["val_loss"]) for e in history if e["split"] == "val"]
     logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss"))
@@ -103,7 +127,10 @@ def test_run_feeds_mlflow_and_tensorboard_and_records_its_provenance(mlflow_serv
     assert [s.step for s in events.Scalars("train_loss")] == [5, 10, 15, 20, 25, 30]
     hparams = events.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
-    assert start.hparams["optim.lr"].number_value == pytest.approx(0.003) and start.hparams["model.name"].string_value == "mlp"
+    assert (
+        start.hparams["optim.lr"].number_value == pytest.approx(0.003)
+        and start.hparams["model.name"].string_value == "mlp"
+    )
     experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
     assert "test_accuracy" in {m.name.tag for m in experiment.metric_infos}
     assert events.Scalars("test_accuracy")[0].value == pytest.approx(out["test"]["metrics"]["test_accuracy"])
@@ -111,9 +138,20 @@ def test_run_feeds_mlflow_and_tensorboard_and_records_its_provenance(mlflow_serv
 
 def test_sqlite_uri_on_the_command_line_turns_mlflow_on_and_a_resumed_run_continues_its_mlflow_run(tmp_path):
     storage = tmp_path / "runs"
-    args = ["run", DIGITS, "scaling.num_workers=0", f"checkpoint.storage={storage}", "validation.every_n_steps=10", "train.log_every_n_steps=5",
-            "tracking.mlflow.tracking_uri=sqlite:///m.db", "tracking.mlflow.experiment=digits-exp", "--json"]
-    summary_of(orchestrator(*args, "train.max_steps=10", cwd=tmp_path))  # a relative SQLite path: the job's directory is elsewhere
+    args = [
+        "run",
+        DIGITS,
+        "scaling.num_workers=0",
+        f"checkpoint.storage={storage}",
+        "validation.every_n_steps=10",
+        "train.log_every_n_steps=5",
+        "tracking.mlflow.tracking_uri=sqlite:///m.db",
+        "tracking.mlflow.experiment=digits-exp",
+        "--json",
+    ]
+    summary_of(
+        orchestrator(*args, "train.max_steps=10", cwd=tmp_path)
+    )  # a relative SQLite path: the job's directory is elsewhere
     record_path = storage / "digits-mlp" / "run.json"
     first = json.loads(record_path.read_text())
     record = dict(first, status="failed")  # as after a crash: the rerun resumes
@@ -132,12 +170,24 @@ def test_sqlite_uri_on_the_command_line_turns_mlflow_on_and_a_resumed_run_contin
 
 
 def test_sweep_trials_are_child_runs_of_the_sweep_run(mlflow_server, tmp_path):
-    spec = build_spec({"name": "sw"}, [f"checkpoint.storage={tmp_path}", f"tracking.mlflow.tracking_uri={mlflow_server.uri}", "tracking.mlflow.experiment=sweeps"])
+    spec = build_spec(
+        {"name": "sw"},
+        [
+            f"checkpoint.storage={tmp_path}",
+            f"tracking.mlflow.tracking_uri={mlflow_server.uri}",
+            "tracking.mlflow.experiment=sweeps",
+        ],
+    )
     prov = collect_provenance(spec)
     parent = tracking.TrackingSession.start(spec, f"{tmp_path}/sw", "sw", prov)
-    children = [tracking.TrackingSession.start(spec, f"{tmp_path}/sw/t{i}", f"t{i}", prov, parent_run_id=parent.mlflow_run_id) for i in range(2)]
+    children = [
+        tracking.TrackingSession.start(spec, f"{tmp_path}/sw/t{i}", f"t{i}", prov, parent_run_id=parent.mlflow_run_id)
+        for i in range(2)
+    ]
     client = MlflowClient(mlflow_server.uri)
-    found = client.search_runs([parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.mlflow_run_id}'")
+    found = client.search_runs(
+        [parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.mlflow_run_id}'"
+    )
     assert sorted(r.info.run_id for r in found) == sorted(c.mlflow_run_id for c in children)
 
 
@@ -148,14 +198,41 @@ def test_sweep_trials_are_child_runs_of_the_sweep_run(mlflow_server, tmp_path):
 @pytest.mark.parametrize(
     "overrides, env, message",
     [
-        (["tracking.mlflow.tracking_url=http://x"], {}, "error: tracking.mlflow.tracking_url: unknown field (did you mean 'tracking_uri'?)"),
+        (
+            ["tracking.mlflow.tracking_url=http://x"],
+            {},
+            "error: tracking.mlflow.tracking_url: unknown field (did you mean 'tracking_uri'?)",
+        ),
         (["tracking.wandb.project=x"], {}, "error: tracking.wandb: unknown field"),
-        (["tracking.tensorboard.logdir=x"], {}, "error: tracking.tensorboard.logdir: unknown field (did you mean 'log_dir'?)"),
-        (["tracking.mlflow.experiment=x"], {}, "error: tracking.mlflow.tracking_uri: not set, and $MLFLOW_TRACKING_URI is empty"),
-        ([], {"MLFLOW_TRACKING_URI": "http://alice:s3cret@127.0.0.1:{port}"}, "error: tracking.mlflow.tracking_uri: cannot reach the MLflow tracking server at http://127.0.0.1:{port}"),
-        (["tracking.mlflow.tracking_uri=sqlite:///no/such/dir/m.db"], {}, "error: tracking.mlflow.tracking_uri: sqlite:///{cwd}/no/such/dir/m.db: the directory"),
+        (
+            ["tracking.tensorboard.logdir=x"],
+            {},
+            "error: tracking.tensorboard.logdir: unknown field (did you mean 'log_dir'?)",
+        ),
+        (
+            ["tracking.mlflow.experiment=x"],
+            {},
+            "error: tracking.mlflow.tracking_uri: not set, and $MLFLOW_TRACKING_URI is empty",
+        ),
+        (
+            [],
+            {"MLFLOW_TRACKING_URI": "http://alice:s3cret@127.0.0.1:{port}"},
+            "error: tracking.mlflow.tracking_uri: cannot reach the MLflow tracking server at http://127.0.0.1:{port}",
+        ),
+        (
+            ["tracking.mlflow.tracking_uri=sqlite:///no/such/dir/m.db"],
+            {},
+            "error: tracking.mlflow.tracking_uri: sqlite:///{cwd}/no/such/dir/m.db: the directory",
+        ),
     ],
-    ids=["misspelt-option", "unknown-tracker", "misspelt-tensorboard-option", "no-uri", "unreachable-server", "missing-sqlite-dir"],
+    ids=[
+        "misspelt-option",
+        "unknown-tracker",
+        "misspelt-tensorboard-option",
+        "no-uri",
+        "unreachable-server",
+        "missing-sqlite-dir",
+    ],
 )
 def test_bad_tracking_input_is_one_line_exit_2_and_nothing_written(overrides, env, message, tmp_path):
     port = free_port()
@@ -163,7 +240,9 @@ def test_bad_tracking_input_is_one_line_exit_2_and_nothing_written(overrides, en
     if env:
         overrides = ["tracking.mlflow={}"]  # on, with the URI from the environment
     storage = tmp_path / "runs"
-    res = orchestrator("run", DIGITS, "scaling.num_workers=0", f"checkpoint.storage={storage}", *overrides, env=env, cwd=tmp_path)
+    res = orchestrator(
+        "run", DIGITS, "scaling.num_workers=0", f"checkpoint.storage={storage}", *overrides, env=env, cwd=tmp_path
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message.format(port=port, cwd=tmp_path)), lines
@@ -207,12 +286,26 @@ def test_tracker_queues_and_never_blocks_or_raises(caplog):
         gate.set()
         assert tracker.close(timeout=30)
     assert slow.closed and len(slow.entries) == total - tracker.dropped
-    assert caplog.text.count("failing tracking failed (ConnectionError: tracking server went away)") == 1  # once per outage, not per entry
+    assert (
+        caplog.text.count("failing tracking failed (ConnectionError: tracking server went away)") == 1
+    )  # once per outage, not per entry
 
 
-def test_tracking_server_failing_mid_run_is_a_warning_and_does_not_slow_training(mlflow_server, tmp_path, caplog, monkeypatch):
-    spec = load_spec(DIGITS, ["scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "train.max_steps=60", "validation.every_n_steps=10",
-                              "train.log_every_n_steps=1", "checkpoint.every_n_epochs=null", f"tracking.mlflow.tracking_uri={mlflow_server.uri}"])
+def test_tracking_server_failing_mid_run_is_a_warning_and_does_not_slow_training(
+    mlflow_server, tmp_path, caplog, monkeypatch
+):
+    spec = load_spec(
+        DIGITS,
+        [
+            "scaling.num_workers=0",
+            f"checkpoint.storage={tmp_path}",
+            "train.max_steps=60",
+            "validation.every_n_steps=10",
+            "train.log_every_n_steps=1",
+            "checkpoint.every_n_epochs=null",
+            f"tracking.mlflow.tracking_uri={mlflow_server.uri}",
+        ],
+    )
     start = time.perf_counter()
     run_training(spec, LoopContext(run_uri=str(tmp_path / "baseline"), log=lambda msg: None))
     baseline = time.perf_counter() - start
@@ -225,7 +318,9 @@ def test_tracking_server_failing_mid_run_is_a_warning_and_does_not_slow_training
     try:
         with caplog.at_level(logging.WARNING, logger="orchestrator.tracking"):
             start = time.perf_counter()
-            out = run_training(spec, LoopContext(run_uri=str(tmp_path / "tracked"), log=lambda msg: None, track=tracker))
+            out = run_training(
+                spec, LoopContext(run_uri=str(tmp_path / "tracked"), log=lambda msg: None, track=tracker)
+            )
             tracked = time.perf_counter() - start
             assert out.steps == 60
             # 66 entries, each a request the hung server holds for 2 s: synchronous tracking would add minutes.
@@ -238,7 +333,15 @@ def test_tracking_server_failing_mid_run_is_a_warning_and_does_not_slow_training
 
 def test_loop_hands_every_recorded_entry_to_track(tmp_path):
     seen = []
-    spec = load_spec(DIGITS, [f"checkpoint.storage={tmp_path}", "train.max_steps=12", "validation.every_n_steps=6", "train.log_every_n_steps=3"])
+    spec = load_spec(
+        DIGITS,
+        [
+            f"checkpoint.storage={tmp_path}",
+            "train.max_steps=12",
+            "validation.every_n_steps=6",
+            "train.log_every_n_steps=3",
+        ],
+    )
     run_training(spec, LoopContext(run_uri=str(tmp_path / "r"), log=lambda msg: None, track=seen.append))
     assert seen == history_of(tmp_path / "r")
     assert [e["split"] for e in seen] == ["train", "train", "val", "train", "train", "val"]
@@ -259,7 +362,10 @@ def test_loop_ignores_a_track_callable_that_raises(tmp_path):
 def test_git_state_of_a_checkout_and_of_a_plain_directory(tmp_path):
     repo = tmp_path / "code"
     repo.mkdir()
-    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True, text=True).stdout.strip()  # noqa: E731
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True, text=True).stdout.strip()
+
     git("init", "-q")
     (repo / "model.py").write_text("x = 1\n")
     git("add", "model.py")
@@ -281,7 +387,10 @@ def test_job_hash_ignores_key_order_and_sees_every_value():
 
 
 def test_parquet_run_records_its_files_with_sizes_and_times(tmp_path):
-    spec = load_spec(ROOT / "jobs" / "diabetes_parquet.yaml", ["scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "train.max_steps=4"])
+    spec = load_spec(
+        ROOT / "jobs" / "diabetes_parquet.yaml",
+        ["scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "train.max_steps=4"],
+    )
     out = run_job(spec, job_file=str(ROOT / "jobs" / "diabetes_parquet.yaml"), quiet=True)
     data = json.loads((tmp_path / "diabetes-parquet" / "run.json").read_text())["provenance"]["data"]
     parquet = ROOT / "jobs" / "data" / "diabetes.parquet"
@@ -297,5 +406,7 @@ def test_redact_hides_credentials_in_uris():
 
 def test_a_preflight_error_names_the_field():
     spec = build_spec({}, ["tracking.mlflow.tracking_uri=http://127.0.0.1:9"])
-    with pytest.raises(BadInput, match=r"^tracking.mlflow.tracking_uri: cannot reach the MLflow tracking server at http://127.0.0.1:9$"):
+    with pytest.raises(
+        BadInput, match=r"^tracking.mlflow.tracking_uri: cannot reach the MLflow tracking server at http://127.0.0.1:9$"
+    ):
         tracking.preflight(spec)

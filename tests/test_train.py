@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
-from orchestrator.spec import build_spec
 from orchestrator.loop import LoopContext, run_training
+from orchestrator.spec import build_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,9 @@ def test_crash_and_rerun_ends_with_identical_weights(tmp_path, asynchronous):
     with pytest.raises(Crash):
         run_training(spec, LoopContext(run_uri=str(tmp_path / "crashed"), report=crash_on_third_report))
     _, info = final_weights(str(tmp_path / "crashed"))
-    assert info.step == 28  # mid-epoch (21 steps an epoch): the data position matters  # a mid-epoch checkpoint survived the crash
+    assert (
+        info.step == 28
+    )  # mid-epoch (21 steps an epoch): the data position matters  # a mid-epoch checkpoint survived the crash
 
     resumed = run_training(spec, LoopContext(run_uri=str(tmp_path / "crashed")))
     assert resumed.resumed_from.endswith(f"checkpoint_{info.step:08d}")
@@ -107,15 +109,25 @@ def test_finished_run_does_not_train_again(tmp_path):
 
 
 def test_keep_last_retention(tmp_path):
-    run_training(spec_with(tmp_path, "checkpoint.keep_last=2", "checkpoint.keep_best=0"), LoopContext(run_uri=str(tmp_path / "r")))
+    run_training(
+        spec_with(tmp_path, "checkpoint.keep_last=2", "checkpoint.keep_best=0"),
+        LoopContext(run_uri=str(tmp_path / "r")),
+    )
     fs, root = storage.open_storage(str(tmp_path / "r"))
     assert [c.step for c in ckpt.list_checkpoints(fs, root)] == [56, 63]
 
 
 def test_the_best_checkpoint_is_kept_and_tested_by_default(tmp_path):
     # min_delta 0.5: the first validation (step 21) stays the best; keep_last=1 alone would delete it.
-    spec = spec_with(tmp_path, "train.epochs=30", "early_stopping.metric=val_accuracy", "early_stopping.mode=max", "early_stopping.patience=2",
-                     "early_stopping.min_delta=0.5", "checkpoint.keep_last=1")
+    spec = spec_with(
+        tmp_path,
+        "train.epochs=30",
+        "early_stopping.metric=val_accuracy",
+        "early_stopping.mode=max",
+        "early_stopping.patience=2",
+        "early_stopping.min_delta=0.5",
+        "checkpoint.keep_last=1",
+    )
     out = run_training(spec, LoopContext(run_uri=str(tmp_path / "r")))
     fs, root = storage.open_storage(str(tmp_path / "r"))
     assert [c.step for c in ckpt.list_checkpoints(fs, root)] == [21, 63]
@@ -123,16 +135,38 @@ def test_the_best_checkpoint_is_kept_and_tested_by_default(tmp_path):
 
 
 def test_early_stopping(tmp_path):
-    spec = spec_with(tmp_path, "train.epochs=30", "optim.lr=0.3", "early_stopping.metric=val_accuracy", "early_stopping.mode=max", "early_stopping.patience=2", "early_stopping.min_delta=0.5")
+    spec = spec_with(
+        tmp_path,
+        "train.epochs=30",
+        "optim.lr=0.3",
+        "early_stopping.metric=val_accuracy",
+        "early_stopping.mode=max",
+        "early_stopping.patience=2",
+        "early_stopping.min_delta=0.5",
+    )
     out = run_training(spec, LoopContext(run_uri=str(tmp_path / "r")))
     # min_delta 0.5 means nothing after the first validation counts as better: stop after 1 + 2 validations.
     assert out.stopped_early and out.steps == 3 * 21 and out.best.step == 21
 
 
 def test_grad_accumulation_matches_a_larger_batch(tmp_path):
-    raw = {**SMALL, "model": {"name": "mlp", "hidden": 16, "layers": 1}, "data": {"name": "digits"}, "optim": {"name": "sgd", "lr": 0.1}, "schedule": {"name": "constant"}}
-    big = run_training(build_spec(raw, [f"checkpoint.storage={tmp_path}", "train.batch_size=64", "train.epochs=1"]), LoopContext(run_uri=str(tmp_path / "big")))
-    acc = run_training(build_spec(raw, [f"checkpoint.storage={tmp_path}", "train.batch_size=32", "train.grad_accum_steps=2", "train.epochs=1"]), LoopContext(run_uri=str(tmp_path / "acc")))
+    raw = {
+        **SMALL,
+        "model": {"name": "mlp", "hidden": 16, "layers": 1},
+        "data": {"name": "digits"},
+        "optim": {"name": "sgd", "lr": 0.1},
+        "schedule": {"name": "constant"},
+    }
+    big = run_training(
+        build_spec(raw, [f"checkpoint.storage={tmp_path}", "train.batch_size=64", "train.epochs=1"]),
+        LoopContext(run_uri=str(tmp_path / "big")),
+    )
+    acc = run_training(
+        build_spec(
+            raw, [f"checkpoint.storage={tmp_path}", "train.batch_size=32", "train.grad_accum_steps=2", "train.epochs=1"]
+        ),
+        LoopContext(run_uri=str(tmp_path / "acc")),
+    )
     assert big.steps == acc.steps == 21
     wb, _ = final_weights(str(tmp_path / "big"))
     wa, _ = final_weights(str(tmp_path / "acc"))
@@ -142,18 +176,33 @@ def test_grad_accumulation_matches_a_larger_batch(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(tmp_path, precision):
-    out = run_training(spec_with(tmp_path, f"train.precision={precision}", "train.epochs=2", "train.clip_grad_norm=1.0"), LoopContext(run_uri=str(tmp_path / precision)))
+    out = run_training(
+        spec_with(tmp_path, f"train.precision={precision}", "train.epochs=2", "train.clip_grad_norm=1.0"),
+        LoopContext(run_uri=str(tmp_path / precision)),
+    )
     assert out.metrics["val_accuracy"] > 0.7
 
 
 def test_transfer_learning_with_frozen_layers(tmp_path):
     wide = {**SMALL, "model": {"name": "mlp", "hidden": 64, "layers": 1}}
-    source = build_spec({**wide, "data": {"name": "digits", "classes": [0, 1, 2, 3, 4]}}, [f"checkpoint.storage={tmp_path}", "train.epochs=2"])
+    source = build_spec(
+        {**wide, "data": {"name": "digits", "classes": [0, 1, 2, 3, 4]}},
+        [f"checkpoint.storage={tmp_path}", "train.epochs=2"],
+    )
     run_training(source, LoopContext(run_uri=str(tmp_path / "source")))
     src_weights, _ = final_weights(str(tmp_path / "source"))
     frozen = [k for k in src_weights if k.startswith("net.1.")] or [sorted(src_weights)[0]]
     pattern = frozen[0].rsplit(".", 1)[0] + ".*"
-    target = build_spec({**wide, "data": {"name": "digits", "classes": [5, 6, 7, 8, 9]}}, [f"checkpoint.storage={tmp_path}", "train.epochs=4", "optim.lr=0.05", f"model.init_from={tmp_path / 'source'}", f"model.freeze=['{pattern}']"])
+    target = build_spec(
+        {**wide, "data": {"name": "digits", "classes": [5, 6, 7, 8, 9]}},
+        [
+            f"checkpoint.storage={tmp_path}",
+            "train.epochs=4",
+            "optim.lr=0.05",
+            f"model.init_from={tmp_path / 'source'}",
+            f"model.freeze=['{pattern}']",
+        ],
+    )
     out = run_training(target, LoopContext(run_uri=str(tmp_path / "target")))
     tgt_weights, _ = final_weights(str(tmp_path / "target"))
     matched = [k for k in src_weights if k.startswith(pattern[:-1])]
@@ -175,7 +224,9 @@ def test_s3_checkpoints_and_resume(tmp_path, bucket):
     fs, root = storage.open_storage(run_uri)
     assert [c.step for c in ckpt.list_checkpoints(fs, root)] == [7, 14, 21]
     assert fs.cat_file(f"{root}/metrics.jsonl").count(b"\n") >= 4
-    again = run_training(build_spec(SMALL, [f"checkpoint.storage=s3://{bucket}/runs", "train.epochs=2"]), LoopContext(run_uri=run_uri))
+    again = run_training(
+        build_spec(SMALL, [f"checkpoint.storage=s3://{bucket}/runs", "train.epochs=2"]), LoopContext(run_uri=run_uri)
+    )
     assert again.resumed_from == f"{run_uri}/checkpoint_00000021" and again.steps == 42
 
 
@@ -188,7 +239,9 @@ def _ddp_rank(rank, world, port, run_uri, out_dir, extra=()):
     try:
         spec = build_spec(SMALL, [f"checkpoint.storage={out_dir}", "train.epochs=1", *extra])
         summary = run_training(spec, LoopContext(run_uri=run_uri, rank=rank, world_size=world, log=lambda m: None))
-        torch.save({"summary_steps": summary.steps, "metrics": summary.metrics}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {"summary_steps": summary.steps, "metrics": summary.metrics}, os.path.join(out_dir, f"rank{rank}.pt")
+        )
     finally:
         dist.destroy_process_group()
 
@@ -197,9 +250,13 @@ def test_ddp_two_ranks_agree(tmp_path):
     from conftest import free_port
 
     run_uri = str(tmp_path / "ddp")
-    mp.start_processes(_ddp_rank, args=(2, free_port(), run_uri, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _ddp_rank, args=(2, free_port(), run_uri, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert r0["summary_steps"] == r1["summary_steps"] == 11  # 1294 examples: 647 a rank, 11 batches of 64 takes half the data per epoch
+    assert (
+        r0["summary_steps"] == r1["summary_steps"] == 11
+    )  # 1294 examples: 647 a rank, 11 batches of 64 takes half the data per epoch
     assert r0["metrics"] == r1["metrics"]
     fs, root = storage.open_storage(run_uri)
     _, files = ckpt.restore_latest(fs, root)
@@ -210,7 +267,13 @@ def test_elastic_resume_on_fewer_workers_keeps_the_epoch_position(tmp_path):
     from conftest import free_port
 
     run_uri = str(tmp_path / "elastic")
-    mp.start_processes(_ddp_rank, args=(2, free_port(), run_uri, str(tmp_path), ["train.max_steps=5"]), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _ddp_rank,
+        args=(2, free_port(), run_uri, str(tmp_path), ["train.max_steps=5"]),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
     # The two ranks consumed 5 batches each: 10 batches of the 21 a single worker takes per epoch.
     out = run_training(spec_with(tmp_path, "train.epochs=1"), LoopContext(run_uri=run_uri))
     assert out.resumed_from.endswith("checkpoint_00000005")
@@ -220,8 +283,14 @@ def test_elastic_resume_on_fewer_workers_keeps_the_epoch_position(tmp_path):
 @pytest.mark.slow
 def test_torch_compile_matches_eager(tmp_path):
     raw = {**SMALL, "model": {"name": "mlp", "hidden": 32, "layers": 1}, "data": {"name": "digits"}}
-    eager = run_training(build_spec(raw, [f"checkpoint.storage={tmp_path}", "train.epochs=1"]), LoopContext(run_uri=str(tmp_path / "eager")))
-    compiled = run_training(build_spec(raw, [f"checkpoint.storage={tmp_path}", "train.epochs=1", "train.compile=true"]), LoopContext(run_uri=str(tmp_path / "compiled")))
+    eager = run_training(
+        build_spec(raw, [f"checkpoint.storage={tmp_path}", "train.epochs=1"]),
+        LoopContext(run_uri=str(tmp_path / "eager")),
+    )
+    compiled = run_training(
+        build_spec(raw, [f"checkpoint.storage={tmp_path}", "train.epochs=1", "train.compile=true"]),
+        LoopContext(run_uri=str(tmp_path / "compiled")),
+    )
     assert compiled.steps == eager.steps
     assert compiled.metrics["val_loss"] == pytest.approx(eager.metrics["val_loss"], rel=1e-3)
     # The checkpoint holds the module's own names, not torch.compile's wrapper prefix.

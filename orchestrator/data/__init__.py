@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from orchestrator.data.info import DataInfo, _require_train
 from orchestrator.data.memory import _split_arrays
 from orchestrator.data.parquet import DEFAULT_SHUFFLE_BUFFER, ParquetSource, _ParquetTable
@@ -29,20 +30,31 @@ from orchestrator.data.splits import TEST, TRAIN, VAL, assign_splits, hashed_spl
 if TYPE_CHECKING:
     from orchestrator.spec import JobSpec
 
-__all__ = ["DataInfo", "Splits", "load_data", "check_data", "BatchSource", "shift_images", "assign_splits", "hashed_splits"]
+__all__ = [
+    "DataInfo",
+    "Splits",
+    "load_data",
+    "check_data",
+    "BatchSource",
+    "shift_images",
+    "assign_splits",
+    "hashed_splits",
+]
 
 
 @dataclass
 class Splits:
     """The train, validation and test batch sources of a job, and what they hold."""
 
-    train: "BatchSource"
-    val: "BatchSource"
-    test: "BatchSource"
+    train: BatchSource
+    val: BatchSource
+    test: BatchSource
     info: DataInfo
 
 
-def load_data(spec: "JobSpec", base_dir: str | Path | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> Splits:
+def load_data(
+    spec: JobSpec, base_dir: str | Path | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+) -> Splits:
     """Build the train, validation and test batch sources of a job (base_dir: the job file's directory)."""
     import torch  # imported here to keep start-up light
 
@@ -68,7 +80,7 @@ def load_data(spec: "JobSpec", base_dir: str | Path | None = None, shuffle_buffe
     return Splits(source(TRAIN, True), source(VAL, False), source(TEST, False), info)
 
 
-def check_data(spec: "JobSpec", base_dir: str | Path | None = None) -> DataInfo:
+def check_data(spec: JobSpec, base_dir: str | Path | None = None) -> DataInfo:
     """Preflight the data: paths, columns, hooks and splits, reading Parquet metadata only; raises BadInput."""
     if spec.data.name == "parquet":
         table = _ParquetTable(spec, base_dir, scan=False)

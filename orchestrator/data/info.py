@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
+
 from orchestrator.errors import BadInput
 
 if TYPE_CHECKING:
@@ -18,8 +19,8 @@ class DataInfo:
 
     task: str
     input_shape: tuple[int, ...]
-    num_classes: Optional[int]
-    vocab_size: Optional[int]
+    num_classes: int | None
+    vocab_size: int | None
     is_image: bool
     sizes: dict[str, int]
     fingerprint: dict
@@ -27,12 +28,12 @@ class DataInfo:
     sizes_exact: bool = True
 
 
-def _require_train(info: DataInfo, spec: "JobSpec") -> None:
+def _require_train(info: DataInfo, spec: JobSpec) -> None:
     if info.sizes["train"] == 0:
         raise BadInput(f"data: the train split of {spec.data.name} is empty ({info.sizes})")
 
 
-def _check_classes(classes: Optional[list[int]], num_classes: Optional[int], task: str) -> None:
+def _check_classes(classes: list[int] | None, num_classes: int | None, task: str) -> None:
     if classes is None:
         return
     if task != "classification":

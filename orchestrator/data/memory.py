@@ -9,9 +9,10 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
+
 from orchestrator.data.info import DataInfo, _check_classes, _require_train, _windows
 from orchestrator.data.sources import _build_augment
 from orchestrator.data.splits import _SALT_SYNTHETIC, SPLITS, _rng, _split_args, assign_splits
@@ -27,8 +28,8 @@ class _Arrays:
     x: np.ndarray
     y: np.ndarray
     task: str
-    num_classes: Optional[int]
-    vocab_size: Optional[int]
+    num_classes: int | None
+    vocab_size: int | None
     fingerprint: dict = field(default_factory=dict)
 
 
@@ -40,11 +41,17 @@ def _digits() -> _Arrays:
     with gzip.open(Path(package.origin).parent / "datasets" / "data" / "digits.csv.gz") as fh:
         table = np.loadtxt(fh, delimiter=",")
     x = (table[:, :-1] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    return _Arrays(x, table[:, -1].astype(np.int64), "classification", 10, None,
-                   {"source": "digits", "package": "scikit-learn", "version": importlib.metadata.version("scikit-learn")})
+    return _Arrays(
+        x,
+        table[:, -1].astype(np.int64),
+        "classification",
+        10,
+        None,
+        {"source": "digits", "package": "scikit-learn", "version": importlib.metadata.version("scikit-learn")},
+    )
 
 
-def _synthetic(spec: "JobSpec") -> _Arrays:
+def _synthetic(spec: JobSpec) -> _Arrays:
     d = spec.data
     rng = _rng(spec.train.seed, _SALT_SYNTHETIC)
     n, f = d.samples, d.num_features
@@ -55,7 +62,9 @@ def _synthetic(spec: "JobSpec") -> _Arrays:
         cluster = rng.integers(0, 2 * d.num_classes, size=n)
         x = (centers[cluster] + rng.normal(size=(n, f))).astype(np.float32)
         fingerprint.update(num_features=f, num_classes=d.num_classes)
-        return _Arrays(x, (cluster % d.num_classes).astype(np.int64), "classification", d.num_classes, None, fingerprint)
+        return _Arrays(
+            x, (cluster % d.num_classes).astype(np.int64), "classification", d.num_classes, None, fingerprint
+        )
     if d.task == "regression":
         # A random one-hidden-layer teacher: nonlinear, so a linear fit leaves error an MLP removes.
         w1 = rng.normal(size=(f, 16)) / math.sqrt(f)
@@ -79,7 +88,7 @@ def _synthetic(spec: "JobSpec") -> _Arrays:
     return _Arrays(windows[:, :-1].copy(), windows[:, 1:].copy(), "lm", None, v, fingerprint)
 
 
-def _user_data(spec: "JobSpec", base_dir) -> _Arrays:
+def _user_data(spec: JobSpec, base_dir) -> _Arrays:
     import torch  # imported here to keep start-up light
 
     d = spec.data
@@ -93,9 +102,13 @@ def _user_data(spec: "JobSpec", base_dir) -> _Arrays:
             x = np.stack([np.asarray(p[0]) for p in pairs])
             y = np.asarray([np.asarray(p[1]) for p in pairs])
         except Exception as exc:  # a dataset whose items are not (x, y) pairs
-            raise BadInput(f"data.name: {d.name!r} returned a dataset whose items are not (x, y) pairs: {_one_line(exc)}") from None
+            raise BadInput(
+                f"data.name: {d.name!r} returned a dataset whose items are not (x, y) pairs: {_one_line(exc)}"
+            ) from None
     else:
-        raise BadInput(f"data.name: {d.name!r} returned {type(out).__name__}; expected (X, y) or a torch Dataset of (x, y) pairs")
+        raise BadInput(
+            f"data.name: {d.name!r} returned {type(out).__name__}; expected (X, y) or a torch Dataset of (x, y) pairs"
+        )
     if len(x) != len(y):
         raise BadInput(f"data.name: {d.name!r} returned {len(x)} inputs but {len(y)} labels")
     if len(x) == 0:
@@ -116,30 +129,38 @@ def _user_data(spec: "JobSpec", base_dir) -> _Arrays:
         return _Arrays(x.astype(np.float32), y, task, int(y.max()) + 1, None, fingerprint)
     if task == "regression":
         if y.size != len(y):
-            raise BadInput(f"data.name: {d.name!r} returned targets of shape {y.shape}; regression needs one value per example")
+            raise BadInput(
+                f"data.name: {d.name!r} returned targets of shape {y.shape}; regression needs one value per example"
+            )
         return _Arrays(x.astype(np.float32), y.astype(np.float32).reshape(len(y)), task, None, None, fingerprint)
     if x.ndim != 2 or x.shape != y.shape:
-        raise BadInput(f"data.name: {d.name!r} returned inputs {x.shape} and targets {y.shape}; lm needs two (N, seq_len) token arrays")
+        raise BadInput(
+            f"data.name: {d.name!r} returned inputs {x.shape} and targets {y.shape}; lm needs two (N, seq_len) token arrays"
+        )
     top = int(max(x.max(), y.max()))
     if top >= d.vocab_size:
         raise BadInput(f"data.vocab_size: token id {top} is not below vocab_size={d.vocab_size}")
     return _Arrays(x.astype(np.int64), y.astype(np.int64), task, None, d.vocab_size, fingerprint)
 
 
-_loaded: dict[str, _Arrays] = {}  # the last data set built in this process: preflight's, reused by a loop in the same process
+_loaded: dict[
+    str, _Arrays
+] = {}  # the last data set built in this process: preflight's, reused by a loop in the same process
 
 
-def _in_memory(spec: "JobSpec", base_dir) -> _Arrays:
+def _in_memory(spec: JobSpec, base_dir) -> _Arrays:
     key = repr((spec.data.model_dump(mode="json"), spec.train.seed, str(base_dir)))
     if key not in _loaded:
         name = spec.data.name
-        arrays = _digits() if name == "digits" else _synthetic(spec) if name == "synthetic" else _user_data(spec, base_dir)
+        arrays = (
+            _digits() if name == "digits" else _synthetic(spec) if name == "synthetic" else _user_data(spec, base_dir)
+        )
         _loaded.clear()
         _loaded[key] = arrays
     return _loaded[key]
 
 
-def _class_mask(spec: "JobSpec", labels: np.ndarray, num_classes: Optional[int], task: str) -> Optional[np.ndarray]:
+def _class_mask(spec: JobSpec, labels: np.ndarray, num_classes: int | None, task: str) -> np.ndarray | None:
     classes = spec.data.classes
     if classes is None:
         return None
@@ -150,10 +171,12 @@ def _class_mask(spec: "JobSpec", labels: np.ndarray, num_classes: Optional[int],
 def _info_from_arrays(arr: _Arrays, codes: np.ndarray) -> DataInfo:
     shape = tuple(int(s) for s in arr.x.shape[1:])
     sizes = {name: int((codes == code).sum()) for code, name in enumerate(SPLITS)}
-    return DataInfo(arr.task, shape, arr.num_classes, arr.vocab_size, arr.task != "lm" and len(shape) == 3, sizes, arr.fingerprint)
+    return DataInfo(
+        arr.task, shape, arr.num_classes, arr.vocab_size, arr.task != "lm" and len(shape) == 3, sizes, arr.fingerprint
+    )
 
 
-def _split_arrays(spec: "JobSpec", base_dir) -> tuple[_Arrays, np.ndarray, DataInfo]:
+def _split_arrays(spec: JobSpec, base_dir) -> tuple[_Arrays, np.ndarray, DataInfo]:
     arr = _in_memory(spec, base_dir)
     # Split the whole dataset before filtering classes, so a class-filtered job's test examples
     # are never training examples of the unfiltered job with the same seed.

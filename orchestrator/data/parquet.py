@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from orchestrator.data.info import DataInfo, _check_classes, _num_windows, _windows
 from orchestrator.data.sources import BatchSource
 from orchestrator.data.splits import _SALT_ORDER, SPLITS, TEST, TRAIN, VAL, _rng, _split_args, hashed_splits
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
 DEFAULT_SHUFFLE_BUFFER = 8192
 
 
-def _storage_options(endpoint_url: Optional[str]) -> dict:
+def _storage_options(endpoint_url: str | None) -> dict:
     return {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {}
 
 
@@ -29,7 +31,7 @@ def _resolve_uri(path: str, base_dir) -> str:
     return str(Path(base_dir) / path)
 
 
-def list_parquet_files(uri: str, endpoint_url: Optional[str] = None) -> tuple[Any, list[dict]]:
+def list_parquet_files(uri: str, endpoint_url: str | None = None) -> tuple[Any, list[dict]]:
     """The filesystem and the sorted Parquet files (fsspec info dicts) of a file, glob or directory URI."""
     import fsspec  # imported here to keep start-up light
 
@@ -75,7 +77,7 @@ def _file_fingerprint(fs, info: dict) -> dict:
 class _ParquetTable:
     """The row groups of a Parquet dataset, their split counts, and reading one row group's examples."""
 
-    def __init__(self, spec: "JobSpec", base_dir, scan: bool):
+    def __init__(self, spec: JobSpec, base_dir, scan: bool):
         import pyarrow.parquet as pq  # imported here to keep start-up light
 
         d = spec.data
@@ -97,9 +99,13 @@ class _ParquetTable:
                 with self.fs.open(name, "rb") as f:
                     self.metas.append(pq.read_metadata(f))
             except Exception as exc:  # not Parquet, truncated, unreadable
-                raise BadInput(f"data.path: {_display(self.fs, name)}: not a readable parquet file ({_one_line(exc)})") from None
+                raise BadInput(
+                    f"data.path: {_display(self.fs, name)}: not a readable parquet file ({_one_line(exc)})"
+                ) from None
             self._check_schema(name, self.metas[-1])
-        groups = [(fi, gi, m.row_group(gi).num_rows) for fi, m in enumerate(self.metas) for gi in range(m.num_row_groups)]
+        groups = [
+            (fi, gi, m.row_group(gi).num_rows) for fi, m in enumerate(self.metas) for gi in range(m.num_row_groups)
+        ]
         self.groups = np.array([(fi, gi) for fi, gi, _ in groups], dtype=np.int64).reshape(-1, 2)
         rows = np.array([n for _, _, n in groups], dtype=np.int64)
         self.row_start = np.concatenate([[0], np.cumsum(rows)])[:-1]
@@ -115,7 +121,11 @@ class _ParquetTable:
 
         schema = meta.schema.to_arrow_schema()
         where = _display(self.fs, name)
-        fields = [("data.tokens", self.tokens)] if self.task == "lm" else [("data.features", c) for c in self.features] + [("data.label", self.label)]
+        fields = (
+            [("data.tokens", self.tokens)]
+            if self.task == "lm"
+            else [("data.features", c) for c in self.features] + [("data.label", self.label)]
+        )
         for field_name, col in fields:
             if col not in schema.names:
                 shown = ", ".join(schema.names[:20]) + (", ..." if len(schema.names) > 20 else "")
@@ -132,7 +142,11 @@ class _ParquetTable:
                 raise BadInput(f"{field_name}: column {col!r} of {where} is {t}, not {want}")
 
     def _column_index(self, meta, name: str) -> list[int]:
-        return [j for j in range(meta.num_columns) if meta.schema.column(j).path == name or meta.schema.column(j).path.startswith(name + ".")]
+        return [
+            j
+            for j in range(meta.num_columns)
+            if meta.schema.column(j).path == name or meta.schema.column(j).path.startswith(name + ".")
+        ]
 
     def _num_classes(self) -> int:
         import pyarrow.compute as pc  # imported here to keep start-up light
@@ -163,7 +177,9 @@ class _ParquetTable:
             if self.task == "lm":
                 if scan:
                     table = self._read(g, [self.tokens])
-                    counts[g] = [_num_windows(len(self._lm_tokens(codes, s, table)), self.seq_len) for s in (TRAIN, VAL, TEST)]
+                    counts[g] = [
+                        _num_windows(len(self._lm_tokens(codes, s, table)), self.seq_len) for s in (TRAIN, VAL, TEST)
+                    ]
                 else:
                     counts[g] = self._estimate_windows(g, codes)
                 continue
@@ -197,7 +213,9 @@ class _ParquetTable:
         flat = pc.list_flatten(rows).to_numpy() if len(rows) else np.zeros(0, dtype=np.int64)
         if len(flat) and (flat.min() < 0 or flat.max() >= self.vocab_size):
             bad = int(flat.max()) if flat.max() >= self.vocab_size else int(flat.min())
-            raise BadInput(f"data.vocab_size: token id {bad} in column {self.tokens!r} is outside 0..{self.vocab_size - 1}")
+            raise BadInput(
+                f"data.vocab_size: token id {bad} in column {self.tokens!r} is outside 0..{self.vocab_size - 1}"
+            )
         return flat
 
     def read_examples(self, g: int, split: int) -> tuple[np.ndarray, np.ndarray]:
@@ -218,15 +236,31 @@ class _ParquetTable:
     def info(self) -> DataInfo:
         sizes = {name: int(self.counts[:, code].sum()) for code, name in enumerate(SPLITS)}
         shape = (self.seq_len,) if self.task == "lm" else (len(self.features),)
-        return DataInfo(self.task, shape, self.num_classes, self.vocab_size if self.task == "lm" else None,
-                        False, sizes, self.fingerprint, self.exact)
+        return DataInfo(
+            self.task,
+            shape,
+            self.num_classes,
+            self.vocab_size if self.task == "lm" else None,
+            False,
+            sizes,
+            self.fingerprint,
+            self.exact,
+        )
 
 
 class ParquetSource(BatchSource):
     """A split of Parquet data read one row group at a time; keys are (row group << 32) | example index."""
 
-    def __init__(self, table: "_ParquetTable", split: int, batch_size: int, seed: int, train: bool,
-                 augment: Optional[Callable] = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
+    def __init__(
+        self,
+        table: _ParquetTable,
+        split: int,
+        batch_size: int,
+        seed: int,
+        train: bool,
+        augment: Callable | None = None,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    ):
         self.table = table
         self.split = split
         self.counts = table.counts[:, split]
@@ -264,7 +298,9 @@ class ParquetSource(BatchSource):
         for g in np.unique(groups):
             gx, gy = self.table.read_examples(int(g), self.split)
             if len(gx) != self.counts[g]:
-                raise RuntimeError(f"{self.table.uri}: row group {g} changed while training (expected {self.counts[g]} examples, found {len(gx)})")
+                raise RuntimeError(
+                    f"{self.table.uri}: row group {g} changed while training (expected {self.counts[g]} examples, found {len(gx)})"
+                )
             if x is None:
                 x = np.empty((len(keys),) + gx.shape[1:], dtype=gx.dtype)
                 y = np.empty((len(keys),) + gy.shape[1:], dtype=gy.dtype)

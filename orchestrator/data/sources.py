@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
+
 from orchestrator.data.info import DataInfo
 from orchestrator.data.splits import _SALT_AUGMENT, _SALT_ORDER, _rng, _seed_int
 from orchestrator.errors import BadInput
 
 if TYPE_CHECKING:
     import torch
+
     from orchestrator.spec import JobSpec
 
 
 class BatchSource(ABC):
     """The batches of one split: train is reshuffled per epoch and cut into equal rank shares; val/test are strided."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, train: bool, augment: Optional[Callable] = None):
+    def __init__(self, size: int, batch_size: int, seed: int, train: bool, augment: Callable | None = None):
         self.size = size
         self.batch_size = batch_size
         self.seed = seed
@@ -36,9 +39,10 @@ class BatchSource(ABC):
         """Batches per rank per epoch; for val/test, rank 0's count (a later rank may have one batch fewer)."""
         return math.ceil(self.num_examples(world_size, 0) / self.batch_size)
 
-    def batches(self, epoch: int, rank: int, world_size: int, start_batch: int = 0) -> Iterator[tuple["torch.Tensor", "torch.Tensor"]]:
+    def batches(
+        self, epoch: int, rank: int, world_size: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (x, y) batches of this rank from `start_batch` on, exactly as an uninterrupted epoch would."""
-        import torch  # imported here to keep start-up light
 
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -101,7 +105,9 @@ def _cat(parts):
 class TensorSource(BatchSource):
     """A split held in memory as tensors (digits, synthetic, user data)."""
 
-    def __init__(self, x: "torch.Tensor", y: "torch.Tensor", batch_size: int, seed: int, train: bool, augment: Optional[Callable] = None):
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, train: bool, augment: Callable | None = None
+    ):
         super().__init__(len(x), batch_size, seed, train, augment)
         self.x = x
         self.y = y
@@ -123,10 +129,12 @@ class TensorSource(BatchSource):
 # Augmentation
 
 
-def _build_augment(spec: "JobSpec", info: DataInfo) -> Optional[Callable]:
+def _build_augment(spec: JobSpec, info: DataInfo) -> Callable | None:
     aug = spec.data.augment
     if aug.shift and not info.is_image:
-        raise BadInput(f"data.augment.shift: needs image data (C, H, W); this data has inputs of shape {info.input_shape}")
+        raise BadInput(
+            f"data.augment.shift: needs image data (C, H, W); this data has inputs of shape {info.input_shape}"
+        )
     if aug.noise and info.task == "lm":
         raise BadInput("data.augment.noise: cannot add noise to token ids (lm data)")
     if not aug.shift and not aug.noise:
@@ -145,7 +153,7 @@ def _build_augment(spec: "JobSpec", info: DataInfo) -> Optional[Callable]:
     return augment
 
 
-def shift_images(x: "torch.Tensor", max_shift: int, gen: "torch.Generator") -> "torch.Tensor":
+def shift_images(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
     """Shift each image of a (N, C, H, W) batch by its own random offset in [-max_shift, max_shift], filling with zeros."""
     import torch  # imported here to keep start-up light
     import torch.nn.functional as F

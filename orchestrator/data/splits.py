@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -48,7 +48,9 @@ def _uniform_hash(index: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def assign_splits(n: int, seed: int, test_split: float, val_split: float, folds: Optional[int] = None, fold: int = 0) -> np.ndarray:
+def assign_splits(
+    n: int, seed: int, test_split: float, val_split: float, folds: int | None = None, fold: int = 0
+) -> np.ndarray:
     """Split code (TRAIN, VAL, TEST) per example of an in-memory dataset, with exact fractions."""
     perm = _rng(seed, _SALT_SPLIT).permutation(n)
     codes = np.full(n, TRAIN, dtype=np.int8)
@@ -61,7 +63,9 @@ def assign_splits(n: int, seed: int, test_split: float, val_split: float, folds:
     return codes
 
 
-def hashed_splits(index: np.ndarray, seed: int, test_split: float, val_split: float, folds: Optional[int] = None, fold: int = 0) -> np.ndarray:
+def hashed_splits(
+    index: np.ndarray, seed: int, test_split: float, val_split: float, folds: int | None = None, fold: int = 0
+) -> np.ndarray:
     """Split code per global row index of streamed data: computable for any row without reading others."""
     u = _uniform_hash(index, seed)
     codes = np.full(len(index), TRAIN, dtype=np.int8)
@@ -76,6 +80,6 @@ def hashed_splits(index: np.ndarray, seed: int, test_split: float, val_split: fl
     return codes
 
 
-def _split_args(spec: "JobSpec") -> tuple:
+def _split_args(spec: JobSpec) -> tuple:
     d = spec.data
     return (spec.train.seed, d.test_split, spec.validation.split, d.folds, d.fold)

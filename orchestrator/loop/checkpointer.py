@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import yaml
@@ -30,9 +31,11 @@ class Checkpointer:
 
     def __init__(self, run: RunDir, spec: JobSpec, ctx: LoopContext, parts: Parts):
         self.run, self.spec, self.ctx, self.parts = run, spec, ctx, parts
-        self.writer = ckpt.CheckpointWriter(run.fs, run.root, asynchronous=spec.checkpoint.async_) if ctx.is_main else None
+        self.writer = (
+            ckpt.CheckpointWriter(run.fs, run.root, asynchronous=spec.checkpoint.async_) if ctx.is_main else None
+        )
 
-    def restore(self, say: Callable[[str], None]) -> tuple[TrainState, Optional[str]]:
+    def restore(self, say: Callable[[str], None]) -> tuple[TrainState, str | None]:
         """The state of the newest checkpoint that verifies, loaded into the parts, and its URI; a fresh state and None when there is none."""
         restored = ckpt.restore_latest(self.run.fs, self.run.root)
         if restored is None:
@@ -56,7 +59,7 @@ class Checkpointer:
         say(f"resumed from {info.uri} (step {state.step}, epoch {state.epoch}, batch {state.batch})")
         return state, info.uri
 
-    def save(self, state: TrainState, metrics: dict[str, Any], metrics_log: Optional[MetricsLog]) -> None:
+    def save(self, state: TrainState, metrics: dict[str, Any], metrics_log: MetricsLog | None) -> None:
         """Checkpoint this step (every rank calls it): the time the training thread spends here is counted in the state."""
         blocked_from = time.perf_counter()
         rngs = all_gather(capture_rng(), self.ctx.world_size)
@@ -64,7 +67,9 @@ class Checkpointer:
             self._snapshot_and_commit(state, rngs, metrics, metrics_log)
         state.checkpoint_blocked_s += time.perf_counter() - blocked_from
 
-    def _snapshot_and_commit(self, state: TrainState, rngs: list, metrics: dict[str, Any], metrics_log: Optional[MetricsLog]) -> None:
+    def _snapshot_and_commit(
+        self, state: TrainState, rngs: list, metrics: dict[str, Any], metrics_log: MetricsLog | None
+    ) -> None:
         p = self.parts
         weights = {k: v.detach().to("cpu", copy=True) for k, v in p.model.state_dict().items()}
         opt_state = _cpu_copy(p.optimizer.state_dict())
@@ -76,7 +81,9 @@ class Checkpointer:
         def build_files() -> dict[str, bytes]:
             return {
                 ckpt.WEIGHTS: ckpt.serialize_weights(weights),
-                "state.pt": ckpt.serialize_state({"optimizer": opt_state, "schedule": sched_state, "scaler": scaler_state, "train": train_state}),
+                "state.pt": ckpt.serialize_state(
+                    {"optimizer": opt_state, "schedule": sched_state, "scaler": scaler_state, "train": train_state}
+                ),
                 "rng.pt": ckpt.serialize_state(rngs),
                 "job.yaml": job_yaml,
             }
@@ -91,13 +98,15 @@ class Checkpointer:
         scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
         self.writer.save(state.step, state.epoch, build_files, scalars, then=after_commit, train=counters)
 
-    def _retention(self, best_step: Optional[int]) -> Callable[[], None]:
+    def _retention(self, best_step: int | None) -> Callable[[], None]:
         """Retention after a commit, with the best step as it was when the checkpoint was taken (not as training has moved on)."""
         metric, mode = watched_metric(self.spec)
         c = self.spec.checkpoint
-        return lambda: ckpt.apply_retention(self.run.fs, self.run.root, c.keep_last, c.keep_best, metric, mode, best_step=best_step)
+        return lambda: ckpt.apply_retention(
+            self.run.fs, self.run.root, c.keep_last, c.keep_best, metric, mode, best_step=best_step
+        )
 
-    def close(self) -> Optional[str]:
+    def close(self) -> str | None:
         """Wait for the last upload to commit; the URI of the newest committed checkpoint (rank 0), else None."""
         if self.writer is None:
             return None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -27,11 +28,11 @@ class LoopContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     report: Callable[[dict[str, Any]], None] = lambda metrics: None
     log: Callable[[str], None] = _stderr
-    base_dir: Optional[str] = None
+    base_dir: str | None = None
     # Rank 0 hands every metrics entry to the trackers; it must return at once (tracking.Tracker queues).
-    track: Optional[Callable[[dict[str, Any]], None]] = None
+    track: Callable[[dict[str, Any]], None] | None = None
     # Rank 0's progress events (console.format_event); None: their plain lines go to `log`.
-    progress: Optional[Callable[[Event], None]] = None
+    progress: Callable[[Event], None] | None = None
     # Whether whoever runs the loop wants it to end now (a Tune scheduler that stopped the trial at a report).
     should_stop: Callable[[], bool] = lambda: False
 

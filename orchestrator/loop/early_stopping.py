@@ -29,7 +29,9 @@ class EarlyStopping:
     def observe(self, state: TrainState, val: dict[str, Any]) -> None:
         """Record a validation's verdict in the state: best metric, value, step and metrics; validations without progress."""
         value = val.get(self.metric)
-        if isinstance(value, (int, float)) and (state.best_value is None or is_better(value, state.best_value, self.mode, self.min_delta)):
+        if isinstance(value, (int, float)) and (
+            state.best_value is None or is_better(value, state.best_value, self.mode, self.min_delta)
+        ):
             state.best_value, state.best_step, state.bad_validations = float(value), state.step, 0
             state.best_metrics = {k: v for k, v in val.items() if not isinstance(v, list)}
         else:
@@ -38,5 +40,7 @@ class EarlyStopping:
             state.stopped_early = True
 
     def stop_message(self, state: TrainState) -> str:
-        return (f"early stopping at step {state.step}: {self.metric} has not improved for {self.patience} validations "
-                f"(best {state.best_value:.4f} at step {state.best_step})")
+        return (
+            f"early stopping at step {state.step}: {self.metric} has not improved for {self.patience} validations "
+            f"(best {state.best_value:.4f} at step {state.best_step})"
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +35,15 @@ def all_gather(obj: Any, world_size: int) -> list[Any]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, task: str, names: Optional[list[str]] = None, return_outputs: bool = False):
+def evaluate(
+    model: torch.nn.Module,
+    source,
+    spec: JobSpec,
+    ctx: LoopContext,
+    task: str,
+    names: list[str] | None = None,
+    return_outputs: bool = False,
+):
     """Metrics of a split over all ranks' shards; every rank gets the same numbers (with `return_outputs`, also the outputs and targets)."""
     model.eval()
     outputs, targets, loss_sum, count = [], [], 0.0, 0
@@ -63,8 +71,9 @@ def evaluate(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, ta
     return (metrics, out_t, tgt_t) if return_outputs else metrics
 
 
-def evaluate_best_on_test(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, task: str, run: RunDir,
-                          best_step: Optional[int]) -> Optional[TestSummary]:
+def evaluate_best_on_test(
+    model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, task: str, run: RunDir, best_step: int | None
+) -> TestSummary | None:
     """Rank 0 alone: the best committed checkpoint (else the latest) on the whole test split, written to `<run>/test.json`."""
     found = ckpt.list_checkpoints(run.fs, run.root)
     if not found or source.size == 0:
@@ -72,22 +81,43 @@ def evaluate_best_on_test(model: torch.nn.Module, source, spec: JobSpec, ctx: Lo
     info = next((c for c in found if c.step == best_step), found[-1])
     model = copy.deepcopy(model)
     model.load_state_dict(ckpt.deserialize_weights(ckpt.read_verified(run.fs, info, [ckpt.WEIGHTS])[ckpt.WEIGHTS]))
-    names = list({"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS, "lm": LM_METRICS}.get(task, ("loss",)))
-    metrics, out, tgt = evaluate(model, source, spec, replace(ctx, rank=0, world_size=1), task, names=names, return_outputs=True)
+    names = list(
+        {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS, "lm": LM_METRICS}.get(
+            task, ("loss",)
+        )
+    )
+    metrics, out, tgt = evaluate(
+        model, source, spec, replace(ctx, rank=0, world_size=1), task, names=names, return_outputs=True
+    )
     checkpoint_uri = storage.to_uri(run.fs, info.path)
-    record = build_test_record(task, metrics, out.numpy() if out is not None else None, tgt.numpy() if tgt is not None else None,
-                               checkpoint_uri, info.step, best_step, spec.train.seed)
+    record = build_test_record(
+        task,
+        metrics,
+        out.numpy() if out is not None else None,
+        tgt.numpy() if tgt is not None else None,
+        checkpoint_uri,
+        info.step,
+        best_step,
+        spec.train.seed,
+    )
     return TestSummary(uri=run.write_test(record), checkpoint=checkpoint_uri, step=info.step, metrics=record["metrics"])
 
 
-def build_test_record(task: str, metrics: dict[str, Any], outputs, targets, checkpoint: str, step: int,
-                      best_step: Optional[int], seed: int) -> dict[str, Any]:
+def build_test_record(
+    task: str, metrics: dict[str, Any], outputs, targets, checkpoint: str, step: int, best_step: int | None, seed: int
+) -> dict[str, Any]:
     """test.json: test_* metrics plus labels and softmax scores (classification) or predictions and targets (regression).
 
     `outputs` and `targets` are NumPy arrays of the whole split (unused for lm).
     """
-    record: dict[str, Any] = {"split": "test", "task": task, "checkpoint": checkpoint, "step": step, "best_step": best_step,
-                              "metrics": {f"test_{k}": v for k, v in metrics.items()}}
+    record: dict[str, Any] = {
+        "split": "test",
+        "task": task,
+        "checkpoint": checkpoint,
+        "step": step,
+        "best_step": best_step,
+        "metrics": {f"test_{k}": v for k, v in metrics.items()},
+    }
     if task not in ("classification", "regression") or outputs is None or len(targets) == 0:
         record["examples"] = None if task == "lm" else 0
         return record
@@ -102,7 +132,12 @@ def build_test_record(task: str, metrics: dict[str, Any], outputs, targets, chec
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
         probs /= probs.sum(axis=1, keepdims=True)
-        record.update(num_classes=int(width), labels=targets[keep].astype(int).tolist(), scores=np.round(probs, 6).tolist())
+        record.update(
+            num_classes=int(width), labels=targets[keep].astype(int).tolist(), scores=np.round(probs, 6).tolist()
+        )
     else:
-        record.update(predictions=outputs.reshape(-1)[keep].astype(float).tolist(), targets=targets.reshape(-1)[keep].astype(float).tolist())
+        record.update(
+            predictions=outputs.reshape(-1)[keep].astype(float).tolist(),
+            targets=targets.reshape(-1)[keep].astype(float).tolist(),
+        )
     return record

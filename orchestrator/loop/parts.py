@@ -5,8 +5,8 @@ from __future__ import annotations
 import fnmatch
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -65,7 +65,10 @@ def apply_init_and_freeze(model: torch.nn.Module, spec: JobSpec, say: Callable[[
         usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
         skipped = sorted(set(weights) - set(usable))
         model.load_state_dict(usable, strict=False)
-        say(f"initialised {len(usable)} tensors from {spec.model.init_from}" + (f" (skipped {len(skipped)} of another shape or name)" if skipped else ""))
+        say(
+            f"initialised {len(usable)} tensors from {spec.model.init_from}"
+            + (f" (skipped {len(skipped)} of another shape or name)" if skipped else "")
+        )
     if spec.model.freeze:
         frozen = 0
         for name, param in model.named_parameters():

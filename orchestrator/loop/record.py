@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 class Recorder:
     """Every metrics entry goes into the state's history (checkpoints carry it), metrics.jsonl (rank 0) and the trackers."""
 
-    def __init__(self, state: TrainState, metrics_log: Optional[MetricsLog], track: Optional[Callable[[dict[str, Any]], None]]):
+    def __init__(
+        self, state: TrainState, metrics_log: MetricsLog | None, track: Callable[[dict[str, Any]], None] | None
+    ):
         self.state, self.metrics_log, self.track = state, metrics_log, track
 
     def record(self, entry: dict[str, Any]) -> None:
@@ -38,7 +41,9 @@ class Progress:
     """Rank 0's progress events (console.format_event shows them); the other ranks say nothing."""
 
     def __init__(self, ctx: LoopContext):
-        self.emit: Callable[[Event], None] = (ctx.progress or text_progress(ctx.log)) if ctx.is_main else (lambda event: None)
+        self.emit: Callable[[Event], None] = (
+            (ctx.progress or text_progress(ctx.log)) if ctx.is_main else (lambda event: None)
+        )
 
     def say(self, text: str) -> None:
         self.emit({"kind": "message", "text": text})
@@ -50,7 +55,9 @@ class Progress:
         self.emit({"kind": "val", "step": step, "metrics": metrics})
 
     def test(self, step: int, metrics: dict[str, Any]) -> None:
-        self.emit({"kind": "test", "step": step, "metrics": {k: v for k, v in metrics.items() if not isinstance(v, list)}})
+        self.emit(
+            {"kind": "test", "step": step, "metrics": {k: v for k, v in metrics.items() if not isinstance(v, list)}}
+        )
 
 
 class Throughput:
@@ -75,6 +82,13 @@ class Throughput:
         elapsed = time.perf_counter() - self.start
         rate = self.samples * self.world_size / elapsed if elapsed > 0 else 0.0
         eta = (total_steps - state.step) * elapsed / max(1, self.steps)
-        entry = {"step": state.step, "epoch": state.epoch, "split": "train", "loss": self.loss.item() / max(1, self.batches), "lr": lr, "samples_per_s": rate}
+        entry = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "split": "train",
+            "loss": self.loss.item() / max(1, self.batches),
+            "lr": lr,
+            "samples_per_s": rate,
+        }
         self._reset()
         return entry, eta

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,17 +19,19 @@ class TrainState:
     epoch: int = 0  # epoch of the next batch
     batch: int = 0  # index of the next batch within that epoch
     samples: int = 0
-    best_metric: Optional[str] = None  # the metric that ranks validations (early stopping, keep_best)
-    best_value: Optional[float] = None
-    best_step: Optional[int] = None
+    best_metric: str | None = None  # the metric that ranks validations (early stopping, keep_best)
+    best_value: float | None = None
+    best_step: int | None = None
     best_metrics: dict[str, Any] = field(default_factory=dict)
     bad_validations: int = 0  # early stopping: validations since the last improvement
     stopped_early: bool = False
-    checkpoint_blocked_s: float = 0.0  # time the training thread spent in checkpointing (snapshot, or waiting on an upload)
+    checkpoint_blocked_s: float = (
+        0.0  # time the training thread spent in checkpointing (snapshot, or waiting on an upload)
+    )
     report_blocked_s: float = 0.0  # time the training thread spent handing metrics to ctx.report (Ray, Tune)
     report_blocked_max_s: float = 0.0  # the longest single report
-    first_step_at: Optional[float] = None  # wall clock of the first and latest optimizer step (benchmarks, ETA)
-    last_step_at: Optional[float] = None
+    first_step_at: float | None = None  # wall clock of the first and latest optimizer step (benchmarks, ETA)
+    last_step_at: float | None = None
     last_val: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -44,8 +46,20 @@ class TrainState:
 
     def counters(self) -> dict[str, Any]:
         """What a summary needs of the state (no history): it rides in each checkpoint's manifest."""
-        keep = ("step", "epoch", "best_metric", "best_value", "best_step", "best_metrics", "stopped_early", "first_step_at",
-                "last_step_at", "report_blocked_s", "report_blocked_max_s", "last_val")
+        keep = (
+            "step",
+            "epoch",
+            "best_metric",
+            "best_value",
+            "best_step",
+            "best_metrics",
+            "stopped_early",
+            "first_step_at",
+            "last_step_at",
+            "report_blocked_s",
+            "report_blocked_max_s",
+            "last_val",
+        )
         return {k: getattr(self, k) for k in keep}
 
 
@@ -61,7 +75,12 @@ def capture_rng() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():

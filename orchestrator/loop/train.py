@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch.distributed as dist
 
@@ -31,9 +31,9 @@ class LoopResult:
     stopped_early: bool
     metrics: dict[str, Any]  # the last validation
     best: Best
-    checkpoint: Optional[str]  # rank 0: the newest committed checkpoint
-    resumed_from: Optional[str]
-    test: Optional[TestSummary]  # rank 0: the best checkpoint on the test split
+    checkpoint: str | None  # rank 0: the newest committed checkpoint
+    resumed_from: str | None
+    test: TestSummary | None  # rank 0: the best checkpoint on the test split
     train_s: float
 
 
@@ -58,8 +58,17 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> LoopResult:
 class _Loop:
     """One rank's training, from the restored state to the end: the parts run_training assembled, and the step's bookkeeping."""
 
-    def __init__(self, spec: JobSpec, ctx: LoopContext, parts: Parts, model, state: TrainState, run: RunDir,
-                 checkpointer: Checkpointer, progress: Progress):
+    def __init__(
+        self,
+        spec: JobSpec,
+        ctx: LoopContext,
+        parts: Parts,
+        model,
+        state: TrainState,
+        run: RunDir,
+        checkpointer: Checkpointer,
+        progress: Progress,
+    ):
         self.spec, self.ctx, self.parts, self.model, self.state = spec, ctx, parts, model, state
         self.run, self.checkpointer, self.progress = run, checkpointer, progress
         self.metrics_log = run.metrics_log(state.history) if ctx.is_main else None
@@ -75,8 +84,13 @@ class _Loop:
         """Epochs of micro-batches, an optimizer step per group of `train.grad_accum_steps`, until the cadence says it is over."""
         spec, ctx, parts, state = self.spec, self.ctx, self.parts, self.state
         info = parts.splits.info
-        self.progress.start(f"training {spec.name}: {spec.model.name} on {spec.data.name} ({info.sizes}), {ctx.world_size} worker(s), "
-                            f"{parts.total_steps} steps", state.step, parts.total_steps, spec.train.epochs)
+        self.progress.start(
+            f"training {spec.name}: {spec.model.name} on {spec.data.name} ({info.sizes}), {ctx.world_size} worker(s), "
+            f"{parts.total_steps} steps",
+            state.step,
+            parts.total_steps,
+            spec.train.epochs,
+        )
         self.model.train()
         while not self.cadence.over(state) and state.epoch < spec.train.epochs:
             micro, group = 0, parts.accum
@@ -103,7 +117,9 @@ class _Loop:
                     break
             else:
                 if state.batch != 0:  # an epoch shorter than expected would desynchronise ranks
-                    raise RuntimeError(f"epoch {state.epoch} ended after {state.batch} of {parts.batches_per_epoch} batches")
+                    raise RuntimeError(
+                        f"epoch {state.epoch} ended after {state.batch} of {parts.batches_per_epoch} batches"
+                    )
         if state.stopped_early:
             self.progress.say(self.early.stop_message(state))
 
@@ -113,10 +129,20 @@ class _Loop:
         if cadence.log_due(state.step):
             entry, eta = self.window.entry(state, self.parts.total_steps, self.parts.schedule.lr)
             self.recorder.record(entry)
-            self.progress.emit({"kind": "train", **entry, "total_steps": self.parts.total_steps, "epochs": self.spec.train.epochs, "eta_s": eta,
-                                "epoch_shown": min(state.epoch + (0 if last_of_epoch else 1), self.spec.train.epochs)})
+            self.progress.emit(
+                {
+                    "kind": "train",
+                    **entry,
+                    "total_steps": self.parts.total_steps,
+                    "epochs": self.spec.train.epochs,
+                    "eta_s": eta,
+                    "epoch_shown": min(state.epoch + (0 if last_of_epoch else 1), self.spec.train.epochs),
+                }
+            )
         val = self.validate() if cadence.validation_due(state.step, last_of_epoch) else {}
-        scalars = {k: v for k, v in val.items() if not isinstance(v, list)}  # a confusion matrix is for the log, not a report
+        scalars = {
+            k: v for k, v in val.items() if not isinstance(v, list)
+        }  # a confusion matrix is for the log, not a report
         if val:
             self.progress.validation(state.step, scalars)
         if cadence.checkpoint_due(state, last_of_epoch):
@@ -148,7 +174,7 @@ class _Loop:
         state.report_blocked_max_s = max(state.report_blocked_max_s, blocked)
         self.reported = True
 
-    def finish(self, resumed_from: Optional[str], train_s: float) -> LoopResult:
+    def finish(self, resumed_from: str | None, train_s: float) -> LoopResult:
         """The last upload committed, metrics.jsonl flushed, the best checkpoint on the test split (rank 0), the ranks in step."""
         state, ctx = self.state, self.ctx
         if not self.reported and state.last_val:
@@ -160,12 +186,23 @@ class _Loop:
             self.metrics_log.flush()
         test = None
         if ctx.is_main:
-            test = evaluate_best_on_test(self.parts.model, self.parts.splits.test, self.spec, ctx, self.parts.task, self.run, state.best_step)
+            test = evaluate_best_on_test(
+                self.parts.model, self.parts.splits.test, self.spec, ctx, self.parts.task, self.run, state.best_step
+            )
         if test:
             self.progress.test(test.step, test.metrics)
         if ctx.distributed:
             # The other ranks wait for rank 0's last upload and test evaluation: none tears the group down under it.
             dist.barrier()
         best = Best(metric=self.early.metric, value=state.best_value, step=state.best_step, metrics=state.best_metrics)
-        return LoopResult(steps=state.step, epochs=state.epoch, stopped_early=state.stopped_early, metrics=state.last_val, best=best,
-                          checkpoint=committed, resumed_from=resumed_from, test=test, train_s=train_s)
+        return LoopResult(
+            steps=state.step,
+            epochs=state.epoch,
+            stopped_early=state.stopped_early,
+            metrics=state.last_val,
+            best=best,
+            checkpoint=committed,
+            resumed_from=resumed_from,
+            test=test,
+            train_s=train_s,
+        )

@@ -18,7 +18,6 @@ What lives where:
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
@@ -28,11 +27,25 @@ from orchestrator.report.run_page import render_run
 from orchestrator.report.sweep_page import render_sweep
 from orchestrator.rundir import METRICS, REPORT, RUN_RECORD, TEST_RECORD
 
-__all__ = ["METRICS", "REPORT", "RUN_RECORD", "SWEEP_RECORD", "TEST_RECORD", "RunData", "SweepData", "list_runs", "load_run", "load_sweep",
-           "render", "render_run", "render_sweep", "write_report"]
+__all__ = [
+    "METRICS",
+    "REPORT",
+    "RUN_RECORD",
+    "SWEEP_RECORD",
+    "TEST_RECORD",
+    "RunData",
+    "SweepData",
+    "list_runs",
+    "load_run",
+    "load_sweep",
+    "render",
+    "render_run",
+    "render_sweep",
+    "write_report",
+]
 
 
-def render(uri: str, endpoint_url: Optional[str] = None) -> str:
+def render(uri: str, endpoint_url: str | None = None) -> str:
     """The report of whatever `uri` holds, a run or a sweep; BadInput when it holds neither."""
     home = _open(uri, endpoint_url)
     if _guarded(uri, lambda: home.exists(SWEEP_RECORD)):
@@ -42,7 +55,7 @@ def render(uri: str, endpoint_url: Optional[str] = None) -> str:
     return render_run(load_run(uri, endpoint_url))
 
 
-def write_report(uri: str, out: Optional[str] = None, endpoint_url: Optional[str] = None) -> str:
+def write_report(uri: str, out: str | None = None, endpoint_url: str | None = None) -> str:
     """Write the report of a run or sweep to `out` (a local file) or to `<uri>/report.html`; return where it went."""
     page = render(uri, endpoint_url).encode()
     if out:
@@ -56,4 +69,3 @@ def write_report(uri: str, out: Optional[str] = None, endpoint_url: Optional[str
     home = _open(uri, endpoint_url)
     storage.write_bytes(home.fs, home.path(REPORT), page)
     return home.uri_of(REPORT)
-

@@ -11,8 +11,8 @@ import base64
 import html
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 FONT = "DejaVu Sans,Helvetica,Arial,sans-serif"
 GLYPH = 0.64  # a wide glyph's width in ems (digits, capitals): margins and legends are sized without a font engine
@@ -22,7 +22,16 @@ GRID_COLOR, MINOR_GRID_COLOR, FRAME_COLOR, TEXT_COLOR = "#e3e3e3", "#f2f2f2", "#
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 # Past this many points a line is thinned to what a pixel column shows (first, lowest, highest, last).
 THIN_ABOVE = 1500
-LEGEND_PLACES = ("upper right", "upper left", "lower left", "lower right", "center right", "center left", "lower center", "upper center")
+LEGEND_PLACES = (
+    "upper right",
+    "upper left",
+    "lower left",
+    "lower right",
+    "center right",
+    "center left",
+    "lower center",
+    "upper center",
+)
 
 
 def esc(text: object) -> str:
@@ -70,9 +79,9 @@ class Colormap:
         pos = t * (len(self.anchors) - 1)
         i = min(int(pos), len(self.anchors) - 2)
         a, b = _rgb(self.anchors[i]), _rgb(self.anchors[i + 1])
-        return "#" + "".join(f"{round(x + (y - x) * (pos - i)):02x}" for x, y in zip(a, b))
+        return "#" + "".join(f"{round(x + (y - x) * (pos - i)):02x}" for x, y in zip(a, b, strict=False))
 
-    def reversed(self) -> "Colormap":
+    def reversed(self) -> Colormap:
         return Colormap(self.anchors[::-1])
 
 
@@ -82,7 +91,9 @@ def _rgb(color: str) -> tuple[int, int, int]:
 
 # matplotlib's "Blues" and "viridis", sampled at their anchors.
 BLUES = Colormap(("#f7fbff", "#deebf7", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b"))
-VIRIDIS = Colormap(("#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725"))
+VIRIDIS = Colormap(
+    ("#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725")
+)
 
 
 @dataclass
@@ -136,7 +147,12 @@ def log_ticks(lo: float, hi: float) -> list[tuple[float, str]]:
     if len(decades) >= 2:
         every = max(1, math.ceil(len(decades) / 8))
         return [(v, _log_label(v)) for v in decades[::every]]
-    steps = [m * 10.0**k for k in range(first, last + 1) for m in (1, 2, 5) if lo * (1 - 1e-9) <= m * 10.0**k <= hi * (1 + 1e-9)]
+    steps = [
+        m * 10.0**k
+        for k in range(first, last + 1)
+        for m in (1, 2, 5)
+        if lo * (1 - 1e-9) <= m * 10.0**k <= hi * (1 + 1e-9)
+    ]
     if len(steps) >= 2:
         return [(v, _log_label(v)) for v in steps]
     return [(v, label) for v, label in linear_ticks(lo, hi, 4) if v > 0]
@@ -185,7 +201,7 @@ class Mark:
     marker: str = ""  # "" | o | ring | star | x
     size: float = 3.0  # a marker's radius; a heatmap's number of rows
     opacity: float = 1.0
-    label: Optional[str] = None
+    label: str | None = None
     texts: list[str] = field(default_factory=list)
     colors: list[str] = field(default_factory=list)  # per cell
     text_colors: list[str] = field(default_factory=list)  # per cell
@@ -205,8 +221,10 @@ def _marker(kind: str, x: float, y: float, r: float, color: str, opacity: float 
         return f'<polygon points="{" ".join(pts)}" fill="{color}"/>'
     if kind == "x":
         d = r * 0.75
-        return (f'<path d="M{_num(x - d)} {_num(y - d)}L{_num(x + d)} {_num(y + d)}M{_num(x - d)} {_num(y + d)}L{_num(x + d)} {_num(y - d)}" '
-                f'stroke="{color}" stroke-width="{_num(r * 0.55)}" stroke-linecap="round"/>')
+        return (
+            f'<path d="M{_num(x - d)} {_num(y - d)}L{_num(x + d)} {_num(y + d)}M{_num(x - d)} {_num(y + d)}L{_num(x + d)} {_num(y - d)}" '
+            f'stroke="{color}" stroke-width="{_num(r * 0.55)}" stroke-linecap="round"/>'
+        )
     return f'<circle cx="{_num(x)}" cy="{_num(y)}" r="{_num(r)}" fill="{color}"{alpha}/>'
 
 
@@ -214,7 +232,7 @@ def thin(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """A long line with monotone x reduced to what each half-pixel column shows: its first, lowest, highest and last point."""
     if len(points) <= THIN_ABOVE:
         return points
-    dx = [b[0] - a[0] for a, b in zip(points, points[1:])]
+    dx = [b[0] - a[0] for a, b in zip(points, points[1:], strict=False)]
     if not (all(d >= 0 for d in dx) or all(d <= 0 for d in dx)):
         return points
     out: list[tuple[float, float]] = []
@@ -246,29 +264,48 @@ class Axes:
     ylabel: str = ""
     xlog: bool = False
     ylog: bool = False
-    xlim: Optional[tuple[float, float]] = None
-    ylim: Optional[tuple[float, float]] = None
+    xlim: tuple[float, float] | None = None
+    ylim: tuple[float, float] | None = None
     grid: bool = True
     square: bool = False
-    xticks: Optional[list[tuple[float, str]]] = None  # fixed ticks instead of round numbers; [] for none
-    yticks: Optional[list[tuple[float, str]]] = None
-    legend_loc: Optional[str] = None  # None: no legend; "best": the corner that hides the fewest points
+    xticks: list[tuple[float, str]] | None = None  # fixed ticks instead of round numbers; [] for none
+    yticks: list[tuple[float, str]] | None = None
+    legend_loc: str | None = None  # None: no legend; "best": the corner that hides the fewest points
     legend_cols: int = 1
-    colorbar: Optional[tuple[Colormap, float, float, str]] = None  # colours, low, high, label
+    colorbar: tuple[Colormap, float, float, str] | None = None  # colours, low, high, label
     marks: list[Mark] = field(default_factory=list)
 
-    def line(self, xs: Sequence[float], ys: Sequence[float], color: str, label: Optional[str] = None, width: float = 1.6,
-             dash: str = "", marker: str = "", size: float = 3.0) -> None:
+    def line(
+        self,
+        xs: Sequence[float],
+        ys: Sequence[float],
+        color: str,
+        label: str | None = None,
+        width: float = 1.6,
+        dash: str = "",
+        marker: str = "",
+        size: float = 3.0,
+    ) -> None:
         self.marks.append(Mark("line", list(xs), list(ys), color, width, dash, marker, size, label=label))
 
-    def points(self, xs: Sequence[float], ys: Sequence[float], color: str, label: Optional[str] = None, marker: str = "o",
-               size: float = 3.0, opacity: float = 1.0) -> None:
-        self.marks.append(Mark("points", list(xs), list(ys), color, marker=marker, size=size, opacity=opacity, label=label))
+    def points(
+        self,
+        xs: Sequence[float],
+        ys: Sequence[float],
+        color: str,
+        label: str | None = None,
+        marker: str = "o",
+        size: float = 3.0,
+        opacity: float = 1.0,
+    ) -> None:
+        self.marks.append(
+            Mark("points", list(xs), list(ys), color, marker=marker, size=size, opacity=opacity, label=label)
+        )
 
-    def vline(self, x: float, color: str, label: Optional[str] = None, dash: str = "", width: float = 1.2) -> None:
+    def vline(self, x: float, color: str, label: str | None = None, dash: str = "", width: float = 1.2) -> None:
         self.marks.append(Mark("vline", [x], [], color, width, dash, label=label))
 
-    def hline(self, y: float, color: str, label: Optional[str] = None, dash: str = "", width: float = 1.0) -> None:
+    def hline(self, y: float, color: str, label: str | None = None, dash: str = "", width: float = 1.0) -> None:
         self.marks.append(Mark("hline", [], [y], color, width, dash, label=label))
 
     def bars(self, edges: Sequence[float], heights: Sequence[float], color: str, opacity: float = 0.85) -> None:
@@ -279,12 +316,25 @@ class Axes:
 
         One background rectangle in the colour of 0, then only the other cells: a large, mostly empty matrix stays small.
         """
-        shown = [(j, i, v, texts[i][j]) for i, row in enumerate(values) for j, v in enumerate(row) if v > 0 or texts[i][j]]
-        self.marks.append(Mark("cells", [c[0] for c in shown], [c[1] for c in shown], color=cmap(0.0), size=len(values),
-                               colors=[cmap(c[2]) for c in shown], texts=[c[3] for c in shown],
-                               text_colors=["#fff" if c[2] > dark_above else TEXT_COLOR for c in shown]))
+        shown = [
+            (j, i, v, texts[i][j]) for i, row in enumerate(values) for j, v in enumerate(row) if v > 0 or texts[i][j]
+        ]
+        self.marks.append(
+            Mark(
+                "cells",
+                [c[0] for c in shown],
+                [c[1] for c in shown],
+                color=cmap(0.0),
+                size=len(values),
+                colors=[cmap(c[2]) for c in shown],
+                texts=[c[3] for c in shown],
+                text_colors=["#fff" if c[2] > dark_above else TEXT_COLOR for c in shown],
+            )
+        )
 
-    def text(self, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str], anchor: str = "start", font: float = 9.5) -> None:
+    def text(
+        self, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str], anchor: str = "start", font: float = 9.5
+    ) -> None:
         self.marks.append(Mark("text", list(xs), list(ys), TEXT_COLOR, texts=list(texts), anchor=anchor, font=font))
 
     # -- layout
@@ -295,7 +345,11 @@ class Axes:
             return fixed
         values: list[float] = []
         for m in self.marks:
-            if m.kind in ("line", "points", "text", "cells") or (m.kind == "vline" and axis == "x") or (m.kind == "hline" and axis == "y"):
+            if (
+                m.kind in ("line", "points", "text", "cells")
+                or (m.kind == "vline" and axis == "x")
+                or (m.kind == "hline" and axis == "y")
+            ):
                 values += m.xs if axis == "x" else m.ys
             elif m.kind == "bars":
                 values += m.xs if axis == "x" else [0.0, *(h * 1.05 for h in m.ys)]
@@ -303,7 +357,7 @@ class Axes:
             return _limits(values, log, 0.0 if axis == "y" else 0.03)
         return _limits(values, log)
 
-    def _ticks(self, scale: Scale, fixed: Optional[list[tuple[float, str]]]) -> list[tuple[float, str]]:
+    def _ticks(self, scale: Scale, fixed: list[tuple[float, str]] | None) -> list[tuple[float, str]]:
         if fixed is not None:
             return fixed
         lo, hi = sorted((scale.lo, scale.hi))
@@ -319,21 +373,34 @@ class Axes:
         right = x0 + w - 12 - (self._colorbar_width() if self.colorbar else 0)
         top = y0 + (TITLE_FONT + 14 if self.title else 10)
         stagger = self._staggered(xt, right - left)
-        bottom = y0 + h - 8 - (LABEL_FONT + 6 if self.xlabel else 0) - (TICK_FONT + 8 if xt else 2) - (TICK_FONT + 3 if stagger else 0)
+        bottom = (
+            y0
+            + h
+            - 8
+            - (LABEL_FONT + 6 if self.xlabel else 0)
+            - (TICK_FONT + 8 if xt else 2)
+            - (TICK_FONT + 3 if stagger else 0)
+        )
         if self.square:  # centred in the room left beside the colour bar
             side = min(right - left, bottom - top)
             left, right = left + (right - left - side) / 2, left + (right - left + side) / 2
             bottom = top + side
         sx.px0, sx.px1, sy.px0, sy.px1 = left, right, bottom, top
         box = (left, top, right, bottom)
-        out = [f'<rect x="{_num(left)}" y="{_num(top)}" width="{_num(right - left)}" height="{_num(bottom - top)}" fill="#fff"/>']
+        out = [
+            f'<rect x="{_num(left)}" y="{_num(top)}" width="{_num(right - left)}" height="{_num(bottom - top)}" fill="#fff"/>'
+        ]
         out += self._grid(sx, sy, xt, yt, box)
-        out.append(f'<clipPath id="{uid}"><rect x="{_num(left)}" y="{_num(top)}" width="{_num(right - left)}" height="{_num(bottom - top)}"/></clipPath>')
+        out.append(
+            f'<clipPath id="{uid}"><rect x="{_num(left)}" y="{_num(top)}" width="{_num(right - left)}" height="{_num(bottom - top)}"/></clipPath>'
+        )
         out.append(f'<g clip-path="url(#{uid})">')
         for m in self.marks:
             out += self._draw(m, sx, sy, box)
         out.append("</g>")
-        out.append(f'<rect x="{_num(left)}" y="{_num(top)}" width="{_num(right - left)}" height="{_num(bottom - top)}" fill="none" stroke="{FRAME_COLOR}" stroke-width="0.8"/>')
+        out.append(
+            f'<rect x="{_num(left)}" y="{_num(top)}" width="{_num(right - left)}" height="{_num(bottom - top)}" fill="none" stroke="{FRAME_COLOR}" stroke-width="0.8"/>'
+        )
         out += self._axis_text(sx, sy, xt, yt, box, stagger, x0, y0, w, h)
         if self.colorbar:
             out += self._colorbar_svg(box, uid)
@@ -359,7 +426,9 @@ class Axes:
                 out.append(f'<path d="{"".join(lines)}" stroke="{color}" stroke-width="0.8" fill="none"/>')
         return out
 
-    def _axis_text(self, sx: Scale, sy: Scale, xt, yt, box, stagger: bool, x0: float, y0: float, w: float, h: float) -> list[str]:
+    def _axis_text(
+        self, sx: Scale, sy: Scale, xt, yt, box, stagger: bool, x0: float, y0: float, w: float, h: float
+    ) -> list[str]:
         left, top, right, bottom = box
         out, ticks = [], []
         spacing = (right - left) / max(1, len(xt) - 1) * (2 if stagger else 1) if self.xticks is not None else w
@@ -368,45 +437,72 @@ class Axes:
                 continue
             x, y = sx(v), bottom + 5 + TICK_FONT + (TICK_FONT + 3 if stagger and i % 2 else 0)
             ticks.append(f"M{_num(x)} {_num(bottom)}v{4 if label else 2}")
-            out.append(f'<text x="{_num(x)}" y="{_num(y)}" text-anchor="middle">{esc(clip_text(label, spacing / (TICK_FONT * GLYPH)))}</text>')
+            out.append(
+                f'<text x="{_num(x)}" y="{_num(y)}" text-anchor="middle">{esc(clip_text(label, spacing / (TICK_FONT * GLYPH)))}</text>'
+            )
         for v, label in yt:
             if sy.valid(v):
                 ticks.append(f"M{_num(left)} {_num(sy(v))}h{-4 if label else -2}")
-                out.append(f'<text x="{_num(left - 6)}" y="{_num(sy(v) + TICK_FONT * 0.35)}" text-anchor="end">{esc(label)}</text>')
+                out.append(
+                    f'<text x="{_num(left - 6)}" y="{_num(sy(v) + TICK_FONT * 0.35)}" text-anchor="end">{esc(label)}</text>'
+                )
         if ticks:
             out.insert(0, f'<path d="{"".join(ticks)}" stroke="{FRAME_COLOR}" stroke-width="0.8"/>')
         if self.title:
             title = clip_text(self.title, w / (TITLE_FONT * GLYPH))
-            out.append(f'<text x="{_num((left + right) / 2)}" y="{_num(y0 + TITLE_FONT + 4)}" text-anchor="middle" font-size="{TITLE_FONT:g}">{esc(title)}</text>')
+            out.append(
+                f'<text x="{_num((left + right) / 2)}" y="{_num(y0 + TITLE_FONT + 4)}" text-anchor="middle" font-size="{TITLE_FONT:g}">{esc(title)}</text>'
+            )
         if self.xlabel:
             label = clip_text(self.xlabel, (right - left) / (LABEL_FONT * GLYPH))
-            out.append(f'<text x="{_num((left + right) / 2)}" y="{_num(y0 + h - 8)}" text-anchor="middle" font-size="{LABEL_FONT:g}">{esc(label)}</text>')
+            out.append(
+                f'<text x="{_num((left + right) / 2)}" y="{_num(y0 + h - 8)}" text-anchor="middle" font-size="{LABEL_FONT:g}">{esc(label)}</text>'
+            )
         if self.ylabel:  # rotated: its glyphs stand left of x
             ytick_w = max((text_width(t, TICK_FONT) + 6 for v, t in yt if sy.valid(v)), default=0)
             x, y = left - ytick_w - 6 - LABEL_FONT * 0.25, (top + bottom) / 2
             label = clip_text(self.ylabel, (bottom - top) / (LABEL_FONT * GLYPH))
-            out.append(f'<text x="{_num(x)}" y="{_num(y)}" transform="rotate(-90 {_num(x)} {_num(y)})" text-anchor="middle" font-size="{LABEL_FONT:g}">{esc(label)}</text>')
+            out.append(
+                f'<text x="{_num(x)}" y="{_num(y)}" transform="rotate(-90 {_num(x)} {_num(y)})" text-anchor="middle" font-size="{LABEL_FONT:g}">{esc(label)}</text>'
+            )
         return out
 
     def _draw(self, m: Mark, sx: Scale, sy: Scale, box) -> list[str]:
         left, top, right, bottom = box
         dash = f' stroke-dasharray="{m.dash}"' if m.dash else ""
         if m.kind == "vline":
-            return [f'<path d="M{_num(sx(m.xs[0]))} {_num(top)}V{_num(bottom)}" stroke="{m.color}" stroke-width="{m.width:g}"{dash}/>'] if sx.valid(m.xs[0]) else []
+            return (
+                [
+                    f'<path d="M{_num(sx(m.xs[0]))} {_num(top)}V{_num(bottom)}" stroke="{m.color}" stroke-width="{m.width:g}"{dash}/>'
+                ]
+                if sx.valid(m.xs[0])
+                else []
+            )
         if m.kind == "hline":
-            return [f'<path d="M{_num(left)} {_num(sy(m.ys[0]))}H{_num(right)}" stroke="{m.color}" stroke-width="{m.width:g}"{dash}/>'] if sy.valid(m.ys[0]) else []
+            return (
+                [
+                    f'<path d="M{_num(left)} {_num(sy(m.ys[0]))}H{_num(right)}" stroke="{m.color}" stroke-width="{m.width:g}"{dash}/>'
+                ]
+                if sy.valid(m.ys[0])
+                else []
+            )
         if m.kind == "bars":
             return self._bars(m, sx, sy)
         if m.kind == "cells":
             return self._cells(m, sx, sy)
         if m.kind == "text":
-            return [f'<text x="{_num(sx(x) + 3)}" y="{_num(sy(y) + m.font * 0.35)}" font-size="{m.font:g}" text-anchor="{m.anchor}">{esc(t)}</text>'
-                    for x, y, t in zip(m.xs, m.ys, m.texts) if sx.valid(x) and sy.valid(y)]
-        pts = [(sx(x), sy(y)) for x, y in zip(m.xs, m.ys) if sx.valid(x) and sy.valid(y)]
+            return [
+                f'<text x="{_num(sx(x) + 3)}" y="{_num(sy(y) + m.font * 0.35)}" font-size="{m.font:g}" text-anchor="{m.anchor}">{esc(t)}</text>'
+                for x, y, t in zip(m.xs, m.ys, m.texts, strict=False)
+                if sx.valid(x) and sy.valid(y)
+            ]
+        pts = [(sx(x), sy(y)) for x, y in zip(m.xs, m.ys, strict=False) if sx.valid(x) and sy.valid(y)]
         out = []
         if m.kind == "line" and len(pts) > 1:
             coords = " ".join(f"{_num(x)},{_num(y)}" for x, y in thin(pts))
-            out.append(f'<polyline points="{coords}" fill="none" stroke="{m.color}" stroke-width="{m.width:g}" stroke-linejoin="round"{dash}/>')
+            out.append(
+                f'<polyline points="{coords}" fill="none" stroke="{m.color}" stroke-width="{m.width:g}" stroke-linejoin="round"{dash}/>'
+            )
         if m.kind == "line" and len(pts) == 1 and not m.marker:  # a line of one point would draw nothing
             out.append(_marker("o", *pts[0], max(m.width, 2.0), m.color))
         if m.marker:
@@ -420,7 +516,7 @@ class Axes:
 
     def _bars(self, m: Mark, sx: Scale, sy: Scale) -> list[str]:
         out = [f'<g fill="{m.color}" fill-opacity="{m.opacity:g}" stroke="#fff" stroke-width="0.5">']
-        for a, b, height in zip(m.xs, m.xs[1:], m.ys):
+        for a, b, height in zip(m.xs, m.xs[1:], m.ys, strict=False):
             if height > 0:
                 x, y = sx(a), sy(height)
                 out.append(f'<rect x="{_num(x)}" y="{_num(y)}" width="{_num(sx(b) - x)}" height="{_num(sy(0) - y)}"/>')
@@ -429,11 +525,15 @@ class Axes:
     def _cells(self, m: Mark, sx: Scale, sy: Scale) -> list[str]:
         n = int(m.size)
         x1, y1, x2, y2 = sx(-0.5), sy(-0.5), sx(n - 0.5), sy(n - 0.5)
-        out = [f'<rect x="{_num(min(x1, x2))}" y="{_num(min(y1, y2))}" width="{_num(abs(x2 - x1))}" height="{_num(abs(y2 - y1))}" fill="{m.color}"/>']
+        out = [
+            f'<rect x="{_num(min(x1, x2))}" y="{_num(min(y1, y2))}" width="{_num(abs(x2 - x1))}" height="{_num(abs(y2 - y1))}" fill="{m.color}"/>'
+        ]
         labels = []
-        for x, y, color, text, tc in zip(m.xs, m.ys, m.colors, m.texts, m.text_colors):
+        for x, y, color, text, tc in zip(m.xs, m.ys, m.colors, m.texts, m.text_colors, strict=False):
             x1, y1, x2, y2 = sx(x - 0.5), sy(y - 0.5), sx(x + 0.5), sy(y + 0.5)
-            out.append(f'<rect x="{_num(min(x1, x2))}" y="{_num(min(y1, y2))}" width="{_num(abs(x2 - x1))}" height="{_num(abs(y2 - y1))}" fill="{color}"/>')
+            out.append(
+                f'<rect x="{_num(min(x1, x2))}" y="{_num(min(y1, y2))}" width="{_num(abs(x2 - x1))}" height="{_num(abs(y2 - y1))}" fill="{color}"/>'
+            )
             if text:
                 labels.append(f'<text x="{_num(sx(x))}" y="{_num(sy(y) + 3.5)}" fill="{tc}">{esc(text)}</text>')
         return out + (['<g text-anchor="middle" font-size="10">', *labels, "</g>"] if labels else [])
@@ -452,9 +552,11 @@ class Axes:
         col_w = 30 + max(text_width(t, LEGEND_FONT) for t in labels) + 8
         lw, lh = cols * col_w + 6, rows * (LEGEND_FONT + 5) + 8
         lx, ly = self._legend_place(lw, lh, sx, sy, box)
-        out = [f'<g font-size="{LEGEND_FONT:g}"><rect x="{_num(lx)}" y="{_num(ly)}" width="{_num(lw)}" height="{_num(lh)}" rx="3" '
-               f'fill="#fff" fill-opacity="0.85" stroke="#ccc" stroke-width="0.8"/>']
-        for k, (m, label) in enumerate(zip(entries, labels)):
+        out = [
+            f'<g font-size="{LEGEND_FONT:g}"><rect x="{_num(lx)}" y="{_num(ly)}" width="{_num(lw)}" height="{_num(lh)}" rx="3" '
+            f'fill="#fff" fill-opacity="0.85" stroke="#ccc" stroke-width="0.8"/>'
+        ]
+        for k, (m, label) in enumerate(zip(entries, labels, strict=False)):
             ex, ey = lx + 6 + (k // rows) * col_w, ly + 4 + (k % rows) * (LEGEND_FONT + 5) + (LEGEND_FONT + 5) / 2
             out.append(self._legend_sample(m, ex, ey))
             out.append(f'<text x="{_num(ex + 30)}" y="{_num(ey + LEGEND_FONT * 0.35)}">{esc(label)}</text>')
@@ -475,8 +577,20 @@ class Axes:
 
         def corner(place: str) -> tuple[float, float]:
             vertical, _, horizontal = place.partition(" ") if " " in place else ("center", "", place)
-            x = left + inset if horizontal == "left" else right - inset - lw if horizontal == "right" else (left + right - lw) / 2
-            y = top + inset if vertical == "upper" else bottom - inset - lh if vertical == "lower" else (top + bottom - lh) / 2
+            x = (
+                left + inset
+                if horizontal == "left"
+                else right - inset - lw
+                if horizontal == "right"
+                else (left + right - lw) / 2
+            )
+            y = (
+                top + inset
+                if vertical == "upper"
+                else bottom - inset - lh
+                if vertical == "lower"
+                else (top + bottom - lh) / 2
+            )
             return x, y
 
         if self.legend_loc != "best":
@@ -495,13 +609,13 @@ class Axes:
         pts: list[tuple[float, float, float]] = []
         for m in self.marks:
             if m.kind in ("line", "points"):
-                xy = [(sx(x), sy(y)) for x, y in zip(m.xs, m.ys) if sx.valid(x) and sy.valid(y)]
+                xy = [(sx(x), sy(y)) for x, y in zip(m.xs, m.ys, strict=False) if sx.valid(x) and sy.valid(y)]
                 if len(xy) > THIN_ABOVE:
                     xy = xy[:: len(xy) // THIN_ABOVE + 1]
                 if m.kind == "points" or m.marker:
                     pts += [(x, y, 3.0) for x, y in xy]
                 if m.kind == "line":
-                    for (x1, y1), (x2, y2) in zip(xy, xy[1:]):
+                    for (x1, y1), (x2, y2) in zip(xy, xy[1:], strict=False):
                         n = min(50, int(math.hypot(x2 - x1, y2 - y1) / 8) + 1)
                         pts += [(x1 + (x2 - x1) * k / n, y1 + (y2 - y1) * k / n, 1.0) for k in range(n)]
             elif m.kind == "vline" and sx.valid(m.xs[0]):
@@ -511,35 +625,52 @@ class Axes:
     def _colorbar_width(self) -> float:
         cmap, lo, hi, label = self.colorbar
         ticks = linear_ticks(min(lo, hi), max(lo, hi), 5)
-        return 16 + 14 + 5 + max((text_width(t, TICK_FONT) for _, t in ticks), default=0) + (LABEL_FONT + 10 if label else 0)
+        return (
+            16
+            + 14
+            + 5
+            + max((text_width(t, TICK_FONT) for _, t in ticks), default=0)
+            + (LABEL_FONT + 10 if label else 0)
+        )
 
     def _colorbar_svg(self, box, uid: str) -> list[str]:
         cmap, lo, hi, label = self.colorbar
         left, top, right, bottom = box
         height = (bottom - top) * 0.8
         x, y = right + 16, top + (bottom - top - height) / 2
-        stops = "".join(f'<stop offset="{i / (len(cmap.anchors) - 1):.3f}" stop-color="{c}"/>' for i, c in enumerate(cmap.anchors))
-        out = [f'<linearGradient id="{uid}g" x1="0" y1="1" x2="0" y2="0">{stops}</linearGradient>',
-               f'<rect x="{_num(x)}" y="{_num(y)}" width="14" height="{_num(height)}" fill="url(#{uid}g)" stroke="{FRAME_COLOR}" stroke-width="0.6"/>']
+        stops = "".join(
+            f'<stop offset="{i / (len(cmap.anchors) - 1):.3f}" stop-color="{c}"/>' for i, c in enumerate(cmap.anchors)
+        )
+        out = [
+            f'<linearGradient id="{uid}g" x1="0" y1="1" x2="0" y2="0">{stops}</linearGradient>',
+            f'<rect x="{_num(x)}" y="{_num(y)}" width="14" height="{_num(height)}" fill="url(#{uid}g)" stroke="{FRAME_COLOR}" stroke-width="0.6"/>',
+        ]
         span = (hi - lo) or 1.0
         ticks = linear_ticks(min(lo, hi), max(lo, hi), 5) if hi != lo else [(lo, f"{lo:.4g}")]
         widest = 0.0
         for v, text in ticks:
             ty = y + height - (v - lo) / span * height
             widest = max(widest, text_width(text, TICK_FONT))
-            out.append(f'<path d="M{_num(x + 14)} {_num(ty)}h3" stroke="{FRAME_COLOR}" stroke-width="0.8"/>'
-                       f'<text x="{_num(x + 19)}" y="{_num(ty + TICK_FONT * 0.35)}">{esc(text)}</text>')
+            out.append(
+                f'<path d="M{_num(x + 14)} {_num(ty)}h3" stroke="{FRAME_COLOR}" stroke-width="0.8"/>'
+                f'<text x="{_num(x + 19)}" y="{_num(ty + TICK_FONT * 0.35)}">{esc(text)}</text>'
+            )
         if label:
             lx, ly = x + 19 + widest + 6 + LABEL_FONT * 0.8, y + height / 2
             text = clip_text(label, height / (LABEL_FONT * GLYPH))
-            out.append(f'<text x="{_num(lx)}" y="{_num(ly)}" transform="rotate(-90 {_num(lx)} {_num(ly)})" text-anchor="middle" font-size="{LABEL_FONT:g}">{esc(text)}</text>')
+            out.append(
+                f'<text x="{_num(lx)}" y="{_num(ly)}" transform="rotate(-90 {_num(lx)} {_num(ly)})" text-anchor="middle" font-size="{LABEL_FONT:g}">{esc(text)}</text>'
+            )
         return out
 
 
 def figure(panels: Sequence[Axes], width: float, height: float) -> str:
     """One standalone SVG document holding `panels` side by side."""
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" '
-             f'font-family="{FONT}" font-size="{TICK_FONT:g}" fill="{TEXT_COLOR}">', '<rect width="100%" height="100%" fill="#fff"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" '
+        f'font-family="{FONT}" font-size="{TICK_FONT:g}" fill="{TEXT_COLOR}">',
+        '<rect width="100%" height="100%" fill="#fff"/>',
+    ]
     share = width / len(panels)
     for i, ax in enumerate(panels):
         parts += ax.render(i * share, 0, share, height, f"p{i}")

@@ -43,8 +43,16 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}code{font-size:12px;wo
 
 
 # The CSS class of each status a run or trial records; any other status shows in the neutral colour.
-STATUS_CLASS = {"finished": "ok", "done": "ok", "failed": "bad", "error": "bad", "stopped": "warn", "running": "busy",
-                "pending": "idle", "paused": "idle"}
+STATUS_CLASS = {
+    "finished": "ok",
+    "done": "ok",
+    "failed": "bad",
+    "error": "bad",
+    "stopped": "warn",
+    "running": "busy",
+    "pending": "idle",
+    "paused": "idle",
+}
 
 
 @dataclass(frozen=True)
@@ -103,9 +111,11 @@ def _facts(items: list[tuple[str, Any]]) -> str:
 
 def _page(title: str, subtitle: str, body: str) -> str:
     generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{STYLE}</style></head><body><header><h1>{esc(title)}</h1>"
-            f'<div class="sub">{subtitle}</div></header><main>{body}<p class="note">Written by orchestrator report on {generated}.</p></main></body></html>\n')
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{STYLE}</style></head><body><header><h1>{esc(title)}</h1>"
+        f'<div class="sub">{subtitle}</div></header><main>{body}<p class="note">Written by orchestrator report on {generated}.</p></main></body></html>\n'
+    )
 
 
 def _status(status: Any) -> str:

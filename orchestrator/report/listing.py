@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
 from orchestrator.report.read import RUN_RECORD, SWEEP_RECORD, _child_dirs, _finite, _guarded, _open
 
 
-def list_runs(storage_uri: str, endpoint_url: Optional[str] = None) -> list[dict[str, Any]]:
+def list_runs(storage_uri: str, endpoint_url: str | None = None) -> list[dict[str, Any]]:
     """The runs and sweeps directly under a storage, newest first: status, steps, best metric, wall time."""
     home = _open(storage_uri, endpoint_url)
     if not _guarded(storage_uri, lambda: storage.exists(home.fs, home.root)):
@@ -18,25 +18,47 @@ def list_runs(storage_uri: str, endpoint_url: Optional[str] = None) -> list[dict
     rows = []
     for name in _guarded(storage_uri, lambda: _child_dirs(home)):
         uri = f"{storage_uri.rstrip('/')}/{name}"
-        run = _guarded(uri, lambda: home.read_json(f"{name}/{RUN_RECORD}"))
+        run = _guarded(uri, lambda name=name: home.read_json(f"{name}/{RUN_RECORD}"))
         if isinstance(run, dict):
             summary = run.get("summary") or {}
             best = summary.get("best") or {}
-            rows.append({"name": name, "kind": "run", "uri": uri, "status": run.get("status"), "started": run.get("started"),
-                         "ended": run.get("ended"), "steps": summary.get("steps"), "best_metric": best.get("metric"),
-                         "best_value": best.get("value"), "wall_s": _wall(run, summary.get("wall_s"))})
+            rows.append(
+                {
+                    "name": name,
+                    "kind": "run",
+                    "uri": uri,
+                    "status": run.get("status"),
+                    "started": run.get("started"),
+                    "ended": run.get("ended"),
+                    "steps": summary.get("steps"),
+                    "best_metric": best.get("metric"),
+                    "best_value": best.get("value"),
+                    "wall_s": _wall(run, summary.get("wall_s")),
+                }
+            )
             continue
-        sweep = _guarded(uri, lambda: home.read_json(f"{name}/{SWEEP_RECORD}"))
+        sweep = _guarded(uri, lambda name=name: home.read_json(f"{name}/{SWEEP_RECORD}"))
         if isinstance(sweep, dict):
             result = sweep.get("result") or {}
             best = result.get("best") or {}
-            rows.append({"name": name, "kind": "sweep", "uri": uri, "status": sweep.get("status"), "started": sweep.get("started"),
-                         "ended": sweep.get("ended"), "steps": result.get("total_steps"), "best_metric": result.get("metric") or (sweep.get("spec") or {}).get("metric"),
-                         "best_value": best.get("metric"), "wall_s": _wall(sweep, result.get("wall_s"))})
+            rows.append(
+                {
+                    "name": name,
+                    "kind": "sweep",
+                    "uri": uri,
+                    "status": sweep.get("status"),
+                    "started": sweep.get("started"),
+                    "ended": sweep.get("ended"),
+                    "steps": result.get("total_steps"),
+                    "best_metric": result.get("metric") or (sweep.get("spec") or {}).get("metric"),
+                    "best_value": best.get("metric"),
+                    "wall_s": _wall(sweep, result.get("wall_s")),
+                }
+            )
     return sorted(rows, key=lambda r: str(r.get("started") or ""), reverse=True)
 
 
-def _wall(record: dict[str, Any], wall_s: Optional[float]) -> Optional[float]:
+def _wall(record: dict[str, Any], wall_s: float | None) -> float | None:
     if _finite(wall_s):
         return round(float(wall_s), 1)
     try:

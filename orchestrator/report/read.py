@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
@@ -23,7 +23,7 @@ class RunData:
     uri: str
     record: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
-    test: Optional[dict[str, Any]] = None
+    test: dict[str, Any] | None = None
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -37,7 +37,7 @@ class RunData:
         return [e for e in self.history if e.get("split") == split]
 
 
-def _open(uri: str, endpoint_url: Optional[str]) -> RunDir:
+def _open(uri: str, endpoint_url: str | None) -> RunDir:
     try:
         return RunDir.open(uri, endpoint_url)
     except BadInput:
@@ -55,7 +55,7 @@ def _guarded(uri: str, fn):
         raise BadInput(storage.describe_error(uri, exc)) from None
 
 
-def load_run(uri: str, endpoint_url: Optional[str] = None) -> RunData:
+def load_run(uri: str, endpoint_url: str | None = None) -> RunData:
     """A run's record, history and test record; BadInput when the URI holds no run.
 
     The record is read as it is, not as a RunRecord: the report shows whatever a run left, old or odd.
@@ -98,7 +98,7 @@ class SweepData:
             return "min"
 
 
-def load_sweep(uri: str, endpoint_url: Optional[str] = None) -> SweepData:
+def load_sweep(uri: str, endpoint_url: str | None = None) -> SweepData:
     """A sweep's sweep.json and every trial run under it (finished or not); BadInput when the URI holds no sweep."""
     home = _open(uri, endpoint_url)
     record = _guarded(uri, lambda: home.read_json(SWEEP_RECORD))
@@ -107,7 +107,7 @@ def load_sweep(uri: str, endpoint_url: Optional[str] = None) -> SweepData:
     rows = {row["trial_id"]: dict(row) for row in (record.get("result") or {}).get("trials") or []}
     # A sweep still running (or interrupted) has no result yet: its trial directories say what ran.
     for name in _guarded(uri, lambda: _child_dirs(home)):
-        if name not in rows and _guarded(uri, lambda: home.exists(name, RUN_RECORD)):
+        if name not in rows and _guarded(uri, lambda name=name: home.exists(name, RUN_RECORD)):
             rows[name] = {"trial_id": name}
     trials = []
     for trial_id, row in sorted(rows.items()):

@@ -5,11 +5,23 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 from orchestrator.report import charts
 from orchestrator.report.curves import _thin_curve, average_precision, pr_points, roc_points, trapezoid_area
-from orchestrator.report.html import BEST_COLOR, PALETTE, STOP_COLOR, _embed, _facts, _fmt, _kv_table, _page, _status, _table, esc
+from orchestrator.report.html import (
+    BEST_COLOR,
+    PALETTE,
+    STOP_COLOR,
+    _embed,
+    _facts,
+    _fmt,
+    _kv_table,
+    _page,
+    _status,
+    _table,
+    esc,
+)
 from orchestrator.report.read import RunData, _finite, _metric_values
 
 # Per-class curves up to this many classes; beyond, one micro-averaged curve stays readable.
@@ -18,7 +30,7 @@ MAX_CLASS_CURVES = 10
 WIDE, TALL = (590, 330), (515, 425)
 
 
-def _mark_steps(ax: charts.Axes, best_step: Optional[int], stop_step: Optional[int]) -> None:
+def _mark_steps(ax: charts.Axes, best_step: int | None, stop_step: int | None) -> None:
     if best_step is not None:
         ax.vline(best_step, BEST_COLOR, f"best checkpoint (step {best_step})", dash="5,3")
     if stop_step is not None:
@@ -30,7 +42,7 @@ def _series(entries: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _loss_figure(run: RunData, best_step: Optional[int], stop_step: Optional[int]) -> Optional[str]:
+def _loss_figure(run: RunData, best_step: int | None, stop_step: int | None) -> str | None:
     train_x, train_y = _series(run.entries("train"), "loss")
     val_x, val_y = _series(run.entries("val"), "val_loss")
     if not train_x and not val_x:
@@ -43,13 +55,25 @@ def _loss_figure(run: RunData, best_step: Optional[int], stop_step: Optional[int
     if val_x:
         ax.line(val_x, val_y, PALETTE[1], "validation loss", marker="o", size=2.6)
     _mark_steps(ax, best_step, stop_step)
-    return _embed(charts.figure([ax], *WIDE),
-                  "Training and validation loss by step: validation above a falling training loss is overfitting; both high is underfitting.")
+    return _embed(
+        charts.figure([ax], *WIDE),
+        "Training and validation loss by step: validation above a falling training loss is overfitting; both high is underfitting.",
+    )
 
 
-def _line_figure(x: list, y: list, title: str, ylabel: str, caption: str, color: str = PALETTE[0], log: bool = False,
-                 best_step: Optional[int] = None, stop_step: Optional[int] = None, marker: str = "",
-                 test_point: Optional[tuple[int, float]] = None) -> Optional[str]:
+def _line_figure(
+    x: list,
+    y: list,
+    title: str,
+    ylabel: str,
+    caption: str,
+    color: str = PALETTE[0],
+    log: bool = False,
+    best_step: int | None = None,
+    stop_step: int | None = None,
+    marker: str = "",
+    test_point: tuple[int, float] | None = None,
+) -> str | None:
     if not x:
         return None
     log = log and all(v > 0 for v in y) and max(y) / min(y) > 10  # a narrow range reads better on a linear axis
@@ -57,7 +81,14 @@ def _line_figure(x: list, y: list, title: str, ylabel: str, caption: str, color:
     ax = charts.Axes(title=title, xlabel="step", ylabel=ylabel, ylog=log, legend_loc="best" if legend else None)
     ax.line(x, y, color, "validation" if test_point else None, marker=marker, size=2.6)
     if test_point:
-        ax.points([test_point[0]], [test_point[1]], STOP_COLOR, f"test split (checkpoint of step {test_point[0]})", marker="star", size=8)
+        ax.points(
+            [test_point[0]],
+            [test_point[1]],
+            STOP_COLOR,
+            f"test split (checkpoint of step {test_point[0]})",
+            marker="star",
+            size=8,
+        )
     _mark_steps(ax, best_step, stop_step)
     return _embed(charts.figure([ax], *WIDE), caption)
 
@@ -72,13 +103,24 @@ def _confusion_figure(matrix: list[list[int]]) -> str:
     texts = [[str(int(c)) if c and n <= 20 else "" for c in row] for row in cm]
     every = 1 if n <= 30 else max(1, n // 15)
     ticks = [(float(i), str(i)) for i in range(0, n, every)]
-    ax = charts.Axes(title="Confusion matrix (test)", xlabel="predicted class", ylabel="true class", xlim=(-0.5, n - 0.5),
-                     ylim=(n - 0.5, -0.5), grid=False, square=True, xticks=ticks, yticks=ticks,
-                     colorbar=(charts.BLUES, 0.0, 1.0, "share of the true class"))
+    ax = charts.Axes(
+        title="Confusion matrix (test)",
+        xlabel="predicted class",
+        ylabel="true class",
+        xlim=(-0.5, n - 0.5),
+        ylim=(n - 0.5, -0.5),
+        grid=False,
+        square=True,
+        xticks=ticks,
+        yticks=ticks,
+        colorbar=(charts.BLUES, 0.0, 1.0, "share of the true class"),
+    )
     ax.cells(share.tolist(), charts.BLUES, texts)
     side = min(720.0, 240.0 + 28.0 * n)  # more classes, a larger image: its text shrinks less on the page
-    return _embed(charts.figure([ax], side + 120, side),
-                  "Confusion matrix of the best checkpoint on the test split: counts, coloured by the share of each true class.")
+    return _embed(
+        charts.figure([ax], side + 120, side),
+        "Confusion matrix of the best checkpoint on the test split: counts, coloured by the share of each true class.",
+    )
 
 
 def _class_curves(test: dict[str, Any]) -> list[str]:
@@ -101,18 +143,41 @@ def _class_curves(test: dict[str, Any]) -> list[str]:
         onehot[np.arange(labels.size), labels] = True
         cols = np.asarray(present)
         curves = [("micro-average", onehot[:, cols].ravel(), scores[:, cols].ravel())]
-    roc = charts.Axes(title="ROC curves (test)", xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.02),
-                      legend_loc="lower right")
-    pr = charts.Axes(title="Precision-recall curves (test)", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), legend_loc="lower left")
+    roc = charts.Axes(
+        title="ROC curves (test)",
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        legend_loc="lower right",
+    )
+    pr = charts.Axes(
+        title="Precision-recall curves (test)",
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        legend_loc="lower left",
+    )
     roc.line([0, 1], [0, 1], "#999", dash="4,3", width=0.9)
     for i, (name, positive, score) in enumerate(curves):
         color = PALETTE[i % len(PALETTE)]
         fpr, tpr = roc_points(positive, score)
         roc.line(*_thin_curve(fpr, tpr), color, f"{name} (AUC {trapezoid_area(fpr, tpr):.3f})", width=1.3)
         precision, recall = pr_points(positive, score)
-        pr.line(*_thin_curve(recall, precision), color, f"{name} (AP {average_precision(precision, recall):.3f})", width=1.3)
-    return [_embed(charts.figure([roc], *TALL), "ROC curves of the best checkpoint on the test split, one class against the rest."),
-            _embed(charts.figure([pr], *TALL), "Precision-recall curves of the best checkpoint on the test split, one class against the rest.")]
+        pr.line(
+            *_thin_curve(recall, precision), color, f"{name} (AP {average_precision(precision, recall):.3f})", width=1.3
+        )
+    return [
+        _embed(
+            charts.figure([roc], *TALL),
+            "ROC curves of the best checkpoint on the test split, one class against the rest.",
+        ),
+        _embed(
+            charts.figure([pr], *TALL),
+            "Precision-recall curves of the best checkpoint on the test split, one class against the rest.",
+        ),
+    ]
 
 
 # Past this many examples the regression scatter shows an even sample (the caption says so): the file stays small.
@@ -129,11 +194,16 @@ def _regression_figures(test: dict[str, Any]) -> list[str]:
     pred, true = pred.ravel(), true.ravel()
     shown = np.linspace(0, pred.size - 1, MAX_SCATTER).astype(int) if pred.size > MAX_SCATTER else np.arange(pred.size)
     sample = f" ({shown.size} of {pred.size} examples shown)" if shown.size < pred.size else ""
-    ax = charts.Axes(title="Predicted against true (test)", xlabel="true value", ylabel="predicted value", legend_loc="best")
+    ax = charts.Axes(
+        title="Predicted against true (test)", xlabel="true value", ylabel="predicted value", legend_loc="best"
+    )
     ax.points(true[shown].tolist(), pred[shown].tolist(), PALETTE[0], size=2.6, opacity=0.6)
     low, high = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
     ax.line([low, high], [low, high], STOP_COLOR, "predicted = true", dash="5,3", width=1.1)
-    scatter = _embed(charts.figure([ax], 478, 425), "Predictions of the best checkpoint against the true values of the test split." + sample)
+    scatter = _embed(
+        charts.figure([ax], 478, 425),
+        "Predictions of the best checkpoint against the true values of the test split." + sample,
+    )
     residual = pred - true
     left = charts.Axes(title="Residuals (test)", xlabel="predicted value", ylabel="residual (predicted - true)")
     left.points(pred[shown].tolist(), residual[shown].tolist(), PALETTE[1], size=2.2, opacity=0.6)
@@ -141,7 +211,13 @@ def _regression_figures(test: dict[str, Any]) -> list[str]:
     counts, edges = np.histogram(residual, bins=min(50, max(10, pred.size // 10)))
     right = charts.Axes(title="Distribution of residuals", xlabel="residual", ylabel="examples")
     right.bars(edges.tolist(), counts.tolist(), PALETTE[1])
-    return [scatter, _embed(charts.figure([left, right], 700, 330), "Residuals of the test split against the prediction, and their distribution." + sample)]
+    return [
+        scatter,
+        _embed(
+            charts.figure([left, right], 700, 330),
+            "Residuals of the test split against the prediction, and their distribution." + sample,
+        ),
+    ]
 
 
 def _watched(job: dict[str, Any]) -> str:
@@ -149,7 +225,7 @@ def _watched(job: dict[str, Any]) -> str:
     return early.get("metric") or (job.get("checkpoint") or {}).get("best_metric") or "val_loss"
 
 
-def _best_and_stop(run: RunData) -> tuple[Optional[int], Optional[int]]:
+def _best_and_stop(run: RunData) -> tuple[int | None, int | None]:
     """The best validation's step and, when early stopping ended the run, its last step."""
     summary = run.summary
     best_step = (summary.get("best") or {}).get("step")
@@ -171,14 +247,24 @@ def _best_and_stop(run: RunData) -> tuple[Optional[int], Optional[int]]:
 def render_run(run: RunData) -> str:
     """The HTML report of one run."""
     record, summary, job = run.record, run.summary, run.job
-    task = (run.test or {}).get("task") or (job.get("data") or {}).get("task") or ("classification" if (job.get("data") or {}).get("name") == "digits" else None)
+    task = (
+        (run.test or {}).get("task")
+        or (job.get("data") or {}).get("task")
+        or ("classification" if (job.get("data") or {}).get("name") == "digits" else None)
+    )
     best_step, stop_step = _best_and_stop(run)
     train, val = run.entries("train"), run.entries("val")
     best = summary.get("best") or {}
     test_metrics = (run.test or {}).get("metrics") or {}
-    facts = [("status", record.get("status")), ("steps", summary.get("steps")), ("epochs", summary.get("epochs")),
-             (f"best {best.get('metric') or ''}".strip(), best.get("value")), ("best step", best_step),
-             ("early stop at step", stop_step), ("wall (s)", summary.get("wall_s"))]
+    facts = [
+        ("status", record.get("status")),
+        ("steps", summary.get("steps")),
+        ("epochs", summary.get("epochs")),
+        (f"best {best.get('metric') or ''}".strip(), best.get("value")),
+        ("best step", best_step),
+        ("early stop at step", stop_step),
+        ("wall (s)", summary.get("wall_s")),
+    ]
     facts += [(k, v) for k, v in test_metrics.items() if _finite(v)]
     body = [_facts(facts)]
     if summary.get("error"):
@@ -186,29 +272,69 @@ def render_run(run: RunData) -> str:
 
     figures = [_loss_figure(run, best_step, stop_step)]
     lr_x, lr_y = _series(train, "lr")
-    figures.append(_line_figure(lr_x, lr_y, "Learning rate", "learning rate", "The learning-rate schedule by step.", PALETTE[4]))
+    figures.append(
+        _line_figure(lr_x, lr_y, "Learning rate", "learning rate", "The learning-rate schedule by step.", PALETTE[4])
+    )
     tp_x, tp_y = _series(train, "samples_per_s")
-    figures.append(_line_figure(tp_x, tp_y, "Throughput", "samples / s", "Training throughput (all workers) by step.", PALETTE[2]))
-    scalar_val = [k for k in dict.fromkeys(k for e in val for k in e) if k.startswith("val_") and k != "val_loss" and any(_finite(e.get(k)) for e in val)]
+    figures.append(
+        _line_figure(tp_x, tp_y, "Throughput", "samples / s", "Training throughput (all workers) by step.", PALETTE[2])
+    )
+    scalar_val = [
+        k
+        for k in dict.fromkeys(k for e in val for k in e)
+        if k.startswith("val_") and k != "val_loss" and any(_finite(e.get(k)) for e in val)
+    ]
     for i, key in enumerate(scalar_val):
         x, y = _series(val, key)
         log = key == "val_perplexity"
         test_value = test_metrics.get(f"test_{key[4:]}")
-        test_point = (run.test["step"], float(test_value)) if _finite(test_value) and run.test.get("step") is not None else None
-        figures.append(_line_figure(x, y, f"Validation {key[4:]}", key[4:], f"{key} at each validation, with the best checkpoint, the early stop and the test value marked.",
-                                    PALETTE[(i + 5) % len(PALETTE)], log=log, best_step=best_step, stop_step=stop_step, marker="o", test_point=test_point))
+        test_point = (
+            (run.test["step"], float(test_value)) if _finite(test_value) and run.test.get("step") is not None else None
+        )
+        figures.append(
+            _line_figure(
+                x,
+                y,
+                f"Validation {key[4:]}",
+                key[4:],
+                f"{key} at each validation, with the best checkpoint, the early stop and the test value marked.",
+                PALETTE[(i + 5) % len(PALETTE)],
+                log=log,
+                best_step=best_step,
+                stop_step=stop_step,
+                marker="o",
+                test_point=test_point,
+            )
+        )
     if task == "lm" and train:
         x, y = _series(train, "loss")
-        figures.append(_line_figure(x, [math.exp(min(v, 700)) for v in y], "Training perplexity", "perplexity",
-                                    "exp(training loss) by step: the perplexity of the training batches.", PALETTE[0], log=True))
+        figures.append(
+            _line_figure(
+                x,
+                [math.exp(min(v, 700)) for v in y],
+                "Training perplexity",
+                "perplexity",
+                "exp(training loss) by step: the perplexity of the training batches.",
+                PALETTE[0],
+                log=True,
+            )
+        )
     figures = [f for f in figures if f]
     body.append("<h2>Training</h2>")
-    body.append('<div class="grid">' + "".join(figures) + "</div>" if figures else '<p class="note">No metrics were recorded (metrics.jsonl is empty).</p>')
+    body.append(
+        '<div class="grid">' + "".join(figures) + "</div>"
+        if figures
+        else '<p class="note">No metrics were recorded (metrics.jsonl is empty).</p>'
+    )
 
     if run.test:
         t = run.test
         body.append(f"<h2>Test split: the checkpoint of step {_fmt(t.get('step'))}</h2>")
-        note = "the best checkpoint" if t.get("step") == t.get("best_step") else "the latest checkpoint (the best one was not kept: set checkpoint.keep_best)"
+        note = (
+            "the best checkpoint"
+            if t.get("step") == t.get("best_step")
+            else "the latest checkpoint (the best one was not kept: set checkpoint.keep_best)"
+        )
         examples = f"{_fmt(t.get('examples'))} held-out examples" if t.get("examples") else "the held-out test split"
         body.append(f'<p class="note">{esc(note)}, <code>{esc(str(t.get("checkpoint")))}</code>, on {examples}.</p>')
         body.append(_table([[k, v] for k, v in test_metrics.items() if not isinstance(v, list)], ["metric", "value"]))
@@ -226,7 +352,11 @@ def render_run(run: RunData) -> str:
     body.append(f"<p>command: <code>{esc(' '.join(str(a) for a in record.get('command') or []))}</code></p>")
     body.append(_kv_table(job))
     body.append("<h2>Provenance</h2>")
-    body.append(_kv_table(record.get("provenance") or {}) if record.get("provenance") else '<p class="note">No provenance recorded.</p>')
+    body.append(
+        _kv_table(record.get("provenance") or {})
+        if record.get("provenance")
+        else '<p class="note">No provenance recorded.</p>'
+    )
     if record.get("tracking"):
         body.append("<h3>Tracking</h3>" + _kv_table(record["tracking"]))
     subtitle = f"{_status(record.get('status'))} &middot; <code>{esc(run.uri)}</code> &middot; started {esc(str(record.get('started')))} &middot; ended {esc(str(record.get('ended')))}"

@@ -17,5 +17,17 @@ from orchestrator.sweep.schedulers import build_scheduler, build_search, trial_r
 from orchestrator.sweep.space import build_param_space
 from orchestrator.sweep.submit import build_sweep_submission, is_dashboard_address, submit_sweep
 
-__all__ = ["SweepJob", "build_param_space", "build_scheduler", "build_search", "build_sweep_submission", "format_result",
-           "is_dashboard_address", "load_sweep", "run_sweep", "submit_sweep", "trial_resources", "trial_spec"]
+__all__ = [
+    "SweepJob",
+    "build_param_space",
+    "build_scheduler",
+    "build_search",
+    "build_sweep_submission",
+    "format_result",
+    "is_dashboard_address",
+    "load_sweep",
+    "run_sweep",
+    "submit_sweep",
+    "trial_resources",
+    "trial_spec",
+]

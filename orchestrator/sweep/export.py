@@ -6,7 +6,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -19,12 +19,14 @@ from orchestrator.sweep.load import SweepJob, _override_text, _plain, settings_t
 BEST_JOB = "best.yaml"
 
 
-def trial_status(tune_status: str, run_state: Optional[str]) -> str:
+def trial_status(tune_status: str, run_state: str | None) -> str:
     """A trial in words: running, pending, paused, done (trained to its end), stopped (by the scheduler) or error."""
     if tune_status == "TERMINATED":
         # Tune marks both "done"; only the run itself knows whether it reached its end.
         return "done" if run_state == RunStatus.FINISHED else "stopped"
-    return {"RUNNING": "running", "PENDING": "pending", "PAUSED": "paused", "ERROR": "error"}.get(tune_status, tune_status.lower())
+    return {"RUNNING": "running", "PENDING": "pending", "PAUSED": "paused", "ERROR": "error"}.get(
+        tune_status, tune_status.lower()
+    )
 
 
 @dataclass
@@ -34,14 +36,14 @@ class TrialRow:
     trial_id: str
     status: str  # done, stopped, error (trial_status)
     config: dict[str, Any]
-    metric: Optional[float]  # the last reported value of the sweep's metric
-    best_metric: Optional[float]  # its best over all validations
+    metric: float | None  # the last reported value of the sweep's metric
+    best_metric: float | None  # its best over all validations
     metrics: dict[str, Any] = field(default_factory=dict)
-    steps: Optional[int] = None
-    epochs: Optional[int] = None
-    run_uri: Optional[str] = None
-    checkpoint: Optional[str] = None
-    error: Optional[str] = None
+    steps: int | None = None
+    epochs: int | None = None
+    run_uri: str | None = None
+    checkpoint: str | None = None
+    error: str | None = None
 
 
 def collect_trials(results, sweep: SweepJob) -> list[TrialRow]:
@@ -57,20 +59,25 @@ def collect_trials(results, sweep: SweepJob) -> list[TrialRow]:
         record = RunRecord.load(run)
         summary = record.summary if record else None
         status = "error" if result.error else trial_status("TERMINATED", record.status if record else None)
-        rows.append(TrialRow(
-            trial_id=trial_id,
-            status=status,
-            config={k: _plain(v) for k, v in (result.config or {}).items()},
-            metric=last.get(metric),
-            best_metric=(max(values) if mode == "max" else min(values)) if values else None,
-            metrics={k: v for k, v in last.items() if k.startswith("val_") or k in ("step", "epoch", "lr")},
-            # The trial may have trained past its last report before it saw a stop (reports are asynchronous).
-            steps=max((v for v in (last.get("step"), summary.steps if summary else None) if isinstance(v, int)), default=None),
-            epochs=last.get("epoch"),
-            run_uri=run.uri,
-            checkpoint=summary.checkpoint if summary else None,
-            error=str(result.error).strip().splitlines()[-1] if result.error else None,
-        ))
+        rows.append(
+            TrialRow(
+                trial_id=trial_id,
+                status=status,
+                config={k: _plain(v) for k, v in (result.config or {}).items()},
+                metric=last.get(metric),
+                best_metric=(max(values) if mode == "max" else min(values)) if values else None,
+                metrics={k: v for k, v in last.items() if k.startswith("val_") or k in ("step", "epoch", "lr")},
+                # The trial may have trained past its last report before it saw a stop (reports are asynchronous).
+                steps=max(
+                    (v for v in (last.get("step"), summary.steps if summary else None) if isinstance(v, int)),
+                    default=None,
+                ),
+                epochs=last.get("epoch"),
+                run_uri=run.uri,
+                checkpoint=summary.checkpoint if summary else None,
+                error=str(result.error).strip().splitlines()[-1] if result.error else None,
+            )
+        )
 
     def rank(row: TrialRow) -> tuple:
         if not isinstance(row.metric, (int, float)) or math.isnan(row.metric):
@@ -88,16 +95,29 @@ def format_trials(rows: list[dict[str, Any]], metric: str):
     table = Table("#", "trial", "status", *params, f"{metric} (last)", f"{metric} (best)", "steps", "epochs")
     for i, row in enumerate(rows, 1):
         fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
-        table.add_row(str(i), row["trial_id"], row["status"], *(short(row["config"].get(p)) for p in params), fmt(row["metric"]), fmt(row["best_metric"]), fmt(row["steps"]), fmt(row["epochs"]))
+        table.add_row(
+            str(i),
+            row["trial_id"],
+            row["status"],
+            *(short(row["config"].get(p)) for p in params),
+            fmt(row["metric"]),
+            fmt(row["best_metric"]),
+            fmt(row["steps"]),
+            fmt(row["epochs"]),
+        )
     return table
 
 
 def format_result(result: dict[str, Any]) -> tuple[Any, str]:
     """The human end of a sweep (its result as JSON, from here or from a cluster): the ranked table (rich), then the best trial and its job file."""
     best = result.get("best")
-    lines = [f"{result['status']}: sweep {result['sweep']}  {len(result['trials'])} trials  {result['total_steps']} steps  wall {result['wall_s']:.1f}s"]
+    lines = [
+        f"{result['status']}: sweep {result['sweep']}  {len(result['trials'])} trials  {result['total_steps']} steps  wall {result['wall_s']:.1f}s"
+    ]
     if best:
-        lines.append(f"  best {result['metric']} {best['metric']:.4f}: {best['trial_id']}  {settings_text(best['config'])}")
+        lines.append(
+            f"  best {result['metric']} {best['metric']:.4f}: {best['trial_id']}  {settings_text(best['config'])}"
+        )
         lines.append(f"  checkpoint: {best['checkpoint']}")
         lines.append(f"  best job file: {result['best_job_file']}")
         lines.append(f"  run it: orchestrator run {result['best_job_file']}")
@@ -109,7 +129,11 @@ def best_job(sweep: SweepJob, best: TrialRow) -> dict[str, Any]:
     ranges = {**sweep.sweep.parameters, **sweep.sweep.scheduler.mutations}
     spec = trial_spec(sweep.job, best.config, f"{sweep.name}-best", ranges)  # validates, and clamps as the trial did
     job = apply_overrides({**sweep.job, "name": spec.name}, [_override_text(p, _dotted(spec, p)) for p in best.config])
-    job.setdefault("checkpoint", {})["storage"] = storage.split_uri(spec.checkpoint.storage)[1] if storage.split_uri(spec.checkpoint.storage)[0] == "file" else spec.checkpoint.storage
+    job.setdefault("checkpoint", {})["storage"] = (
+        storage.split_uri(spec.checkpoint.storage)[1]
+        if storage.split_uri(spec.checkpoint.storage)[0] == "file"
+        else spec.checkpoint.storage
+    )
     path = spec.data.path
     if path and "://" not in path and not os.path.isabs(path):
         job["data"]["path"] = str(Path(sweep.base_dir) / path)  # the file may be run from anywhere
@@ -123,7 +147,7 @@ def _dotted(spec: JobSpec, path: str) -> Any:
     return node
 
 
-def write_best_job(sweep: SweepJob, best: TrialRow, out: Optional[str]) -> str:
+def write_best_job(sweep: SweepJob, best: TrialRow, out: str | None) -> str:
     """Write the best trial's job file (to `out`, else `<sweep>/best.yaml`; a remote sweep also gets a local copy); return where."""
     job = best_job(sweep, best)
     header = (

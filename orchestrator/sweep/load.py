@@ -9,7 +9,7 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -32,13 +32,15 @@ class SweepJob:
     base_dir: str  # where user code and relative data paths resolve: the job file's directory
 
     @property
-    def endpoint(self) -> Optional[str]:
+    def endpoint(self) -> str | None:
         return self.spec.checkpoint.endpoint_url
 
     def fingerprint(self) -> str:
         """What makes two sweeps the same sweep: the job and the search (not how many run at once)."""
         search = self.sweep.model_dump(mode="json", exclude={"max_concurrent_trials"})
-        return hashlib.sha256(json.dumps({"job": self.job, "sweep": search}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return hashlib.sha256(
+            json.dumps({"job": self.job, "sweep": search}, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +106,9 @@ def check_parameters(job: dict[str, Any], sweep: SweepSpec) -> None:
     for path, param in searched.items():
         field = f"sweep.parameters.{path}" if path in sweep.parameters else f"sweep.scheduler.mutations.{path}"
         if _is_section(path):
-            problems.append(f"{field}: is a section of the job, not a field; name a field in it (e.g. {path}.{_first_field(path)})")
+            problems.append(
+                f"{field}: is a section of the job, not a field; name a field in it (e.g. {path}.{_first_field(path)})"
+            )
             continue
         for value in param.sample_values():
             try:
@@ -154,9 +158,13 @@ def load_sweep(path: str, overrides: list[str] | None = None, fresh: bool = Fals
     job = {k: v for k, v in raw.items() if k != "sweep"}
     check_parameters(job, sweep)
     if spec.entrypoint:
-        raise BadInput("entrypoint: a bring-your-own loop reports its own metrics; sweeps run the built-in loop (model/data sections)")
+        raise BadInput(
+            "entrypoint: a bring-your-own loop reports its own metrics; sweeps run the built-in loop (model/data sections)"
+        )
     if sweep.scheduler.name == "pbt" and spec.scaling.max_workers > 1:
-        raise BadInput("sweep.scheduler: pbt hands checkpoints between trials inside their processes; use scaling.num_workers 0 or 1")
+        raise BadInput(
+            "sweep.scheduler: pbt hands checkpoints between trials inside their processes; use scaling.num_workers 0 or 1"
+        )
     if sweep.scheduler.name == "asha":
         max_t = default_max_t(sweep, spec)
         if sweep.scheduler.grace_period > max_t:
@@ -164,10 +172,14 @@ def load_sweep(path: str, overrides: list[str] | None = None, fresh: bool = Fals
     name = sweep.name or f"{spec.name}-sweep"
     if fresh:
         name = f"{name}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    return SweepJob(job=job, spec=spec, sweep=sweep, name=name, uri=run_uri_for(spec, name), job_file=str(path), base_dir=base_dir)
+    return SweepJob(
+        job=job, spec=spec, sweep=sweep, name=name, uri=run_uri_for(spec, name), job_file=str(path), base_dir=base_dir
+    )
 
 
-def trial_spec(job: dict[str, Any], config: dict[str, Any], name: str, ranges: Optional[dict[str, ParamSpec]] = None) -> JobSpec:
+def trial_spec(
+    job: dict[str, Any], config: dict[str, Any], name: str, ranges: dict[str, ParamSpec] | None = None
+) -> JobSpec:
     """The job of one trial: the base job with the trial's settings (clamped into their ranges: PBT perturbs past them)."""
     overrides = []
     for path, value in config.items():
@@ -177,5 +189,3 @@ def trial_spec(job: dict[str, Any], config: dict[str, Any], name: str, ranges: O
             value = type(value)(min(max(value, param.low), param.high))
         overrides.append(_override_text(path, value))
     return build_spec({**job, "name": name}, overrides)
-
-

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from ray.tune import Callback
 
@@ -22,7 +23,7 @@ from orchestrator.sweep.load import settings_text
 _say: Callable[[str], None] = print
 
 
-def run_status(run_uri: str, endpoint: Optional[str]) -> Optional[str]:
+def run_status(run_uri: str, endpoint: str | None) -> str | None:
     """The status in a trial's run.json (finished, stopped, failed, running), or None."""
     record = RunRecord.load(RunDir.open(run_uri, endpoint))
     return str(record.status) if record else None
@@ -34,7 +35,9 @@ def _is_better(value: Any, best: Any, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
-def live_view(sweep_uri: str, endpoint: Optional[str], metric: str, mode: str, say: Callable[[str], None], every_s: float = 5.0) -> "SweepProgress":
+def live_view(
+    sweep_uri: str, endpoint: str | None, metric: str, mode: str, say: Callable[[str], None], every_s: float = 5.0
+) -> SweepProgress:
     """The live view of a sweep, printing through `say` (a restored one prints there too)."""
     global _say
     _say = say
@@ -44,11 +47,11 @@ def live_view(sweep_uri: str, endpoint: Optional[str], metric: str, mode: str, s
 class SweepProgress(Callback):
     """A Tune callback printing one line when trials change state or the best improves (at most every `every_s` otherwise)."""
 
-    def __init__(self, sweep_uri: str, endpoint: Optional[str], metric: str, mode: str, every_s: float = 5.0):
+    def __init__(self, sweep_uri: str, endpoint: str | None, metric: str, mode: str, every_s: float = 5.0):
         self.sweep_uri, self.endpoint, self.metric, self.mode, self.every_s = sweep_uri, endpoint, metric, mode, every_s
         self.t0 = time.time()
         self.last_line, self.last_time = "", 0.0
-        self.ended: dict[str, Optional[str]] = {}  # trial id -> its run's status, read once when it ends
+        self.ended: dict[str, str | None] = {}  # trial id -> its run's status, read once when it ends
 
     def setup(self, **info) -> None:
         # Called as Tune's run starts, a resumed one included: the clock runs from this process's start of it.
@@ -89,6 +92,8 @@ class SweepProgress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = trial.get_pickled_error()
-        reason = str(error).strip().splitlines()[-1] if error is not None and str(error).strip() else "see its error file"
+        reason = (
+            str(error).strip().splitlines()[-1] if error is not None and str(error).strip() else "see its error file"
+        )
         _say(f"trial {trial.trial_id} failed: {reason} ({trial.error_file})")
         self._show(trials, force=True)

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
@@ -37,7 +37,7 @@ TUNE_DIR = "tune"  # Tune's experiment directory inside the sweep's
 log = logging.getLogger(__name__)
 
 
-def tune_storage(sweep_uri: str, endpoint_url: Optional[str]) -> tuple[str, Any]:
+def tune_storage(sweep_uri: str, endpoint_url: str | None) -> tuple[str, Any]:
     """(storage_path, pyarrow filesystem or None) for Tune's experiment state under the sweep's URI."""
     protocol, path = storage.split_uri(sweep_uri)
     if protocol == "file":
@@ -64,7 +64,9 @@ def sweep_tracking_spec(spec: JobSpec) -> JobSpec:
     return out
 
 
-def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional[str] = None, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
+def run_sweep(
+    sweep: SweepJob, address: str | None = None, best_out: str | None = None, quiet: bool = False, verbose: bool = False
+) -> dict[str, Any]:
     """Validate, then run (or continue) the sweep with Ray Tune; return the result (also in sweep.json).
 
     With a `tracking` section the sweep is an MLflow run of its own, and each trial's run is its child.
@@ -85,7 +87,9 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
     tracking_spec = sweep_tracking_spec(sweep.spec)
     session = None
     if sweep.spec.tracking.mlflow is not None:
-        session = TrackingSession.start(tracking_spec, sweep.uri, sweep.name, prov, previous=(record or {}).get("tracking"))
+        session = TrackingSession.start(
+            tracking_spec, sweep.uri, sweep.name, prov, previous=(record or {}).get("tracking")
+        )
     tracked = session.to_record() if session else {}
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own tables off: the live view replaces them
@@ -95,10 +99,19 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
     connected = start_ray(address, log_to_driver=verbose)
     try:
         plan = TrialPlan(
-            job=sweep.job, sweep_name=sweep.name, sweep_uri=sweep.uri, base_dir=sweep.base_dir, endpoint=sweep.endpoint,
-            ranges={**sweep.sweep.parameters, **sweep.sweep.scheduler.mutations}, pbt=sweep.sweep.scheduler.name == "pbt",
-            verbose=verbose, job_file=sweep.job_file, parent_run_id=session.mlflow_run_id if session else None,
-            experiment=session.experiment if session else None, data_fingerprint=fingerprint, embedded_ray=connected and not address,
+            job=sweep.job,
+            sweep_name=sweep.name,
+            sweep_uri=sweep.uri,
+            base_dir=sweep.base_dir,
+            endpoint=sweep.endpoint,
+            ranges={**sweep.sweep.parameters, **sweep.sweep.scheduler.mutations},
+            pbt=sweep.sweep.scheduler.name == "pbt",
+            verbose=verbose,
+            job_file=sweep.job_file,
+            parent_run_id=session.mlflow_run_id if session else None,
+            experiment=session.experiment if session else None,
+            data_fingerprint=fingerprint,
+            embedded_ray=connected and not address,
         )
         results, resumed = _fit(sweep, home, plan, record, say, prov, tracked)
     except Exception:
@@ -114,46 +127,91 @@ def run_sweep(sweep: SweepJob, address: Optional[str] = None, best_out: Optional
     return _finish(sweep, home, collect_trials(results, sweep), resumed, tracked, best_out, session, tracking_spec, t0)
 
 
-def _fit(sweep: SweepJob, home: RunDir, plan: TrialPlan, record: Optional[dict[str, Any]], say, prov: dict[str, Any], tracked: dict[str, Any]):
+def _fit(
+    sweep: SweepJob,
+    home: RunDir,
+    plan: TrialPlan,
+    record: dict[str, Any] | None,
+    say,
+    prov: dict[str, Any],
+    tracked: dict[str, Any],
+):
     """Tune's fit of the trials: a new Tuner, or the interrupted sweep's restored (finished trials kept); (results, resumed)."""
     from ray import tune
 
     from orchestrator.sweep.progress import live_view
 
     storage_path, storage_fs = tune_storage(sweep.uri, sweep.endpoint)
-    experiment = storage.join(storage_path, TUNE_DIR) if storage_fs is not None else os.path.join(storage_path, TUNE_DIR)
+    experiment = (
+        storage.join(storage_path, TUNE_DIR) if storage_fs is not None else os.path.join(storage_path, TUNE_DIR)
+    )
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_resources(sweep.spec))
     # A restored Tuner keeps the interrupted sweep's live view, which prints through this process's `say` from here on.
     progress = live_view(sweep.uri, sweep.endpoint, sweep.sweep.metric, sweep.sweep.mode, say)
     if record and tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
         say(f"continuing sweep {sweep.name} from {sweep.uri} (finished trials are kept)")
         home.write_json(SWEEP_RECORD, {**record, "provenance": prov, "tracking": tracked}, indent=1)
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs)
+        tuner = tune.Tuner.restore(
+            experiment, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage_fs
+        )
         return tuner.fit(), True
     s = sweep.sweep
-    say(f"sweep {sweep.name}: {s.trial_count} trial(s), {s.search} search, {s.scheduler.name} scheduler, {s.max_concurrent_trials} at once -> {sweep.uri}")
-    home.write_json(SWEEP_RECORD, {"sweep": sweep.name, "status": str(RunStatus.RUNNING), "started": datetime.now(timezone.utc).isoformat(),
-                                   "fingerprint": sweep.fingerprint(), "job_file": sweep.job_file, "job": sweep.job,
-                                   "spec": s.model_dump(mode="json"), "command": sys.argv, "provenance": prov, "tracking": tracked}, indent=1)
+    say(
+        f"sweep {sweep.name}: {s.trial_count} trial(s), {s.search} search, {s.scheduler.name} scheduler, {s.max_concurrent_trials} at once -> {sweep.uri}"
+    )
+    home.write_json(
+        SWEEP_RECORD,
+        {
+            "sweep": sweep.name,
+            "status": str(RunStatus.RUNNING),
+            "started": datetime.now(timezone.utc).isoformat(),
+            "fingerprint": sweep.fingerprint(),
+            "job_file": sweep.job_file,
+            "job": sweep.job,
+            "spec": s.model_dump(mode="json"),
+            "command": sys.argv,
+            "provenance": prov,
+            "tracking": tracked,
+        },
+        indent=1,
+    )
     tuner = tune.Tuner(
         trainable,
         param_space=build_param_space(s),
         tune_config=tune.TuneConfig(
-            metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=build_scheduler(s, sweep.spec), search_alg=build_search(s),
-            trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id,
+            metric=s.metric,
+            mode=s.mode,
+            num_samples=s.num_samples,
+            scheduler=build_scheduler(s, sweep.spec),
+            search_alg=build_search(s),
+            trial_name_creator=lambda t: t.trial_id,
+            trial_dirname_creator=lambda t: t.trial_id,
             reuse_actors=True,  # a new trial in a warm process: no second torch import
         ),
         run_config=tune.RunConfig(
             # Every Tune checkpoint is kept: PBT's are pointers of a few bytes, and a PBT exploit may
             # restore from one that a smaller num_to_keep would already have deleted.
-            name=TUNE_DIR, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0, callbacks=[progress],
+            name=TUNE_DIR,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            verbose=0,
+            callbacks=[progress],
         ),
     )
     return tuner.fit(), False
 
 
-def _finish(sweep: SweepJob, home: RunDir, rows: list[TrialRow], resumed: bool, tracked: dict[str, Any], best_out: Optional[str],
-            session, tracking_spec: JobSpec, t0: float) -> dict[str, Any]:
+def _finish(
+    sweep: SweepJob,
+    home: RunDir,
+    rows: list[TrialRow],
+    resumed: bool,
+    tracked: dict[str, Any],
+    best_out: str | None,
+    session,
+    tracking_spec: JobSpec,
+    t0: float,
+) -> dict[str, Any]:
     """The sweep's result: the ranked trials, the best one's job file; recorded in sweep.json and closing the sweep's MLflow run."""
     ranked = [r for r in rows if isinstance(r.metric, (int, float))]
     best = ranked[0] if ranked else None
@@ -166,7 +224,9 @@ def _finish(sweep: SweepJob, home: RunDir, rows: list[TrialRow], resumed: bool, 
         "metric": sweep.sweep.metric,
         "mode": sweep.sweep.mode,
         "trials": [asdict(r) for r in rows],
-        "best": {k: getattr(best, k) for k in ("trial_id", "config", "metric", "metrics", "checkpoint", "run_uri")} if best else None,
+        "best": {k: getattr(best, k) for k in ("trial_id", "config", "metric", "metrics", "checkpoint", "run_uri")}
+        if best
+        else None,
         "best_job_file": best_file,
         "total_steps": sum(r.steps or 0 for r in rows),
         "resumed": resumed,
@@ -179,7 +239,12 @@ def _finish(sweep: SweepJob, home: RunDir, rows: list[TrialRow], resumed: bool, 
     if session is not None:
         # The sweep's run closes with what its best trial's run closed with (test_* and best_* metrics).
         best_record = RunRecord.load(RunDir.open(best.run_uri, sweep.endpoint)) if best else None
-        session.finish(tracking_spec, status, best_record.summary if best_record else None, [("", home.uri_of(SWEEP_RECORD)), ("", best_file)])
+        session.finish(
+            tracking_spec,
+            status,
+            best_record.summary if best_record else None,
+            [("", home.uri_of(SWEEP_RECORD)), ("", best_file)],
+        )
     return result
 
 
@@ -197,11 +262,17 @@ def end_unfinished_trials(sweep: SweepJob, results) -> None:
             record.end(status, summary_from_checkpoints(run, status))
             record.save(run)
         # TensorBoard's hyper-parameters only when the trial surely did not write them (it writes them after run.json).
-        session = TrackingSession(run_uri=run.uri, endpoint_url=sweep.endpoint,
-                                  tensorboard_dir=(record.tracking.get("tensorboard") or {}).get("log_dir") if cut_off else None)
+        session = TrackingSession(
+            run_uri=run.uri,
+            endpoint_url=sweep.endpoint,
+            tensorboard_dir=(record.tracking.get("tensorboard") or {}).get("log_dir") if cut_off else None,
+        )
         mlflow = record.tracking.get("mlflow")
         if mlflow and _mlflow_run_is_running(mlflow_tracking_uri(spec), mlflow["run_id"]):
-            session.mlflow_uri, session.mlflow_run_id = mlflow_tracking_uri(spec), mlflow["run_id"]  # run.json has it without credentials
+            session.mlflow_uri, session.mlflow_run_id = (
+                mlflow_tracking_uri(spec),
+                mlflow["run_id"],
+            )  # run.json has it without credentials
         if session.mlflow_run_id or session.tensorboard_dir:
             session.finish(spec, record.status, record.summary, [("", run.uri_of(RUN_RECORD))])
 

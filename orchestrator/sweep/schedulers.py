@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from orchestrator.errors import BadInput
 from orchestrator.spec import JobSpec, SweepSpec
@@ -18,10 +18,12 @@ def default_max_t(sweep: SweepSpec, spec: JobSpec) -> int:
         return spec.train.epochs
     if s.time_attr == "step" and spec.train.max_steps:
         return spec.train.max_steps
-    raise BadInput(f"sweep.scheduler.max_t: required with time_attr={s.time_attr} (the trial's length in that clock is not known before it runs)")
+    raise BadInput(
+        f"sweep.scheduler.max_t: required with time_attr={s.time_attr} (the trial's length in that clock is not known before it runs)"
+    )
 
 
-def trial_length(sweep: SweepSpec, spec: JobSpec) -> Optional[float]:
+def trial_length(sweep: SweepSpec, spec: JobSpec) -> float | None:
     """How long a trial runs in the scheduler's clock, when the job file says (None when only the data knows)."""
     t = sweep.scheduler.time_attr
     if t == "epoch" or (t == "training_iteration" and not spec.validation.every_n_steps):
@@ -49,8 +51,16 @@ def build_scheduler(sweep: SweepSpec, spec: JobSpec):
         if length is not None and max_t >= length and s.grace_period < length:
             # Trials end by themselves (with their last checkpoint); a rung at their last report would decide
             # nothing, so the horizon goes just below it and the top rung with it.
-            return ASHAScheduler(time_attr=s.time_attr, max_t=length - 1e-6, grace_period=s.grace_period, reduction_factor=s.reduction_factor, stop_last_trials=False)
-        return ASHAScheduler(time_attr=s.time_attr, max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+            return ASHAScheduler(
+                time_attr=s.time_attr,
+                max_t=length - 1e-6,
+                grace_period=s.grace_period,
+                reduction_factor=s.reduction_factor,
+                stop_last_trials=False,
+            )
+        return ASHAScheduler(
+            time_attr=s.time_attr, max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor
+        )
     if s.name == "pbt":
         return PopulationBasedTraining(
             time_attr=s.time_attr,
@@ -81,5 +91,3 @@ def trial_resources(spec: JobSpec) -> dict[str, float]:
     if spec.scaling.use_gpu:
         resources["GPU"] = spec.scaling.gpus_per_worker or 1
     return resources
-
-

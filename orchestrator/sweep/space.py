@@ -26,7 +26,9 @@ def tune_domain(param: ParamSpec, enumerate_choices: bool = False):
 
 def build_param_space(sweep: SweepSpec) -> dict[str, Any]:
     """Tune's param_space: one entry per dotted field (PBT mutations not otherwise searched start sampled)."""
-    space = {path: tune_domain(param, enumerate_choices=sweep.search == "grid") for path, param in sweep.parameters.items()}
+    space = {
+        path: tune_domain(param, enumerate_choices=sweep.search == "grid") for path, param in sweep.parameters.items()
+    }
     if sweep.scheduler.name == "pbt":
         from ray import tune
 
@@ -34,5 +36,3 @@ def build_param_space(sweep: SweepSpec) -> dict[str, Any]:
             if path not in space:
                 space[path] = tune.choice(list(param.values)) if param.values is not None else tune_domain(param)
     return space
-
-

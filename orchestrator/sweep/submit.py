@@ -6,14 +6,14 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from orchestrator.cluster import METADATA_RUN, RayJobsBackend, build_submission, follow_to_end
 from orchestrator.errors import BadInput, RunFailed
 from orchestrator.sweep.load import SweepJob
 
 
-def is_dashboard_address(address: Optional[str]) -> bool:
+def is_dashboard_address(address: str | None) -> bool:
     """Whether --address names a cluster's dashboard (submit through the Jobs API) rather than Ray itself (attach)."""
     return bool(address) and address.startswith(("http://", "https://"))
 
@@ -22,7 +22,9 @@ def build_sweep_submission(sweep: SweepJob, overrides: list[str] | tuple[str, ..
     """The Jobs API request of a sweep: the job's package and runtime env, with `orchestrator sweep` as its entrypoint (pure)."""
     sweep_path = Path(sweep.job_file).resolve()
     if Path(sweep.base_dir).resolve() != sweep_path.parent:
-        raise BadInput(f"{sweep.job_file}: job: the named job file must sit beside the sweep file to be shipped with it")
+        raise BadInput(
+            f"{sweep.job_file}: job: the named job file must sit beside the sweep file to be shipped with it"
+        )
     submission = build_submission(sweep.spec, sweep_path, overrides)
     words = ["python", "-m", "orchestrator", "sweep", sweep_path.name, *overrides, "--address", "auto", "--json"]
     submission["entrypoint"] = " ".join(shlex.quote(w) for w in words)
@@ -46,5 +48,3 @@ def submit_sweep(sweep: SweepJob, overrides: list[str], address: str, out=None) 
     if final["status"] != "SUCCEEDED" or result is None:
         raise RunFailed(f"{job_id} {final['status']}" + (f": {final.get('message')}" if final.get("message") else ""))
     return {**result, "submission_id": job_id, "address": backend.address}
-
-

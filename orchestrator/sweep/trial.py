@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -41,14 +41,14 @@ class TrialPlan:
     sweep_name: str
     sweep_uri: str
     base_dir: str
-    endpoint: Optional[str]
+    endpoint: str | None
     ranges: dict[str, ParamSpec]
     pbt: bool
     verbose: bool
     job_file: str
-    parent_run_id: Optional[str] = None  # the sweep's MLflow run: every trial's run is its child
-    experiment: Optional[str] = None  # the sweep's MLflow experiment, where the children must be to nest under it
-    data_fingerprint: Optional[dict[str, Any]] = None  # the base job's data, from the driver's preflight
+    parent_run_id: str | None = None  # the sweep's MLflow run: every trial's run is its child
+    experiment: str | None = None  # the sweep's MLflow experiment, where the children must be to nest under it
+    data_fingerprint: dict[str, Any] | None = None  # the base job's data, from the driver's preflight
     embedded_ray: bool = False  # the sweep started its own single-node Ray (no preemption to watch for)
 
 
@@ -107,7 +107,13 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     if previous and previous.finished and previous.summary and exploited_from is None:
         # It finished before the sweep was interrupted, and Tune had not yet recorded that: report where it ended.
         done = previous.summary
-        tune.report({"step": done.steps, "epoch": done.epochs, **{k: v for k, v in done.metrics.items() if not isinstance(v, list)}})
+        tune.report(
+            {
+                "step": done.steps,
+                "epoch": done.epochs,
+                **{k: v for k, v in done.metrics.items() if not isinstance(v, list)},
+            }
+        )
         return
     existing = ckpt.list_checkpoints(run.fs, run.root, uri_prefix=run.uri)
     in_process = spec.scaling.max_workers <= 1
@@ -115,10 +121,26 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     if any(path.startswith("data.") for path in config):
         fingerprint = check_data(spec, plan.base_dir).fingerprint  # this trial reads other data than the base job
     prov = collect_provenance(spec, plan.base_dir, fingerprint, hosts=1 if in_process else None)
-    session = TrackingSession.start(spec, run.uri, spec.name, prov, previous=previous.tracking if previous else None, parent_run_id=plan.parent_run_id)
-    record = RunRecord.begin(trial_id, spec.to_dict(), previous, sweep=plan.sweep_name, job_file=plan.job_file, provenance=prov,
-                             tracking=session.to_record(), config={k: _plain(v) for k, v in config.items()},
-                             resumed_from=existing[-1].uri if existing else None, exploited_from=exploited_from)
+    session = TrackingSession.start(
+        spec,
+        run.uri,
+        spec.name,
+        prov,
+        previous=previous.tracking if previous else None,
+        parent_run_id=plan.parent_run_id,
+    )
+    record = RunRecord.begin(
+        trial_id,
+        spec.to_dict(),
+        previous,
+        sweep=plan.sweep_name,
+        job_file=plan.job_file,
+        provenance=prov,
+        tracking=session.to_record(),
+        config={k: _plain(v) for k, v in config.items()},
+        resumed_from=existing[-1].uri if existing else None,
+        exploited_from=exploited_from,
+    )
     record.save(run)
     status = RunStatus.FAILED
     tracker = create_tracker(session.worker_config(), plan.endpoint) if in_process else None
@@ -148,15 +170,22 @@ def _silent(msg: str) -> None:
     """A trial's progress lines, unless --verbose: they would drown the sweep's live view."""
 
 
-def _train_in_trial(spec: JobSpec, run_uri: str, plan: TrialPlan, reporter: "TrialReporter", track=None) -> None:
+def _train_in_trial(spec: JobSpec, run_uri: str, plan: TrialPlan, reporter: TrialReporter, track=None) -> None:
     """One worker: the loop in the trial's own process, reporting straight to Tune (no Ray Train actors to start)."""
     import torch
 
     from orchestrator.loop import LoopContext, run_training
 
     device = torch.device("cuda", 0) if spec.scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    ctx = LoopContext(run_uri=run_uri, device=device, report=reporter, base_dir=plan.base_dir, track=track, should_stop=reporter.stopped,
-                      **({} if plan.verbose else {"log": _silent}))
+    ctx = LoopContext(
+        run_uri=run_uri,
+        device=device,
+        report=reporter,
+        base_dir=plan.base_dir,
+        track=track,
+        should_stop=reporter.stopped,
+        **({} if plan.verbose else {"log": _silent}),
+    )
     try:
         run_training(spec, ctx)
     except BaseException:
@@ -165,7 +194,9 @@ def _train_in_trial(spec: JobSpec, run_uri: str, plan: TrialPlan, reporter: "Tri
     reporter.close()
 
 
-def _train_with_ray_train(spec: JobSpec, run_uri: str, plan: TrialPlan, trial_id: str, tracking_config: Optional[dict[str, Any]]) -> dict[str, Any]:
+def _train_with_ray_train(
+    spec: JobSpec, run_uri: str, plan: TrialPlan, trial_id: str, tracking_config: dict[str, Any] | None
+) -> dict[str, Any]:
     """Several workers: a full Ray Train run whose reports reach Tune through TuneReportCallback; returns its last metrics."""
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -174,7 +205,9 @@ def _train_with_ray_train(spec: JobSpec, run_uri: str, plan: TrialPlan, trial_id
     from orchestrator.trainer import build_trainer_kwargs
 
     ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
-    kwargs = build_trainer_kwargs(spec, run_uri, plan.base_dir, ray_storage, f"{plan.sweep_name}-{trial_id}-{int(time.time())}", tracking_config)
+    kwargs = build_trainer_kwargs(
+        spec, run_uri, plan.base_dir, ray_storage, f"{plan.sweep_name}-{trial_id}-{int(time.time())}", tracking_config
+    )
     kwargs["run_config"] = dataclasses.replace(kwargs["run_config"], callbacks=[TuneReportCallback()])
     with train_environment(embedded=plan.embedded_ray):
         result = TorchTrainer(**kwargs).fit()
@@ -190,17 +223,19 @@ class TrialReporter:
     `stopped` says so and the loop ends at its next step.
     """
 
-    def __init__(self, run_uri: str, endpoint: Optional[str], pbt: bool):
+    def __init__(self, run_uri: str, endpoint: str | None, pbt: bool):
         self.run_uri, self.endpoint, self.pbt = run_uri, endpoint, pbt
-        self._pending: "queue.Queue[Optional[dict[str, Any]]]" = queue.Queue()
+        self._pending: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._stopped = threading.Event()
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="tune-report", daemon=True)
         self._thread.start()
 
     def __call__(self, metrics: dict[str, Any]) -> None:
         if not self._stopped.is_set():
-            self._pending.put({k: v for k, v in metrics.items() if not isinstance(v, list)})  # a confusion matrix is no metric to rank by
+            self._pending.put(
+                {k: v for k, v in metrics.items() if not isinstance(v, list)}
+            )  # a confusion matrix is no metric to rank by
 
     def stopped(self) -> bool:
         """Whether Tune has stopped (or paused) this trial at one of its reports."""
@@ -245,7 +280,7 @@ class TrialReporter:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def adopt_exploited_checkpoint(tune_checkpoint, run: RunDir, spec: JobSpec) -> Optional[str]:
+def adopt_exploited_checkpoint(tune_checkpoint, run: RunDir, spec: JobSpec) -> str | None:
     """PBT exploit: replace this run's checkpoints by the donor's, with this trial's optimizer settings; the loop then restores it."""
     if tune_checkpoint is None:
         return None
@@ -282,5 +317,3 @@ def _apply_optim_settings(group: dict[str, Any], spec: JobSpec, decays: bool) ->
     for key, value in (("momentum", o.momentum), ("betas", o.betas), ("eps", o.eps), ("alpha", o.alpha)):
         if key in group:
             group[key] = tuple(value) if key == "betas" else value
-
-
