@@ -15,7 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-setup: $(VENV)/.installed system-packages
+# The manifest scanner (checkov) in its own venv: setup installs it, so the tests' time is the tests'.
+.venv-scan/bin/checkov:
+	PYTHON=$(PYTHON) bash tests/k8s_scan_setup.sh >/dev/null
+
+setup: $(VENV)/.installed .venv-scan/bin/checkov system-packages
 
 # The report tests open reports in Debian's Chromium through Playwright (its own browser download cannot work here);
 # the console test runs a job in a real terminal under tmux.
@@ -35,11 +39,12 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix $(LINTED)
 	$(VENV)/bin/ruff format $(LINTED)
 
+# Every run ends with its 25 slowest tests, so that each CI log says where the suite's time goes.
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q --durations=10 -m "not slow"
 
 bench: setup
 	$(PY) bench/overhead.py

@@ -110,9 +110,9 @@ class _Loop:
                 self.step.apply()
                 state.stepped(last_of_epoch)
                 self.window.steps += 1
+                self.after_step(last_of_epoch)
                 if ctx.should_stop():
                     raise SystemExit(0)  # as Tune ends a trial it stops: run_training commits the upload in flight
-                self.after_step(last_of_epoch)
                 if self.cadence.over(state):
                     break
             else:

@@ -106,6 +106,7 @@ def run_sweep(
             endpoint=sweep.endpoint,
             ranges={**sweep.sweep.parameters, **sweep.sweep.scheduler.mutations},
             pbt=sweep.sweep.scheduler.name == "pbt",
+            decides_at_reports=sweep.sweep.scheduler.name != "fifo",
             verbose=verbose,
             job_file=sweep.job_file,
             parent_run_id=session.mlflow_run_id if session else None,

@@ -50,6 +50,7 @@ class TrialPlan:
     experiment: str | None = None  # the sweep's MLflow experiment, where the children must be to nest under it
     data_fingerprint: dict[str, Any] | None = None  # the base job's data, from the driver's preflight
     embedded_ray: bool = False  # the sweep started its own single-node Ray (no preemption to watch for)
+    decides_at_reports: bool = False  # the scheduler (ASHA, PBT) may stop or pause a trial at any report
 
 
 class _TrialEnds:
@@ -146,7 +147,13 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     tracker = create_tracker(session.worker_config(), plan.endpoint) if in_process else None
     try:
         if in_process:
-            _train_in_trial(spec, run.uri, plan, TrialReporter(run.uri, plan.endpoint, plan.pbt), tracker)
+            _train_in_trial(
+                spec,
+                run.uri,
+                plan,
+                TrialReporter(run.uri, plan.endpoint, plan.pbt, wait=plan.decides_at_reports),
+                tracker,
+            )
         else:
             add_placement(prov, _train_with_ray_train(spec, run.uri, plan, trial_id, session.worker_config()))
         status = RunStatus.FINISHED
@@ -217,25 +224,30 @@ def _train_with_ray_train(
 class TrialReporter:
     """The loop's `report` inside a trial: metrics to Tune (under PBT with a pointer to the run's latest committed checkpoint).
 
-    Tune's function API holds a reporting thread until its controller has taken the result, which can
-    be tens of milliseconds or more on a busy machine; so the reports go to Tune from a thread of their
-    own, in order, and the training step never waits. When Tune stops or pauses the trial at a report,
-    `stopped` says so and the loop ends at its next step.
+    Tune's function API holds a reporting thread until its controller has taken the result and decided
+    on it, which can be tens of milliseconds or more on a busy machine. So the reports go to Tune from a
+    thread of their own, in order. Under FIFO the training step never waits for them: nothing is decided.
+    Under a scheduler that decides at reports (`wait`: ASHA, PBT) the loop waits for Tune's answer, as
+    Tune's own trainables do: a trial stopped at a rung does no more work than the rung, whatever the
+    machine's load. When Tune stops or pauses the trial, `stopped` says so and the loop ends there.
     """
 
-    def __init__(self, run_uri: str, endpoint: str | None, pbt: bool):
-        self.run_uri, self.endpoint, self.pbt = run_uri, endpoint, pbt
-        self._pending: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    def __init__(self, run_uri: str, endpoint: str | None, pbt: bool, wait: bool = False):
+        self.run_uri, self.endpoint, self.pbt, self.wait = run_uri, endpoint, pbt, wait
+        self._pending: queue.Queue[tuple[dict[str, Any], threading.Event] | None] = queue.Queue()
         self._stopped = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="tune-report", daemon=True)
         self._thread.start()
 
     def __call__(self, metrics: dict[str, Any]) -> None:
-        if not self._stopped.is_set():
-            self._pending.put(
-                {k: v for k, v in metrics.items() if not isinstance(v, list)}
-            )  # a confusion matrix is no metric to rank by
+        if self._stopped.is_set():
+            return
+        taken = threading.Event()
+        # A confusion matrix is no metric to rank by.
+        self._pending.put(({k: v for k, v in metrics.items() if not isinstance(v, list)}, taken))
+        if self.wait:
+            taken.wait()
 
     def stopped(self) -> bool:
         """Whether Tune has stopped (or paused) this trial at one of its reports."""
@@ -253,16 +265,18 @@ class TrialReporter:
             raise SystemExit(0)  # as Tune itself ends a trial it stops at a report
 
     def _work(self) -> None:
-        while (metrics := self._pending.get()) is not None:
-            if self._stopped.is_set():
-                continue
+        while (item := self._pending.get()) is not None:
+            metrics, taken = item
             try:
-                self._report(metrics)
+                if not self._stopped.is_set():
+                    self._report(metrics)
             except SystemExit:  # Tune's answer to a report: the trial is stopped
                 self._stopped.set()
             except BaseException as exc:  # surfaced on the trial's thread by close()
                 self._error = exc
                 self._stopped.set()
+            finally:
+                taken.set()
 
     def _report(self, metrics: dict[str, Any]) -> None:
         from ray import tune
