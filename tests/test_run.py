@@ -94,14 +94,13 @@ def test_transfer_learning_example_pair(tmp_path):
     assert not torch.equal(source["net.7.weight"], tuned["net.7.weight"])  # fine-tuned
 
 
+@pytest.mark.slow
 def test_main_example_reaches_its_accuracy_in_local_mode(tmp_path):
-    # The README promises >= 0.95 validation accuracy for jobs/digits_mlp.yaml.
-    start = time.time()
+    # The README promises >= 0.95 validation accuracy for jobs/digits_mlp.yaml (its time is bench/end_to_end.py's).
     out = summary_of(
         orchestrator("run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", f"checkpoint.storage={tmp_path}", "--json")
     )
     assert out["best"]["metrics"]["val_accuracy"] >= 0.95
-    assert time.time() - start < 120
 
 
 # ----------------------------------------------------------------------------------------------

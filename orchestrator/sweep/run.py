@@ -28,7 +28,7 @@ from orchestrator.sweep.export import TrialRow, collect_trials, write_best_job
 from orchestrator.sweep.load import SweepJob
 from orchestrator.sweep.schedulers import build_scheduler, build_search, trial_resources
 from orchestrator.sweep.space import build_param_space
-from orchestrator.sweep.trial import TrialPlan, run_trial
+from orchestrator.sweep.trial import TrialPlan, trial_trainable
 from orchestrator.tracking import TrackingSession, mlflow_tracking_uri
 
 SWEEP_RECORD = "sweep.json"
@@ -146,7 +146,7 @@ def _fit(
     experiment = (
         storage.join(storage_path, TUNE_DIR) if storage_fs is not None else os.path.join(storage_path, TUNE_DIR)
     )
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_resources(sweep.spec))
+    trainable = tune.with_resources(trial_trainable(plan), trial_resources(sweep.spec))
     # A restored Tuner keeps the interrupted sweep's live view, which prints through this process's `say` from here on.
     progress = live_view(sweep.uri, sweep.endpoint, sweep.sweep.metric, sweep.sweep.mode, say)
     if record and tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):

@@ -7,7 +7,6 @@ only a pointer to the run's latest committed checkpoint, which an exploiting tri
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import json
 import os
@@ -31,6 +30,7 @@ from orchestrator.sweep.load import _plain, trial_spec
 from orchestrator.tracking import TrackingSession, create_tracker
 
 POINTER = "pointer.json"  # a PBT Tune checkpoint: which run's checkpoint a trial stood at
+TRIAL_END_TIMEOUT_S = 60  # how long a trial's process waits for a stopped trial to record its end
 
 
 @dataclasses.dataclass
@@ -53,37 +53,6 @@ class TrialPlan:
     decides_at_reports: bool = False  # the scheduler (ASHA, PBT) may stop or pause a trial at any report
 
 
-class _TrialEnds:
-    """Trials of this process that Tune has stopped and that are still recording their end; process exit waits for them.
-
-    Tune stops a trial without waiting for its thread, and may end the process (or hand it to the next trial) meanwhile.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._ending: set[int] = set()
-        self._hooked = False
-
-    def begin(self) -> None:
-        with self._cond:
-            self._ending.add(threading.get_ident())
-            if not self._hooked:
-                atexit.register(self.wait)
-                self._hooked = True
-
-    def done(self) -> None:
-        with self._cond:
-            self._ending.discard(threading.get_ident())
-            self._cond.notify_all()
-
-    def wait(self, timeout: float = 60.0) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._ending, timeout)
-
-
-_trial_ends = _TrialEnds()
-
-
 def track_as_trial(spec: JobSpec, plan: TrialPlan, trial_id: str) -> None:
     """Point a trial's trackers at its sweep: MLflow runs in the sweep's experiment, a configured TensorBoard log_dir split per trial."""
     if spec.tracking.mlflow is not None and plan.experiment:
@@ -98,7 +67,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
 
     # A stopped trial records its end (MLflow calls among it) after Tune has moved on. Tune gives that 2 s before
     # it reuses this process for the next trial, and the sweep goes wrong (it stalls) when it takes longer.
-    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(TRIAL_END_TIMEOUT_S))
     trial_id = tune.get_context().get_trial_id()
     spec = trial_spec(plan.job, config, f"{plan.sweep_name}-{trial_id}", plan.ranges)
     track_as_trial(spec, plan, trial_id)
@@ -159,18 +128,38 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         status = RunStatus.FINISHED
     except SystemExit:
         status = RunStatus.STOPPED  # the scheduler ended this trial at a report
-        _trial_ends.begin()
         raise
     finally:
-        try:
-            summary = summary_from_checkpoints(run, status)
-            record.end(status, summary)
-            record.save(run)
-            if tracker is not None:
-                tracker.close()
-            session.finish(spec, status, summary, [("", run.uri_of(RUN_RECORD))])
-        finally:
-            _trial_ends.done()
+        summary = summary_from_checkpoints(run, status)
+        record.end(status, summary)
+        record.save(run)
+        if tracker is not None:
+            tracker.close()
+        session.finish(spec, status, summary, [("", run.uri_of(RUN_RECORD))])
+
+
+def trial_trainable(plan: TrialPlan):
+    """Tune's trainable for the trials: `run_trial`, in a process that lives until the trial has recorded its end.
+
+    Tune stops a trial at a report by ending the report with SystemExit, and its `cleanup` does not wait for the
+    trial's thread: the process is then terminated (at the end of a sweep, or when it is not reused) while the trial
+    still writes run.json and drains its trackers, and those last metrics are lost. This trainable's cleanup waits
+    for that thread; Tune itself allows a stopping trial 10 s at the end of a sweep before it kills it.
+    """
+    from ray import tune
+    from ray.train._internal.session import get_session
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    class Trial(wrap_function(tune.with_parameters(run_trial, plan=plan))):
+        def cleanup(self):
+            thread = getattr(get_session(), "training_thread", None)
+            try:
+                super().cleanup()
+            finally:
+                if thread is not None:
+                    thread.join(TRIAL_END_TIMEOUT_S)
+
+    return Trial
 
 
 def _silent(msg: str) -> None:
