@@ -18,6 +18,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -65,6 +66,9 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 METADATA_RUN = "orchestrator_run"
 METADATA_JOB_FILE = "orchestrator_job_file"
 METADATA_STORAGE = "orchestrator_storage"
+# Ray's ids (raysubmit_...), ours (run name + suffix) or a user's: never empty, no spaces, no slashes (a slash
+# would address another endpoint of the Jobs API).
+SUBMISSION_ID_RE = re.compile(r"^[^\s/?#]{1,200}$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,7 +481,9 @@ class RayJobsBackend:
         except Exception as exc:
             text = redact(str(exc), self.token)
             if "status code 404" in text or "does not exist" in text:
-                raise BadInput(f"{what}: no such job on {self.address}") from None
+                raise BadInput(
+                    f"{what}: no such job on {self.address}; `orchestrator list --address {self.address}` shows the jobs"
+                ) from None
             if type(exc).__name__ == "AuthenticationError":
                 raise BadInput(f"{self.address}: {text.splitlines()[0]}") from None
             raise RunFailed(f"{what}: {text.strip().splitlines()[0] if text.strip() else type(exc).__name__}") from None
@@ -504,12 +510,23 @@ class RayJobsBackend:
             submission_id=submission["submission_id"],
         )
 
+    def _job_id(self, job_id: str) -> str:
+        # An empty id reads the job list's URL (a list where a job was expected): refuse it before any call.
+        if not SUBMISSION_ID_RE.match(job_id):
+            shown = repr(job_id) if job_id else "an empty job id"
+            raise BadInput(
+                f"{shown}: not a job id; `orchestrator list --address {self.address}` shows the jobs on the cluster"
+            )
+        return job_id
+
     def status(self, job_id: str) -> dict[str, Any]:
         """One job as plain data: id, status, message, times, entrypoint, run name."""
+        self._job_id(job_id)
         return job_to_dict(self._call(job_id, self.client.get_job_info, job_id))
 
     def logs(self, job_id: str) -> str:
         """Everything the job's driver has printed so far."""
+        self._job_id(job_id)
         return redact(self._call(job_id, self.client.get_job_logs, job_id), self.token)
 
     def follow(self, job_id: str) -> Iterator[str]:
@@ -531,6 +548,7 @@ class RayJobsBackend:
 
     def stop(self, job_id: str) -> bool:
         """Ask the job to stop; False when it had already ended."""
+        self._job_id(job_id)
         return bool(self._call(job_id, self.client.stop_job, job_id))
 
     def list(self) -> list[dict[str, Any]]:
@@ -659,6 +677,7 @@ def format_status(job: dict[str, Any]) -> str:
 def format_jobs(jobs: list[dict[str, Any]]):
     """The jobs of a cluster as a rich table, newest first."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table()
     table.add_column("id", no_wrap=True)
@@ -667,7 +686,8 @@ def format_jobs(jobs: list[dict[str, Any]]):
     table.add_column("message", overflow="ellipsis")
     for j in jobs:
         message = (j.get("message") or "").strip().splitlines()
-        table.add_row(
+        # Text, not markup: ids, run names and messages are shown as written, `[red]` and all.
+        cells = (
             j["submission_id"],
             j["status"],
             j.get("run") or "-",
@@ -675,4 +695,5 @@ def format_jobs(jobs: list[dict[str, Any]]):
             _duration(j),
             (message[0][:60] if message else ""),
         )
+        table.add_row(*(Text(str(c)) for c in cells))
     return table
