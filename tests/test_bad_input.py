@@ -303,3 +303,15 @@ def test_the_command_line_kept_in_run_json_is_redacted(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["orchestrator", "run", "j.yaml", "--address", f"ray://bob:{SECRET}@head:10001"])
     record = RunRecord.begin("r", {})
     assert record.command == ["orchestrator", "run", "j.yaml", "--address", "ray://head:10001"]
+
+
+def test_runs_shows_names_as_written_not_as_markup(tmp_path):
+    storage = tmp_path / "runs"
+    for name in ("[red]x", "[link=x]y"):
+        (storage / name).mkdir(parents=True)
+        record = {"run": name, "status": "[bold]finished", "started": "2026-01-01T00:00:00", "job": {}}
+        (storage / name / "run.json").write_text(json.dumps(record))
+    (result,) = run_many([["runs", str(storage)]], tmp_path)
+    assert result["code"] == 0, result
+    out = result["stdout"]
+    assert "[red]x" in out and "[link=x]y" in out and "[bold]finished" in out, out
