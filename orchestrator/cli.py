@@ -281,6 +281,13 @@ address_option = click.option(
 @click.option("--wait", is_flag=True, help="Follow the job's output to its end; exit 1 unless it succeeds.")
 @click.option("--fresh", is_flag=True, help="Start a new run under a new name instead of resuming this one.")
 @click.option(
+    "--include",
+    "includes",
+    multiple=True,
+    metavar="PATTERN",
+    help="Ship secret-looking files matching this .gitignore-style pattern anyway (.env, *.pem, .aws/, ... are left out by default).",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -288,13 +295,19 @@ address_option = click.option(
 )
 @friendly_errors
 def submit(
-    job_file: str, overrides: tuple[str, ...], address: str | None, wait: bool, fresh: bool, as_json: bool
+    job_file: str,
+    overrides: tuple[str, ...],
+    address: str | None,
+    wait: bool,
+    fresh: bool,
+    includes: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Submit a job to a Ray cluster (Jobs API) with the code in its directory; print the job id."""
     from orchestrator.cluster import RayJobsBackend, follow_to_end, format_status, prepare_submission, summary_from_logs
 
     backend = RayJobsBackend(address)
-    submission = prepare_submission(job_file, list(overrides), backend, fresh=fresh)
+    submission = prepare_submission(job_file, list(overrides), backend, fresh=fresh, includes=includes)
     for line in submission["warnings"]:
         click.echo(f"warning: {line}", err=True)
     job_id = backend.submit(submission)
