@@ -395,7 +395,17 @@ class CheckpointSpec(Section):
 
 
 class FailureSpec(Section):
-    max_failures: int = Field(3, ge=-1, description="Worker-group restarts before the run fails (-1 = unlimited).")
+    max_failures: int = Field(
+        3, ge=-1, description="Restarts after a worker or node dies, before the run fails (-1 = unlimited)."
+    )
+    retry_exceptions: bool = Field(
+        False,
+        description="Also restart (up to max_failures) when the job's own code raises; by default that fails the run at once.",
+    )
+    nonfinite_loss: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A NaN or infinite loss: fail the run naming the step (the last good checkpoint stays the latest), or skip that step's update.",
+    )
 
 
 class MlflowSpec(Section):
