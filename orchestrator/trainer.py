@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import tempfile
+import traceback
 from typing import Any
 
 from orchestrator.console import RunConsole, marker_progress
@@ -141,7 +142,8 @@ def fit(
         if not local_mode:
             console.status(f"starting {spec.scaling.max_workers} worker(s)")
         with train_environment(embedded=embedded):
-            return RunStatus.FINISHED, None, fit_with_decisions(lambda: TorchTrainer(**kwargs), spec, console.message)
+            trained = fit_with_decisions(lambda: TorchTrainer(**kwargs), spec, console.message, console.log_only)
+            return RunStatus.FINISHED, None, trained
     except Exception as exc:  # the run failed for good: record it, report it, keep what was committed
         return RunStatus.FAILED, str(exc) if isinstance(exc, RunFailedForGood) else one_line(exc), None
 
@@ -150,7 +152,7 @@ class RunFailedForGood(Exception):
     """A fit that `decide` said not to retry; the message is the decision's one-line reason."""
 
 
-def fit_with_decisions(make_trainer, spec: JobSpec, say) -> Any:
+def fit_with_decisions(make_trainer, spec: JobSpec, say, log_only=None) -> Any:
     """Fit, and after each failure ask `failure.decide`: restart from the last checkpoint, or fail with its reason.
 
     Each restart is a new fit of a new trainer; the loop restores the latest committed checkpoint first.
@@ -162,8 +164,10 @@ def fit_with_decisions(make_trainer, spec: JobSpec, say) -> Any:
             return make_trainer().fit()
         except Exception as exc:
             decision = decide(exc, failures, spec.failure)
-            if decision.traceback:
-                log.error("the job's code raised:\n%s", decision.traceback)
+            if decision.action is Action.FAIL or decision.traceback:
+                # The full story for the run's log; the terminal gets the decision's one line.
+                text = decision.traceback or "".join(traceback.format_exception(exc))
+                (log_only or log.debug)(f"attempt {failures + 1} ended: {decision.reason}\n{text}")
             if decision.action is Action.FAIL:
                 raise RunFailedForGood(decision.reason) from exc
             failures += 1

@@ -221,6 +221,7 @@ def test_a_bug_in_a_user_model_fails_the_run_once_with_its_line(tmp_path):
     assert summary["status"] == "failed"
     assert summary["error"] == "ValueError: a bug in the user's model at call 4"
     assert "restart" not in proc.stderr  # no attempt after the first
+    assert "Traceback" not in proc.stderr and "a bug in the user's model at call 4" in proc.stderr
     log = (tmp_path / "runs" / "bug" / "run.log").read_text()
     assert "Traceback" in log and "a bug in the user's model" in log  # the full traceback is in the run's log
     print(f"failed after {took:.1f}s")
