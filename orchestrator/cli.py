@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from orchestrator.errors import BadInput, RunFailed
+from orchestrator.storage import redact
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -31,13 +32,20 @@ def friendly_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except BadInput as exc:
             for line in exc.lines:
-                click.echo(f"error: {line}", err=True)
+                click.echo(f"error: {redact(line)}", err=True)
             sys.exit(exc.exit_code)
         except RunFailed as exc:
-            click.echo(f"failed: {exc}", err=True)
+            click.echo(f"failed: {redact(str(exc))}", err=True)
             sys.exit(exc.exit_code)
 
     return wrapper
+
+
+def plain_cells(*values: Any) -> list[Any]:
+    """Table cells shown as written: run names, URIs and metric names are data, not rich markup (`[red]x`)."""
+    from rich.text import Text
+
+    return [Text(str(v)) for v in values]
 
 
 def console():
@@ -51,7 +59,25 @@ job_file_argument = click.argument("job_file", type=click.Path(dir_okay=False))
 overrides_argument = click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 
 
-@click.group(context_settings=CONTEXT)
+class OneLineErrors(click.Group):
+    """The top-level group: a usage error (bad option, missing argument, a directory for a file) is one line, exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if getattr(exc, "ctx", None) is not None else ""
+            message = redact(" ".join(exc.format_message().split()))
+            click.echo(f"error: {message}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=OneLineErrors, context_settings=CONTEXT)
 @click.version_option(package_name="orchestrator")
 def main() -> None:
     """Train PyTorch models from one job file: locally, on a Ray cluster, or on Kubernetes."""
@@ -135,7 +161,7 @@ def checkpoints(run_uri: str, as_json: bool) -> None:
     table = Table("step", "epoch", "metrics", "size", "uri")
     for c in found:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in c.metrics.items() if isinstance(v, (int, float)))
-        table.add_row(str(c.step), str(c.epoch), shown, f"{c.size / 1e6:.2f} MB", c.uri)
+        table.add_row(*plain_cells(c.step, c.epoch, shown, f"{c.size / 1e6:.2f} MB", c.uri))
     console().print(table)
 
 
@@ -255,6 +281,13 @@ address_option = click.option(
 @click.option("--wait", is_flag=True, help="Follow the job's output to its end; exit 1 unless it succeeds.")
 @click.option("--fresh", is_flag=True, help="Start a new run under a new name instead of resuming this one.")
 @click.option(
+    "--include",
+    "includes",
+    multiple=True,
+    metavar="PATTERN",
+    help="Ship secret-looking files matching this .gitignore-style pattern anyway (.env, *.pem, .aws/, ... are left out by default).",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
@@ -262,33 +295,43 @@ address_option = click.option(
 )
 @friendly_errors
 def submit(
-    job_file: str, overrides: tuple[str, ...], address: str | None, wait: bool, fresh: bool, as_json: bool
+    job_file: str,
+    overrides: tuple[str, ...],
+    address: str | None,
+    wait: bool,
+    fresh: bool,
+    includes: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Submit a job to a Ray cluster (Jobs API) with the code in its directory; print the job id."""
     from orchestrator.cluster import RayJobsBackend, follow_to_end, format_status, prepare_submission, summary_from_logs
 
     backend = RayJobsBackend(address)
-    submission = prepare_submission(job_file, list(overrides), backend, fresh=fresh)
+    submission = prepare_submission(job_file, list(overrides), backend, fresh=fresh, includes=includes)
     for line in submission["warnings"]:
         click.echo(f"warning: {line}", err=True)
     job_id = backend.submit(submission)
     package = submission["package"]
     click.echo(
-        f"submitted {job_id} to {backend.address} ({package['files']} files, {package['bytes'] / 1e6:.2f} MB from {package['dir']})",
+        f"submitted {job_id} to {redact(backend.address)} ({package['files']} files, {package['bytes'] / 1e6:.2f} MB from {package['dir']})",
         err=True,
     )
     if not wait:
         if as_json:
             print_json(
-                {"submission_id": job_id, "address": backend.address, "run": submission["metadata"]["orchestrator_run"]}
+                {
+                    "submission_id": job_id,
+                    "address": redact(backend.address),
+                    "run": submission["metadata"]["orchestrator_run"],
+                }
             )
         else:
             click.echo(job_id)
-            click.echo(f"follow it: orchestrator logs {job_id} --follow --address {backend.address}", err=True)
+            click.echo(f"follow it: orchestrator logs {job_id} --follow --address {redact(backend.address)}", err=True)
         return
     final = follow_to_end(backend, job_id, out=sys.stderr if as_json else sys.stdout)
     if as_json:
-        print_json({**final, "address": backend.address, "summary": summary_from_logs(backend.logs(job_id))})
+        print_json({**final, "address": redact(backend.address), "summary": summary_from_logs(backend.logs(job_id))})
     else:
         click.echo(format_status(final))
     if final["status"] != "SUCCEEDED":
@@ -452,7 +495,7 @@ def report(uri: str, out: str | None, endpoint_url: str | None, as_json: bool) -
     if as_json:
         print_json({"report": where})
     else:
-        click.echo(f"wrote {where}")
+        click.echo(f"wrote {redact(where)}")
 
 
 @main.command()
@@ -471,7 +514,7 @@ def runs(storage_uri: str, endpoint_url: str | None, as_json: bool) -> None:
         print_json(found)
         return
     if not found:
-        click.echo(f"no runs under {storage_uri}")
+        click.echo(f"no runs under {redact(storage_uri)}")
         return
     from rich.table import Table
 
@@ -481,14 +524,16 @@ def runs(storage_uri: str, endpoint_url: str | None, as_json: bool) -> None:
         wall = f"{r['wall_s']:.1f}s" if isinstance(r.get("wall_s"), (int, float)) else "-"
         started = (r.get("started") or "-")[:19].replace("T", " ")
         table.add_row(
-            r["name"],
-            r["kind"],
-            r.get("status") or "-",
-            started,
-            str(r["steps"] if r.get("steps") is not None else "-"),
-            best,
-            wall,
-            r["uri"],
+            *plain_cells(
+                r["name"],
+                r["kind"],
+                r.get("status") or "-",
+                started,
+                r["steps"] if r.get("steps") is not None else "-",
+                best,
+                wall,
+                r["uri"],
+            )
         )
     console().print(table)
 

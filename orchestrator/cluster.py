@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -58,6 +58,41 @@ DEFAULT_EXCLUDES = (
     "*.pth",
     "*.ckpt",
 )
+# Never shipped to a cluster unless `--include` names them: credentials and keys that sit in a project
+# directory (gitignored, but Ray's zip would still take an untracked file that no ignore file names).
+SECRET_PATTERNS = (
+    ".env",
+    ".env.*",
+    ".envrc",
+    ".aws/",
+    ".ssh/",
+    ".gnupg/",
+    ".kube/",
+    ".docker/",
+    ".azure/",
+    ".config/gcloud/",
+    ".netrc",
+    "_netrc",
+    ".pgpass",
+    ".git-credentials",
+    ".npmrc",
+    ".pypirc",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "*.keystore",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "credentials",
+    "credentials.json",
+    "*.kubeconfig",
+    "kubeconfig",
+    "auth_token",
+)
 MAX_PACKAGE_BYTES = 100 * 1000 * 1000
 # A bigger single file is left out of the package (Ray warns at 10 MiB): data belongs on storage the cluster reads.
 MAX_FILE_BYTES = 10 * 1024 * 1024
@@ -65,6 +100,9 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 METADATA_RUN = "orchestrator_run"
 METADATA_JOB_FILE = "orchestrator_job_file"
 METADATA_STORAGE = "orchestrator_storage"
+# Ray's ids (raysubmit_...), ours (run name + suffix) or a user's: never empty, no spaces, no slashes (a slash
+# would address another endpoint of the Jobs API).
+SUBMISSION_ID_RE = re.compile(r"^[^\s/?#]{1,200}$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,49 +183,40 @@ def redact(text: str, token: Token | None) -> str:
 # The package: what of the job's directory goes to the cluster
 
 
-def _matches(rel: str, is_dir: bool, pattern: str) -> bool:
-    """A .gitignore-style match of one pattern against a path relative to the package root."""
-    dir_only = pattern.endswith("/")
-    pat = pattern.rstrip("/")
-    if not pat or pat.startswith("#"):
-        return False
-    if dir_only and not is_dir:
-        return False
-    if "/" in pat:  # anchored at the root of the package
-        return fnmatch.fnmatchcase(rel, pat.lstrip("/"))
-    return fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pat)
+def _spec(lines: list[str]):
+    """A .gitignore-style matcher with git's own rules (negation, `**`, anchoring), by pathspec."""
+    from pathspec import GitIgnoreSpec  # only `submit` packages a directory
+
+    return GitIgnoreSpec.from_lines(lines)
 
 
-def _ignore_file_patterns(directory: Path, rel_dir: str) -> list[str]:
-    """Patterns of the .gitignore and .rayignore in a directory, anchored to the package root (Ray honours both)."""
-    out: list[str] = []
+def _ignore_file_spec(directory: Path):
+    """The patterns of a directory's .gitignore and .rayignore (Ray honours both), relative to it; None if none."""
+    lines: list[str] = []
     for name in (".gitignore", ".rayignore"):
         path = directory / name
-        if not path.is_file():
-            continue
-        for line in path.read_text(errors="replace").splitlines():
-            line = line.strip()
-            if not line or line.startswith(("#", "!")):
-                continue
-            if "/" in line.rstrip("/"):
-                out.append(f"/{rel_dir}/{line.lstrip('/')}" if rel_dir else f"/{line.lstrip('/')}")
-            elif rel_dir:
-                out.append(f"/{rel_dir}/**/{line}")
-                out.append(f"/{rel_dir}/{line}")
-            else:
-                out.append(line)
-    return out
+        if path.is_file():
+            lines += path.read_text(errors="replace").splitlines()
+    return _spec(lines) if any(line.strip() and not line.startswith("#") for line in lines) else None
+
+
+def literal_pattern(rel: str) -> str:
+    """A gitignore pattern matching exactly this path under the root (special characters escaped)."""
+    escaped = re.sub(r"([\\*?\[\]!#])", r"\\\1", rel)
+    return "/" + escaped.replace(" ", "\\ ") if escaped.endswith(" ") else "/" + escaped
 
 
 @dataclass
 class PackagePlan:
-    """What `working_dir` will ship: file count and bytes, and the big files left out."""
+    """What `working_dir` will ship: file count and bytes, the big files left out, and what was withheld and why."""
 
     root: str
     files: int = 0
     bytes: int = 0
     left_out: list[tuple[str, int]] = field(default_factory=list)
     excluded: set[str] = field(default_factory=set)
+    # Paths never shipped though nothing excluded them: secret-looking files and links out of the directory.
+    withheld: list[tuple[str, str]] = field(default_factory=list)
 
     def ships(self, rel: str) -> bool:
         """Whether a path relative to the root is in the package."""
@@ -195,14 +224,32 @@ class PackagePlan:
         return not any(rel == e or rel.startswith(e + "/") for e in self.excluded)
 
 
-def plan_package(root: str | Path, excludes: list[str], max_file_bytes: int = MAX_FILE_BYTES) -> PackagePlan:
-    """Walk the directory as Ray will zip it (excludes, .gitignore, .rayignore) and add up what ships."""
+def plan_package(
+    root: str | Path,
+    excludes: list[str],
+    max_file_bytes: int = MAX_FILE_BYTES,
+    includes: list[str] | tuple[str, ...] = (),
+) -> PackagePlan:
+    """Walk the directory as Ray will zip it (excludes, .gitignore, .rayignore) and add up what ships.
+
+    Secret-looking paths (SECRET_PATTERNS) are withheld unless an `includes` pattern names them; a link
+    out of the directory, to a directory, or to nothing is withheld always (Ray's zip would follow it).
+    """
     root = Path(root)
+    real_root = root.resolve()
     plan = PackagePlan(root=str(root))
-    stack: list[tuple[Path, str, list[str]]] = [(root, "", list(excludes))]
+    excluded_spec, secret_spec, include_spec = (
+        _spec(list(excludes)),
+        _spec(list(SECRET_PATTERNS)),
+        _spec(list(includes)),
+    )
+    # (directory, its path under the root, the ignore files in force: (their directory's path, matcher), outermost first)
+    stack: list[tuple[Path, str, list[tuple[str, Any]]]] = [(root, "", [])]
     while stack:
-        directory, rel_dir, patterns = stack.pop()
-        patterns = patterns + _ignore_file_patterns(directory, rel_dir)
+        directory, rel_dir, ignores = stack.pop()
+        own = _ignore_file_spec(directory)
+        if own is not None:
+            ignores = ignores + [(rel_dir, own)]
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError:
@@ -210,11 +257,22 @@ def plan_package(root: str | Path, excludes: list[str], max_file_bytes: int = MA
         for entry in entries:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             is_dir = entry.is_dir(follow_symlinks=False)
-            if any(_matches(rel, is_dir, p) for p in patterns):
+            probe = rel + "/" if is_dir else rel
+            if excluded_spec.match_file(probe) or _ignored(probe, ignores):
                 plan.excluded.add(rel)
                 continue
+            if secret_spec.match_file(probe) and not include_spec.match_file(probe):
+                plan.withheld.append((rel, "looks like a secret"))
+                plan.excluded.add(rel)
+                continue
+            if entry.is_symlink():
+                reason = _link_problem(Path(entry.path), real_root)
+                if reason:
+                    plan.withheld.append((rel, reason))
+                    plan.excluded.add(rel)
+                    continue
             if is_dir:
-                stack.append((Path(entry.path), rel, patterns))
+                stack.append((Path(entry.path), rel, ignores))
                 continue
             try:
                 size = entry.stat().st_size
@@ -227,7 +285,31 @@ def plan_package(root: str | Path, excludes: list[str], max_file_bytes: int = MA
             plan.files += 1
             plan.bytes += size
     plan.left_out.sort()
+    plan.withheld.sort()
     return plan
+
+
+def _ignored(probe: str, ignores: list[tuple[str, Any]]) -> bool:
+    # git: the deepest ignore file with a matching pattern decides, and its last matching pattern (a `!` re-includes).
+    for base, spec in reversed(ignores):
+        result = spec.check_file(probe[len(base) + 1 :] if base else probe)
+        if result.include is not None:
+            return bool(result.include)
+    return False
+
+
+def _link_problem(link: Path, real_root: Path) -> str | None:
+    """Why a symbolic link must not ship (Ray's zip follows links), or None for a link to a file inside the root."""
+    target = Path(os.path.realpath(link))
+    try:
+        target.relative_to(real_root)
+    except ValueError:
+        return f"a link out of the directory, to {target}"
+    if not target.exists():
+        return "a broken link"
+    if target.is_dir():
+        return "a link to a directory (it could loop)"
+    return None
 
 
 def _mb(n: int) -> str:
@@ -262,6 +344,7 @@ def build_submission(
     max_file_bytes: int = MAX_FILE_BYTES,
     ship_orchestrator: bool = True,
     fresh: bool = False,
+    includes: tuple[str, ...] | list[str] = (),
 ) -> dict[str, Any]:
     """The Jobs API request of a job (entrypoint, runtime_env, metadata) and what its package holds; BadInput if it cannot run there."""
     job_path = Path(job_file).resolve()
@@ -279,7 +362,7 @@ def build_submission(
         rel_storage = _inside(storage.split_uri(raw_storage)[1], job_dir)
         if rel_storage:  # runs already written under the job directory are outputs, not code
             patterns.append(f"/{rel_storage}/")
-    plan = plan_package(job_dir, patterns, max_file_bytes)
+    plan = plan_package(job_dir, patterns, max_file_bytes, includes)
     if plan.bytes > max_package_bytes:
         raise BadInput(
             f"{job_dir}: {_mb(plan.bytes)} in {plan.files} files to ship as the job's working directory, over the "
@@ -313,10 +396,15 @@ def build_submission(
         f"not shipped: {rel} ({_mb(size)}, over {_mb(max_file_bytes)}); put big files on storage the cluster reads"
         for rel, size in plan.left_out
     ]
+    warnings += [
+        f"not shipped: {rel} ({reason})" + (f"; --include '{rel}' ships it" if reason == "looks like a secret" else "")
+        for rel, reason in plan.withheld
+    ]
 
     runtime_env: dict[str, Any] = {
         "working_dir": str(job_dir),
-        "excludes": patterns + [f"/{rel}" for rel, _ in plan.left_out],
+        # Ray zips by its own walk: whatever this plan left out must be named to it, links and secrets too.
+        "excludes": patterns + [literal_pattern(rel) for rel, _ in plan.left_out + plan.withheld],
         # Unbuffered output: `logs --follow` shows progress as it happens.
         "env_vars": {"PYTHONUNBUFFERED": "1"},
     }
@@ -342,6 +430,7 @@ def build_submission(
             "files": plan.files,
             "bytes": plan.bytes,
             "left_out": [rel for rel, _ in plan.left_out],
+            "withheld": [rel for rel, _ in plan.withheld],
         },
         "warnings": warnings,
     }
@@ -477,7 +566,9 @@ class RayJobsBackend:
         except Exception as exc:
             text = redact(str(exc), self.token)
             if "status code 404" in text or "does not exist" in text:
-                raise BadInput(f"{what}: no such job on {self.address}") from None
+                raise BadInput(
+                    f"{what}: no such job on {self.address}; `orchestrator list --address {self.address}` shows the jobs"
+                ) from None
             if type(exc).__name__ == "AuthenticationError":
                 raise BadInput(f"{self.address}: {text.splitlines()[0]}") from None
             raise RunFailed(f"{what}: {text.strip().splitlines()[0] if text.strip() else type(exc).__name__}") from None
@@ -504,12 +595,23 @@ class RayJobsBackend:
             submission_id=submission["submission_id"],
         )
 
+    def _job_id(self, job_id: str) -> str:
+        # An empty id reads the job list's URL (a list where a job was expected): refuse it before any call.
+        if not SUBMISSION_ID_RE.match(job_id):
+            shown = repr(job_id) if job_id else "an empty job id"
+            raise BadInput(
+                f"{shown}: not a job id; `orchestrator list --address {self.address}` shows the jobs on the cluster"
+            )
+        return job_id
+
     def status(self, job_id: str) -> dict[str, Any]:
         """One job as plain data: id, status, message, times, entrypoint, run name."""
+        self._job_id(job_id)
         return job_to_dict(self._call(job_id, self.client.get_job_info, job_id))
 
     def logs(self, job_id: str) -> str:
         """Everything the job's driver has printed so far."""
+        self._job_id(job_id)
         return redact(self._call(job_id, self.client.get_job_logs, job_id), self.token)
 
     def follow(self, job_id: str) -> Iterator[str]:
@@ -531,6 +633,7 @@ class RayJobsBackend:
 
     def stop(self, job_id: str) -> bool:
         """Ask the job to stop; False when it had already ended."""
+        self._job_id(job_id)
         return bool(self._call(job_id, self.client.stop_job, job_id))
 
     def list(self) -> list[dict[str, Any]]:
@@ -659,6 +762,7 @@ def format_status(job: dict[str, Any]) -> str:
 def format_jobs(jobs: list[dict[str, Any]]):
     """The jobs of a cluster as a rich table, newest first."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table()
     table.add_column("id", no_wrap=True)
@@ -667,7 +771,8 @@ def format_jobs(jobs: list[dict[str, Any]]):
     table.add_column("message", overflow="ellipsis")
     for j in jobs:
         message = (j.get("message") or "").strip().splitlines()
-        table.add_row(
+        # Text, not markup: ids, run names and messages are shown as written, `[red]` and all.
+        cells = (
             j["submission_id"],
             j["status"],
             j.get("run") or "-",
@@ -675,4 +780,5 @@ def format_jobs(jobs: list[dict[str, Any]]):
             _duration(j),
             (message[0][:60] if message else ""),
         )
+        table.add_row(*(Text(str(c)) for c in cells))
     return table

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
+from orchestrator.storage import redact
+
 Event = dict[str, Any]
 # A worker's progress event on its stdout: MARKER followed by the event as JSON, one line.
 MARKER = "@orchestrator-event "
@@ -141,6 +143,11 @@ class RunConsole:
         """A line for the person at the terminal (and the log)."""
         self.event({"kind": "message", "text": text})
 
+    def log_only(self, text: str) -> None:
+        """Text for the run's log file only (a traceback): the terminal gets the one-line reason instead."""
+        with self._lock:
+            self._write_log(text)
+
     def status(self, text: str) -> None:
         """What the run is doing before its first step (starting Ray, the workers, loading data)."""
         self.event({"kind": "status", "text": text})
@@ -254,7 +261,7 @@ class RunConsole:
         if log_path:
             os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
             self._log = open(log_path, "a", buffering=1, errors="replace")
-            self._write_log(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}")
+            self._write_log(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {redact(' '.join(sys.argv))}")
         read_fd, write_fd = os.pipe()
         os.dup2(write_fd, 1)
         os.dup2(write_fd, 2)

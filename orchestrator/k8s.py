@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator import __version__
+from orchestrator import __version__, storage
 from orchestrator.errors import BadInput, RunFailed
 from orchestrator.spec import JobSpec, load_spec
 
@@ -30,6 +30,8 @@ S3_SECRET = "orchestrator-s3-credentials"
 S3_SECRET_DIR = "/etc/orchestrator/s3"
 # An S3-compatible endpoint (MinIO, Ceph) comes from this ConfigMap's `endpoint_url` when it exists.
 S3_ENDPOINT_CONFIGMAP = "orchestrator-s3-endpoint"
+# Kubernetes refuses a ConfigMap over 1 MiB (its whole object); leave room for the metadata.
+MAX_CONFIGMAP_BYTES = 1024 * 1024 - 16 * 1024
 # The job file is mounted in the submitter pod and uploaded as the Ray job's working_dir, so the
 # driver finds it in its working directory on a per-job cluster and on a long-lived one alike.
 JOB_DIR = "/etc/orchestrator/job"
@@ -417,6 +419,12 @@ def render_manifests(
 ) -> list[dict[str, Any]]:
     """The ConfigMap holding the resolved job file and the RayJob that runs it (on its own cluster, or on `cluster`)."""
     text = job_yaml_text if job_yaml_text is not None else job_file_text(spec)
+    size = len(text.encode())
+    if size > MAX_CONFIGMAP_BYTES:
+        raise BadInput(
+            f"{spec.name}: the resolved job file is {size} bytes, over the {MAX_CONFIGMAP_BYTES} a Kubernetes ConfigMap holds; "
+            "keep big values (config:, options:) in a file on storage the job reads"
+        )
     image = check_image(image or default_image(spec))
     check_namespace(namespace)
     if cluster is not None:
@@ -431,7 +439,10 @@ def render_manifests(
     fingerprint = "\n".join([text, image, cluster or "", worker_memory or ""])
     name = job_resource_name(spec, fingerprint)
     configmap = f"{name}-job"
-    annotations = {"orchestrator/run-name": spec.name, "orchestrator/checkpoint-storage": spec.checkpoint.storage}
+    annotations = {
+        "orchestrator/run-name": spec.name,
+        "orchestrator/checkpoint-storage": storage.redact(spec.checkpoint.storage),
+    }
 
     job_spec: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,

@@ -7,6 +7,8 @@ costs seconds.
 
 from __future__ import annotations
 
+import fnmatch
+import math
 import os
 
 from orchestrator import storage, tracking
@@ -56,15 +58,49 @@ def check_resources(spec: JobSpec) -> None:
 
 
 def check_model(spec: JobSpec, info: DataInfo, base_dir: str | None) -> None:
-    """The model builds for the data's shapes."""
+    """The model builds for the data's shapes; every freeze pattern matches; the optimizer and schedule build on it.
+
+    Cheap on the driver (a model is built, no data is loaded), and every failure here would otherwise
+    surface only after the workers started and run.json was written.
+    """
     from orchestrator.models import build_model  # torch: after the checks that need none
+    from orchestrator.optim import build_optimizer, build_schedule
 
     try:
-        build_model(spec, info, base_dir=base_dir)
+        model = build_model(spec, info, base_dir=base_dir)
     except BadInput:
         raise
     except Exception as exc:
         raise BadInput(f"model: cannot build {spec.model.name!r} for this data ({type(exc).__name__}: {exc})") from None
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in spec.model.freeze:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise BadInput(f"model.freeze: {pattern!r} matches no parameter of {spec.model.name} (they are: {shown})")
+    for name, param in model.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in spec.model.freeze):
+            param.requires_grad_(False)
+    try:
+        optimizer = build_optimizer(model, spec.optim)
+    except Exception as exc:
+        raise BadInput(f"optim: {_one_line(exc)}") from None
+    try:
+        build_schedule(optimizer, spec.schedule, estimated_total_steps(spec, info))
+    except Exception as exc:
+        raise BadInput(f"schedule: {_one_line(exc)}") from None
+
+
+def estimated_total_steps(spec: JobSpec, info: DataInfo) -> int:
+    """The run's optimizer steps as the loop will count them, from the split sizes (estimated for some Parquet)."""
+    workers = max(1, spec.scaling.max_workers)
+    batches = max(1, info.sizes.get("train", 0) // (spec.train.batch_size * workers))
+    total = math.ceil(batches / spec.train.grad_accum_steps) * spec.train.epochs
+    return min(total, spec.train.max_steps) if spec.train.max_steps else total
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def check_init_from(spec: JobSpec) -> None:

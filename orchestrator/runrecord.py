@@ -16,6 +16,7 @@ from typing import Any
 
 from orchestrator import checkpoint as ckpt
 from orchestrator.rundir import RUN_RECORD, TEST_RECORD, RunDir
+from orchestrator.storage import redact
 
 
 class RunStatus(str, Enum):
@@ -125,7 +126,7 @@ class RunRecord:
     @classmethod
     def begin(cls, run: str, job: dict[str, Any], previous: RunRecord | None = None, **details: Any) -> RunRecord:
         """A new attempt of a run, `running` from now; `previous` is the record of the attempt before (attempts count on)."""
-        details.setdefault("command", list(sys.argv))
+        details.setdefault("command", [redact(word) for word in sys.argv])
         return cls(
             run=run,
             status=RunStatus.RUNNING,

@@ -10,12 +10,21 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from orchestrator.errors import BadInput
+from orchestrator.storage import redact
 
 # A user hook: `package.module:function`, importable from the job file's directory.
 HOOK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -27,6 +36,42 @@ LM_METRICS = ("loss", "perplexity")
 ALL_METRICS = tuple(dict.fromkeys(CLASSIFICATION_METRICS + REGRESSION_METRICS + LM_METRICS))
 FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# Job files are a few KB; a cap keeps a wrong path (a data file, a binary) from being parsed at all.
+MAX_JOB_FILE_BYTES = 1 << 20
+# Anchors and aliases are fine for reuse, but a few KB of nested aliases ("billion laughs") expand
+# into gigabytes once the job is dumped (run.json, a ConfigMap): cap the expanded node count.
+MAX_EXPANDED_NODES = 100_000
+# Seeds go to numpy's legacy seeding too, which takes 0..2**32-1.
+MAX_SEED = 2**32 - 1
+# Storage schemes the code opens and tests: local paths, file:// and S3 (s3a is the Hadoop spelling).
+STORAGE_SCHEMES = ("file", "s3", "s3a")
+MLFLOW_SCHEMES = ("http", "https", "file", "sqlite", "databricks")
+
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)")
+_QUERY_SECRET_RE = re.compile(r"(?i)[?&][^=&#]*(token|key|secret|password|passwd|signature|credential)[^=&#]*=")
+
+
+def check_uri(value: str, schemes: tuple[str, ...], local: bool, what: str) -> str:
+    """A URI of a known scheme (or a local path when `local`) without credentials in it; ValueError if not.
+
+    Secrets come from the environment: a password in a job file would land in run.json, the report
+    and the rendered manifests.
+    """
+    m = _SCHEME_RE.match(value)
+    if m is None:
+        if local:
+            return value
+        raise ValueError(f"{redact(value)!r} is not a URI; use {' or '.join(s + '://' for s in schemes)}")
+    scheme, netloc = m.group(1).lower(), m.group(2)
+    if scheme not in schemes:
+        allowed = ", ".join(f"{s}://" for s in schemes)
+        raise ValueError(
+            f"{redact(value)!r}: unsupported scheme {scheme!r} for {what}; use {'a local path, ' if local else ''}{allowed}"
+        )
+    if "@" in netloc or _QUERY_SECRET_RE.search(value):
+        raise ValueError(f"{redact(value)!r}: credentials do not belong in a job file; they come from the environment")
+    return value
 
 
 class SpecError(BadInput):
@@ -37,10 +82,37 @@ class SpecError(BadInput):
         self.lines = problems
 
 
-class Section(BaseModel):
-    """Base of every section: unknown keys are errors, assignments are validated."""
+def _leaf_types(ann: Any) -> set[Any]:
+    """Every type an annotation admits, through unions, containers and Annotated."""
+    args = get_args(ann)
+    if not args:
+        return {ann}
+    out: set[Any] = set()
+    for a in args:
+        out |= _leaf_types(a)
+    return out
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+def _bool_inside(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated, floats are finite."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: `epochs: yes` would train one epoch without a word.
+        if info.field_name and _bool_inside(v):
+            types = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if bool not in types and types & {int, float}:
+                raise ValueError(f"expected a number, got a boolean ({v!r})")
+        return v
 
 
 class ModelSpec(Section):
@@ -77,6 +149,11 @@ class ModelSpec(Section):
                 f"unknown model {v!r}{_suggest(v, BUILTIN_MODELS)}; use one of {', '.join(BUILTIN_MODELS)} or module:function"
             )
         return v
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_uri(cls, v: str | None) -> str | None:
+        return None if v is None else check_uri(v, STORAGE_SCHEMES, True, "weights")
 
 
 class AugmentSpec(Section):
@@ -133,6 +210,16 @@ class DataSpec(Section):
             )
         return v
 
+    @field_validator("path")
+    @classmethod
+    def _data_uri(cls, v: str | None) -> str | None:
+        return None if v is None else check_uri(v, STORAGE_SCHEMES, True, "data")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        return None if v is None else check_uri(v, ("http", "https"), False, "an S3 endpoint")
+
     @model_validator(mode="after")
     def _consistent(self) -> DataSpec:
         if self.name == "parquet":
@@ -159,7 +246,9 @@ class OptimSpec(Section):
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for adamw, L2 for the others).")
     momentum: float = Field(0.0, ge=0, lt=1, description="Momentum (sgd, rmsprop).")
     nesterov: bool = Field(False, description="Nesterov momentum (sgd; needs momentum > 0).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW betas.")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="Adam/AdamW betas, each in [0, 1)."
+    )
     eps: float = Field(1e-8, gt=0, description="Adam/AdamW/RMSprop epsilon.")
     alpha: float = Field(0.99, gt=0, lt=1, description="RMSprop smoothing constant.")
 
@@ -206,7 +295,12 @@ class TrainSpec(Section):
         "fp32", description="fp32, or autocast to bf16/fp16 (fp16 uses a grad scaler)."
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
-    seed: int = Field(0, description="Seed for Python, NumPy and torch (offset per rank) and for the data order.")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed for Python, NumPy and torch (offset per rank) and for the data order, 0..2**32-1.",
+    )
     log_every_n_steps: int = Field(
         20, ge=1, description="Optimizer steps between progress lines and training-metric reports."
     )
@@ -263,9 +357,7 @@ class ScalingSpec(Section):
 
 
 class CheckpointSpec(Section):
-    storage: str = Field(
-        "runs", description="Where runs live: a local path, file://, s3://bucket/prefix or another fsspec URI."
-    )
+    storage: str = Field("runs", description="Where runs live: a local path, file:// or s3://bucket/prefix.")
     every_n_steps: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps (null = off).")
     every_n_epochs: int | None = Field(
         1, ge=1, description="Checkpoint every N epochs (null = off); the last step is always checkpointed."
@@ -289,9 +381,31 @@ class CheckpointSpec(Section):
         None, description="S3-compatible endpoint (MinIO, Ceph); credentials come from the environment."
     )
 
+    @field_validator("storage")
+    @classmethod
+    def _storage_uri(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a local path or a URI, e.g. runs or s3://bucket/prefix")
+        return check_uri(v, STORAGE_SCHEMES, True, "checkpoint storage")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        return None if v is None else check_uri(v, ("http", "https"), False, "an S3 endpoint")
+
 
 class FailureSpec(Section):
-    max_failures: int = Field(3, ge=-1, description="Worker-group restarts before the run fails (-1 = unlimited).")
+    max_failures: int = Field(
+        3, ge=-1, description="Restarts after a worker or node dies, before the run fails (-1 = unlimited)."
+    )
+    retry_exceptions: bool = Field(
+        False,
+        description="Also restart (up to max_failures) when the job's own code raises; by default that fails the run at once.",
+    )
+    nonfinite_loss: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A NaN or infinite loss: fail the run naming the step (the last good checkpoint stays the latest), or skip that step's update.",
+    )
 
 
 class MlflowSpec(Section):
@@ -300,11 +414,21 @@ class MlflowSpec(Section):
     )
     experiment: str | None = Field(None, description="MLflow experiment; null = the job name.")
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, v: str | None) -> str | None:
+        return None if v is None else check_uri(v, MLFLOW_SCHEMES, True, "MLflow tracking")
+
 
 class TensorBoardSpec(Section):
     log_dir: str | None = Field(
         None, description="Where TensorBoard event files go (local path or URI); null = `<run>/tensorboard`."
     )
+
+    @field_validator("log_dir")
+    @classmethod
+    def _log_dir(cls, v: str | None) -> str | None:
+        return None if v is None else check_uri(v, STORAGE_SCHEMES, True, "TensorBoard event files")
 
 
 class TrackingSpec(Section):
@@ -473,7 +597,10 @@ class SweepSpec(Section):
         2, ge=1, description="Trials running at once; each takes scaling.num_workers x scaling.cpus_per_worker CPUs."
     )
     seed: int | None = Field(
-        None, description="Seed of the random and Optuna searches (null = a different draw each sweep)."
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the random and Optuna searches, 0..2**32-1 (null = a different draw each sweep).",
     )
 
     @field_validator("name")
@@ -675,7 +802,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise SpecError([f"{text}: an override must look like dotted.key=value"])
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and FLOAT_RE.match(value):
@@ -751,18 +878,89 @@ def build_spec(raw: Any, overrides: list[str] | None = None) -> JobSpec:
         raise SpecError(format_errors(err)) from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` entries may be overridden by the mapping's own keys
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:
+                    continue  # an unhashable key; the base class reports it
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (the later one would silently win)", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """Nodes the document holds once every alias is expanded (aliases share node objects)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise yaml.YAMLError("a recursive alias (an anchor used inside itself)")
+    active.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, memo, active) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo, active) + _expanded_size(v, memo, active) for k, v in node.value)
+    active.discard(key)
+    memo[key] = min(size, MAX_EXPANDED_NODES + 1)  # saturate: the bound is all that matters
+    return memo[key]
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse one YAML document strictly: no duplicate keys, no recursive or exploding aliases (yaml.YAMLError)."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}, set()) > MAX_EXPANDED_NODES:
+            raise yaml.YAMLError(
+                f"aliases expand to more than {MAX_EXPANDED_NODES} values; write the values out or use fewer aliases"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_job_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML job file into a dict, or raise SpecError naming the file."""
     p = Path(path)
     if not p.is_file():
         raise SpecError([f"{path}: no such job file"])
+    size = p.stat().st_size
+    if size > MAX_JOB_FILE_BYTES:
+        raise SpecError(
+            [f"{path}: {size} bytes is too big for a job file (at most {MAX_JOB_FILE_BYTES}); is this data?"]
+        )
+    data = p.read_bytes()
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            [f"{path}: not a UTF-8 text file (byte {data[exc.start]:#04x} at offset {exc.start})"]
+        ) from None
+    try:
+        raw = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise SpecError([f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
-    return raw if raw is not None else {}
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([f"{path}:{where} is not valid YAML ({' '.join(str(problem).split())})"]) from None
+    if raw is None:
+        raise SpecError([f"{path}: the job file is empty; a job needs at least a name (see jobs/ for examples)"])
+    return raw
 
 
 def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:

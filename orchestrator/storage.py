@@ -19,8 +19,12 @@ from orchestrator.errors import BadInput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")
-_SECRET_QUERY_RE = re.compile(r"(?i)((?:token|key|secret|password|sig|signature|credential)[^=&]*=)[^&\s]+")
+# user:password@ (up to the last @ of the authority, so a password holding '@' goes too).
+_USERINFO_RE = re.compile(r"(?<=://)[^/?#\s]*@")
+# Secret-looking query parameters only (after ? or &): X-Amz-Signature, X-Amz-Credential, token, password...
+_SECRET_QUERY_RE = re.compile(
+    r"(?i)([?&][^=&#\s]*(?:token|key|secret|passw|pwd|sig|credential|auth)[^=&#\s]*=)[^&#\s'\"<>]+"
+)
 
 
 def endpoint_from_env() -> str | None:
@@ -29,7 +33,10 @@ def endpoint_from_env() -> str | None:
 
 
 def redact(uri: str) -> str:
-    """A URI as it may be shown: without user:password@ and without secret-looking query values."""
+    """A URI (or a line of text holding URIs) as it may be shown: no user:password@, no secret-looking query values.
+
+    The one redaction of the project: whatever stores, renders, logs or prints a URI passes it here.
+    """
     return _SECRET_QUERY_RE.sub(r"\1***", _USERINFO_RE.sub("", uri))
 
 
@@ -45,6 +52,9 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 def open_storage(uri: str, endpoint_url: str | None = None):
     """Return (filesystem, root path) for a storage URI."""
+    if redact(uri) != uri:
+        # Nothing here reads credentials from a URI: they would only end up in paths, logs and records.
+        raise BadInput(f"{redact(uri)}: credentials do not belong in a storage URI; they come from the environment")
     protocol, path = split_uri(uri)
     if protocol == "file":
         from fsspec.implementations.local import LocalFileSystem

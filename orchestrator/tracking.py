@@ -59,10 +59,13 @@ def _one_line(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
-def _bound_mlflow_http() -> None:
+def _bound_mlflow_http(uri: str | None = None) -> None:
     # MLflow retries a failed request for minutes by default; a tracker outage should cost seconds.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    if uri and redact(uri) != uri:
+        # MLflow prints "View run ... at: <tracking URI>" as given, user:password@ and all.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 class MlflowSink:
@@ -71,7 +74,7 @@ class MlflowSink:
     name = "mlflow"
 
     def __init__(self, tracking_uri: str, run_id: str):
-        _bound_mlflow_http()
+        _bound_mlflow_http(tracking_uri)
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri)
@@ -383,11 +386,11 @@ class TrackingSession:
     def _start_mlflow(
         self, spec: JobSpec, run_name: str, provenance: dict[str, Any], previous_run_id: str | None
     ) -> None:
-        _bound_mlflow_http()
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
         self.mlflow_uri, self.experiment = mlflow_tracking_uri(spec), experiment_name(spec)
+        _bound_mlflow_http(self.mlflow_uri)
         client = MlflowClient(self.mlflow_uri)
         experiment = client.get_experiment_by_name(self.experiment)
         if experiment is None:
@@ -480,7 +483,7 @@ class TrackingSession:
     def _finish_mlflow(
         self, status: str, final: dict[str, float], summary: RunSummary | None, artifacts: list[tuple[str, str | None]]
     ) -> None:
-        _bound_mlflow_http()
+        _bound_mlflow_http(self.mlflow_uri)
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 

@@ -5,18 +5,23 @@ Render, then act: `build_trainer_kwargs` is a pure function of the spec; `fit` r
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
+import traceback
 from typing import Any
 
 from orchestrator.console import RunConsole, marker_progress
+from orchestrator.failure import Action, decide, one_line
 from orchestrator.hooks import import_hook
 from orchestrator.provenance import device_facts
 from orchestrator.ray_runtime import train_environment
 from orchestrator.runrecord import RunStatus
 from orchestrator.spec import JobSpec
 from orchestrator.tracking import create_tracker
+
+log = logging.getLogger(__name__)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -105,9 +110,8 @@ def build_trainer_kwargs(
         if worker_events:
             loop_config["events"] = True
         storage_path = ray_storage
-    run_config = RunConfig(
-        name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=spec.failure.max_failures)
-    )
+    # Ray's worker-group retries off: `fit_with_decisions` decides what a failure means (orchestrator/failure.py).
+    run_config = RunConfig(name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=0))
     return {
         "train_loop_per_worker": loop,
         "train_loop_config": loop_config,
@@ -138,6 +142,33 @@ def fit(
         if not local_mode:
             console.status(f"starting {spec.scaling.max_workers} worker(s)")
         with train_environment(embedded=embedded):
-            return RunStatus.FINISHED, None, TorchTrainer(**kwargs).fit()
-    except Exception as exc:  # the run failed after retries: record it, report it, keep what was committed
-        return RunStatus.FAILED, f"{type(exc).__name__}: {exc}".splitlines()[0], None
+            trained = fit_with_decisions(lambda: TorchTrainer(**kwargs), spec, console.message, console.log_only)
+            return RunStatus.FINISHED, None, trained
+    except Exception as exc:  # the run failed for good: record it, report it, keep what was committed
+        return RunStatus.FAILED, str(exc) if isinstance(exc, RunFailedForGood) else one_line(exc), None
+
+
+class RunFailedForGood(Exception):
+    """A fit that `decide` said not to retry; the message is the decision's one-line reason."""
+
+
+def fit_with_decisions(make_trainer, spec: JobSpec, say, log_only=None) -> Any:
+    """Fit, and after each failure ask `failure.decide`: restart from the last checkpoint, or fail with its reason.
+
+    Each restart is a new fit of a new trainer; the loop restores the latest committed checkpoint first.
+    The job's own traceback goes to the log (the run's log file), the one-line reason to the console.
+    """
+    failures = 0
+    while True:
+        try:
+            return make_trainer().fit()
+        except Exception as exc:
+            decision = decide(exc, failures, spec.failure)
+            if decision.action is Action.FAIL or decision.traceback:
+                # The full story for the run's log; the terminal gets the decision's one line.
+                text = decision.traceback or "".join(traceback.format_exception(exc))
+                (log_only or log.debug)(f"attempt {failures + 1} ended: {decision.reason}\n{text}")
+            if decision.action is Action.FAIL:
+                raise RunFailedForGood(decision.reason) from exc
+            failures += 1
+            say(decision.reason)

@@ -139,7 +139,13 @@ def test_build_submission_golden(tmp_path):
             "orchestrator_storage": "/shared/runs",
         },
         # job.yaml, demo_loop.py, data/small.csv, lib/helper.py, .rayignore: the junk and notes.txt stay home
-        "package": {"dir": job_dir, "files": 5, "bytes": sub["package"]["bytes"], "left_out": ["data/big.bin"]},
+        "package": {
+            "dir": job_dir,
+            "files": 5,
+            "bytes": sub["package"]["bytes"],
+            "left_out": ["data/big.bin"],
+            "withheld": [],
+        },
         "warnings": ["not shipped: data/big.bin (0.0 MB, over 0.0 MB); put big files on storage the cluster reads"],
     }
     assert sub["package"]["bytes"] < 1000
@@ -215,6 +221,91 @@ def test_gitignore_patterns_apply_in_subdirectories(tmp_path):
     assert (
         not plan.ships("a/x.log") and not plan.ships("a/b/y.py") and plan.ships("a/keep.py") and plan.ships("top.log")
     )
+
+
+def test_gitignore_follows_gits_rules_negation_double_star_and_anchoring(tmp_path):
+    (tmp_path / ".gitignore").write_text("*.log\n!keep.log\n/build/\n**/tmp/\n# a comment\n")
+    (tmp_path / "sub" / ".gitignore").parent.mkdir()
+    (tmp_path / "sub" / ".gitignore").write_text("!again.log\n")
+    for rel in ("x.log", "a/keep.log", "a/y.log", "build/out.bin", "a/build/src.py", "a/b/tmp/t.txt", "sub/again.log"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("1")
+    plan = plan_package(tmp_path, [])
+    shipped = {rel: plan.ships(rel) for rel in ("x.log", "a/keep.log", "a/y.log", "build", "a/build/src.py")}
+    assert shipped == {"x.log": False, "a/keep.log": True, "a/y.log": False, "build": False, "a/build/src.py": True}
+    assert not plan.ships("a/b/tmp/t.txt")  # `**/tmp/` at any depth
+    assert plan.ships("sub/again.log")  # a deeper ignore file re-includes what a shallower one ignored
+
+
+SECRETS = [".env", ".env.production", ".aws/credentials", ".ssh/id_rsa", "certs/server.pem", "tls.key", "sub/.netrc"]
+
+
+def make_secrets(root: Path) -> None:
+    for rel in SECRETS + ["id_ed25519"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("AKIA-SECRET-VALUE\n")
+
+
+def test_secret_looking_files_are_withheld_named_and_shippable_on_request(tmp_path):
+    job = make_job_dir(tmp_path / "p", "/shared/runs")
+    make_secrets(tmp_path / "p")
+    spec = build_spec({"name": "demo", "entrypoint": "demo_loop:train", "checkpoint": {"storage": "/shared/runs"}})
+    sub = build_submission(spec, job)
+    withheld = sub["package"]["withheld"]
+    assert withheld == sorted(
+        [".aws", ".env", ".env.production", ".ssh", "certs/server.pem", "id_ed25519", "sub/.netrc", "tls.key"]
+    )
+    assert all(f"/{rel}" in sub["runtime_env"]["excludes"] for rel in withheld)
+    assert "warning" not in " ".join(sub["warnings"])  # the CLI adds the prefix
+    assert "not shipped: .env (looks like a secret); --include '.env' ships it" in sub["warnings"]
+    again = build_submission(spec, job, includes=[".env", "*.pem"])
+    assert ".env" not in again["package"]["withheld"] and "certs/server.pem" not in again["package"]["withheld"]
+    assert ".aws" in again["package"]["withheld"]
+
+
+def test_links_out_of_the_directory_are_never_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big.bin").write_bytes(b"\0" * 50_000)
+    job = make_job_dir(tmp_path / "p", "/shared/runs")
+    root = tmp_path / "p"
+    (root / "etc").symlink_to("/etc")
+    (root / "big.bin").symlink_to(outside / "big.bin")
+    (root / "loop").symlink_to(root)
+    (root / "dangling").symlink_to(tmp_path / "nothing-here")
+    (root / "helper_link.py").symlink_to(root / "lib" / "helper.py")  # a file inside: it ships
+    spec = build_spec({"name": "demo", "entrypoint": "demo_loop:train", "checkpoint": {"storage": "/shared/runs"}})
+    sub = build_submission(spec, job, max_file_bytes=1000)
+    assert sub["package"]["withheld"] == ["big.bin", "dangling", "etc", "loop"]
+    assert sub["package"]["bytes"] < 1000 and sub["package"]["files"] == 6
+    reasons = " ".join(sub["warnings"])
+    assert "etc (a link out of the directory, to /etc)" in reasons and "loop (a link to a directory" in reasons
+
+
+def test_ray_zips_exactly_what_the_plan_ships(tmp_path):
+    """Ray's own packaging (the zip the Jobs API uploads) with the submission's excludes: no secret, no link target."""
+    from zipfile import ZipFile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    job = make_job_dir(tmp_path / "p", "/shared/runs")
+    root = tmp_path / "p"
+    make_secrets(root)
+    (root / "etc").symlink_to("/etc")
+    (root / "loop").symlink_to(root)
+    (root / "odd [1].py").write_text("X = 1\n")
+    (root / "odd [1].key").write_text("AKIA-SECRET-VALUE\n")
+    spec = build_spec({"name": "demo", "entrypoint": "demo_loop:train", "checkpoint": {"storage": "/shared/runs"}})
+    sub = build_submission(spec, job, max_file_bytes=1000)
+    zipped = tmp_path / "pkg.zip"
+    create_package(str(root), zipped, include_gitignore=True, excludes=sub["runtime_env"]["excludes"])
+    with ZipFile(zipped) as z:
+        files = {n.rstrip("/") for n in z.namelist() if not n.endswith("/")}
+        contents = b"".join(z.read(n) for n in z.namelist() if not n.endswith("/"))
+    assert b"AKIA-SECRET-VALUE" not in contents
+    assert not [f for f in files if f.startswith(("etc/", "loop/", ".aws/", ".ssh/"))], files
+    assert files == {"job.yaml", "demo_loop.py", "data/small.csv", "lib/helper.py", ".rayignore", "odd [1].py"}
+    assert len(files) == sub["package"]["files"]
 
 
 def test_summary_from_logs_takes_the_last_run_summary():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -137,3 +138,83 @@ def test_dockerfile_scan_passes(checkov):
     (report,) = [r for r in reports if r.get("check_type") == "dockerfile"]
     assert report["summary"]["passed"] > 0
     assert report["summary"]["failed"] == 0, report["results"].get("failed_checks")
+
+
+# ----------------------------------------------------------------------------------------------
+# RBAC: each service account gets only the verbs its pods use
+
+# What Ray 2.60's KubeRay autoscaler (in the long-lived head) asks of the API server: its head pod
+# (get) and worker pods by label (list), and its own RayCluster (get, and JSON patches of replicas,
+# workersToDelete and finalizers). test_the_autoscaler_patches_only_its_raycluster keeps this honest.
+AUTOSCALER_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    {
+        "apiGroups": ["ray.io"],
+        "resources": ["rayclusters"],
+        "resourceNames": ["orchestrator"],
+        "verbs": ["get", "patch"],
+    },
+]
+
+
+def token_pods(objs: list[dict]) -> list[tuple[str, str]]:
+    """(object/pod template, service account) of every pod that mounts an API token."""
+    out = []
+    accounts = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ServiceAccount"}
+
+    def visit(node, where):
+        if isinstance(node, dict):
+            if "containers" in node and "serviceAccountName" in node:
+                account = node["serviceAccountName"]
+                default = accounts.get(account, {}).get("automountServiceAccountToken", True)
+                if node.get("automountServiceAccountToken", default):
+                    out.append((where, account))
+            for key, value in node.items():
+                visit(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                visit(value, f"{where}/{i}")
+
+    for o in objs:
+        visit(o, f"{o['kind']}/{o['metadata']['name']}")
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_rbac_grants_only_what_the_autoscaler_uses(overlay):
+    objs = kustomize(K8S / "overlays" / overlay)
+    kinds = {o["kind"] for o in objs}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, "nothing here needs cluster-wide rights"
+    roles = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Role"}
+    bindings = [o for o in objs if o["kind"] == "RoleBinding"]
+    assert [b["roleRef"]["name"] for b in bindings] == ["orchestrator-autoscaler"]
+    assert bindings[0]["subjects"] == [{"kind": "ServiceAccount", "name": "orchestrator", "namespace": "orchestrator"}]
+    assert list(roles) == ["orchestrator-autoscaler"]
+    assert roles["orchestrator-autoscaler"]["rules"] == AUTOSCALER_RULES
+    # Only the long-lived head (the autoscaler's pod) holds a token; the RayJob's pods and all workers do not.
+    assert [where for where, _ in token_pods(objs)] == ["RayCluster/orchestrator/spec/headGroupSpec/template/spec"]
+
+
+def test_rendered_jobs_carry_no_rbac_and_mount_no_token():
+    for path in sorted(ROOT.glob("jobs/*.yaml")):
+        for cluster in (None, "orchestrator"):
+            objs = k8s.render_manifests(load_spec(path), cluster=cluster)
+            assert not [o for o in objs if "Role" in o["kind"]]
+            assert token_pods(objs) == [], (path.name, cluster)
+
+
+def test_the_autoscaler_patches_only_its_raycluster():
+    """The verbs above come from Ray's KubeRay provider: it patches rayclusters and nothing else, and never watches."""
+    import ray.autoscaler.v2.instance_manager.cloud_providers.kuberay.cloud_provider as provider
+
+    source = Path(provider.__file__).read_text()
+    # Every API path it builds: its RayCluster by name, pods by label (list) and its head pod by name (get).
+    paths = set(re.findall(r'f?"([a-z]+)([/?])', source)) - {("application", "/")}  # a content type
+    assert paths == {("rayclusters", "/"), ("pods", "?"), ("pods", "/")}, paths
+    # What it patches: a RayCluster literal, or `path`, which is only ever assigned a RayCluster's path
+    # (`remote_path` is _patch's own parameter, handed to the client).
+    targets = set(re.findall(r"(?:self\._patch|_k8s_api_client\.patch)\(\s*([^,\s]+)", source)) - {"remote_path"}
+    assert targets == {'f"rayclusters/{self._cluster_name}"', "path"}, targets
+    assigned = set(re.findall(r"\bpath = (f?\"[^\"]*\")", source))
+    assert assigned == {'f"rayclusters/{self._cluster_name}"'}, assigned
+    assert "watch" not in source.lower()

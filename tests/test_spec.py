@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import JobSpec, SpecError, apply_overrides, build_spec, iter_fields, load_spec, parse_override
+from orchestrator.spec import (
+    MAX_JOB_FILE_BYTES,
+    JobSpec,
+    SpecError,
+    apply_overrides,
+    build_spec,
+    iter_fields,
+    load_spec,
+    parse_override,
+    read_job_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
@@ -89,6 +99,118 @@ def test_defaults_are_a_valid_job():
 def test_each_error_names_its_field(raw, expected):
     lines = problems(raw)
     assert any(line.startswith(expected) for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.epochs=true", "train.epochs: expected a number, got a boolean"),
+        ("optim.lr=yes", "optim.lr: expected a number, got a boolean"),
+        ("optim.betas=[true, 0.5]", "optim.betas: expected a number, got a boolean"),
+        ("scaling.num_workers=[true, 2]", "scaling.num_workers: expected a number, got a boolean"),
+        ("optim.lr=inf", "optim.lr: Input should be a finite number"),
+        ("optim.lr=.nan", "optim.lr: Input should be a finite number"),
+        ("schedule.min_lr=.inf", "schedule.min_lr: Input should be a finite number"),
+        ("optim.betas=[2, 3]", "optim.betas.0: Input should be less than 1"),
+        ("optim.betas=[0.9, -0.1]", "optim.betas.1: Input should be greater than or equal to 0"),
+        ("train.seed=99999999999999999999", "train.seed: Input should be less than or equal to 4294967295"),
+        ("train.seed=-1", "train.seed: Input should be greater than or equal to 0"),
+        ("checkpoint.storage=ftp://h/x", "checkpoint.storage: 'ftp://h/x': unsupported scheme 'ftp'"),
+        ("checkpoint.storage=", "checkpoint.storage: must name a local path or a URI"),
+        ("data.path=gs://b/x.parquet", "data.path: 'gs://b/x.parquet': unsupported scheme 'gs'"),
+        ("model.init_from=http://h/w.safetensors", "model.init_from: 'http://h/w.safetensors': unsupported scheme"),
+        ("checkpoint.endpoint_url=localhost:9000", "checkpoint.endpoint_url: 'localhost:9000' is not a URI"),
+        ("tracking.mlflow.tracking_uri=ftp://h", "tracking.mlflow.tracking_uri: 'ftp://h': unsupported scheme"),
+        ("tracking.tensorboard.log_dir=gs://b/tb", "tracking.tensorboard.log_dir: 'gs://b/tb': unsupported scheme"),
+    ],
+)
+def test_strict_values(override, expected):
+    lines = problems({}, [override])
+    assert any(line.startswith(expected) for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "checkpoint.storage=s3://user:hunter2@bucket/x",
+        "checkpoint.endpoint_url=http://user:hunter2@minio:9000",
+        "data.endpoint_url=https://user:hunter2@minio",
+        "tracking.mlflow.tracking_uri=http://user:hunter2@mlflow:5000",
+        "tracking.mlflow.tracking_uri=https://mlflow/x?token=hunter2",
+        "checkpoint.storage=s3://bucket/x?X-Amz-Credential=AKIA&X-Amz-Signature=hunter2",
+    ],
+)
+def test_credentials_in_a_uri_are_refused_without_showing_them(override):
+    lines = problems({}, [override])
+    assert len(lines) == 1 and "credentials do not belong in a job file" in lines[0], lines
+    assert "hunter2" not in lines[0]
+
+
+def test_supported_uris_and_numbers_still_pass():
+    spec = build_spec(
+        {},
+        [
+            "checkpoint.storage=s3://bucket/runs",
+            "checkpoint.endpoint_url=http://127.0.0.1:9000",
+            "model.init_from=file:///tmp/w.safetensors",
+            "tracking.mlflow.tracking_uri=sqlite:///tmp/m.db",
+            "train.seed=4294967295",
+            "optim.betas=[0, 0.5]",
+            "optim.lr=1",  # an int where a float is meant is a number all the same
+            "train.compile=true",
+        ],
+    )
+    assert spec.train.seed == 2**32 - 1 and spec.optim.betas == (0.0, 0.5) and spec.train.compile is True
+    assert build_spec({}, ["checkpoint.storage=s3a://b/x"]).checkpoint.storage == "s3a://b/x"
+
+
+def job_file_problem(tmp_path, content: bytes) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(content)
+    with pytest.raises(SpecError) as err:
+        read_job_file(path)
+    assert len(err.value.lines) == 1, err.value.lines
+    return err.value.lines[0]
+
+
+def laughs(levels: int, width: int = 10) -> bytes:
+    """The YAML "billion laughs": each level an anchor of `width` aliases to the level below."""
+    lines = ["a0: &a0 [" + ", ".join(["lol"] * width) + "]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return ("config:\n" + "\n".join("  " + line for line in lines) + "\n").encode()
+
+
+def test_job_file_edges(tmp_path):
+    assert job_file_problem(tmp_path, b"").endswith(
+        "the job file is empty; a job needs at least a name (see jobs/ for examples)"
+    )
+    assert "the job file is empty" in job_file_problem(tmp_path, b"# only a comment\n")
+    assert "not a UTF-8 text file (byte 0xff at offset 5)" in job_file_problem(tmp_path, b"name:\xff\xfe")
+    dup = job_file_problem(tmp_path, b"name: a\nname: b\n")
+    assert "line 2" in dup and "duplicate key 'name'" in dup
+    nested = job_file_problem(tmp_path, b"optim:\n  lr: 0.1\n  lr: 0.2\n")
+    assert "line 3" in nested and "duplicate key 'lr'" in nested
+    assert "recursive alias" in job_file_problem(tmp_path, b"config: &c {x: *c}\n")
+    big = b"name: x\n" + b"#" * MAX_JOB_FILE_BYTES + b"\n"
+    assert "too big for a job file" in job_file_problem(tmp_path, big)
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path):
+    start = time.perf_counter()
+    line = job_file_problem(tmp_path, laughs(9))  # 10**9 values once expanded, a few hundred bytes written
+    assert "aliases expand to more than" in line
+    assert time.perf_counter() - start < 2
+
+
+def test_merge_keys_and_modest_aliases_still_load(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(
+        b"config:\n  base: &b {lr: 1, wd: 0}\n  other:\n    <<: *b\n    lr: 2\n" + laughs(3)[len("config:\n") :]
+    )
+    raw = read_job_file(path)
+    assert raw["config"]["other"] == {"lr": 2, "wd": 0}
+    assert len(raw["config"]["a2"]) == 10 and raw["config"]["a2"][0][0] == ["lol"] * 10
 
 
 def test_several_problems_give_one_line_each():

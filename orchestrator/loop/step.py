@@ -55,3 +55,8 @@ class TrainStep:
         p.scaler.update()
         p.optimizer.zero_grad(set_to_none=True)
         p.schedule.step()
+
+    def discard(self) -> None:
+        """A skipped step: its gradients dropped, the optimizer untouched, the schedule on (the step is counted)."""
+        self.parts.optimizer.zero_grad(set_to_none=True)
+        self.parts.schedule.step()

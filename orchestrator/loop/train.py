@@ -13,6 +13,7 @@ from orchestrator.loop.checkpointer import Checkpointer
 from orchestrator.loop.context import LoopContext
 from orchestrator.loop.early_stopping import EarlyStopping
 from orchestrator.loop.evaluate import evaluate, evaluate_best_on_test
+from orchestrator.loop.guard import LossGuard
 from orchestrator.loop.parts import Parts, build_parts, wrap_model
 from orchestrator.loop.record import Progress, Recorder, Throughput
 from orchestrator.loop.state import TrainState, seed_everything
@@ -77,6 +78,7 @@ class _Loop:
         state.best_metric = self.early.metric
         self.cadence = Cadence(spec, parts.total_steps)
         self.step = TrainStep(model, parts, spec, ctx.device)
+        self.guard = LossGuard(ctx.device, skip=spec.failure.nonfinite_loss == "skip")
         self.window = Throughput(ctx.device, ctx.world_size)
         self.reported = False
 
@@ -102,12 +104,20 @@ class _Loop:
                 micro += 1
                 last_of_epoch = state.batch == parts.batches_per_epoch
                 loss = self.step.backward(x, y, group, last=micro == group)
+                self.guard.observe(loss, state.step + 1)
                 self.window.add_batch(loss, y.shape[0])
                 state.samples += y.shape[0] * ctx.world_size
                 if micro < group:
                     continue
                 micro = 0
-                self.step.apply()
+                skipped = self.guard.take_skip() if self.guard.skip else None
+                if skipped is None:
+                    self.step.apply()
+                else:
+                    self.step.discard()
+                    self.progress.say(
+                        f"step {skipped}: the loss is not finite; its update skipped (failure.nonfinite_loss)"
+                    )
                 state.stepped(last_of_epoch)
                 self.window.steps += 1
                 self.after_step(last_of_epoch)
@@ -126,6 +136,8 @@ class _Loop:
     def after_step(self, last_of_epoch: bool) -> None:
         """What the cadence says is due after this step: a log line, a validation, a checkpoint, a report."""
         state, cadence = self.state, self.cadence
+        if cadence.log_due(state.step) or cadence.validation_due(state.step, last_of_epoch):
+            self.guard.check()  # before the loss is logged or the weights judged
         if cadence.log_due(state.step):
             entry, eta = self.window.entry(state, self.parts.total_steps, self.parts.schedule.lr)
             self.recorder.record(entry)
@@ -146,6 +158,7 @@ class _Loop:
         if val:
             self.progress.validation(state.step, scalars)
         if cadence.checkpoint_due(state, last_of_epoch):
+            self.guard.check()  # weights past a non-finite loss never become the latest checkpoint
             self.checkpointer.save(state, val or state.last_val, self.metrics_log)
         if val:
             # After the checkpoint: a scheduler that stops or pauses a trial here keeps this step.

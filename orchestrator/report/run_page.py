@@ -23,6 +23,7 @@ from orchestrator.report.html import (
     esc,
 )
 from orchestrator.report.read import RunData, _finite, _metric_values
+from orchestrator.storage import redact
 
 # Per-class curves up to this many classes; beyond, one micro-averaged curve stays readable.
 MAX_CLASS_CURVES = 10
@@ -359,5 +360,5 @@ def render_run(run: RunData) -> str:
     )
     if record.get("tracking"):
         body.append("<h3>Tracking</h3>" + _kv_table(record["tracking"]))
-    subtitle = f"{_status(record.get('status'))} &middot; <code>{esc(run.uri)}</code> &middot; started {esc(str(record.get('started')))} &middot; ended {esc(str(record.get('ended')))}"
+    subtitle = f"{_status(record.get('status'))} &middot; <code>{esc(redact(run.uri))}</code> &middot; started {esc(str(record.get('started')))} &middot; ended {esc(str(record.get('ended')))}"
     return _page(f"Run {record.get('run') or run.uri.rsplit('/', 1)[-1]}", subtitle, "".join(body))

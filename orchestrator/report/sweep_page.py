@@ -11,6 +11,7 @@ from typing import Any
 from orchestrator.report import charts
 from orchestrator.report.html import PALETTE, STOP_COLOR, Status, _embed, _facts, _kv_table, _page, _status, _table, esc
 from orchestrator.report.read import SweepData, _finite, _metric_values
+from orchestrator.storage import redact
 
 LOG_PARAMS = ("loguniform", "qloguniform")
 
@@ -212,5 +213,5 @@ def render_sweep(sweep: SweepData) -> str:
     )
     body.append("<h2>Search</h2>" + _kv_table(sweep.spec))
     body.append("<h2>Base job</h2>" + _kv_table(record.get("job") or {}))
-    subtitle = f"{_status(record.get('status'))} &middot; <code>{esc(sweep.uri)}</code> &middot; metric {esc(metric)} ({esc(mode)}) &middot; started {esc(str(record.get('started')))}"
+    subtitle = f"{_status(record.get('status'))} &middot; <code>{esc(redact(sweep.uri))}</code> &middot; metric {esc(metric)} ({esc(mode)}) &middot; started {esc(str(record.get('started')))}"
     return _page(f"Sweep {record.get('sweep') or sweep.uri.rsplit('/', 1)[-1]}", subtitle, "".join(body))

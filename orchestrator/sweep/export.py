@@ -90,12 +90,13 @@ def collect_trials(results, sweep: SweepJob) -> list[TrialRow]:
 def format_trials(rows: list[dict[str, Any]], metric: str):
     """The end-of-sweep table: trials ranked by the metric, with their settings, steps and status."""
     from rich.table import Table
+    from rich.text import Text
 
     params = list(dict.fromkeys(k for row in rows for k in row["config"]))
     table = Table("#", "trial", "status", *params, f"{metric} (last)", f"{metric} (best)", "steps", "epochs")
     for i, row in enumerate(rows, 1):
         fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
-        table.add_row(
+        cells = (
             str(i),
             row["trial_id"],
             row["status"],
@@ -105,6 +106,7 @@ def format_trials(rows: list[dict[str, Any]], metric: str):
             fmt(row["steps"]),
             fmt(row["epochs"]),
         )
+        table.add_row(*(Text(str(c)) for c in cells))  # Text: choice values are shown as written, not as markup
     return table
 
 

@@ -198,7 +198,7 @@ def _train_with_ray_train(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.ray_runtime import train_environment
-    from orchestrator.trainer import build_trainer_kwargs
+    from orchestrator.trainer import build_trainer_kwargs, fit_with_decisions
 
     ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
     kwargs = build_trainer_kwargs(
@@ -206,7 +206,7 @@ def _train_with_ray_train(
     )
     kwargs["run_config"] = dataclasses.replace(kwargs["run_config"], callbacks=[TuneReportCallback()])
     with train_environment(embedded=plan.embedded_ray):
-        result = TorchTrainer(**kwargs).fit()
+        result = fit_with_decisions(lambda: TorchTrainer(**kwargs), spec, lambda line: print(line, flush=True))
     return dict(result.metrics or {})
 
 

@@ -1,0 +1,317 @@
+"""Bad input through the real command line: exit 2, one line on stderr, no traceback, no secret, nothing written.
+
+Each case is a command line (and the job file it names) and a fragment its one line must hold. The
+CLI starts in about a second, so the cases run through the real `main` in a few subprocesses (one
+per command family) rather than one process each; a handful also run as `python -m orchestrator`
+on their own, to prove the harness sees what a user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "hunter2-s3cr3t"
+
+# Runs every command line given as JSON in one interpreter, through click's standalone main (the one
+# `orchestrator` runs), and prints what each wrote and its exit code.
+HARNESS = r"""
+import contextlib, io, json, sys, traceback
+from orchestrator.cli import main
+results = []
+for args in json.loads(sys.argv[1]):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(args, prog_name="orchestrator")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = -1
+    results.append({"args": args, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+def clean_env(tmp_path: Path) -> dict[str, str]:
+    """No Ray address, token or AWS profile of the caller's: each case sees only what it sets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API", "RAY_AUTH", "AWS_"))}
+    return {**env, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path / "home")}
+
+
+def run_many(cases: list[list[str]], tmp_path: Path, timeout: int = 120) -> list[dict]:
+    proc = subprocess.run(
+        [sys.executable, "-c", HARNESS, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean_env(tmp_path),
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def assert_one_line(result: dict, fragment: str) -> None:
+    args, err = result["args"], result["stderr"]
+    assert result["code"] == 2, (args, result)
+    assert "Traceback" not in err + result["stdout"], (args, err)
+    lines = err.splitlines()
+    assert len(lines) == 1, (args, lines)
+    assert lines[0].startswith("error: "), (args, lines)
+    assert fragment in lines[0], (args, lines[0], fragment)
+    assert SECRET not in err + result["stdout"], (args, err)
+
+
+def laughs(levels: int, width: int = 10) -> str:
+    lines = ["  a0: &a0 [" + ", ".join(["lol"] * width) + "]"]
+    for i in range(1, levels):
+        lines.append(f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return "name: laughs\nconfig:\n" + "\n".join(lines) + "\n"
+
+
+# (file name, bytes of the job file or None for none, extra command words, fragment of the one line)
+VALIDATE_CASES = [
+    ("binary.yaml", b"\x89PNG\r\n\x1a\n\x00\x00\xff", [], "binary.yaml: not a UTF-8 text file (byte 0x89 at offset 0)"),
+    ("empty.yaml", b"", [], "empty.yaml: the job file is empty"),
+    ("dup.yaml", b"name: a\nname: b\n", [], "dup.yaml: line 2 is not valid YAML (duplicate key 'name'"),
+    ("laughs.yaml", laughs(9).encode(), [], "laughs.yaml: is not valid YAML (aliases expand to more than"),
+    ("big.yaml", b"name: big\n" + b"# padding\n" * 120_000, [], "big.yaml: 1200010 bytes is too big for a job file"),
+    ("broken.yaml", b"optim: [\n", [], "broken.yaml: line 2 is not valid YAML"),
+    ("list.yaml", b"- a\n- b\n", [], "(job): the job file must be a mapping of sections"),
+    ("missing.yaml", None, [], "missing.yaml: no such job file"),
+    ("ok.yaml", b"name: ok\n", ["train.epochs=true"], "train.epochs: expected a number, got a boolean"),
+    ("ok.yaml", b"name: ok\n", ["optim.lr=inf"], "optim.lr: Input should be a finite number"),
+    ("ok.yaml", b"name: ok\n", ["optim.betas=[0.9, 2]"], "optim.betas.1: Input should be less than 1"),
+    ("ok.yaml", b"name: ok\n", ["train.seed=99999999999999999999"], "train.seed: Input should be less than or equal"),
+    ("ok.yaml", b"name: ok\n", ["checkpoint.storage=ftp://h/x"], "checkpoint.storage: 'ftp://h/x': unsupported scheme"),
+    (
+        "ok.yaml",
+        b"name: ok\n",
+        [f"checkpoint.storage=s3://user:{SECRET}@bucket/x"],
+        "checkpoint.storage: 's3://bucket/x': credentials do not belong in a job file",
+    ),
+    (
+        "ok.yaml",
+        b"name: ok\n",
+        [f"tracking.mlflow.tracking_uri=http://user:{SECRET}@mlflow:5000"],
+        "tracking.mlflow.tracking_uri: 'http://mlflow:5000': credentials do not belong",
+    ),
+    (
+        "ok.yaml",
+        b"name: ok\n",
+        [f"checkpoint.endpoint_url=http://minio:9000/?X-Amz-Signature={SECRET}"],
+        "checkpoint.endpoint_url: 'http://minio:9000/?X-Amz-Signature=***': credentials do not belong",
+    ),
+    ("ok.yaml", b"name: ok\n", ["optim.lr"], "optim.lr: an override must look like dotted.key=value"),
+    ("ok.yaml", b"name: ok\n", ["optim.lrr=1"], "optim.lrr: unknown field (did you mean 'lr'?)"),
+    ("ok.yaml", b"name: ok\n", ["--no-such-flag"], "No such option '--no-such-flag'"),
+]
+
+
+def test_validate_refuses_bad_input_in_one_line(tmp_path):
+    cases = []
+    for i, (name, content, extra, _) in enumerate(VALIDATE_CASES):
+        folder = tmp_path / f"case{i}"
+        folder.mkdir()
+        if content is not None:
+            (folder / name).write_bytes(content)
+        cases.append(["validate", str(folder / name), *extra])
+    (tmp_path / "adir.yaml").mkdir()
+    cases.append(["validate", str(tmp_path / "adir.yaml")])
+    results = run_many(cases, tmp_path)
+    for (_, _, _, fragment), result in zip(VALIDATE_CASES, results, strict=False):
+        assert_one_line(result, fragment)
+    assert_one_line(results[-1], "is a directory")
+
+
+def test_k8s_render_refuses_a_configmap_over_the_kubernetes_limit(tmp_path):
+    # 200 KB written once and aliased six times: under the file and alias caps, over 1 MiB rendered.
+    blob = "x" * 200_000
+    job = f"name: wide\nconfig:\n  a: &a '{blob}'\n  b: [*a, *a, *a, *a, *a, *a]\n"
+    (tmp_path / "wide.yaml").write_text(job)
+    (result,) = run_many([["k8s", "render", str(tmp_path / "wide.yaml")]], tmp_path)
+    assert_one_line(result, "over the 1032192 a Kubernetes ConfigMap holds")
+    assert result["stdout"] == ""
+
+
+def test_job_ids_and_uris_that_cannot_be_used(tmp_path):
+    address = ["--address", "http://127.0.0.1:9"]  # nothing listens: a case that got past the check would say so
+    results = run_many(
+        [
+            ["status", "", *address],
+            ["logs", "", *address],
+            ["stop", "a/b", *address],
+            ["checkpoints", "nosuch://bucket/run"],
+        ],
+        tmp_path,
+    )
+    assert_one_line(results[0], "an empty job id: not a job id; `orchestrator list --address http://127.0.0.1:9`")
+    assert_one_line(results[1], "an empty job id: not a job id")
+    assert_one_line(results[2], "'a/b': not a job id")
+    assert_one_line(results[3], "nosuch://bucket/run: unsupported storage protocol 'nosuch'")
+
+
+@pytest.fixture
+def tiny_job(tmp_path):
+    """A job that preflight builds in a second: tiny synthetic data, the loop in this process (no Ray)."""
+    storage = tmp_path / "runs"
+    job = tmp_path / "tiny.yaml"
+    job.write_text(
+        "name: tiny\n"
+        "data: {name: synthetic, task: classification, samples: 40, num_features: 4}\n"
+        "model: {hidden: 4, layers: 1}\n"
+        "train: {epochs: 1, batch_size: 8}\n"
+        "scaling: {num_workers: 0}\n"
+        f"checkpoint: {{storage: {storage}}}\n"
+    )
+    return job, storage
+
+
+def test_run_refuses_what_preflight_finds_before_writing(tiny_job, tmp_path):
+    job, storage = tiny_job
+    results = run_many(
+        [
+            ["run", str(job), "model.freeze=[nope.*]"],
+            ["run", str(job), "model.freeze=['net.*', 'nope.*']"],
+            ["run", str(job), "schedule.name=cosine", "train.max_steps=0"],
+        ],
+        tmp_path,
+        timeout=300,
+    )
+    assert_one_line(results[0], "model.freeze: 'nope.*' matches no parameter of mlp (they are: ")
+    assert_one_line(results[1], "model.freeze: 'nope.*' matches no parameter")
+    assert_one_line(results[2], "train.max_steps: Input should be greater than or equal to 1")
+    assert not (storage / "tiny").exists(), list(storage.rglob("*"))
+
+
+def test_the_harness_sees_what_a_user_sees(tmp_path):
+    """A few cases as a user runs them: `python -m orchestrator ...`, one process each."""
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01")
+    (tmp_path / "empty.yaml").write_bytes(b"")
+    env = clean_env(tmp_path)
+    for args, fragment in [
+        (["validate", "binary.yaml"], "binary.yaml: not a UTF-8 text file"),
+        (["validate", "empty.yaml"], "empty.yaml: the job file is empty"),
+        (["status", "", "--address", "http://127.0.0.1:9"], "an empty job id: not a job id"),
+        (["validate", "empty.yaml", f"checkpoint.storage=s3://u:{SECRET}@b/x"], "empty.yaml: the job file is empty"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=60,
+        )
+        assert_one_line({"args": args, "code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}, fragment)
+
+
+# ----------------------------------------------------------------------------------------------
+# Secrets in URIs: refused where a job file or argument holds them, redacted wherever one passes through
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("s3://user:password@bucket/x", "s3://bucket/x"),
+        ("http://user:p@ss@host:5000/a?b=1", "http://host:5000/a?b=1"),
+        (
+            "https://h/x?X-Amz-Credential=AKIA&X-Amz-Signature=ab12&X-Amz-Security-Token=tt&ok=1",
+            "https://h/x?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***&ok=1",
+        ),
+        ("https://h/x?password=pw#frag", "https://h/x?password=***#frag"),
+        ("error: 'http://u:pw@h/?token=abc': no", "error: 'http://h/?token=***': no"),
+        ("a key metric val_loss=0.3 at s3://b/x", "a key metric val_loss=0.3 at s3://b/x"),  # text, not a query
+        ("sqlite:////tmp/m.db", "sqlite:////tmp/m.db"),
+    ],
+)
+def test_redact_hides_user_info_and_query_credentials_only(text, shown):
+    from orchestrator.storage import redact
+
+    assert redact(text) == shown
+    assert redact(shown) == shown  # idempotent: a line redacted twice reads the same
+
+
+def test_uris_with_credentials_are_refused_in_one_line_without_the_secret(tiny_job, tmp_path):
+    job, storage = tiny_job
+    s3 = f"s3://alice:{SECRET}@bucket/runs"
+    dashboard = f"http://alice:{SECRET}@127.0.0.1:9"
+    results = run_many(
+        [
+            ["run", str(job), f"checkpoint.storage={s3}"],
+            ["k8s", "render", str(job), f"tracking.mlflow.tracking_uri=http://alice:{SECRET}@mlflow:5000"],
+            ["k8s", "render", str(job), f"checkpoint.endpoint_url=http://alice:{SECRET}@minio:9000"],
+            ["checkpoints", f"{s3}/tiny"],
+            ["runs", s3],
+            ["report", f"{s3}/tiny"],
+            ["export", f"{s3}/tiny/checkpoint_1", "--out", str(tmp_path / "w.safetensors")],
+            ["status", "some-job", "--address", dashboard],
+            ["submit", str(job), "--address", dashboard],
+        ],
+        tmp_path,
+        timeout=300,
+    )
+    assert_one_line(results[0], "checkpoint.storage: 's3://bucket/runs': credentials do not belong in a job file")
+    assert_one_line(results[1], "tracking.mlflow.tracking_uri: 'http://mlflow:5000': credentials do not belong")
+    assert_one_line(results[2], "checkpoint.endpoint_url: 'http://minio:9000': credentials do not belong")
+    for result in results[3:7]:
+        assert_one_line(result, "s3://bucket/runs")
+    assert_one_line(results[7], "--address http://127.0.0.1:9: no Ray dashboard answers there")
+    assert_one_line(results[8], "http://127.0.0.1:9")
+    assert not (storage / "tiny").exists() and not (tmp_path / "w.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_tracking_uri_with_credentials_from_the_environment_is_stored_and_shown_without_them(
+    tiny_job, mlflow_server, tmp_path
+):
+    """A real run against a real MLflow server reached as http://alice:<secret>@host: the secret is in no output or file."""
+    job, storage = tiny_job
+    port = mlflow_server.uri.rsplit(":", 1)[1]
+    env = {**clean_env(tmp_path), "MLFLOW_TRACKING_URI": f"http://alice:{SECRET}@127.0.0.1:{port}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(job), "tracking.mlflow={}", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["status"] == "finished"
+    run_dir = storage / "tiny"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["tracking"]["mlflow"]["tracking_uri"] == f"http://127.0.0.1:{port}"
+    assert (run_dir / "report.html").is_file() and (run_dir / "run.log").is_file()
+    assert SECRET not in proc.stdout + proc.stderr
+    leaked = [p for p in run_dir.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+def test_the_command_line_kept_in_run_json_is_redacted(monkeypatch):
+    from orchestrator.runrecord import RunRecord
+
+    monkeypatch.setattr(sys, "argv", ["orchestrator", "run", "j.yaml", "--address", f"ray://bob:{SECRET}@head:10001"])
+    record = RunRecord.begin("r", {})
+    assert record.command == ["orchestrator", "run", "j.yaml", "--address", "ray://head:10001"]
+
+
+def test_runs_shows_names_as_written_not_as_markup(tmp_path):
+    storage = tmp_path / "runs"
+    for name in ("[red]x", "[link=x]y"):
+        (storage / name).mkdir(parents=True)
+        record = {"run": name, "status": "[bold]finished", "started": "2026-01-01T00:00:00", "job": {}}
+        (storage / name / "run.json").write_text(json.dumps(record))
+    (result,) = run_many([["runs", str(storage)]], tmp_path)
+    assert result["code"] == 0, result
+    out = result["stdout"]
+    assert "[red]x" in out and "[link=x]y" in out and "[bold]finished" in out, out
