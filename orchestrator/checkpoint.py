@@ -149,7 +149,7 @@ def commit_checkpoint(
     manifest_path = storage.join(path, MANIFEST)
     # A leftover manifest at this step (a checkpoint skipped as corrupt) must not vouch for new files.
     if storage.exists(fs, manifest_path):
-        storage.with_retries(lambda: fs.rm_file(manifest_path), f"remove {manifest_path}")
+        storage.call(fs, "rm_file", manifest_path)
     entries = {}
     for name, data in files.items():
         storage.write_bytes(fs, storage.join(path, name), data)
@@ -172,7 +172,7 @@ def _protocols(fs) -> tuple:
 def list_checkpoints(fs, run_root: str, uri_prefix: str | None = None) -> list[CheckpointInfo]:
     """Committed checkpoints of a run (those with a readable manifest), oldest first."""
     try:
-        entries = storage.with_retries(lambda: fs.ls(run_root, detail=False), f"list {run_root}")
+        entries = storage.call(fs, "ls", run_root, detail=False)
     except FileNotFoundError:
         return []
     found = []
@@ -244,8 +244,8 @@ def delete_checkpoints(fs, checkpoints: list[CheckpointInfo]) -> list[str]:
     """Delete committed checkpoints, each manifest first so that a half-deleted checkpoint is never visible as committed."""
     deleted = []
     for c in checkpoints:
-        storage.with_retries(lambda path=c.path: fs.rm_file(storage.join(path, MANIFEST)), f"remove {c.path}")
-        storage.with_retries(lambda path=c.path: fs.rm(path, recursive=True), f"remove {c.path}")
+        storage.call(fs, "rm_file", storage.join(c.path, MANIFEST))
+        storage.call(fs, "rm", c.path, recursive=True)
         deleted.append(c.path)
     return deleted
 
