@@ -150,10 +150,17 @@ def commit_checkpoint(
     # A leftover manifest at this step (a checkpoint skipped as corrupt) must not vouch for new files.
     if storage.exists(fs, manifest_path):
         storage.call(fs, "rm_file", manifest_path)
-    entries = {}
-    for name, data in files.items():
-        storage.write_bytes(fs, storage.join(path, name), data)
-        entries[name] = {"size": len(data), "sha256": sha256(data)}
+    # Every file at once (large ones in parallel parts), hashed while they upload; the manifest
+    # goes only after all of them are written, so a crash or failure mid-way leaves no commit.
+    results = storage.concurrently(
+        [lambda data=data: sha256(data) for data in files.values()]
+        + [lambda: storage.write_files(fs, {storage.join(path, name): data for name, data in files.items()})],
+        workers=len(files) + 1,
+    )
+    entries = {
+        name: {"size": len(data), "sha256": digest}
+        for (name, data), digest in zip(files.items(), results[: len(files)], strict=True)
+    }
     manifest = CheckpointManifest(step=step, epoch=epoch, metrics=metrics, files=entries, train=train or {})
     if storage.split_uri(path)[0] == "file" and "file" in _protocols(fs):
         # On a local disk a crash mid-write would leave a torn manifest: write aside, then rename.
@@ -195,16 +202,20 @@ def list_checkpoints(fs, run_root: str, uri_prefix: str | None = None) -> list[C
 
 def read_verified(fs, info: CheckpointInfo, names: list[str] | None = None) -> dict[str, bytes]:
     """Read a checkpoint's files, checking each against the manifest; ValueError on a mismatch."""
-    out = {}
-    for name in names or list(info.manifest.files):
-        expected = info.manifest.files.get(name)
-        if expected is None:
+    names = names or list(info.manifest.files)
+    for name in names:
+        if name not in info.manifest.files:
             raise ValueError(f"{info.uri}: manifest lists no {name}")
-        data = storage.read_bytes(fs, storage.join(info.path, name))
+
+    def fetch(name: str) -> bytes:
+        data = storage.read_large(fs, storage.join(info.path, name))
+        expected = info.manifest.files[name]
         if len(data) != expected["size"] or sha256(data) != expected["sha256"]:
             raise ValueError(f"{info.uri}/{name}: does not match its manifest (truncated or corrupt)")
-        out[name] = data
-    return out
+        return data
+
+    # All files at once (large ones in parallel ranges), each checked as it arrives.
+    return dict(zip(names, storage.concurrently([lambda name=name: fetch(name) for name in names]), strict=True))
 
 
 def restore_latest(fs, run_root: str) -> tuple[CheckpointInfo, dict[str, bytes]] | None:

@@ -12,6 +12,7 @@ import os
 import posixpath
 import random
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -86,6 +87,7 @@ def open_storage(uri: str, endpoint_url: str | None = None, timeout_s: float | N
                 "connect_timeout": min(MAX_CONNECT_TIMEOUT_S, deadline),
                 "read_timeout": min(MAX_READ_TIMEOUT_S, deadline),
                 "retries": {"mode": "standard", "total_max_attempts": 1},
+                "max_pool_connections": MAX_CONNECTIONS,
             },
         )
         fs.retries = 1  # s3fs's loop (a class attribute, not a parameter): one pass
@@ -356,14 +358,106 @@ def _is_async(fs) -> bool:
     return isinstance(fs, AsyncFileSystem)
 
 
+# Transfers: large objects move in parts, several at once, and the files of a checkpoint move
+# together. Measured on the same server in one run (bench/checkpoint_transfer.py, BENCHMARKS.md):
+# uploads through boto3's transfer manager (threads, 16 MiB parts) cost the client a third of the
+# CPU of s3fs's async multipart and ran 1.3x faster on a loaded machine, so large objects go up
+# through it (under the same retry policy, its own retries off); s3fs's parallel ranged reads
+# outran boto3's download_file 2.5x, so reads stay with s3fs.
+PART_SIZE = 16 * 2**20
+PARTS_IN_FLIGHT = 8  # per object
+FILES_IN_FLIGHT = 4
+MAX_CONNECTIONS = PARTS_IN_FLIGHT * FILES_IN_FLIGHT
+
+
+def _parts(fs, concurrency: int = PARTS_IN_FLIGHT) -> dict[str, int]:
+    """Multipart options for s3fs (objects past 2 parts go in parallel parts); none elsewhere."""
+    return {"chunksize": PART_SIZE, "max_concurrency": concurrency} if _is_s3(fs) else {}
+
+
+def _is_s3(fs) -> bool:
+    return any(p in ("s3", "s3a") for p in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)))
+
+
 def read_bytes(fs, path: str) -> bytes:
-    """Read a whole object, retrying transient failures."""
-    return call(fs, "cat_file", path)
+    """Read a whole small object (one request), retrying transient failures."""
+    return call(fs, "cat_file", path, **_parts(fs, concurrency=1))
+
+
+def read_large(fs, path: str) -> bytes:
+    """Read a whole object, a large one as parallel ranged reads, retrying transient failures."""
+    return call(fs, "cat_file", path, **_parts(fs))
 
 
 def write_bytes(fs, path: str, data: bytes) -> None:
-    """Write a whole object, retrying transient failures."""
-    call(fs, "pipe_file", path, data)
+    """Write a whole object (a large one in parallel parts), retrying transient failures."""
+    if _is_s3(fs) and len(data) >= 2 * PART_SIZE:
+        _upload_parts(fs, path, data)
+    else:
+        call(fs, "pipe_file", path, data)
+
+
+def _upload_parts(fs, path: str, data: bytes) -> None:
+    import io
+
+    from boto3.s3.transfer import TransferConfig
+
+    bucket, _, key = fs._strip_protocol(path).partition("/")
+    config = TransferConfig(
+        multipart_threshold=2 * PART_SIZE,
+        multipart_chunksize=PART_SIZE,
+        max_concurrency=PARTS_IN_FLIGHT,
+        use_threads=True,
+    )
+    client = _transfer_client(fs)
+    with_retries(
+        lambda: client.upload_fileobj(io.BytesIO(data), bucket, key, Config=config),
+        "write",
+        timeout_of(fs),
+        to_uri(fs, path),
+    )
+
+
+_CLIENT_LOCK = threading.Lock()
+
+
+def _transfer_client(fs):
+    """A boto3 S3 client configured as the s3fs filesystem is (endpoint, region, timeouts, one attempt); one per filesystem."""
+    with _CLIENT_LOCK:
+        client = getattr(fs, "orchestrator_transfer_client", None)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            kwargs = {k: v for k, v in fs.client_kwargs.items() if k in ("endpoint_url", "region_name")}
+            client = boto3.session.Session().client("s3", config=Config(**fs.config_kwargs), **kwargs)
+            fs.orchestrator_transfer_client = client
+        return client
+
+
+def write_files(fs, files: dict[str, bytes]) -> None:
+    """Write several objects at once, each under the retry policy; returns when all are written."""
+    concurrently([lambda path=path, data=data: write_bytes(fs, path, data) for path, data in files.items()])
+
+
+def read_files(fs, paths: list[str]) -> dict[str, bytes]:
+    """Read several objects at once (large ones in parallel ranges), each under the retry policy."""
+    return dict(zip(paths, concurrently([lambda path=path: read_large(fs, path) for path in paths]), strict=True))
+
+
+def concurrently(tasks: list[Callable[[], T]], workers: int = FILES_IN_FLIGHT) -> list[T]:
+    """Run tasks on a few threads (storage calls and hashing release the GIL); results in order.
+
+    The first failure is raised once every task has ended, so no write is still in flight when a
+    caller goes on (to write a manifest, or to report the failure).
+    """
+    if len(tasks) <= 1:
+        return [task() for task in tasks]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(tasks)), thread_name_prefix="storage") as pool:
+        futures = [pool.submit(task) for task in tasks]
+    return [f.result() for f in futures]
 
 
 def exists(fs, path: str) -> bool:

@@ -180,6 +180,8 @@ class FaultyProxy(TcpProxy):
         self.fault: str | None = None
         self.remaining = 0
         self.faulted = 0
+        self.open_now = 0
+        self.peak = 0  # most connections open to the server at once: how many requests ran together
         self._held: list[socket.socket] = []
 
     def inject(self, fault: str, count: int) -> None:
@@ -207,10 +209,19 @@ class FaultyProxy(TcpProxy):
                     continue
                 with self._lock:
                     self._conns += [client, upstream]
-                for a, b in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                    self.open_now += 1
+                    self.peak = max(self.peak, self.open_now)
+                threading.Thread(target=self._pipe_counted, args=(client, upstream), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
             else:
                 threading.Thread(target=self._fail, args=(client, fault), daemon=True).start()
+
+    def _pipe_counted(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            self._pipe(client, upstream)
+        finally:
+            with self._lock:
+                self.open_now -= 1
 
     def _fail(self, client: socket.socket, fault: str) -> None:
         import struct
