@@ -20,6 +20,7 @@ MiB = 2**20
 
 def test_large_files_go_up_in_parallel_parts_and_come_back_verified(bucket, s3_server, monkeypatch):
     monkeypatch.setattr(storage, "PART_SIZE", 5 * MiB)  # S3's smallest part: a test-sized multipart upload
+    monkeypatch.setattr(storage, "READ_PART_SIZE", 4 * MiB)  # and reads in ranges
     files = {ckpt.WEIGHTS: os.urandom(16 * MiB), "state.pt": os.urandom(11 * MiB), "rng.pt": b"r" * 100}
     fs, root = storage.open_storage(f"s3://{bucket}/runs/r")
     ckpt.commit_checkpoint(fs, root, 1, 0, files, {})
