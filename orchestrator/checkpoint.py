@@ -149,11 +149,18 @@ def commit_checkpoint(
     manifest_path = storage.join(path, MANIFEST)
     # A leftover manifest at this step (a checkpoint skipped as corrupt) must not vouch for new files.
     if storage.exists(fs, manifest_path):
-        storage.with_retries(lambda: fs.rm_file(manifest_path), f"remove {manifest_path}")
-    entries = {}
-    for name, data in files.items():
-        storage.write_bytes(fs, storage.join(path, name), data)
-        entries[name] = {"size": len(data), "sha256": sha256(data)}
+        storage.call(fs, "rm_file", manifest_path)
+    # Every file at once (large ones in parallel parts), hashed while they upload; the manifest
+    # goes only after all of them are written, so a crash or failure mid-way leaves no commit.
+    results = storage.concurrently(
+        [lambda data=data: sha256(data) for data in files.values()]
+        + [lambda: storage.write_files(fs, {storage.join(path, name): data for name, data in files.items()})],
+        workers=len(files) + 1,
+    )
+    entries = {
+        name: {"size": len(data), "sha256": digest}
+        for (name, data), digest in zip(files.items(), results[: len(files)], strict=True)
+    }
     manifest = CheckpointManifest(step=step, epoch=epoch, metrics=metrics, files=entries, train=train or {})
     if storage.split_uri(path)[0] == "file" and "file" in _protocols(fs):
         # On a local disk a crash mid-write would leave a torn manifest: write aside, then rename.
@@ -172,7 +179,7 @@ def _protocols(fs) -> tuple:
 def list_checkpoints(fs, run_root: str, uri_prefix: str | None = None) -> list[CheckpointInfo]:
     """Committed checkpoints of a run (those with a readable manifest), oldest first."""
     try:
-        entries = storage.with_retries(lambda: fs.ls(run_root, detail=False), f"list {run_root}")
+        entries = storage.call(fs, "ls", run_root, detail=False)
     except FileNotFoundError:
         return []
     found = []
@@ -195,16 +202,20 @@ def list_checkpoints(fs, run_root: str, uri_prefix: str | None = None) -> list[C
 
 def read_verified(fs, info: CheckpointInfo, names: list[str] | None = None) -> dict[str, bytes]:
     """Read a checkpoint's files, checking each against the manifest; ValueError on a mismatch."""
-    out = {}
-    for name in names or list(info.manifest.files):
-        expected = info.manifest.files.get(name)
-        if expected is None:
+    names = names or list(info.manifest.files)
+    for name in names:
+        if name not in info.manifest.files:
             raise ValueError(f"{info.uri}: manifest lists no {name}")
-        data = storage.read_bytes(fs, storage.join(info.path, name))
+
+    def fetch(name: str) -> bytes:
+        data = storage.read_large(fs, storage.join(info.path, name))
+        expected = info.manifest.files[name]
         if len(data) != expected["size"] or sha256(data) != expected["sha256"]:
             raise ValueError(f"{info.uri}/{name}: does not match its manifest (truncated or corrupt)")
-        out[name] = data
-    return out
+        return data
+
+    # All files at once (large ones in parallel ranges), each checked as it arrives.
+    return dict(zip(names, storage.concurrently([lambda name=name: fetch(name) for name in names]), strict=True))
 
 
 def restore_latest(fs, run_root: str) -> tuple[CheckpointInfo, dict[str, bytes]] | None:
@@ -244,8 +255,8 @@ def delete_checkpoints(fs, checkpoints: list[CheckpointInfo]) -> list[str]:
     """Delete committed checkpoints, each manifest first so that a half-deleted checkpoint is never visible as committed."""
     deleted = []
     for c in checkpoints:
-        storage.with_retries(lambda path=c.path: fs.rm_file(storage.join(path, MANIFEST)), f"remove {c.path}")
-        storage.with_retries(lambda path=c.path: fs.rm(path, recursive=True), f"remove {c.path}")
+        storage.call(fs, "rm_file", storage.join(c.path, MANIFEST))
+        storage.call(fs, "rm", c.path, recursive=True)
         deleted.append(c.path)
     return deleted
 

@@ -77,7 +77,11 @@ def run_job(
     if spec.scaling.num_workers != 0 or address:
         address = resolve_address(address)
     data_info = preflight(spec, base_dir, address)
-    run = RunDir.open(run_uri_for(spec, fresh_name(spec) if fresh else None), spec.checkpoint.endpoint_url)
+    run = RunDir.open(
+        run_uri_for(spec, fresh_name(spec) if fresh else None),
+        spec.checkpoint.endpoint_url,
+        spec.checkpoint.upload_timeout_s,
+    )
     previous = RunRecord.load(run)
     if previous and previous.finished and not fresh:
         done = previous.summary or RunSummary(run=run.name, run_uri=run.uri, status=RunStatus.FINISHED)

@@ -26,7 +26,7 @@ def preflight(spec: JobSpec, base_dir: str | None, address: str | None) -> DataI
     """
     if address is None:
         check_resources(spec)
-    storage.preflight(spec.checkpoint.storage, spec.checkpoint.endpoint_url)
+    storage.preflight(spec.checkpoint.storage, spec.checkpoint.endpoint_url, spec.checkpoint.upload_timeout_s)
     if spec.entrypoint:
         import_hook(spec.entrypoint, base_dir, "entrypoint")
         tracking.preflight(spec)

@@ -48,8 +48,9 @@ class RunDir:
     endpoint_url: str | None = None
 
     @classmethod
-    def open(cls, uri: str, endpoint_url: str | None = None) -> RunDir:
-        fs, root = storage.open_storage(uri, endpoint_url)
+    def open(cls, uri: str, endpoint_url: str | None = None, timeout_s: float | None = None) -> RunDir:
+        """The run at `uri`; its storage operations retry what can heal within `timeout_s` (checkpoint.upload_timeout_s)."""
+        fs, root = storage.open_storage(uri, endpoint_url, timeout_s)
         return cls(uri=uri.rstrip("/"), fs=fs, root=root, endpoint_url=endpoint_url)
 
     @property

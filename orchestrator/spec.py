@@ -380,6 +380,12 @@ class CheckpointSpec(Section):
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint (MinIO, Ceph); credentials come from the environment."
     )
+    upload_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Deadline (s) of one storage operation, e.g. a checkpoint upload: connection errors, timeouts, "
+        "5xx and throttling are retried until then; access denied, a missing bucket or missing credentials fail at once.",
+    )
 
     @field_validator("storage")
     @classmethod

@@ -6,13 +6,17 @@ job file. Errors name the URI and never a secret.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import posixpath
+import random
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from orchestrator.errors import BadInput
@@ -50,17 +54,26 @@ def split_uri(uri: str) -> tuple[str, str]:
     return "file", os.path.abspath(os.path.expanduser(uri))
 
 
-def open_storage(uri: str, endpoint_url: str | None = None):
-    """Return (filesystem, root path) for a storage URI."""
+DEFAULT_TIMEOUT_S = 300.0
+# One request may not wait longer than this for a first byte even under a long deadline: a healthy
+# S3 answers in well under a second, so a silent socket is a dead one and the next attempt may heal.
+MAX_READ_TIMEOUT_S = 60.0
+MAX_CONNECT_TIMEOUT_S = 10.0
+
+
+def open_storage(uri: str, endpoint_url: str | None = None, timeout_s: float | None = None):
+    """Return (filesystem, root path) for a storage URI; its operations retry transient failures within `timeout_s`."""
     if redact(uri) != uri:
         # Nothing here reads credentials from a URI: they would only end up in paths, logs and records.
         raise BadInput(f"{redact(uri)}: credentials do not belong in a storage URI; they come from the environment")
+    deadline = float(timeout_s or DEFAULT_TIMEOUT_S)
     protocol, path = split_uri(uri)
     if protocol == "file":
         from fsspec.implementations.local import LocalFileSystem
 
-        return LocalFileSystem(auto_mkdir=True), path
-    if protocol in ("s3", "s3a"):
+        # Not the shared cached instance: the deadline rides on this one.
+        fs = LocalFileSystem(auto_mkdir=True, skip_instance_cache=True)
+    elif protocol in ("s3", "s3a"):
         import s3fs
 
         endpoint = endpoint_url or endpoint_from_env()
@@ -70,22 +83,38 @@ def open_storage(uri: str, endpoint_url: str | None = None):
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if region:
             client_kwargs["region_name"] = region
+        # One retry layer, ours (`with_retries`, which knows what can heal and when to give up):
+        # botocore makes one attempt per call and s3fs's own loop one pass, so the
+        # layers do not multiply. The socket timeouts come from the deadline so that an endpoint
+        # that accepts and never answers fails an attempt within it.
         # No listing cache and no shared instance: checkpoints appear and vanish under us, and a
         # stale listing would hide a committed checkpoint or show a deleted one.
         fs = s3fs.S3FileSystem(
             client_kwargs=client_kwargs,
             use_listings_cache=False,
             skip_instance_cache=True,
-            config_kwargs={"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 2}},
+            config_kwargs={
+                "connect_timeout": min(MAX_CONNECT_TIMEOUT_S, deadline),
+                "read_timeout": min(MAX_READ_TIMEOUT_S, deadline),
+                "retries": {"mode": "standard", "total_max_attempts": 1},
+                "max_pool_connections": MAX_CONNECTIONS,
+            },
         )
-        return fs, path
-    import fsspec
+        fs.retries = 1  # s3fs's loop (a class attribute, not a parameter): one pass
+    else:
+        import fsspec
 
-    try:
-        fs = fsspec.filesystem(protocol)
-    except (ImportError, ValueError) as exc:
-        raise BadInput(f"{uri}: unsupported storage protocol {protocol!r} ({exc})") from None
+        try:
+            fs = fsspec.filesystem(protocol, skip_instance_cache=True)
+        except (ImportError, ValueError) as exc:
+            raise BadInput(f"{redact(uri)}: unsupported storage protocol {protocol!r} ({exc})") from None
+    fs.orchestrator_timeout_s = deadline
     return fs, path
+
+
+def timeout_of(fs) -> float:
+    """The deadline of one operation on a filesystem from `open_storage` (the default for any other)."""
+    return float(getattr(fs, "orchestrator_timeout_s", DEFAULT_TIMEOUT_S))
 
 
 def to_uri(fs, path: str) -> str:
@@ -101,60 +130,158 @@ def join(*parts: str) -> str:
     return posixpath.join(*parts)
 
 
-def describe_error(uri: str, exc: BaseException) -> str:
-    """One line on why storage at `uri` failed, naming the URI and never a credential."""
-    text = f"{type(exc).__name__}: {exc}"
-    code = ""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = str(response.get("Error", {}).get("Code", ""))
-    low = (code + " " + text).lower()
-    if "nosuchbucket" in low or ("bucket" in low and "not exist" in low):
-        return f"{uri}: the bucket does not exist"
-    if any(
-        k in low
-        for k in (
-            "invalidaccesskeyid",
-            "signaturedoesnotmatch",
-            "accessdenied",
-            "forbidden",
-            "403",
-            "credentials",
-            "expiredtoken",
-        )
-    ):
-        return f"{uri}: access denied (check the AWS credentials in the environment)"
-    if any(
-        k in low
-        for k in (
-            "could not connect",
-            "connect timeout",
-            "connection refused",
-            "endpointconnectionerror",
-            "cannot connect",
-            "name or service not known",
-        )
-    ):
-        return f"{uri}: cannot reach the storage endpoint"
+# Error codes that say "later" rather than "no": throttling and the server's own trouble.
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "TooManyRequests",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "XAmzContentSHA256Mismatch",
+}
+_CODE_REASONS = {
+    "NoSuchBucket": "the bucket does not exist",
+    "AccessDenied": "access denied (check the AWS credentials in the environment)",
+    "AllAccessDisabled": "access denied (check the AWS credentials in the environment)",
+    "InvalidAccessKeyId": "the access key is not known to the storage (InvalidAccessKeyId: check AWS_ACCESS_KEY_ID)",
+    "SignatureDoesNotMatch": "the secret key does not match the access key (SignatureDoesNotMatch: check AWS_SECRET_ACCESS_KEY)",
+    "ExpiredToken": "the session token has expired (ExpiredToken: refresh the AWS credentials)",
+    "InvalidToken": "the session token is not valid (InvalidToken: check AWS_SESSION_TOKEN)",
+}
+_NO_CREDENTIALS = "no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile or a role)"
+_TRANSIENT_ERRNOS = {
+    errno.EAGAIN,
+    errno.EINTR,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.EPIPE,
+    errno.ESTALE,
+    errno.EBUSY,
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a storage failure is: whether waiting can heal it, and why it happened in a few words."""
+
+    transient: bool
+    reason: str
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def classify(exc: BaseException) -> Verdict:
+    """Whether a storage failure can heal (connection trouble, timeouts, 5xx, throttling) and why it happened.
+
+    Everything else fails at once: missing buckets, refused or missing credentials, other 4xx, and
+    errors nobody knows how to wait out.
+    """
+    chain = _chain(exc)
+    for e in chain:  # the server's own answer says most: find it under s3fs's translation
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            code = str(response["Error"].get("Code", ""))
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if code in _TRANSIENT_CODES or status == 429 or status >= 500:
+                return Verdict(True, f"the storage answered {code or 'HTTP'} {status}".rstrip())
+            if code in _CODE_REASONS:
+                return Verdict(False, _CODE_REASONS[code])
+            if code == "404" or code.startswith("NoSuch"):
+                return Verdict(False, f"not found ({code})")
+            if status == 403 or code == "403":
+                return Verdict(False, _CODE_REASONS["AccessDenied"])
+            return Verdict(False, f"the storage refused the request ({code or 'HTTP'} {status})")
+    names = {cls.__name__ for e in chain for cls in type(e).__mro__}
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError"}:
+        return Verdict(False, _NO_CREDENTIALS)
+    if names & {"SSLError", "InvalidProxiesConfigError"}:
+        return Verdict(False, f"cannot talk to the storage endpoint ({type(chain[-1]).__name__})")
+    if names & {
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "TimeoutError",
+        "FSTimeoutError",
+        "ServerTimeoutError",
+        "timeout",
+    }:
+        return Verdict(True, "the storage endpoint did not answer in time")
+    if names & {
+        "EndpointConnectionError",
+        "HTTPClientError",
+        "ConnectionError",
+        "ClientConnectionError",
+        "ClientPayloadError",
+        "IncompleteReadError",
+        "IncompleteRead",
+        "ResponseParserError",
+    }:
+        return Verdict(True, "cannot reach the storage endpoint")
     if isinstance(exc, FileNotFoundError):
-        return f"{uri}: not found"
+        return Verdict(False, "not found")
     if isinstance(exc, PermissionError):
-        protocol = split_uri(uri)[0]
-        return f"{uri}: access denied" + (
-            " (check the AWS credentials in the environment)" if protocol in ("s3", "s3a") else ""
-        )
-    return f"{uri}: storage error ({type(exc).__name__})"
+        return Verdict(False, "access denied")
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return Verdict(True, f"{exc.strerror or type(exc).__name__}")
+    return Verdict(False, f"storage error ({type(exc).__name__}: {exc})" if str(exc) else type(exc).__name__)
 
 
-def preflight(uri: str, endpoint_url: str | None = None) -> None:
-    """Prove the storage is reachable and writable: write a probe object and remove it (BadInput if not)."""
-    fs, root = open_storage(uri, endpoint_url)
+def describe_error(uri: str, exc: BaseException) -> str:
+    """One line on why storage at `uri` failed, naming the (redacted) URI and never a credential."""
+    if isinstance(exc, StorageError):
+        return str(exc)
+    return f"{redact(uri)}: {_scrub(classify(exc).reason)}"
+
+
+def _scrub(text: str) -> str:
+    """A reason with any secret from the environment blanked (a server may echo what it was sent)."""
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        secret = os.environ.get(name)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text.splitlines()[0] if text else text
+
+
+class StorageError(BadInput):
+    """Storage that failed for good: an error that cannot heal, or transient ones past the deadline; one line."""
+
+    def __init__(self, uri: str, reason: str, transient: bool = False):
+        super().__init__(f"{uri}: {reason}")
+        self.uri, self.reason, self.transient = uri, reason, transient
+
+
+PREFLIGHT_TIMEOUT_S = 15.0
+
+
+def preflight(uri: str, endpoint_url: str | None = None, timeout_s: float | None = None) -> None:
+    """Prove the storage is reachable and writable: write a probe object and remove it (BadInput if not).
+
+    A few seconds of retries at most (`timeout_s`, capped at 15 s): a user waits for this answer.
+    """
+    deadline = min(float(timeout_s or DEFAULT_TIMEOUT_S), PREFLIGHT_TIMEOUT_S)
+    fs, root = open_storage(uri, endpoint_url, deadline)
     probe = join(root, f".orchestrator-probe-{uuid.uuid4().hex}")
     try:
         if split_uri(uri)[0] == "file":
             fs.makedirs(root, exist_ok=True)  # on object stores this would create buckets: never
-        fs.pipe_file(probe, b"probe")
-        fs.rm_file(probe)
+        call(fs, "pipe_file", probe, b"probe")
+        call(fs, "rm_file", probe)
+    except StorageError as exc:  # the probe's own name means nothing to the user
+        raise BadInput(f"{redact(uri)}: {exc.reason}") from None
     except BadInput:
         raise
     except Exception as exc:  # every failure here is the user's storage, reported in one line
@@ -162,38 +289,193 @@ def preflight(uri: str, endpoint_url: str | None = None) -> None:
 
 
 def with_retries(
-    fn: Callable[[], T], what: str, attempts: int | None = None, first_delay: float = 0.5, max_delay: float = 15.0
+    fn: Callable[[], T],
+    what: str,
+    timeout_s: float | None = None,
+    uri: str | None = None,
+    first_delay: float = 0.2,
+    max_delay: float = 10.0,
 ) -> T:
-    """Call fn, retrying transient storage failures with exponential back-off; the last error propagates.
+    """Call fn; retry what can heal with jittered exponential back-off until `timeout_s` has passed.
 
-    ORCHESTRATOR_STORAGE_ATTEMPTS sets the attempts (default 8: about a minute of outage survived).
+    What cannot heal raises StorageError at once (FileNotFoundError of an object stays itself: a
+    reader decides what absence means); what is still failing at the deadline raises StorageError
+    naming the URI, the operation and the last reason.
     """
-    attempts = attempts or int(os.environ.get("ORCHESTRATOR_STORAGE_ATTEMPTS", "8"))
+    deadline = float(timeout_s or DEFAULT_TIMEOUT_S)
+    shown = redact(uri) if uri else what
+    start = time.monotonic()
     delay = first_delay
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        except (IsADirectoryError, NotADirectoryError, StorageError):
             raise
         except Exception as exc:
-            if attempt == attempts:
+            verdict = classify(exc)
+            if isinstance(exc, FileNotFoundError) and not verdict.reason.startswith("the bucket"):
                 raise
-            log.warning("%s failed (%s), retry %d/%d in %.1fs", what, type(exc).__name__, attempt, attempts - 1, delay)
-            time.sleep(delay)
+            if not verdict.transient:
+                raise StorageError(shown, _scrub(verdict.reason)) from exc
+            elapsed = time.monotonic() - start
+            # Jittered: many workers that lost the same endpoint do not all come back in step.
+            sleep = random.uniform(delay / 2, delay)
+            if elapsed + sleep >= deadline:
+                raise StorageError(
+                    shown,
+                    f"{what} still failing after {elapsed:.1f} s and {attempt} attempt(s), "
+                    f"past checkpoint.upload_timeout_s={deadline:g} ({_scrub(verdict.reason)})",
+                    transient=True,
+                ) from exc
+            log.warning("%s %s failed (%s), retry %d in %.1fs", what, shown, verdict.reason, attempt, sleep)
+            time.sleep(sleep)
             delay = min(delay * 2, max_delay)
-    raise AssertionError("unreachable")
+
+
+def call(fs, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+    """`fs.<method>(path, ...)` under the retry policy and the filesystem's deadline, errors naming the path's URI.
+
+    On an async filesystem (s3fs) each attempt is also cut at the time left: a socket timeout alone
+    does not bound a request whose body the server never reads.
+    """
+    deadline = timeout_of(fs)
+    end = time.monotonic() + deadline
+    bounded = _is_async(fs)
+
+    def attempt() -> Any:
+        extra = {"timeout": max(0.5, end - time.monotonic())} if bounded else {}
+        return getattr(fs, method)(path, *args, **kwargs, **extra)
+
+    return with_retries(attempt, _VERBS.get(method, method), deadline, to_uri(fs, path))
+
+
+_VERBS = {
+    "cat_file": "read",
+    "pipe_file": "write",
+    "exists": "stat",
+    "info": "stat",
+    "ls": "list",
+    "rm_file": "remove",
+    "rm": "remove",
+}
+
+
+def _is_async(fs) -> bool:
+    from fsspec.asyn import AsyncFileSystem
+
+    return isinstance(fs, AsyncFileSystem)
+
+
+# Transfers: large objects move in parts, several at once, and the files of a checkpoint move
+# together. Measured on the same server in one run (bench/checkpoint_transfer.py, BENCHMARKS.md):
+# uploads through boto3's transfer manager (threads, 16 MiB parts) cost the client a third of the
+# CPU of s3fs's async multipart and ran 1.3x faster on a loaded machine, so large objects go up
+# through it (under the same retry policy, its own retries off); s3fs's parallel ranged reads
+# outran boto3's download_file 2x, so reads stay with s3fs, in 64 MiB ranges: still parallel for a
+# large file, and fewer requests (moto answers each range by copying the whole object: 16 MiB
+# ranges read at 40-48 MiB/s there, 64 MiB at 64-70).
+PART_SIZE = 16 * 2**20
+READ_PART_SIZE = 64 * 2**20
+PARTS_IN_FLIGHT = 10  # for all the large objects of one write_files together, as boto3's default
+FILES_IN_FLIGHT = 4
+MAX_CONNECTIONS = PARTS_IN_FLIGHT * FILES_IN_FLIGHT
+
+
+def _ranges(fs, concurrency: int = PARTS_IN_FLIGHT) -> dict[str, int]:
+    """Ranged-read options for s3fs (an object past one range is read in parallel ranges); none elsewhere."""
+    return {"chunksize": READ_PART_SIZE, "max_concurrency": concurrency} if _is_s3(fs) else {}
+
+
+def _is_s3(fs) -> bool:
+    return any(p in ("s3", "s3a") for p in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)))
 
 
 def read_bytes(fs, path: str) -> bytes:
-    """Read a whole object, retrying transient failures."""
-    return with_retries(lambda: fs.cat_file(path), f"read {path}")
+    """Read a whole small object (one request), retrying transient failures."""
+    return call(fs, "cat_file", path, **_ranges(fs, concurrency=1))
 
 
-def write_bytes(fs, path: str, data: bytes) -> None:
-    """Write a whole object, retrying transient failures."""
-    with_retries(lambda: fs.pipe_file(path, data), f"write {path}")
+def read_large(fs, path: str) -> bytes:
+    """Read a whole object, a large one as parallel ranged reads, retrying transient failures."""
+    return call(fs, "cat_file", path, **_ranges(fs))
+
+
+def write_bytes(fs, path: str, data: bytes, parts_in_flight: int | None = None) -> None:
+    """Write a whole object (a large one in parallel parts), retrying transient failures."""
+    if _is_s3(fs) and len(data) >= 2 * PART_SIZE:
+        _upload_parts(fs, path, data, parts_in_flight or PARTS_IN_FLIGHT)
+    else:
+        call(fs, "pipe_file", path, data)
+
+
+def _upload_parts(fs, path: str, data: bytes, parts_in_flight: int) -> None:
+    import io
+
+    from boto3.s3.transfer import TransferConfig
+
+    bucket, _, key = fs._strip_protocol(path).partition("/")
+    config = TransferConfig(
+        multipart_threshold=2 * PART_SIZE,
+        multipart_chunksize=PART_SIZE,
+        max_concurrency=parts_in_flight,
+        use_threads=True,
+    )
+    client = _transfer_client(fs)
+    with_retries(
+        lambda: client.upload_fileobj(io.BytesIO(data), bucket, key, Config=config),
+        "write",
+        timeout_of(fs),
+        to_uri(fs, path),
+    )
+
+
+_CLIENT_LOCK = threading.Lock()
+
+
+def _transfer_client(fs):
+    """A boto3 S3 client configured as the s3fs filesystem is (endpoint, region, timeouts, one attempt); one per filesystem."""
+    with _CLIENT_LOCK:
+        client = getattr(fs, "orchestrator_transfer_client", None)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            kwargs = {k: v for k, v in fs.client_kwargs.items() if k in ("endpoint_url", "region_name")}
+            client = boto3.session.Session().client("s3", config=Config(**fs.config_kwargs), **kwargs)
+            fs.orchestrator_transfer_client = client
+        return client
+
+
+def write_files(fs, files: dict[str, bytes]) -> None:
+    """Write several objects at once, each under the retry policy; returns when all are written."""
+    # The large ones share the parts in flight: more requests at once than that only queue at the server.
+    large = sum(len(data) >= 2 * PART_SIZE for data in files.values())
+    share = max(2, PARTS_IN_FLIGHT // max(1, large))
+    concurrently([lambda path=path, data=data: write_bytes(fs, path, data, share) for path, data in files.items()])
+
+
+def read_files(fs, paths: list[str]) -> dict[str, bytes]:
+    """Read several objects at once (large ones in parallel ranges), each under the retry policy."""
+    return dict(zip(paths, concurrently([lambda path=path: read_large(fs, path) for path in paths]), strict=True))
+
+
+def concurrently(tasks: list[Callable[[], T]], workers: int = FILES_IN_FLIGHT) -> list[T]:
+    """Run tasks on a few threads (storage calls and hashing release the GIL); results in order.
+
+    The first failure is raised once every task has ended, so no write is still in flight when a
+    caller goes on (to write a manifest, or to report the failure).
+    """
+    if len(tasks) <= 1:
+        return [task() for task in tasks]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(workers, len(tasks)), thread_name_prefix="storage") as pool:
+        futures = [pool.submit(task) for task in tasks]
+    return [f.result() for f in futures]
 
 
 def exists(fs, path: str) -> bool:
     """Whether a path exists, retrying transient failures."""
-    return with_retries(lambda: fs.exists(path), f"stat {path}")
+    return call(fs, "exists", path)

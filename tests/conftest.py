@@ -166,6 +166,102 @@ class TcpProxy:
                 pass
 
 
+class FaultyProxy(TcpProxy):
+    """A TcpProxy whose next connections fail the way a sick S3 fails, then heal: each of the next
+    `count` connections gets `fault` instead of the server.
+
+    - "503": reads the request and answers `503 SlowDown` (S3's throttling answer) and closes;
+    - "reset": reads the request and resets the connection (RST, no answer);
+    - "blackhole": accepts, reads and never answers (until the proxy stops).
+    """
+
+    def __init__(self, target_port: int):
+        super().__init__(target_port)
+        self.fault: str | None = None
+        self.remaining = 0
+        self.faulted = 0
+        self.open_now = 0
+        self.peak = 0  # most connections open to the server at once: how many requests ran together
+        self._held: list[socket.socket] = []
+
+    def inject(self, fault: str, count: int) -> None:
+        with self._lock:
+            self.fault, self.remaining = fault, count
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                fault = self.fault if self.remaining > 0 else None
+                if fault:
+                    self.remaining -= 1
+                    self.faulted += 1
+            if fault is None:
+                try:
+                    upstream = socket.create_connection(("127.0.0.1", self.target_port))
+                except OSError:
+                    client.close()
+                    continue
+                with self._lock:
+                    self._conns += [client, upstream]
+                    self.open_now += 1
+                    self.peak = max(self.peak, self.open_now)
+                threading.Thread(target=self._pipe_counted, args=(client, upstream), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+            else:
+                threading.Thread(target=self._fail, args=(client, fault), daemon=True).start()
+
+    def _pipe_counted(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            self._pipe(client, upstream)
+        finally:
+            with self._lock:
+                self.open_now -= 1
+
+    def _fail(self, client: socket.socket, fault: str) -> None:
+        import struct
+
+        try:
+            client.settimeout(5)
+            client.recv(65536)  # the request line and headers: the client is now waiting for an answer
+            if fault == "503":
+                body = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                client.sendall(
+                    b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                client.close()
+            elif fault == "reset":
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+            else:
+                with self._lock:
+                    self._held.append(client)
+        except OSError:
+            client.close()
+
+    def stop(self) -> None:
+        super().stop()
+        with self._lock:
+            held, self._held = self._held, []
+        for s in held:
+            s.close()
+
+
+def blackhole() -> tuple[socket.socket, str]:
+    """A listening socket that accepts connections (the kernel does) and never answers: (socket, endpoint)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
 class MlflowServer:
     """A real `mlflow server` (SQLite backend, proxied artifacts) on a free loopback port, in its own process group."""
 

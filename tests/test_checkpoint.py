@@ -174,24 +174,7 @@ def test_preflight_errors_name_the_uri_not_the_secret(s3_server, monkeypatch, tm
     with pytest.raises(BadInput, match=r"s3://no-such-bucket-xyz/runs: the bucket does not exist"):
         storage.preflight("s3://no-such-bucket-xyz/runs")
     with pytest.raises(BadInput, match="cannot reach the storage endpoint") as err:
-        storage.preflight("s3://b/runs", endpoint_url="http://127.0.0.1:9")
+        storage.preflight("s3://b/runs", endpoint_url="http://127.0.0.1:9", timeout_s=1)
     assert "testing" not in str(err.value)
     storage.preflight(str(tmp_path / "fine"))
     assert list((tmp_path / "fine").iterdir()) == []  # the probe is removed
-
-
-def test_preflight_rejects_wrong_credentials(monkeypatch):
-    from conftest import S3Server, free_port
-
-    # moto checks signatures only with IAM auth turned on: a second server for this one test.
-    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "0")
-    server = S3Server(free_port())
-    server.start()
-    try:
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "super-secret-value")
-        with pytest.raises(BadInput, match="s3://any-bucket/runs: access denied") as err:
-            storage.preflight("s3://any-bucket/runs", endpoint_url=server.endpoint)
-        assert "super-secret-value" not in str(err.value)
-    finally:
-        server.stop()

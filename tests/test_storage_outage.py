@@ -109,13 +109,21 @@ def test_outage_mid_run_is_survived_with_identical_weights(s3_behind_proxy):
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
-def test_long_outage_fails_clearly_and_a_rerun_resumes(s3_behind_proxy, monkeypatch):
+def test_long_outage_fails_clearly_and_a_rerun_resumes(s3_behind_proxy):
     server, proxy = s3_behind_proxy
-    monkeypatch.setenv("ORCHESTRATOR_STORAGE_ATTEMPTS", "2")
-    spec = build_spec(JOB, ["checkpoint.storage=s3://outage/runs", f"checkpoint.endpoint_url={proxy.endpoint}"])
+    spec = build_spec(
+        JOB,
+        [
+            "checkpoint.storage=s3://outage/runs",
+            f"checkpoint.endpoint_url={proxy.endpoint}",
+            "checkpoint.upload_timeout_s=3",
+        ],
+    )
     run_uri = "s3://outage/runs/outage"
     cutter = outage_after_first_checkpoint(run_uri, server.endpoint, proxy, down_s=None)
-    with pytest.raises(RuntimeError, match="checkpoint upload failed"):
+    with pytest.raises(
+        RuntimeError, match=r"checkpoint upload failed: s3://outage/runs/outage/\S+: \w+ still failing after"
+    ):
         run_training(spec, LoopContext(run_uri=run_uri, log=lambda m: None))
     cutter.join()
     fs, root = storage.open_storage(run_uri, server.endpoint)

@@ -43,7 +43,7 @@ def run_training(spec: JobSpec, ctx: LoopContext) -> LoopResult:
     progress = Progress(ctx)
     seed_everything(spec.train.seed + ctx.rank)
     parts = build_parts(spec, ctx, progress.say)
-    run = RunDir.open(ctx.run_uri, spec.checkpoint.endpoint_url)
+    run = RunDir.open(ctx.run_uri, spec.checkpoint.endpoint_url, spec.checkpoint.upload_timeout_s)
     checkpointer = Checkpointer(run, spec, ctx, parts)
     state, resumed_from = checkpointer.restore(progress.say)
     loop = _Loop(spec, ctx, parts, wrap_model(parts.model, spec, ctx), state, run, checkpointer, progress)

@@ -71,7 +71,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     trial_id = tune.get_context().get_trial_id()
     spec = trial_spec(plan.job, config, f"{plan.sweep_name}-{trial_id}", plan.ranges)
     track_as_trial(spec, plan, trial_id)
-    run = RunDir.open(f"{plan.sweep_uri}/{trial_id}", plan.endpoint)
+    run = RunDir.open(f"{plan.sweep_uri}/{trial_id}", plan.endpoint, spec.checkpoint.upload_timeout_s)
     exploited_from = adopt_exploited_checkpoint(tune.get_checkpoint(), run, spec) if plan.pbt else None
     previous = RunRecord.load(run)
     if previous and previous.finished and previous.summary and exploited_from is None:
