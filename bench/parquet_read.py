@@ -80,7 +80,9 @@ def job(uri: str, endpoint: str | None) -> dict:
 # One rank (a process of its own)
 
 
-def run_rank(uri: str, rank: int, world: int, endpoint: str | None, memory: bool) -> dict:
+def run_rank(
+    uri: str, rank: int, world: int, endpoint: str | None, memory: bool, read_ahead: int | None = None
+) -> dict:
     import pyarrow.parquet as pq
     import torch
 
@@ -116,6 +118,8 @@ def run_rank(uri: str, rank: int, world: int, endpoint: str | None, memory: bool
         s3fs.core.S3File._fetch_range = fetch
     splits = load_data(build_spec(job(uri, endpoint)))
     train = splits.train
+    if read_ahead is not None:
+        train.read_ahead = read_ahead
     if memory:  # the same examples of this rank, read before the clock starts and held as tensors
         from orchestrator.data.sources import TensorSource
 
@@ -135,6 +139,7 @@ def run_rank(uri: str, rank: int, world: int, endpoint: str | None, memory: bool
         steps += 1
     epoch_s = time.perf_counter() - t0
     train_reads, train_fetched = list(reads), fetched[0]
+    train_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     val_passes = []
     for _ in range(2):
         before = len(reads)
@@ -152,6 +157,7 @@ def run_rank(uri: str, rank: int, world: int, endpoint: str | None, memory: bool
         "s3_train_bytes_fetched": train_fetched,
         "val_bytes_first_pass": val_passes[0],
         "val_bytes_second_pass": val_passes[1],
+        "peak_rss_train_mb": train_rss,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -215,6 +221,7 @@ def summarize(label: str, size: int, ranks: list[dict]) -> dict:
         "s3_train_mb_fetched_per_rank": [round(r["s3_train_bytes_fetched"] / 2**20, 1) for r in ranks],
         "steps_per_rank": [r["steps"] for r in ranks],
         "steps_per_s": round(min(r["steps_per_s"] for r in ranks), 1),
+        "peak_rss_train_mb": round(max(r["peak_rss_train_mb"] for r in ranks)),
         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in ranks)),
     }
 
@@ -225,7 +232,11 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=10)
     parser.add_argument("--baseline", type=Path, help="another checkout to run side by side (e.g. /work/main)")
     parser.add_argument("--s3", action="store_true", help="also read the 1x data set from a local S3 server")
-    parser.add_argument("--dir", type=Path, help="where to write the data sets (default: a temporary directory)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        help="where the data sets are written and kept (reused when there; default: a temporary directory)",
+    )
     parser.add_argument("--json", action="store_true")
     # One rank (internal)
     parser.add_argument("--rank", type=int)
@@ -233,9 +244,10 @@ def main() -> None:
     parser.add_argument("--uri")
     parser.add_argument("--endpoint")
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--read-ahead", type=int)
     args = parser.parse_args()
     if args.rank is not None:
-        print(json.dumps(run_rank(args.uri, args.rank, args.world, args.endpoint, args.memory)))
+        print(json.dumps(run_rank(args.uri, args.rank, args.world, args.endpoint, args.memory, args.read_ahead)))
         return
     base = args.dir or Path(tempfile.mkdtemp(prefix="parquet-bench-"))
     rows = []
@@ -243,7 +255,9 @@ def main() -> None:
         sizes = {}
         for mult in (1, args.scale):
             path = base / f"x{mult}"
-            sizes[mult] = write_dataset(path, args.mb * mult)
+            sizes[mult] = (
+                sum(f.stat().st_size for f in path.iterdir()) if path.exists() else write_dataset(path, args.mb * mult)
+            )
             rows.append(summarize(f"{mult}x, local disk", sizes[mult], run_ranks(ROOT, str(path))))
             if args.baseline:
                 rows.append(
@@ -270,7 +284,10 @@ def main() -> None:
         rows[0],
         next(r for r in rows if r["run"].startswith(f"{args.scale}x, local disk") and "/" not in r["run"]),
     )
-    ratios = {"peak_rss_10x_over_1x": round(big["peak_rss_mb"] / one["peak_rss_mb"], 3)}
+    ratios = {
+        "peak_rss_10x_over_1x": round(big["peak_rss_mb"] / one["peak_rss_mb"], 3),
+        "peak_rss_train_10x_over_1x": round(big["peak_rss_train_mb"] / one["peak_rss_train_mb"], 3),
+    }
     s3 = [r for r in rows if r["run"] == "1x, S3 (moto)"]
     if s3:
         mem = next(r for r in rows if r["run"] == "1x, held in memory")

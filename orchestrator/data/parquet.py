@@ -25,7 +25,9 @@ DEFAULT_SHUFFLE_BUFFER = 8192
 # Row groups a background thread reads ahead of the one the step uses: overlaps download and decode with compute.
 DEFAULT_READ_AHEAD = 2
 # Decoded validation/test examples a rank keeps after its first pass, so later passes read nothing.
-DEFAULT_CACHE_BYTES = 512 * 2**20
+# Bounded so that a rank's memory does not grow with the data set: a larger share is streamed
+# again by each pass (each rank reading only its own row groups).
+DEFAULT_CACHE_BYTES = 64 * 2**20
 
 
 def _storage_options(endpoint_url: str | None) -> dict:
