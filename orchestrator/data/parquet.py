@@ -510,17 +510,18 @@ class ParquetSource(BatchSource):
                 yield torch.from_numpy(x), torch.from_numpy(y)
             return
         groups = [int(g) for g in self._eval_share(rank, world_size)]
+        share = int(self.counts[groups].sum())
         reader = _ReadAhead(self._read_group, groups, self.read_ahead)
         kept: list[tuple[np.ndarray, np.ndarray]] | None = []
-        held = 0
         try:
             for _ in groups:
                 x, y = reader.next()
-                held += x.nbytes + y.nbytes
-                if kept is not None and held <= self.cache_bytes:
+                if kept is not None and not kept and (x.nbytes + y.nbytes) * share > self.cache_bytes * len(x):
+                    # Decided on the first row group, before holding anything: too big to keep,
+                    # every pass streams this share from storage.
+                    kept = None
+                if kept is not None:
                     kept.append((x, y))
-                else:
-                    kept = None  # too big to keep: every pass streams this share from storage
                 yield torch.from_numpy(x), torch.from_numpy(y)
         finally:
             reader.close()
