@@ -34,9 +34,9 @@ def keys(x: torch.Tensor) -> list[tuple]:
     return [tuple(row) for row in flat[:, :2].tolist()]
 
 
-def epoch_keys(source, epoch=0, rank=0, world=1, start_batch=0) -> list[tuple]:
+def epoch_keys(source, epoch=0, rank=0, world=1, start_batch=0, legs=()) -> list[tuple]:
     out = []
-    for x, _ in source.batches(epoch, rank, world, start_batch):
+    for x, _ in source.batches(epoch, rank, world, start_batch, legs):
         out += keys(x)
     return out
 
@@ -344,40 +344,166 @@ def test_parquet_lm_windows(tmp_path):
         load_data(small)
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A real S3 API (moto's server) on a free loopback port, with throwaway credentials."""
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
-            mp.setenv(key, value)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-        server.stop()
+@pytest.fixture
+def parquet_parts(tmp_path):
+    """500 rows in two files, row groups of 40 (the last of each file shorter)."""
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_table(parts / "part-0.parquet", n=260, start=0)
+    write_table(parts / "part-1.parquet", n=240, start=260)
+    return parts
 
 
-def test_parquet_on_s3_via_endpoint_url(s3_endpoint, parquet_file):
-    import boto3
+def split_keys(splits, name) -> set:
+    return set(epoch_keys(getattr(splits, name)))
 
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    bucket = f"data-{uuid.uuid4().hex[:8]}"
-    s3.create_bucket(Bucket=bucket)
-    s3.upload_file(str(parquet_file), bucket, "ds/all.parquet")
-    local = load_data(parquet_spec(parquet_file))
-    remote = load_data(parquet_spec(f"s3://{bucket}/ds/", endpoint_url=s3_endpoint))
+
+def reads_of(table, action) -> list[tuple[int, int]]:
+    """The row groups (and stored bytes) `action` read from storage."""
+    before = len(table.reads)
+    action()
+    return table.reads[before:]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_parquet_ranks_read_disjoint_shares_of_the_train_split(parquet_parts, world):
+    splits = load_data(parquet_spec(parquet_parts, batch_size=8), shuffle_buffer=50)
+    table, train = splits.train.table, splits.train
+    everything = {(float(np.float32(i)), float(np.float32(np.sin(i)))) for i in range(500)}
+    train_set = everything - split_keys(splits, "val") - split_keys(splits, "test")
+    assert len(train_set) == splits.info.sizes["train"] == train.size
+    rows_per_rank = table.rows.sum() / world
+    # Stored bytes of the columns a step reads, per row group, from the files' footers.
+    stored = np.array(
+        [sum(table.metas[f].row_group(g).column(j).total_compressed_size for j in (0, 1, 3)) for f, g in table.groups]
+    )
+    for epoch in (0, 1):
+        shares, reads = [], []
+        for rank in range(world):
+            got: list = []
+            reads.append(reads_of(table, lambda r=rank, g=got, e=epoch: g.extend(epoch_keys(train, e, r, world))))
+            shares.append(got)
+            assert len(list(train.batches(epoch, rank, world))) == train.num_batches(world)
+        # Equal shares, disjoint, covering the split but for the last size % world of the epoch's order.
+        assert [len(s) for s in shares] == [train.size // world] * world
+        union = set().union(*map(set, shares))
+        assert len(union) == world * (train.size // world) and union <= train_set
+        for rank, read in enumerate(reads):
+            groups = [g for g, _ in read]
+            assert len(groups) == len(set(groups))  # each row group read once
+            # A rank reads its share plus the row groups cut between it and its neighbours (one at an end rank).
+            cut = 1 if rank in (0, world - 1) else 2
+            assert table.rows[groups].sum() <= rows_per_rank + cut * table.rows.max()
+            assert sum(b for _, b in read) <= stored.sum() / world + cut * stored.max()
+    # A new order each epoch: the shares change, not only their order.
+    assert set(epoch_keys(train, 0, 0, world)) != set(epoch_keys(train, 1, 0, world)) or world == 1
+
+
+def test_parquet_resume_on_the_same_world_size_is_bit_identical_and_skips_done_chunks(parquet_parts):
+    train = load_data(parquet_spec(parquet_parts, batch_size=8, augment={"noise": 0.1}), shuffle_buffer=50).train
+    full = list(train.batches(1, 1, 3))
+    resumed: list = []
+    read = reads_of(train.table, lambda: resumed.extend(train.batches(1, 1, 3, start_batch=9)))
+    assert same_batches(resumed, full[9:]) and len(full) == train.num_batches(3)
+    assert len(read) < len(reads_of(train.table, lambda: list(train.batches(1, 1, 3))))
+    assert list(train.batches(1, 1, 3, start_batch=len(full))) == []
+
+
+def test_parquet_resume_on_another_world_size_takes_what_is_left_once(parquet_parts):
+    train = load_data(parquet_spec(parquet_parts, batch_size=8), shuffle_buffer=50).train
+    bs = train.batch_size
+    first = [epoch_keys(train, 2, r, 2) for r in range(2)]  # 2 ranks took 5 batches each, then a restart on 3
+    done = {k for share in first for k in share[: 5 * bs]}
+    left = {k for share in first for k in share[5 * bs :]}
+    legs = ((2, 5),)
+    after = [epoch_keys(train, 2, r, 3, legs=legs) for r in range(3)]
+    assert [len(a) for a in after] == [train.num_examples(3, r, legs) for r in range(3)]
+    assert len({train.num_batches(3, legs)} | {len(list(train.batches(2, r, 3, legs=legs))) for r in range(3)}) == 1
+    union = set().union(*map(set, after))
+    assert sum(map(len, after)) == len(union) and not union & done
+    assert union <= left and len(left - union) < 3  # all that was left, but for fewer than 3 examples
+    # Bit-identical within the new leg, and a second restart (on 1 worker) continues with what the 3 left.
+    assert same_batches(list(train.batches(2, 2, 3, 2, legs)), list(train.batches(2, 2, 3, legs=legs))[2:])
+    done |= {k for a in after for k in a[: 2 * bs]}
+    last = epoch_keys(train, 2, 0, 1, legs=((2, 5), (3, 2)))
+    assert len(last) == len(set(last)) and not set(last) & done
+    assert set(last) == {k for a in after for k in a[2 * bs :]}
+
+
+def test_parquet_val_and_test_are_read_once_each_rank_its_own_row_groups(parquet_parts):
+    splits = load_data(parquet_spec(parquet_parts, batch_size=8))
+    table = splits.val.table
+    val_one = set(epoch_keys(splits.val))
+    ranks, reads = [], []
+    for rank in range(3):
+        got: list = []
+        reads.append(reads_of(table, lambda r=rank, g=got: g.extend(epoch_keys(splits.val, 0, r, 3))))
+        ranks.append(got)
+    assert sum(map(len, ranks)) == len(set().union(*map(set, ranks))) and set().union(*map(set, ranks)) == val_one
+    assert [len(r) for r in ranks] == [splits.val.num_examples(3, r) for r in range(3)]
+    groups = [{g for g, _ in read} for read in reads]
+    assert not groups[0] & groups[1] and not groups[1] & groups[2] and len(set().union(*groups)) == len(table.groups)
+    # Later passes (every validation, every epoch) come from memory.
+    for rank in range(3):
+        again = reads_of(table, lambda r=rank: epoch_keys(splits.val, 5, r, 3))
+        assert again == [] and epoch_keys(splits.val, 0, rank, 3) == ranks[rank]
+    test_once = reads_of(table, lambda: epoch_keys(splits.test))
+    assert len(test_once) == len(table.groups) and reads_of(table, lambda: epoch_keys(splits.test)) == []
+
+
+def test_parquet_val_too_big_to_keep_is_streamed_each_pass(parquet_parts):
+    from orchestrator.data import parquet
+
+    splits = load_data(parquet_spec(parquet_parts, batch_size=8))
+    splits.val.cache_bytes = 100  # less than one row group's validation examples
+    first = reads_of(splits.val.table, lambda: epoch_keys(splits.val, 0, 1, 2))
+    assert first and reads_of(splits.val.table, lambda: epoch_keys(splits.val, 0, 1, 2)) == first
+    assert parquet.DEFAULT_CACHE_BYTES >= 2**20
+
+
+def test_read_ahead_reads_in_a_background_thread_at_most_depth_ahead():
+    import threading
+
+    from orchestrator.data.parquet import _ReadAhead
+
+    started = []
+    release = threading.Event()
+
+    def read(g):
+        started.append((g, threading.current_thread().name))
+        release.wait(10)
+        return g
+
+    reader = _ReadAhead(read, list(range(10)), depth=2)
+    try:
+        release.set()
+        for f in list(reader._pending):
+            f.result(10)
+        # Nothing taken yet: the first group and two ahead of it, and no more, read off the step's thread.
+        assert [g for g, _ in started] == [0, 1, 2]
+        assert all(name.startswith("parquet-read-ahead") for _, name in started)
+        assert [reader.next() for _ in range(10)] == list(range(10))
+    finally:
+        reader.close()
+    inline = _ReadAhead(lambda g: threading.current_thread().name, [0], depth=0)
+    assert inline.next() == threading.current_thread().name
+
+
+def test_parquet_on_s3_via_endpoint_url(s3_server, bucket, parquet_file):
+    s3_server.client().upload_file(str(parquet_file), bucket, "ds/all.parquet")
+    local = load_data(parquet_spec(parquet_file, batch_size=8), shuffle_buffer=50)
+    remote = load_data(
+        parquet_spec(f"s3://{bucket}/ds/", batch_size=8, endpoint_url=s3_server.endpoint), shuffle_buffer=50
+    )
     assert remote.info.sizes == local.info.sizes
     assert remote.info.fingerprint["files"][0]["path"] == f"s3://{bucket}/ds/all.parquet"
     assert "etag" in remote.info.fingerprint["files"][0]
-    assert same_batches(list(remote.train.batches(0, 0, 1)), list(local.train.batches(0, 0, 1)))
+    # The same sharded plan, the same read-ahead path: rank 1 of 2 gets the same batches, and reads only its share.
+    assert same_batches(list(remote.train.batches(0, 1, 2)), list(local.train.batches(0, 1, 2)))
+    assert same_batches(list(remote.train.batches(0, 1, 2, start_batch=3)), list(local.train.batches(0, 1, 2))[3:])
+    assert len({g for g, _ in remote.train.table.reads}) < len(remote.train.table.groups)
     with pytest.raises(BadInput, match=rf"^data\.path: s3://{bucket}/x\.parquet: no such file$"):
-        check_data(parquet_spec(f"s3://{bucket}/x.parquet", endpoint_url=s3_endpoint))
+        check_data(parquet_spec(f"s3://{bucket}/x.parquet", endpoint_url=s3_server.endpoint))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -295,3 +295,38 @@ def test_torch_compile_matches_eager(tmp_path):
     assert compiled.metrics["val_loss"] == pytest.approx(eager.metrics["val_loss"], rel=1e-3)
     # The checkpoint holds the module's own names, not torch.compile's wrapper prefix.
     assert not any(k.startswith("_orig_mod") for k in final_weights(str(tmp_path / "compiled"))[0])
+
+
+@pytest.mark.slow  # two spawned DDP ranks and a resume (~45 s on 2 cores); the data layer's tests cover the plan
+def test_elastic_resume_of_parquet_data_continues_with_what_the_two_ranks_left(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import free_port
+
+    from orchestrator.data import load_data
+
+    index = np.arange(1500)
+    table = pa.table({"f0": np.sin(index), "f1": np.cos(index * 0.7), "label": (index % 3).astype(np.int64)})
+    pq.write_table(table, tmp_path / "d.parquet", row_group_size=100)
+    data = [
+        "data.name=parquet",
+        "data.task=classification",
+        f"data.path={tmp_path / 'd.parquet'}",
+        "data.features=[f0, f1]",
+        "data.label=label",
+    ]
+    run_uri = str(tmp_path / "elastic-parquet")
+    mp.start_processes(
+        _ddp_rank,
+        args=(2, free_port(), run_uri, str(tmp_path), [*data, "train.max_steps=5"]),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    # One worker takes what the two left of the epoch (each had its own run of row groups), and no more.
+    out = run_training(spec_with(tmp_path, "train.epochs=1", *data), LoopContext(run_uri=run_uri))
+    train = load_data(spec_with(tmp_path, *data)).train
+    left = train.num_batches(1, ((2, 5),))
+    assert left == -(-2 * (train.size // 2 - 5 * 64) // 64)  # ceil: the examples the two ranks had not taken
+    assert out.resumed_from.endswith("checkpoint_00000005") and out.steps == 5 + left

@@ -1,7 +1,7 @@
 """Datasets and their splits, and sharded, resumable batch loading.
 
 Sources: scikit-learn's bundled digits, seeded synthetic data, Parquet (local or s3://, streamed by
-row group) and user `module:function` hooks. torch and pyarrow are imported only where batches are
+row group, each rank reading only the row groups dealt to it) and user `module:function` hooks. torch and pyarrow are imported only where batches are
 built or files read, so that a preflight of a job stays light.
 
 What lives where:
@@ -9,7 +9,8 @@ What lives where:
 - splits.py: the seeded random streams and split assignment (assign_splits in memory, hashed_splits per streamed row);
 - sources.py: BatchSource (sharded, resumable batches of one split), TensorSource, augmentation (shift_images);
 - memory.py: the in-memory data sets (digits, synthetic, user hooks), their cache, class filter and split;
-- parquet.py: Parquet files, their metadata and schemas, and ParquetSource;
+- parquet.py: Parquet files, their metadata and schemas, and ParquetSource (the per-epoch deal of row
+  groups to ranks, the read-ahead thread, the kept validation/test shares);
 - here: Splits and the two entry points, load_data and check_data.
 """
 

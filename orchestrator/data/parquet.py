@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from orchestrator.data.info import DataInfo, _check_classes, _num_windows, _windows
-from orchestrator.data.sources import BatchSource
+from orchestrator.data.sources import BatchSource, Legs, _cat, _check_position
 from orchestrator.data.splits import _SALT_ORDER, SPLITS, TEST, TRAIN, VAL, _rng, _split_args, hashed_splits
 from orchestrator.errors import BadInput
 from orchestrator.hooks import _one_line
@@ -19,6 +22,12 @@ if TYPE_CHECKING:
 
 # Examples mixed together when shuffling streamed Parquet; bounds memory to about this many examples.
 DEFAULT_SHUFFLE_BUFFER = 8192
+# Row groups a background thread reads ahead of the one the step uses: overlaps download and decode with compute.
+DEFAULT_READ_AHEAD = 2
+# Decoded validation/test examples a rank keeps after its first pass, so later passes read nothing.
+# Bounded so that a rank's memory does not grow with the data set: a larger share is streamed
+# again by each pass (each rank reading only its own row groups).
+DEFAULT_CACHE_BYTES = 64 * 2**20
 
 
 def _storage_options(endpoint_url: str | None) -> dict:
@@ -90,6 +99,10 @@ class _ParquetTable:
         self.vocab_size = d.vocab_size
         self.split_args = _split_args(spec)
         self.columns = [d.tokens] if d.task == "lm" else self.features + [d.label]
+        # Every row group read from storage, with its stored (compressed) bytes of the columns read:
+        # what benchmarks and tests count to check each rank reads only its share.
+        self.reads: list[tuple[int, int]] = []
+        self._reads_lock = threading.Lock()
         self.fs, infos = list_parquet_files(self.uri, d.endpoint_url)
         self.files = [i["name"] for i in infos]
         self.fingerprint = {"source": "parquet", "files": [_file_fingerprint(self.fs, i) for i in infos]}
@@ -200,8 +213,18 @@ class _ParquetTable:
         import pyarrow.parquet as pq  # imported here to keep start-up light
 
         fi, gi = (int(v) for v in self.groups[g])
-        with self.fs.open(self.files[fi], "rb") as f:
-            return pq.ParquetFile(f, metadata=self.metas[fi]).read_row_group(gi, columns=columns)
+        # No read-ahead cache in the file (s3fs's default fetches up to 50 MB past each read: the rest
+        # of the file, for one row group); pre_buffer coalesces the row group's column chunks into
+        # few ranged requests, so what moves is what is decoded.
+        with self.fs.open(self.files[fi], "rb", cache_type="none") as f:
+            table = pq.ParquetFile(f, metadata=self.metas[fi], pre_buffer=True).read_row_group(gi, columns=columns)
+        meta = self.metas[fi]
+        stored = sum(
+            meta.row_group(gi).column(j).total_compressed_size for c in columns for j in self._column_index(meta, c)
+        )
+        with self._reads_lock:  # the read-ahead thread and the step's thread both read
+            self.reads.append((g, stored))
+        return table
 
     def _lm_tokens(self, codes: np.ndarray, split: int, table) -> np.ndarray:
         """The tokens of one split of one row group: its rows' token lists, concatenated."""
@@ -248,8 +271,125 @@ class _ParquetTable:
         )
 
 
+class _ReadAhead:
+    """Row groups read by a background thread, `depth` ahead of the one being used, in the order asked for.
+
+    One reader thread: reads of one rank go to storage one at a time, in the order the epoch needs
+    them, while the step computes; at most depth + 1 decoded row groups wait in memory.
+    """
+
+    def __init__(self, read: Callable[[int], Any], groups: list[int], depth: int):
+        self._read = read
+        self._todo = iter(groups)
+        self._depth = depth
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="parquet-read-ahead") if depth > 0 else None
+        self._pending: deque[Future] = deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._pool is not None and len(self._pending) <= self._depth:
+            g = next(self._todo, None)
+            if g is None:
+                return
+            self._pending.append(self._pool.submit(self._read, g))
+
+    def next(self) -> Any:
+        """The next row group's examples (read now when there is no read-ahead)."""
+        if self._pool is None:
+            return self._read(next(self._todo))
+        result = self._pending.popleft().result()
+        self._fill()
+        return result
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for f in self._pending:
+                f.cancel()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# A piece of a row group's examples: (row group, lo, hi) for the range lo..hi of its example index,
+# or, after an elastic restart, the explicit keys left of it (row group, 0, 0, keys).
+Piece = tuple[int, int, int, "np.ndarray | None"]
+
+
+def _piece_len(p: Piece) -> int:
+    return len(p[3]) if p[3] is not None else p[2] - p[1]
+
+
+def _piece_keys(p: Piece) -> np.ndarray:
+    g, lo, hi, keys = p
+    return keys if keys is not None else (np.int64(g) << 32) | np.arange(lo, hi, dtype=np.int64)
+
+
+def _cut(p: Piece, a: int, b: int) -> Piece:
+    g, lo, _, keys = p
+    return (g, lo + a, lo + b, None) if keys is None else (g, 0, 0, keys[a:b])
+
+
+def _deal(pieces: list[Piece], world_size: int, rng: np.random.Generator) -> list[list[Piece]]:
+    """The pieces in a seeded order, cut into `world_size` runs of exactly total // world_size examples.
+
+    Every rank gets the same count; the last total % world_size examples of the order are left out
+    (as DistributedSampler's drop_last does), different ones each epoch. A row group at a cut is
+    split between two neighbouring ranks: each reads it, so a rank reads its share plus at most
+    two row groups (the first and last rank, one).
+    """
+    total = sum(_piece_len(p) for p in pieces)
+    each = total // world_size
+    shares: list[list[Piece]] = [[] for _ in range(world_size)]
+    if each == 0:
+        return shares
+    rank, room = 0, each
+    for i in rng.permutation(len(pieces)):
+        p, at, n = pieces[i], 0, _piece_len(pieces[i])
+        while at < n and rank < world_size:
+            take = min(room, n - at)
+            shares[rank].append(_cut(p, at, at + take))
+            at, room = at + take, room - take
+            if room == 0:
+                rank, room = rank + 1, each
+        if rank == world_size:
+            break
+    return shares
+
+
+def _by_group(keys: np.ndarray) -> list[Piece]:
+    """Keys cut into one piece per row group, each keeping the order it had."""
+    if not len(keys):
+        return []
+    groups = keys >> 32
+    order = np.argsort(groups, kind="stable")
+    cuts = np.flatnonzero(np.diff(groups[order])) + 1
+    return [(int(k[0] >> 32), 0, 0, k) for k in np.split(keys[order], cuts)]
+
+
+def _batched(parts: Iterator[tuple[Any, Any]], batch_size: int) -> Iterator[tuple[Any, Any]]:
+    """Batches of `batch_size` (the last one shorter) cut across a stream of (x, y) tensor pairs."""
+    pending: list[tuple[Any, Any]] = []
+    pending_n = 0
+    for x, y in parts:
+        pending.append((x, y))
+        pending_n += len(x)
+        while pending_n >= batch_size:
+            x, y = _cat(pending)
+            yield x[:batch_size], y[:batch_size]
+            pending, pending_n = (
+                ([(x[batch_size:], y[batch_size:])], pending_n - batch_size) if pending_n > batch_size else ([], 0)
+            )
+    if pending_n:
+        yield _cat(pending)
+
+
 class ParquetSource(BatchSource):
-    """A split of Parquet data read one row group at a time; keys are (row group << 32) | example index."""
+    """A split of Parquet data, each rank reading only the row groups dealt to it; keys are (row group << 32) | example index.
+
+    Train: every epoch, the row groups are put in a seeded order and cut into equal runs, one per
+    rank (`_deal`); each rank shuffles its run through a bounded buffer. A background thread reads
+    `read_ahead` row groups ahead of the step. Val/test: each rank takes a contiguous run of row
+    groups, the same for every pass, kept in memory after its first pass when it fits in
+    `cache_bytes`, else streamed again.
+    """
 
     def __init__(
         self,
@@ -260,51 +400,178 @@ class ParquetSource(BatchSource):
         train: bool,
         augment: Callable | None = None,
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        read_ahead: int = DEFAULT_READ_AHEAD,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
         self.table = table
         self.split = split
         self.counts = table.counts[:, split]
         self.shuffle_buffer = shuffle_buffer
+        self.read_ahead = read_ahead
+        self.cache_bytes = cache_bytes
+        self._cache: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
         super().__init__(int(self.counts.sum()), batch_size, seed, train, augment)
 
-    def _keys_of(self, groups) -> np.ndarray:
-        return np.concatenate([(np.int64(g) << 32) | np.arange(self.counts[g], dtype=np.int64) for g in groups])
+    # -- the plan: which examples each rank takes, in which order ------------------------------
 
-    def _key_chunks(self, epoch: int) -> Iterator[np.ndarray]:
-        groups = np.flatnonzero(self.counts)
-        if not self.train:
-            for g in groups:
-                yield self._keys_of([g])
-            return
-        # A seeded permutation of row groups, then a bounded shuffle buffer: groups are gathered
-        # until the buffer holds enough examples, and their examples are shuffled together.
-        rng = _rng(self.seed, epoch, _SALT_ORDER)
-        gathered, held = [], 0
-        for g in rng.permutation(groups):
-            gathered.append(g)
-            held += int(self.counts[g])
+    def _shares(self, epoch: int, world_size: int, legs: Legs) -> list[list[Piece]]:
+        """Each rank's pieces for what is left of the epoch after `legs`."""
+        pieces: list[Piece] = [(int(g), 0, int(self.counts[g]), None) for g in np.flatnonzero(self.counts)]
+        for leg, (w, done) in enumerate(legs):
+            # What an earlier world size left: each rank's run after the batches it took.
+            tails = [
+                np.concatenate(
+                    [keys.keys() for _, keys in self._chunks(share, epoch, leg, rank)] or [np.zeros(0, np.int64)]
+                )[done * self.batch_size :]
+                for rank, share in enumerate(self._deal_leg(pieces, epoch, leg, w))
+            ]
+            pieces = _by_group(np.concatenate(tails))
+        return self._deal_leg(pieces, epoch, len(legs), world_size)
+
+    def _deal_leg(self, pieces: list[Piece], epoch: int, leg: int, world_size: int) -> list[list[Piece]]:
+        return _deal(pieces, world_size, _rng(self.seed, epoch, leg, _SALT_ORDER))
+
+    def _chunks(self, share: list[Piece], epoch: int, leg: int, rank: int) -> Iterator[tuple[list[int], np.ndarray]]:
+        """A rank's run as shuffled chunks: (its row groups, its keys); pieces are gathered until
+        the buffer holds enough examples, and their examples are shuffled together."""
+        gathered: list[Piece] = []
+        held = 0
+        for p in share:
+            gathered.append(p)
+            held += _piece_len(p)
             if held >= self.shuffle_buffer:
-                yield rng.permutation(self._keys_of(gathered))
+                yield self._chunk(gathered, epoch, leg, rank)
                 gathered, held = [], 0
         if gathered:
-            yield rng.permutation(self._keys_of(gathered))
+            yield self._chunk(gathered, epoch, leg, rank)
 
-    def _fetch(self, keys: np.ndarray):
+    def _chunk(self, pieces: list[Piece], epoch: int, leg: int, rank: int) -> tuple[list[int], _LazyKeys]:
+        # Each chunk its own seed (its first row group and range): a resumed epoch skips chunks without drawing their orders.
+        g, lo, _, keys = pieces[0]
+        first = int(keys[0]) if keys is not None else (g << 32) | lo
+        rng = _rng(self.seed, epoch, leg, rank, first, _SALT_ORDER)
+        return sorted({q[0] for q in pieces}), _LazyKeys(pieces, rng)
+
+    # -- counts ---------------------------------------------------------------------------------
+
+    def num_examples(self, world_size: int, rank: int = 0, legs: Legs = ()) -> int:
+        if not self.train:
+            return int(self.counts[self._eval_share(rank, world_size)].sum())
+        left = self.size
+        for w, done in legs:  # each rank of a leg had an equal run, and took `done` full batches of it
+            left = w * max(0, left // w - done * self.batch_size)
+        return left // world_size
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def batches(
+        self, epoch: int, rank: int, world_size: int, start_batch: int = 0, legs: Legs = ()
+    ) -> Iterator[tuple[Any, Any]]:
+        _check_position(rank, world_size, start_batch)
+        if not self.train:
+            yield from _batched(self._eval_parts(rank, world_size), self.batch_size)
+            return
+        share = self._shares(epoch, world_size, legs)[rank]
+        skip = start_batch * self.batch_size
+        chunks = []
+        for groups, keys in self._chunks(share, epoch, len(legs), rank):
+            if not chunks and skip >= len(keys):  # chunks before the resume point are not read at all
+                skip -= len(keys)
+                continue
+            chunks.append((groups, keys))
+        reader = _ReadAhead(self._read_group, [g for groups, _ in chunks for g in groups], self.read_ahead)
+
+        def parts() -> Iterator[tuple[Any, Any]]:
+            nonlocal skip
+            for groups, keys in chunks:
+                read = {g: reader.next() for g in groups}
+                yield _gather(read, keys.keys()[skip:])
+                skip = 0
+
+        try:
+            for index, (x, y) in enumerate(_batched(parts(), self.batch_size), start=start_batch):
+                yield self._finish(x, y, epoch, rank, index)
+        finally:
+            reader.close()
+
+    def _eval_share(self, rank: int, world_size: int) -> np.ndarray:
+        """A contiguous run of the row groups holding this split, cut at about equal example counts."""
+        groups = np.flatnonzero(self.counts)
+        starts = np.concatenate([[0], np.cumsum(self.counts[groups])])[:-1]
+        owner = np.minimum(starts * world_size // max(1, self.size), world_size - 1)
+        return groups[owner == rank]
+
+    def _eval_parts(self, rank: int, world_size: int) -> Iterator[tuple[Any, Any]]:
         import torch  # imported here to keep start-up light
 
-        groups = keys >> 32
-        local = keys & 0xFFFFFFFF
-        x = y = None
-        for g in np.unique(groups):
-            gx, gy = self.table.read_examples(int(g), self.split)
-            if len(gx) != self.counts[g]:
-                raise RuntimeError(
-                    f"{self.table.uri}: row group {g} changed while training (expected {self.counts[g]} examples, found {len(gx)})"
-                )
-            if x is None:
-                x = np.empty((len(keys),) + gx.shape[1:], dtype=gx.dtype)
-                y = np.empty((len(keys),) + gy.shape[1:], dtype=gy.dtype)
-            where = groups == g
-            x[where] = gx[local[where]]
-            y[where] = gy[local[where]]
-        return torch.from_numpy(x), torch.from_numpy(y)
+        cached = self._cache.get((rank, world_size))
+        if cached is not None:
+            for x, y in cached:
+                yield torch.from_numpy(x), torch.from_numpy(y)
+            return
+        groups = [int(g) for g in self._eval_share(rank, world_size)]
+        share = int(self.counts[groups].sum())
+        reader = _ReadAhead(self._read_group, groups, self.read_ahead)
+        kept: list[tuple[np.ndarray, np.ndarray]] | None = []
+        try:
+            for _ in groups:
+                x, y = reader.next()
+                if kept is not None and not kept and (x.nbytes + y.nbytes) * share > self.cache_bytes * len(x):
+                    # Decided on the first row group, before holding anything: too big to keep,
+                    # every pass streams this share from storage.
+                    kept = None
+                if kept is not None:
+                    kept.append((x, y))
+                yield torch.from_numpy(x), torch.from_numpy(y)
+        finally:
+            reader.close()
+        if kept is not None:  # a whole pass: a pass left early keeps nothing
+            self._cache[(rank, world_size)] = kept
+
+    def _read_group(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.table.read_examples(g, self.split)
+        if len(x) != self.counts[g]:
+            raise RuntimeError(
+                f"{self.table.uri}: row group {g} changed while training (expected {self.counts[g]} examples, found {len(x)})"
+            )
+        return x, y
+
+    # BatchSource's global order: ParquetSource plans per rank instead (`batches` above).
+    def _key_chunks(self, epoch: int) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def _fetch(self, keys: np.ndarray):
+        raise NotImplementedError
+
+
+class _LazyKeys:
+    """A chunk's keys, shuffled when first asked for: a resumed epoch skips chunks without building them."""
+
+    def __init__(self, pieces: list[Piece], rng: np.random.Generator):
+        self.pieces = pieces
+        self.rng = rng
+        self._keys: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return sum(_piece_len(p) for p in self.pieces)
+
+    def keys(self) -> np.ndarray:
+        if self._keys is None:
+            self._keys = self.rng.permutation(np.concatenate([_piece_keys(p) for p in self.pieces]))
+        return self._keys
+
+
+def _gather(read: dict[int, tuple[np.ndarray, np.ndarray]], keys: np.ndarray):
+    """(x, y) tensors of these keys, in key order, from row groups already read."""
+    import torch  # imported here to keep start-up light
+
+    groups = keys >> 32
+    local = keys & 0xFFFFFFFF
+    first = next(iter(read.values()))
+    x = np.empty((len(keys),) + first[0].shape[1:], dtype=first[0].dtype)
+    y = np.empty((len(keys),) + first[1].shape[1:], dtype=first[1].dtype)
+    for g, (gx, gy) in read.items():
+        where = groups == g
+        x[where] = gx[local[where]]
+        y[where] = gy[local[where]]
+    return torch.from_numpy(x), torch.from_numpy(y)

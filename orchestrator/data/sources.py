@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from orchestrator.spec import JobSpec
 
 
+# The earlier legs of an epoch: (world size, batches each rank took) before each elastic restart.
+Legs = tuple[tuple[int, int], ...]
+
+
 class BatchSource(ABC):
     """The batches of one split: train is reshuffled per epoch and cut into equal rank shares; val/test are strided."""
 
@@ -29,29 +33,35 @@ class BatchSource(ABC):
         self.train = train
         self._augment = augment
 
-    def num_examples(self, world_size: int, rank: int = 0) -> int:
-        """Examples this rank sees per epoch (train: the same on every rank)."""
+    def num_examples(self, world_size: int, rank: int = 0, legs: Legs = ()) -> int:
+        """Examples this rank sees per epoch (train: the same on every rank; after `legs`, what is left of the epoch)."""
         if self.train:
-            return self.size // world_size
+            return (self.size - self._consumed(legs)) // world_size
         return len(range(rank, self.size, world_size))
 
-    def num_batches(self, world_size: int) -> int:
-        """Batches per rank per epoch; for val/test, rank 0's count (a later rank may have one batch fewer)."""
-        return math.ceil(self.num_examples(world_size, 0) / self.batch_size)
+    def num_batches(self, world_size: int, legs: Legs = ()) -> int:
+        """Batches per rank per epoch (after `legs`, what is left of it); for val/test, rank 0's count (a later rank may have one batch fewer)."""
+        return math.ceil(self.num_examples(world_size, 0, legs) / self.batch_size)
+
+    def _consumed(self, legs: Legs) -> int:
+        # A leg's ranks took equal, full batches from the front of the (strided) epoch order: a prefix of it.
+        return min(self.size, sum(w * b * self.batch_size for w, b in legs))
 
     def batches(
-        self, epoch: int, rank: int, world_size: int, start_batch: int = 0
+        self, epoch: int, rank: int, world_size: int, start_batch: int = 0, legs: Legs = ()
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (x, y) batches of this rank from `start_batch` on, exactly as an uninterrupted epoch would."""
+        """Yield (x, y) batches of this rank from `start_batch` on, exactly as an uninterrupted epoch would.
 
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        if start_batch < 0:
-            raise ValueError(f"start_batch {start_batch} is negative")
+        `legs`: (world size, batches each rank took) of the earlier world sizes of this epoch (an elastic
+        restart); the batches are then those of what they left, each example once.
+        """
+
+        _check_position(rank, world_size, start_batch)
         bs = self.batch_size
-        # Rank r's k-th example sits at global position k * world_size + r of the epoch's order.
-        limit = self.num_examples(world_size, rank) * world_size if self.train else self.size
-        begin = start_batch * bs * world_size
+        # Rank r's k-th example sits at global position offset + k * world_size + r of the epoch's order.
+        offset = self._consumed(legs) if self.train else 0
+        limit = offset + self.num_examples(world_size, rank, legs) * world_size if self.train else self.size
+        begin = offset + start_batch * bs * world_size
         batch_index = start_batch
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         pending_n = 0
@@ -59,7 +69,7 @@ class BatchSource(ABC):
         for keys in self._key_chunks(epoch):
             lo, hi = max(begin, pos), min(limit, pos + len(keys))
             if lo < hi:
-                first = lo + (rank - lo) % world_size
+                first = lo + (rank - lo + offset) % world_size
                 chosen = keys[first - pos : hi - pos : world_size]
                 if len(chosen):
                     pending.append(self._fetch(chosen))
@@ -92,6 +102,13 @@ class BatchSource(ABC):
     @abstractmethod
     def _fetch(self, keys: np.ndarray):
         """(x, y) tensors of the examples with these keys, in key order."""
+
+
+def _check_position(rank: int, world_size: int, start_batch: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch {start_batch} is negative")
 
 
 def _cat(parts):

@@ -54,8 +54,11 @@ class Checkpointer:
             restore_rng(rngs[ctx.rank])
         else:
             seed_everything(self.spec.train.seed + ctx.rank + 7919 * state.step)
-            # Elastic restart on another number of workers: keep the epoch's position in examples seen.
-            state.batch = min(state.batch * len(rngs) // ctx.world_size, p.batches_per_epoch - 1)
+            # Elastic restart on another number of workers: the data continues with what the old
+            # world size left of this epoch (`BatchSource.batches(legs=...)`).
+            if state.batch:
+                state.legs = [*state.legs, [len(rngs), state.batch]]
+                state.batch = 0
         say(f"resumed from {info.uri} (step {state.step}, epoch {state.epoch}, batch {state.batch})")
         return state, info.uri
 

@@ -17,7 +17,10 @@ class TrainState:
 
     step: int = 0  # optimizer steps taken
     epoch: int = 0  # epoch of the next batch
-    batch: int = 0  # index of the next batch within that epoch
+    batch: int = 0  # index of the next batch within that epoch (within its last leg, after an elastic restart)
+    # [world size, batches each rank took] of the earlier world sizes of this epoch: an elastic
+    # restart continues with what they left of the epoch, each example once.
+    legs: list[list[int]] = field(default_factory=list)
     samples: int = 0
     best_metric: str | None = None  # the metric that ranks validations (early stopping, keep_best)
     best_value: float | None = None
@@ -42,7 +45,7 @@ class TrainState:
         if self.first_step_at is None:
             self.first_step_at = self.last_step_at
         if last_of_epoch:
-            self.epoch, self.batch = self.epoch + 1, 0
+            self.epoch, self.batch, self.legs = self.epoch + 1, 0, []
 
     def counters(self) -> dict[str, Any]:
         """What a summary needs of the state (no history): it rides in each checkpoint's manifest."""

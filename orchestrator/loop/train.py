@@ -96,13 +96,19 @@ class _Loop:
         self.model.train()
         while not self.cadence.over(state) and state.epoch < spec.train.epochs:
             micro, group = 0, parts.accum
-            for x, y in parts.splits.train.batches(state.epoch, ctx.rank, ctx.world_size, start_batch=state.batch):
+            legs = tuple((w, b) for w, b in state.legs)
+            expected = parts.splits.train.num_batches(ctx.world_size, legs) if legs else parts.batches_per_epoch
+            if expected == 0:  # an elastic restart where the earlier world size left too little for a batch
+                state.epoch, state.batch, state.legs = state.epoch + 1, 0, []
+                continue
+            batches = parts.splits.train.batches(state.epoch, ctx.rank, ctx.world_size, state.batch, legs)
+            for x, y in batches:
                 x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
                 if micro == 0:  # the epoch's last group may be short: average over the micro-batches it has
-                    group = min(parts.accum, parts.batches_per_epoch - state.batch)
+                    group = min(parts.accum, expected - state.batch)
                 state.batch += 1
                 micro += 1
-                last_of_epoch = state.batch == parts.batches_per_epoch
+                last_of_epoch = state.batch == expected
                 loss = self.step.backward(x, y, group, last=micro == group)
                 self.guard.observe(loss, state.step + 1)
                 self.window.add_batch(loss, y.shape[0])
@@ -127,9 +133,7 @@ class _Loop:
                     break
             else:
                 if state.batch != 0:  # an epoch shorter than expected would desynchronise ranks
-                    raise RuntimeError(
-                        f"epoch {state.epoch} ended after {state.batch} of {parts.batches_per_epoch} batches"
-                    )
+                    raise RuntimeError(f"epoch {state.epoch} ended after {state.batch} of {expected} batches")
         if state.stopped_early:
             self.progress.say(self.early.stop_message(state))
 
