@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +29,7 @@ from orchestrator.sweep.export import TrialRow, collect_trials, write_best_job
 from orchestrator.sweep.load import SweepJob
 from orchestrator.sweep.schedulers import build_scheduler, build_search, trial_resources
 from orchestrator.sweep.space import build_param_space
-from orchestrator.sweep.trial import TrialPlan, run_trial
+from orchestrator.sweep.trial import TrialPlan, run_trial, trial_dir_name
 from orchestrator.tracking import TrackingSession, mlflow_tracking_uri
 
 SWEEP_RECORD = "sweep.json"
@@ -64,12 +65,24 @@ def sweep_tracking_spec(spec: JobSpec) -> JobSpec:
     return out
 
 
+# What a caller of run_sweep makes of its finished result: metrics for the sweep's MLflow run, files to attach to it.
+Conclude = Callable[[dict[str, Any]], tuple[dict[str, float], list[str]]]
+
+
 def run_sweep(
-    sweep: SweepJob, address: str | None = None, best_out: str | None = None, quiet: bool = False, verbose: bool = False
+    sweep: SweepJob,
+    address: str | None = None,
+    best_out: str | None = None,
+    quiet: bool = False,
+    verbose: bool = False,
+    name_by: str | None = None,
+    conclude: Conclude | None = None,
 ) -> dict[str, Any]:
     """Validate, then run (or continue) the sweep with Ray Tune; return the result (also in sweep.json).
 
     With a `tracking` section the sweep is an MLflow run of its own, and each trial's run is its child.
+    `name_by` names each trial's directory by a searched field (`trial_dir_name`); `conclude`, when given,
+    replaces the best trial (no best.yaml) as what closes the sweep's MLflow run: cross-validation's aggregate.
     """
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else (lambda msg: print(msg, flush=True))
     t0 = time.time()
@@ -112,6 +125,7 @@ def run_sweep(
             experiment=session.experiment if session else None,
             data_fingerprint=fingerprint,
             embedded_ray=connected and not address,
+            name_by=name_by,
         )
         results, resumed = _fit(sweep, home, plan, record, say, prov, tracked)
     except Exception:
@@ -124,7 +138,8 @@ def run_sweep(
 
             ray.shutdown()
     end_unfinished_trials(sweep, results)
-    return _finish(sweep, home, collect_trials(results, sweep), resumed, tracked, best_out, session, tracking_spec, t0)
+    rows = collect_trials(results, sweep)
+    return _finish(sweep, home, rows, resumed, tracked, best_out, session, tracking_spec, t0, conclude)
 
 
 def _fit(
@@ -147,7 +162,7 @@ def _fit(
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_resources(sweep.spec))
     # A restored Tuner keeps the interrupted sweep's live view, which prints through this process's `say` from here on.
-    progress = live_view(sweep.uri, sweep.endpoint, sweep.sweep.metric, sweep.sweep.mode, say)
+    progress = live_view(sweep.uri, sweep.endpoint, sweep.sweep.metric, sweep.sweep.mode, say, name_by=plan.name_by)
     if record and tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
         say(f"continuing sweep {sweep.name} from {sweep.uri} (finished trials are kept)")
         home.write_json(SWEEP_RECORD, {**record, "provenance": prov, "tracking": tracked}, indent=1)
@@ -184,8 +199,8 @@ def _fit(
             num_samples=s.num_samples,
             scheduler=build_scheduler(s, sweep.spec),
             search_alg=build_search(s),
-            trial_name_creator=lambda t: t.trial_id,
-            trial_dirname_creator=lambda t: t.trial_id,
+            trial_name_creator=lambda t: trial_dir_name(t.trial_id, t.config, plan.name_by),
+            trial_dirname_creator=lambda t: trial_dir_name(t.trial_id, t.config, plan.name_by),
             reuse_actors=True,  # a new trial in a warm process: no second torch import
         ),
         run_config=tune.RunConfig(
@@ -211,11 +226,12 @@ def _finish(
     session,
     tracking_spec: JobSpec,
     t0: float,
+    conclude: Conclude | None = None,
 ) -> dict[str, Any]:
     """The sweep's result: the ranked trials, the best one's job file; recorded in sweep.json and closing the sweep's MLflow run."""
     ranked = [r for r in rows if isinstance(r.metric, (int, float))]
     best = ranked[0] if ranked else None
-    best_file = write_best_job(sweep, best, best_out) if best else None
+    best_file = write_best_job(sweep, best, best_out) if best and conclude is None else None
     status = RunStatus.FINISHED if rows and all(r.status in ("done", "stopped") for r in rows) else RunStatus.FAILED
     result = {
         "sweep": sweep.name,
@@ -236,6 +252,11 @@ def _finish(
     record = home.read_json(SWEEP_RECORD) or {}
     record.update(status=str(status), ended=datetime.now(timezone.utc).isoformat(), result=result)
     home.write_json(SWEEP_RECORD, record, indent=1)
+    if conclude is not None:
+        metrics, files = conclude(result)
+        if session is not None:
+            session.finish(tracking_spec, status, None, [("", f) for f in [home.uri_of(SWEEP_RECORD), *files]], metrics)
+        return result
     if session is not None:
         # The sweep's run closes with what its best trial's run closed with (test_* and best_* metrics).
         best_record = RunRecord.load(RunDir.open(best.run_uri, sweep.endpoint)) if best else None
@@ -251,7 +272,7 @@ def _finish(
 def end_unfinished_trials(sweep: SweepJob, results) -> None:
     """Record the end of trials whose process went away before they could: run.json still running, MLflow run still RUNNING."""
     for result in results:
-        run = RunDir.open(f"{sweep.uri}/{Path(result.path).name}", sweep.endpoint)
+        run = RunDir.open(f"{sweep.uri}/{Path(result.path).name}", sweep.endpoint)  # the trial's directory name
         record = RunRecord.load(run)
         if not record:
             continue
