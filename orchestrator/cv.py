@@ -11,6 +11,7 @@ aggregate, written to `cv.json` beside the fold runs:
   fold-0/ ... fold-<k-1>/   the fold runs (run.json, metrics.jsonl, checkpoints, test.json)
   sweep.json  tune/         the sweep machinery's record and Tune's experiment state
   cv.json                   per fold: each validation metric's best value and its step; mean, std, 95% CI
+  report.html               the folds' curves, a strip plot per metric, the table (orchestrator.report.cv_page)
 ```
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import BadInput
-from orchestrator.rundir import RunDir, run_uri_for
+from orchestrator.rundir import REPORT, RunDir, run_uri_for
 from orchestrator.runrecord import RunRecord, RunStatus
 from orchestrator.spec import ParamSpec, SweepSpec, apply_overrides, build_spec, read_job_file
 from orchestrator.sweep.load import SweepJob
@@ -180,9 +181,14 @@ def summarize_folds(cv: SweepJob, sweep_result: dict[str, Any]) -> dict[str, Any
 
 
 def write_cv(cv: SweepJob, sweep_result: dict[str, Any]) -> dict[str, Any]:
-    """Aggregate the folds and write cv.json; return it."""
-    out = summarize_folds(cv, sweep_result)
-    RunDir.open(cv.uri, cv.endpoint).write_json(CV_RECORD, out, indent=1)
+    """Aggregate the folds and write cv.json, then its report (`<cv>/report.html`); return cv.json's content."""
+    from orchestrator.launch import write_report_safely  # the report's figures: only once the folds are done
+
+    home = RunDir.open(cv.uri, cv.endpoint)
+    out = {**summarize_folds(cv, sweep_result), "report": home.uri_of(REPORT)}
+    home.write_json(CV_RECORD, out, indent=1)
+    if write_report_safely(home) is None:
+        out["report"] = None
     return out
 
 
@@ -218,6 +224,7 @@ def format_cv(result: dict[str, Any]):
         + (f"  wall {result['wall_s']:.1f}s" if _number(result.get("wall_s")) else ""),
         "  val_*: each fold's best validation value @ its step; test_*: each fold's best checkpoint on the test split",
         f"  record: {result['cv_uri']}/{CV_RECORD}",
+        *([f"  report: {result['report']}"] if result.get("report") else []),
     ]
     return table, "\n".join(lines)
 

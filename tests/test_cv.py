@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The report tests' Chromium (Debian's, driven by Playwright) and how they open a page offline.
+from test_report import CHROMIUM, open_in_browser
+
 from orchestrator.cv import T_975, aggregate, t_quantile_975
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,3 +225,35 @@ def test_a_killed_cv_trains_only_its_unfinished_folds_when_run_again(tmp_path):
         else:
             assert record["attempts"] == 2 and record["resumed_from"], fold  # continued from its checkpoint
     assert all(f["metrics"]["val_accuracy"]["best"] > 0.5 for f in out["folds"])
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def test_the_cv_report_opens_offline_in_chromium_with_its_curves_strips_and_table(finished_cv, browser, tmp_path):
+    storage, _, out = finished_cv
+    cv_dir = storage / "cv-digits-cv"
+    assert out["report"] == str(cv_dir / "report.html") and (cv_dir / "report.html").exists()  # written at the end
+    res = orchestrator("report", str(cv_dir), "--out", str(tmp_path / "cv.html"), "--json", timeout=120)
+    report = Path(result_of(res)["report"])
+    seen = open_in_browser(browser, report)
+    assert seen["errors"] == [] and seen["external"] == [] and seen["dialogs"] == []
+    figures = seen["figures"]
+    assert all(f["natural"] > 0 and f["w"] > 0 and f["h"] > 0 for f in figures), figures
+    alts = [f["alt"] for f in figures]
+    for metric in ("val_loss", "val_accuracy", "val_f1"):  # the job's validation metrics
+        assert any(a.startswith(f"{metric} of every fold by step") for a in alts), alts
+        assert any(a.startswith(f"{metric} of each fold as a point") for a in alts), alts
+    assert any(a.startswith("test_accuracy of each fold as a point") for a in alts), alts
+    text = seen["text"]
+    acc = out["metrics"]["val_accuracy"]
+    assert "Cross-validation cv-digits-cv" in text and "95% CI" in text
+    assert f"[{acc['ci95'][0]:.4f}, {acc['ci95'][1]:.4f}]" in text
+    assert all(f"{cv_dir}/fold-{i}" in text for i in range(3))
