@@ -17,6 +17,7 @@ aggregate, written to `cv.json` beside the fold runs:
 
 from __future__ import annotations
 
+import copy
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -85,8 +86,13 @@ def load_cv(path: str, overrides: list[str] | None = None, fresh: bool = False) 
     )
 
 
-def run_cv(cv: SweepJob, address: str | None = None, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
-    """Train every fold (the unfinished ones of an interrupted cross-validation), then aggregate; the result is cv.json's."""
+def run_cv(
+    cv: SweepJob, address: str | None = None, quiet: bool = False, verbose: bool = False, refit: bool = False
+) -> dict[str, Any]:
+    """Train every fold (the unfinished ones of an interrupted cross-validation), then aggregate; the result is cv.json's.
+
+    With `refit`, a finished cross-validation is followed by one run on all the non-test data (`refit_job`).
+    """
     from orchestrator.sweep.run import run_sweep
 
     done: dict[str, Any] = {}
@@ -98,7 +104,65 @@ def run_cv(cv: SweepJob, address: str | None = None, quiet: bool = False, verbos
     result = run_sweep(cv, address=address, quiet=quiet, verbose=verbose, name_by=FOLD_FIELD, conclude=conclude)
     if "cv" not in done:  # finished before: the fold runs' records say it all again
         done["cv"] = {**write_cv(cv, result), "already_finished": True}
-    return done["cv"]
+    out = done["cv"]
+    if refit and out["status"] == RunStatus.FINISHED:
+        from orchestrator.launch import write_report_safely
+
+        out["refit"] = run_refit(cv, out, address, quiet)
+        home = RunDir.open(cv.uri, cv.endpoint)
+        home.write_json(CV_RECORD, {k: v for k, v in out.items() if k != "already_finished"}, indent=1)
+        write_report_safely(home)
+    return out
+
+
+REFIT_RUN = "refit"  # the refit's run directory inside the cross-validation's
+
+
+def refit_epochs(cv_result: dict[str, Any]) -> int:
+    """The refit's length: the mean over the folds of the epoch at which each reached its best of the cv's metric."""
+    metric = cv_result["metric"]
+    epochs = [
+        f["metrics"][metric]["epoch"] for f in cv_result["folds"] if (f["metrics"].get(metric) or {}).get("epoch")
+    ]
+    if not epochs:
+        raise BadInput(f"--refit: no fold recorded the epoch of its best {metric}")
+    return max(1, round(sum(epochs) / len(epochs)))
+
+
+def refit_job(cv: SweepJob, epochs: int) -> dict[str, Any]:
+    """The job trained on all the non-test data: no folds, no validation split (nothing left to stop early on), `epochs` long."""
+    job = copy.deepcopy(cv.job)
+    data = {k: v for k, v in (job.get("data") or {}).items() if k not in ("folds", "fold", "stratify")}
+    job["data"] = data  # the test split depends on the seed and test_split only: the same one the folds never saw
+    job["validation"] = {**(job.get("validation") or {}), "split": 0.0, "every_n_steps": None}
+    job.pop("early_stopping", None)
+    job["train"] = {**(job.get("train") or {}), "epochs": epochs, "max_steps": None}
+    job["checkpoint"] = {**(job.get("checkpoint") or {}), "storage": cv.uri, "best_metric": None, "best_mode": None}
+    if (job.get("schedule") or {}).get("name") == "plateau":
+        raise BadInput(
+            "--refit: schedule.name plateau follows a validation metric, and a refit has no validation split"
+        )
+    job["name"] = REFIT_RUN
+    return job
+
+
+def run_refit(cv: SweepJob, cv_result: dict[str, Any], address: str | None, quiet: bool) -> dict[str, Any]:
+    """Train the refit job (a run in `<cv>/refit`, resumable like any) and evaluate it on the test split; what cv.json says of it."""
+    from orchestrator.launch import run_job
+
+    epochs = refit_epochs(cv_result)
+    spec = build_spec(refit_job(cv, epochs))
+    summary = run_job(spec, job_file=cv.job_file, address=address, quiet=quiet)
+    test = summary.test
+    return {
+        "run_uri": summary.run_uri,
+        "status": str(summary.status),
+        "epochs": epochs,
+        "steps": summary.steps,
+        # The result of the cross-validation as a model: the refit's last checkpoint, the one evaluated on the test split.
+        "checkpoint": (test.checkpoint if test else None) or summary.checkpoint,
+        "test": {k: v for k, v in (test.metrics if test else {}).items() if _number(v)},
+    }
 
 
 def fold_metrics(run: RunDir) -> dict[str, dict[str, Any]]:
@@ -225,8 +289,20 @@ def format_cv(result: dict[str, Any]):
         "  val_*: each fold's best validation value @ its step; test_*: each fold's best checkpoint on the test split",
         f"  record: {result['cv_uri']}/{CV_RECORD}",
         *([f"  report: {result['report']}"] if result.get("report") else []),
+        *_refit_lines(result.get("refit")),
     ]
     return table, "\n".join(lines)
+
+
+def _refit_lines(refit: dict[str, Any] | None) -> list[str]:
+    if not refit:
+        return []
+    tested = "  ".join(f"{k} {v:.4f}" for k, v in refit["test"].items())
+    return [
+        f"  refit on all non-test data, {refit['epochs']} epochs (the folds' mean best epoch): {refit['status']}",
+        f"    test: {tested or '-'}",
+        f"    checkpoint: {refit['checkpoint']}",
+    ]
 
 
 def _summary_cells(agg: dict[str, Any]) -> list[str]:

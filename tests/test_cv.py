@@ -73,6 +73,7 @@ def test_the_t_table_is_students_t_and_the_aggregate_is_mean_std_and_interval():
         (["data.folds=1"], "error: data.folds: Input should be greater than or equal to 2"),
         # The smallest digit class has 161 examples outside the test split.
         (["data.folds=200"], "error: data.folds: 200 is more than the smallest class has examples outside the test"),
+        (["--address", "http://127.0.0.1:1"], "error: --address http://127.0.0.1:1: cv runs its folds on a Ray from"),
         (
             ["data={name: synthetic, task: regression, folds: 3, stratify: true}"],
             "error: data.stratify: stratified folds need class labels, and regression data has none",
@@ -165,6 +166,11 @@ def test_the_table_and_a_rerun_of_a_finished_cv(finished_cv):
     assert f"{out['folds'][1]['metrics']['val_accuracy']['best']:.4f} @" in row
     for i in range(3):  # nothing trained again
         assert json.loads((storage / "cv-digits-cv" / f"fold-{i}" / "run.json").read_text())["attempts"] == 1
+    from orchestrator.report import list_runs
+
+    (listed,) = list_runs(str(storage))  # `orchestrator runs`: one row, the cv (its folds are inside it)
+    assert listed["kind"] == "cv" and listed["status"] == "finished" and listed["steps"] == out["total_steps"]
+    assert listed["best_metric"] == "mean val_loss" and listed["best_value"] == out["metrics"]["val_loss"]["mean"]
 
 
 @pytest.mark.slow  # two starts of Ray and a fold trained part-way: about a minute on two cores
@@ -257,3 +263,25 @@ def test_the_cv_report_opens_offline_in_chromium_with_its_curves_strips_and_tabl
     assert "Cross-validation cv-digits-cv" in text and "95% CI" in text
     assert f"[{acc['ci95'][0]:.4f}, {acc['ci95'][1]:.4f}]" in text
     assert all(f"{cv_dir}/fold-{i}" in text for i in range(3))
+
+
+def test_refit_trains_on_all_non_test_data_for_the_mean_best_epoch_and_names_its_checkpoint(finished_cv):
+    # Last in this module: it adds the refit to the finished cv's record.
+    storage, args, out = finished_cv
+    cv_dir = storage / "cv-digits-cv"
+    refit = result_of(orchestrator(*args, "--refit", "--json", env={"OMP_NUM_THREADS": "1"}))["refit"]
+    epochs = [f["metrics"]["val_loss"]["epoch"] for f in out["folds"]]
+    assert refit["epochs"] == max(1, round(sum(epochs) / 3)) and refit["status"] == "finished"
+    record = json.loads((cv_dir / "refit" / "run.json").read_text())
+    job = record["job"]
+    assert (
+        job["data"]["folds"] is None and job["validation"]["split"] == 0.0 and job["train"]["epochs"] == refit["epochs"]
+    )
+    # Every non-test digit (1617) in batches of 64: 26 steps an epoch, no validation in between.
+    assert refit["steps"] == 26 * refit["epochs"] and refit["run_uri"] == str(cv_dir / "refit")
+    assert not [e for e in history(cv_dir / "refit") if e["split"] == "val"]
+    test = json.loads((cv_dir / "refit" / "test.json").read_text())
+    assert refit["checkpoint"] == test["checkpoint"] == str(cv_dir / "refit" / f"checkpoint_{refit['steps']:08d}")
+    assert refit["test"]["test_accuracy"] == test["metrics"]["test_accuracy"] > 0.5
+    assert json.loads((cv_dir / "cv.json").read_text())["refit"] == refit
+    assert "Refit on all non-test data" in (cv_dir / "report.html").read_text()

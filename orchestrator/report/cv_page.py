@@ -129,6 +129,17 @@ def render_cv(cv: CvData) -> str:
         "<h2>Folds</h2>",
         _table(fold_rows, ["fold", "status", "steps", "run", "newest checkpoint"]),
     ]
+    refit = record.get("refit")
+    if refit:
+        body.append("<h2>Refit on all non-test data</h2>")
+        body.append(
+            _table(
+                [["status", Status(refit.get("status"))], ["epochs (the folds' mean best)", refit.get("epochs")]]
+                + [["steps", refit.get("steps")], ["checkpoint", refit.get("checkpoint")]]
+                + [[k, v] for k, v in (refit.get("test") or {}).items()],
+                ["refit", "value"],
+            )
+        )
     job = (cv.sweep_record or {}).get("job")
     if job:
         body.append("<h2>Job</h2>" + _kv_table(job))
