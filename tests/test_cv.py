@@ -166,6 +166,11 @@ def test_the_table_and_a_rerun_of_a_finished_cv(finished_cv):
     assert f"{out['folds'][1]['metrics']['val_accuracy']['best']:.4f} @" in row
     for i in range(3):  # nothing trained again
         assert json.loads((storage / "cv-digits-cv" / f"fold-{i}" / "run.json").read_text())["attempts"] == 1
+    changed = orchestrator(*args, "model.hidden=32", timeout=200)  # another job under the same name: refused
+    assert changed.returncode == 2 and changed.stderr.strip() == (
+        f"error: name: {storage}/cv-digits-cv holds a cross-validation with other settings; use --fresh or another name"
+    )
+
     from orchestrator.report import list_runs
 
     (listed,) = list_runs(str(storage))  # `orchestrator runs`: one row, the cv (its folds are inside it)
