@@ -191,7 +191,7 @@ def test_a_killed_cv_trains_only_its_unfinished_folds_when_run_again(tmp_path):
         "checkpoint.every_n_epochs=null",
     ]
     args = ["cv", JOB, f"checkpoint.storage={tmp_path}", *slow, "--json"]
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", *args],
         cwd=ROOT,
@@ -204,17 +204,16 @@ def test_a_killed_cv_trains_only_its_unfinished_folds_when_run_again(tmp_path):
     deadline = time.time() + 300
 
     def ready() -> bool:
-        # One fold finished (and Tune's experiment state says so), another part-way with a checkpoint.
+        # One fold finished, another part-way with a checkpoint. Whatever Tune's own state then holds (a kill may
+        # tear it mid-write), the fold runs' records are what the rerun goes by.
         records = {p.parent.name: json.loads(p.read_text()) for p in cv_dir.glob("fold-*/run.json")}
         finished = [f for f, r in records.items() if r["status"] == "finished"]
-        states = list((cv_dir / "tune").glob("experiment_state-*.json"))
-        saved = bool(states) and "TERMINATED" in states[0].read_text()
         started = [
             f
             for f, r in records.items()
             if r["status"] == "running" and list((cv_dir / f).glob("checkpoint_*/manifest.json"))
         ]
-        return bool(finished and saved and started)
+        return bool(finished and started)
 
     while not ready():
         assert proc.poll() is None, proc.communicate()[1][-3000:]

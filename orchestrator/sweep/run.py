@@ -163,6 +163,17 @@ def _fit(
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_resources(sweep.spec))
     # A restored Tuner keeps the interrupted sweep's live view, which prints through this process's `say` from here on.
     progress = live_view(sweep.uri, sweep.endpoint, sweep.sweep.metric, sweep.sweep.mode, say, name_by=plan.name_by)
+    if record and plan.name_by is not None:
+        # Trials named by a field (cv's folds) are known by their run directories, whose records say which finished:
+        # a new Tuner over the same grid continues them (a finished one reports its end, the others resume from their
+        # checkpoints) without Tune's experiment state, which a kill in the middle of its writing leaves torn.
+        say(f"continuing {sweep.name} from {sweep.uri} (finished trials are kept, the others resume)")
+        home.write_json(
+            SWEEP_RECORD,
+            {**record, "status": str(RunStatus.RUNNING), "provenance": prov, "tracking": tracked},
+            indent=1,
+        )
+        return _new_tuner(sweep, trainable, plan, storage_path, storage_fs, progress).fit(), True
     if record and tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
         say(f"continuing sweep {sweep.name} from {sweep.uri} (finished trials are kept)")
         home.write_json(SWEEP_RECORD, {**record, "provenance": prov, "tracking": tracked}, indent=1)
@@ -190,7 +201,15 @@ def _fit(
         },
         indent=1,
     )
-    tuner = tune.Tuner(
+    return _new_tuner(sweep, trainable, plan, storage_path, storage_fs, progress).fit(), False
+
+
+def _new_tuner(sweep: SweepJob, trainable, plan: TrialPlan, storage_path: str, storage_fs, progress):
+    """Tune's Tuner of the sweep's search, its experiment state in `<sweep>/tune`."""
+    from ray import tune
+
+    s = sweep.sweep
+    return tune.Tuner(
         trainable,
         param_space=build_param_space(s),
         tune_config=tune.TuneConfig(
@@ -213,7 +232,6 @@ def _fit(
             callbacks=[progress],
         ),
     )
-    return tuner.fit(), False
 
 
 def _finish(
