@@ -472,6 +472,62 @@ def sweep(
         sys.exit(1)
 
 
+@main.command()
+@job_file_argument
+@overrides_argument
+@click.option(
+    "--address",
+    envvar="ORCHESTRATOR_RAY_ADDRESS",
+    default=None,
+    help="Ray to run the folds on: HOST:PORT or auto [default: a Ray already up on this machine, else a new embedded one].",
+)
+@click.option(
+    "--fresh", is_flag=True, help="Start a new cross-validation under a new name instead of continuing this one."
+)
+@click.option(
+    "--refit",
+    is_flag=True,
+    help="Then train once on all non-test data for the folds' mean best epoch count, test it, and name that checkpoint.",
+)
+@click.option("--verbose", is_flag=True, help="Show every fold's training progress, not only the live view.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="End with one JSON object (cv.json: folds, metrics) on the last line of stdout.",
+)
+@friendly_errors
+def cv(
+    job_file: str,
+    overrides: tuple[str, ...],
+    address: str | None,
+    fresh: bool,
+    refit: bool,
+    verbose: bool,
+    as_json: bool,
+) -> None:
+    """K-fold cross-validation of a job (data.folds folds, in parallel): each fold's best, mean, std, 95% CI; rerun to continue."""
+    from orchestrator.cv import format_cv, load_cv, run_cv
+    from orchestrator.runrecord import RunStatus
+    from orchestrator.sweep import is_dashboard_address
+
+    if is_dashboard_address(address):
+        raise BadInput(
+            f"--address {address}: cv runs its folds on a Ray from this process (auto or HOST:PORT); submitting it through the Jobs API is not supported yet"
+        )
+    job = load_cv(job_file, list(overrides), fresh=fresh)
+    result = run_cv(job, address=address, quiet=as_json, verbose=verbose, refit=refit)
+    if as_json:
+        print_json(result)
+    else:
+        table, text = format_cv(result)
+        console().print(table)
+        click.echo(text)
+    refit_status = (result.get("refit") or {}).get("status", RunStatus.FINISHED)
+    if result.get("status") != RunStatus.FINISHED or refit_status != RunStatus.FINISHED:
+        sys.exit(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # What runs left behind (orchestrator/report/)
 

@@ -193,6 +193,10 @@ class DataSpec(Section):
         None, ge=2, description="K-fold cross-validation: number of folds; the validation set is fold `fold`."
     )
     fold: int = Field(0, ge=0, description="Which fold (0-based) is the validation set when `folds` is set.")
+    stratify: bool | None = Field(
+        None,
+        description="Stratified folds: each keeps the class proportions (classification, in-memory data); null = on where it applies.",
+    )
     augment: AugmentSpec = Field(default_factory=AugmentSpec, description="Training-time image augmentation.")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments passed to a user data function."
@@ -235,6 +239,14 @@ class DataSpec(Section):
             raise ValueError("task: required for synthetic data (classification, regression or lm)")
         if self.folds is not None and self.fold >= self.folds:
             raise ValueError(f"fold: {self.fold} is not below folds={self.folds}")
+        if self.stratify and self.folds is None:
+            raise ValueError("stratify: applies to k-fold splits; set folds too")
+        if self.stratify and self.task in ("regression", "lm"):
+            raise ValueError(f"stratify: stratified folds need class labels, and {self.task} data has none")
+        if self.stratify and self.name == "parquet":
+            raise ValueError(
+                "stratify: parquet folds are assigned per row from its index, without reading labels; set stratify: false"
+            )
         return self
 
 

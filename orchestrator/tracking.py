@@ -456,13 +456,19 @@ class TrackingSession:
         return out or None
 
     def finish(
-        self, spec: JobSpec, status: str, summary: RunSummary | None, artifacts: list[tuple[str, str | None]]
+        self,
+        spec: JobSpec,
+        status: str,
+        summary: RunSummary | None,
+        artifacts: list[tuple[str, str | None]],
+        metrics: dict[str, float] | None = None,
     ) -> None:
         """Final metrics, hyper-parameters and artifacts ((artifact folder or "", storage URI of a file)); failures are warnings.
 
         `status` is the run's (finished, stopped by a sweep's scheduler, failed): MLflow's FINISHED for the first two, else FAILED.
+        `metrics` are logged beside the summary's (a cross-validation's aggregate, which has no summary of its own).
         """
-        final = final_metrics(summary)
+        final = {**final_metrics(summary), **(metrics or {})}
         if self.tensorboard_dir:
             try:
                 write_hparams(

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestrator.data import check_data, load_data, shift_images
+from orchestrator.data import assign_splits, check_data, load_data, shift_images
 from orchestrator.errors import BadInput
 from orchestrator.spec import build_spec
 
@@ -119,6 +119,67 @@ def test_kfold_folds_are_disjoint_cover_the_non_test_data_and_keep_test_fixed():
     assert sum(map(len, vals)) == len(set().union(*vals)) == 400 - len(tests[0])
     for r, v in zip(runs, vals, strict=False):
         assert set(epoch_keys(r.train)) == set().union(*vals) - v
+
+
+def fold_labels(source) -> np.ndarray:
+    return torch.cat([y for _, y in source.batches(0, 0, 1)]).numpy()
+
+
+def test_stratified_folds_keep_the_class_proportions_and_leave_the_test_split_out():
+    # Digits: 10 classes of about 180 examples; 5 folds of the non-test part.
+    k = 5
+    base = load_data(make_spec({"name": "digits", "test_split": 0.1}))
+    runs = [load_data(make_spec({"name": "digits", "test_split": 0.1, "folds": k, "fold": i})) for i in range(k)]
+    assert all(r.info.sizes["test"] == base.info.sizes["test"] for r in runs)
+
+    def images(source):
+        return {x.numpy().tobytes() for xb, _ in source.batches(0, 0, 1) for x in xb}
+
+    test = images(base.test)
+    vals = [images(r.val) for r in runs]
+    assert all(images(r.test) == test for r in runs)  # the same test split as the job without folds
+    assert all(not (v & test) for v in vals)  # and in no validation fold
+    assert sum(map(len, vals)) == len(set().union(*vals))  # no example in two validation folds
+    pool = np.concatenate([fold_labels(r.val) for r in runs])
+    counts = np.stack([np.bincount(fold_labels(r.val), minlength=10) for r in runs])
+    assert counts.sum() == len(pool) == sum(r.info.sizes["train"] + r.info.sizes["val"] for r in runs) / k
+    # Each fold holds floor or ceil of its share of every class: within one example per class.
+    share = np.bincount(pool, minlength=10) / k
+    assert np.all(np.abs(counts - share) < 1), counts
+    sizes = [r.info.sizes["val"] for r in runs]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_unstratified_folds_drift_where_stratified_ones_do_not():
+    # The same seed without stratification: random folds miss the proportions by several examples (what stratifying fixes).
+    k = 5
+    plain = [load_data(make_spec({"name": "digits", "folds": k, "fold": i, "stratify": False})).val for i in range(k)]
+    counts = np.stack([np.bincount(fold_labels(v), minlength=10) for v in plain])
+    share = counts.sum(axis=0) / k
+    assert np.abs(counts - share).max() >= 2
+
+
+def test_folds_beyond_the_smallest_class_or_stratified_without_classes_are_bad_input():
+    # Digits keep about 160 examples of each class outside the test split; synthetic with 3 classes and 30 examples: ~9.
+    with pytest.raises(
+        BadInput,
+        match=r"^data\.folds: 12 is more than the smallest class has examples outside the test split \(class \d: \d+\); use at most \d+ folds$",
+    ):
+        check_data(synthetic_spec(samples=30, num_classes=3, folds=12))
+    check_data(synthetic_spec(samples=30, num_classes=3, folds=12, stratify=False))  # unstratified: allowed
+    # Under a class filter only the kept classes count: a rare class left out does not limit the folds.
+    labels = np.array([0] * 50 + [1] * 50 + [2] * 2)
+    with pytest.raises(BadInput, match=r"^data\.folds: 5 is more .* \(class 2: 2\)"):
+        assign_splits(len(labels), 0, 0.0, 0.2, 5, 0, labels=labels)
+    codes = assign_splits(len(labels), 0, 0.0, 0.2, 5, 0, labels=labels, counted=labels < 2)
+    assert np.bincount(labels[codes == 1], minlength=3)[:2].tolist() == [10, 10]
+    with pytest.raises(
+        BadInput, match=r"^data\.stratify: stratified folds need class labels; 'mod:make' is a regression"
+    ):
+        from orchestrator.data.memory import _Arrays, _strata
+
+        spec = make_spec({"name": "mod:make", "folds": 3, "stratify": True})
+        _strata(spec, _Arrays(np.zeros((9, 2)), np.zeros(9), "regression", None, None))
 
 
 def test_classes_filter_keeps_labels_and_the_same_test_examples():

@@ -51,6 +51,15 @@ def test_defaults_are_a_valid_job():
         ({"data": {"name": "parquet", "path": "x", "task": "regression"}}, "data.features and label: required"),
         ({"data": {"name": "synthetic"}}, "data.task: required for synthetic data"),
         ({"data": {"folds": 5, "fold": 5}}, "data.fold: 5 is not below folds=5"),
+        ({"data": {"stratify": True}}, "data.stratify: applies to k-fold splits; set folds too"),
+        (
+            {"data": {"name": "synthetic", "task": "regression", "folds": 5, "stratify": True}},
+            "data.stratify: stratified folds need class labels, and regression data has none",
+        ),
+        (
+            {"data": {"name": "synthetic", "task": "lm", "folds": 5, "stratify": True}, "model": {"name": "gpt"}},
+            "data.stratify: stratified folds need class labels, and lm data has none",
+        ),
         ({"optim": {"nesterov": True}}, "optim.nesterov: needs name=sgd and momentum > 0"),
         ({"schedule": {"name": "linear"}}, "schedule.name: Input should be"),
         ({"train": {"precision": "fp8"}}, "train.precision: Input should be 'fp32', 'bf16' or 'fp16'"),

@@ -176,12 +176,24 @@ def _info_from_arrays(arr: _Arrays, codes: np.ndarray) -> DataInfo:
     )
 
 
+def _strata(spec: JobSpec, arr: _Arrays) -> np.ndarray | None:
+    """The labels folds are stratified by: a classification job's with data.folds, unless data.stratify is false."""
+    d = spec.data
+    if not d.folds or d.stratify is False:
+        return None
+    if arr.task != "classification":
+        if d.stratify:
+            raise BadInput(f"data.stratify: stratified folds need class labels; {d.name!r} is a {arr.task} data set")
+        return None
+    return arr.y
+
+
 def _split_arrays(spec: JobSpec, base_dir) -> tuple[_Arrays, np.ndarray, DataInfo]:
     arr = _in_memory(spec, base_dir)
     # Split the whole dataset before filtering classes, so a class-filtered job's test examples
     # are never training examples of the unfiltered job with the same seed.
-    codes = assign_splits(len(arr.x), *_split_args(spec))
     keep = _class_mask(spec, arr.y, arr.num_classes, arr.task)
+    codes = assign_splits(len(arr.x), *_split_args(spec), labels=_strata(spec, arr), counted=keep)
     if keep is not None:
         codes = np.where(keep, codes, np.int8(-1))
     info = _info_from_arrays(arr, codes)

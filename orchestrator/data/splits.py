@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from orchestrator.errors import BadInput
+
 if TYPE_CHECKING:
     from orchestrator.spec import JobSpec
 
@@ -49,18 +51,57 @@ def _uniform_hash(index: np.ndarray, seed: int) -> np.ndarray:
 
 
 def assign_splits(
-    n: int, seed: int, test_split: float, val_split: float, folds: int | None = None, fold: int = 0
+    n: int,
+    seed: int,
+    test_split: float,
+    val_split: float,
+    folds: int | None = None,
+    fold: int = 0,
+    labels: np.ndarray | None = None,
+    counted: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Split code (TRAIN, VAL, TEST) per example of an in-memory dataset, with exact fractions."""
+    """Split code (TRAIN, VAL, TEST) per example of an in-memory dataset, with exact fractions.
+
+    With `folds`, fold `fold` of the non-test examples is the validation set; with `labels` the folds are
+    stratified (`stratified_folds`), and `counted` (a mask: the examples the job keeps) names whose classes
+    must each have `folds` examples outside the test split.
+    """
     perm = _rng(seed, _SALT_SPLIT).permutation(n)
     codes = np.full(n, TRAIN, dtype=np.int8)
     n_test = int(round(n * test_split))
     codes[perm[:n_test]] = TEST
     rest = perm[n_test:]
-    # The test set depends on the seed and test_split only, so it stays fixed across folds.
-    val = np.array_split(rest, folds)[fold] if folds else rest[: int(round(len(rest) * val_split))]
+    # The test set depends on the seed and test_split only, so it stays fixed across folds (and stratified or not).
+    if folds and labels is not None:
+        val = rest[stratified_folds(rest, labels, folds, counted) == fold]
+    elif folds:
+        val = np.array_split(rest, folds)[fold]
+    else:
+        val = rest[: int(round(len(rest) * val_split))]
     codes[val] = VAL
     return codes
+
+
+def stratified_folds(pool: np.ndarray, labels: np.ndarray, folds: int, counted: np.ndarray | None = None) -> np.ndarray:
+    """The fold of each example of `pool` (indices in seeded random order): every class dealt over the folds in turn.
+
+    The pool is sorted by class (stably: the random order stays within a class) and numbered 0..k-1 over and over,
+    so each fold holds floor or ceil of n_c/k examples of class c, and the folds differ in size by one at most.
+    BadInput when a class has fewer examples than folds (some fold would hold none of it).
+    """
+    pool_labels = labels[pool]
+    kept = pool_labels if counted is None else pool_labels[counted[pool]]
+    classes, counts = np.unique(kept, return_counts=True)
+    if len(classes) and counts.min() < folds:
+        small = int(np.argmin(counts))
+        raise BadInput(
+            f"data.folds: {folds} is more than the smallest class has examples outside the test split "
+            f"(class {classes[small]}: {counts[small]}); use at most {counts[small]} folds"
+        )
+    order = np.argsort(pool_labels, kind="stable")
+    out = np.empty(len(pool), dtype=np.int64)
+    out[order] = np.arange(len(pool)) % folds
+    return out
 
 
 def hashed_splits(

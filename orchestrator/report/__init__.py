@@ -1,16 +1,17 @@
-"""The offline HTML report of a run or a sweep, and the list of runs under a storage.
+"""The offline HTML report of a run, a sweep or a cross-validation, and the list of runs under a storage.
 
 One self-contained file: every figure is an SVG embedded as a data URI (written by
 orchestrator.report.charts: no JavaScript, no network), so it opens anywhere, from disk or from object
 storage. Every value the report did not build itself (names, URIs, settings, errors) is escaped.
 
 What lives where:
-  read.py        what a run or sweep left in storage: RunData, SweepData, load_run, load_sweep, the record file names
+  read.py        what a run, sweep or cv left in storage: RunData, SweepData, CvData, their loaders, the record file names
   charts.py      hand-written SVG charts (lines, markers, bars, heatmaps, legends), no dependencies
   curves.py      ROC and precision-recall points and areas, NumPy only
   html.py        page skeleton, style, palette, status badges, tables, embedded figures, escaping
   run_page.py    a run's figures and its page (render_run)
   sweep_page.py  a sweep's figures and its page (render_sweep)
+  cv_page.py     a cross-validation's figures and its page (render_cv)
   listing.py     the runs and sweeps under a storage (`orchestrator runs`)
   __init__.py    render and write_report: the report of whatever a URI holds
 """
@@ -21,13 +22,27 @@ import os
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
+from orchestrator.report.cv_page import render_cv
 from orchestrator.report.listing import list_runs
-from orchestrator.report.read import SWEEP_RECORD, RunData, SweepData, _guarded, _open, load_run, load_sweep
+from orchestrator.report.read import (
+    CV_RECORD,
+    SWEEP_RECORD,
+    CvData,
+    RunData,
+    SweepData,
+    _guarded,
+    _open,
+    load_cv,
+    load_run,
+    load_sweep,
+)
 from orchestrator.report.run_page import render_run
 from orchestrator.report.sweep_page import render_sweep
 from orchestrator.rundir import METRICS, REPORT, RUN_RECORD, TEST_RECORD
 
 __all__ = [
+    "CV_RECORD",
+    "CvData",
     "METRICS",
     "REPORT",
     "RUN_RECORD",
@@ -36,9 +51,11 @@ __all__ = [
     "RunData",
     "SweepData",
     "list_runs",
+    "load_cv",
     "load_run",
     "load_sweep",
     "render",
+    "render_cv",
     "render_run",
     "render_sweep",
     "write_report",
@@ -46,8 +63,10 @@ __all__ = [
 
 
 def render(uri: str, endpoint_url: str | None = None) -> str:
-    """The report of whatever `uri` holds, a run or a sweep; BadInput when it holds neither."""
+    """The report of whatever `uri` holds, a run, a sweep or a cross-validation; BadInput when it holds none."""
     home = _open(uri, endpoint_url)
+    if _guarded(uri, lambda: home.exists(CV_RECORD)):  # a cross-validation is a sweep too: its own page first
+        return render_cv(load_cv(uri, endpoint_url))
     if _guarded(uri, lambda: home.exists(SWEEP_RECORD)):
         return render_sweep(load_sweep(uri, endpoint_url))
     if not _guarded(uri, lambda: home.exists(RUN_RECORD)):

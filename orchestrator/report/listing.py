@@ -1,4 +1,4 @@
-"""The runs and sweeps directly under a storage (`orchestrator runs`): one row each, read from their records."""
+"""The runs, sweeps and cross-validations directly under a storage (`orchestrator runs`): one row each, read from their records."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
-from orchestrator.report.read import RUN_RECORD, SWEEP_RECORD, _child_dirs, _finite, _guarded, _open
+from orchestrator.report.read import CV_RECORD, RUN_RECORD, SWEEP_RECORD, _child_dirs, _finite, _guarded, _open
 
 
 def list_runs(storage_uri: str, endpoint_url: str | None = None) -> list[dict[str, Any]]:
@@ -37,7 +37,26 @@ def list_runs(storage_uri: str, endpoint_url: str | None = None) -> list[dict[st
                 }
             )
             continue
+        cv = _guarded(uri, lambda name=name: home.read_json(f"{name}/{CV_RECORD}"))
         sweep = _guarded(uri, lambda name=name: home.read_json(f"{name}/{SWEEP_RECORD}"))
+        if isinstance(cv, dict) and isinstance(sweep, dict):
+            # A cross-validation: its "best" column is the mean of its metric over the folds.
+            metric = cv.get("metric")
+            rows.append(
+                {
+                    "name": name,
+                    "kind": "cv",
+                    "uri": uri,
+                    "status": cv.get("status"),
+                    "started": sweep.get("started"),
+                    "ended": sweep.get("ended"),
+                    "steps": cv.get("total_steps"),
+                    "best_metric": f"mean {metric}",
+                    "best_value": ((cv.get("metrics") or {}).get(metric) or {}).get("mean"),
+                    "wall_s": _wall(sweep, cv.get("wall_s")),
+                }
+            )
+            continue
         if isinstance(sweep, dict):
             result = sweep.get("result") or {}
             best = result.get("best") or {}

@@ -14,6 +14,7 @@ from orchestrator.errors import BadInput
 from orchestrator.rundir import RUN_RECORD, RunDir
 
 SWEEP_RECORD = "sweep.json"
+CV_RECORD = "cv.json"  # orchestrator.cv's record, beside the sweep record of the folds
 
 
 @dataclass
@@ -131,6 +132,42 @@ def load_sweep(uri: str, endpoint_url: str | None = None) -> SweepData:
         if row.get("best_metric") is None and values:
             row["best_metric"] = (max if data.mode == "max" else min)(v for _, v in values)
     return data
+
+
+@dataclass
+class CvData:
+    """A cross-validation's cv.json, its sweep record, and each fold's run (RunData, or None when it has none)."""
+
+    uri: str
+    record: dict[str, Any]
+    sweep_record: dict[str, Any] | None
+    folds: list[dict[str, Any]]  # cv.json's folds, each with "run"
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.record.get("metrics") or {}
+
+    @property
+    def test(self) -> dict[str, Any]:
+        return self.record.get("test") or {}
+
+
+def load_cv(uri: str, endpoint_url: str | None = None) -> CvData:
+    """A cross-validation's records and its fold runs; BadInput when the URI holds none."""
+    home = _open(uri, endpoint_url)
+    record = _guarded(uri, lambda: home.read_json(CV_RECORD))
+    if not isinstance(record, dict):
+        raise BadInput(f"{uri}: holds no cross-validation (no {CV_RECORD})")
+    folds = []
+    for fold in record.get("folds") or []:
+        fold = dict(fold)
+        try:
+            fold["run"] = load_run(fold.get("run_uri") or f"{uri.rstrip('/')}/fold-{fold['fold']}", endpoint_url)
+        except BadInput:
+            fold["run"] = None
+        folds.append(fold)
+    sweep_record = _guarded(uri, lambda: home.read_json(SWEEP_RECORD))
+    return CvData(uri=uri.rstrip("/"), record=record, sweep_record=sweep_record, folds=folds)
 
 
 def _child_dirs(home: RunDir) -> list[str]:

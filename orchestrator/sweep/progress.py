@@ -18,6 +18,7 @@ from orchestrator.rundir import RunDir
 from orchestrator.runrecord import RunRecord
 from orchestrator.sweep.export import trial_status
 from orchestrator.sweep.load import settings_text
+from orchestrator.sweep.trial import trial_dir_name
 
 # Where this process's live view goes; restored callbacks find it here rather than in their pickled state.
 _say: Callable[[str], None] = print
@@ -36,12 +37,20 @@ def _is_better(value: Any, best: Any, mode: str) -> bool:
 
 
 def live_view(
-    sweep_uri: str, endpoint: str | None, metric: str, mode: str, say: Callable[[str], None], every_s: float = 5.0
+    sweep_uri: str,
+    endpoint: str | None,
+    metric: str,
+    mode: str,
+    say: Callable[[str], None],
+    every_s: float = 5.0,
+    name_by: str | None = None,
 ) -> SweepProgress:
     """The live view of a sweep, printing through `say` (a restored one prints there too)."""
     global _say
     _say = say
-    return SweepProgress(sweep_uri, endpoint, metric, mode, every_s)
+    view = SweepProgress(sweep_uri, endpoint, metric, mode, every_s)
+    view.name_by = name_by
+    return view
 
 
 class SweepProgress(Callback):
@@ -52,6 +61,7 @@ class SweepProgress(Callback):
         self.t0 = time.time()
         self.last_line, self.last_time = "", 0.0
         self.ended: dict[str, str | None] = {}  # trial id -> its run's status, read once when it ends
+        self.name_by: str | None = None  # the field that names trial directories (trial_dir_name)
 
     def setup(self, **info) -> None:
         # Called as Tune's run starts, a resumed one included: the clock runs from this process's start of it.
@@ -63,7 +73,8 @@ class SweepProgress(Callback):
         best = None
         for t in trials:
             if t.status == "TERMINATED" and t.trial_id not in self.ended:
-                self.ended[t.trial_id] = run_status(f"{self.sweep_uri}/{t.trial_id}", self.endpoint)
+                run = trial_dir_name(t.trial_id, t.config, getattr(self, "name_by", None))
+                self.ended[t.trial_id] = run_status(f"{self.sweep_uri}/{run}", self.endpoint)
             state = trial_status(t.status, self.ended.get(t.trial_id))
             counts[state] = counts.get(state, 0) + 1
             value = (t.last_result or {}).get(self.metric)
@@ -73,7 +84,8 @@ class SweepProgress(Callback):
         parts = ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s))
         line = f"trials: {parts}"
         if best:
-            line += f" | best {self.metric} {best[0]:.4f} ({best[1].trial_id}: {settings_text(best[1].config)})"
+            name = trial_dir_name(best[1].trial_id, best[1].config, getattr(self, "name_by", None))
+            line += f" | best {self.metric} {best[0]:.4f} ({name}: {settings_text(best[1].config)})"
         now = time.time()
         if line != self.last_line or force or now - self.last_time > self.every_s * 6:
             elapsed = int(now - self.t0)

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +29,7 @@ from orchestrator.sweep.export import TrialRow, collect_trials, write_best_job
 from orchestrator.sweep.load import SweepJob
 from orchestrator.sweep.schedulers import build_scheduler, build_search, trial_resources
 from orchestrator.sweep.space import build_param_space
-from orchestrator.sweep.trial import TrialPlan, trial_trainable
+from orchestrator.sweep.trial import TrialPlan, trial_dir_name, trial_trainable
 from orchestrator.tracking import TrackingSession, mlflow_tracking_uri
 
 SWEEP_RECORD = "sweep.json"
@@ -64,12 +65,24 @@ def sweep_tracking_spec(spec: JobSpec) -> JobSpec:
     return out
 
 
+# What a caller of run_sweep makes of its finished result: metrics for the sweep's MLflow run, files to attach to it.
+Conclude = Callable[[dict[str, Any]], tuple[dict[str, float], list[str]]]
+
+
 def run_sweep(
-    sweep: SweepJob, address: str | None = None, best_out: str | None = None, quiet: bool = False, verbose: bool = False
+    sweep: SweepJob,
+    address: str | None = None,
+    best_out: str | None = None,
+    quiet: bool = False,
+    verbose: bool = False,
+    name_by: str | None = None,
+    conclude: Conclude | None = None,
 ) -> dict[str, Any]:
     """Validate, then run (or continue) the sweep with Ray Tune; return the result (also in sweep.json).
 
     With a `tracking` section the sweep is an MLflow run of its own, and each trial's run is its child.
+    `name_by` names each trial's directory by a searched field (`trial_dir_name`); `conclude`, when given,
+    replaces the best trial (no best.yaml) as what closes the sweep's MLflow run: cross-validation's aggregate.
     """
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else (lambda msg: print(msg, flush=True))
     t0 = time.time()
@@ -113,6 +126,7 @@ def run_sweep(
             experiment=session.experiment if session else None,
             data_fingerprint=fingerprint,
             embedded_ray=connected and not address,
+            name_by=name_by,
         )
         results, resumed = _fit(sweep, home, plan, record, say, prov, tracked)
     except Exception:
@@ -125,7 +139,8 @@ def run_sweep(
 
             ray.shutdown()
     end_unfinished_trials(sweep, results)
-    return _finish(sweep, home, collect_trials(results, sweep), resumed, tracked, best_out, session, tracking_spec, t0)
+    rows = collect_trials(results, sweep)
+    return _finish(sweep, home, rows, resumed, tracked, best_out, session, tracking_spec, t0, conclude)
 
 
 def _fit(
@@ -148,7 +163,18 @@ def _fit(
     )
     trainable = tune.with_resources(trial_trainable(plan), trial_resources(sweep.spec))
     # A restored Tuner keeps the interrupted sweep's live view, which prints through this process's `say` from here on.
-    progress = live_view(sweep.uri, sweep.endpoint, sweep.sweep.metric, sweep.sweep.mode, say)
+    progress = live_view(sweep.uri, sweep.endpoint, sweep.sweep.metric, sweep.sweep.mode, say, name_by=plan.name_by)
+    if record and plan.name_by is not None:
+        # Trials named by a field (cv's folds) are known by their run directories, whose records say which finished:
+        # a new Tuner over the same grid continues them (a finished one reports its end, the others resume from their
+        # checkpoints) without Tune's experiment state, which a kill in the middle of its writing leaves torn.
+        say(f"continuing {sweep.name} from {sweep.uri} (finished trials are kept, the others resume)")
+        home.write_json(
+            SWEEP_RECORD,
+            {**record, "status": str(RunStatus.RUNNING), "provenance": prov, "tracking": tracked},
+            indent=1,
+        )
+        return _new_tuner(sweep, trainable, plan, storage_path, storage_fs, progress).fit(), True
     if record and tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
         say(f"continuing sweep {sweep.name} from {sweep.uri} (finished trials are kept)")
         home.write_json(SWEEP_RECORD, {**record, "provenance": prov, "tracking": tracked}, indent=1)
@@ -176,7 +202,15 @@ def _fit(
         },
         indent=1,
     )
-    tuner = tune.Tuner(
+    return _new_tuner(sweep, trainable, plan, storage_path, storage_fs, progress).fit(), False
+
+
+def _new_tuner(sweep: SweepJob, trainable, plan: TrialPlan, storage_path: str, storage_fs, progress):
+    """Tune's Tuner of the sweep's search, its experiment state in `<sweep>/tune`."""
+    from ray import tune
+
+    s = sweep.sweep
+    return tune.Tuner(
         trainable,
         param_space=build_param_space(s),
         tune_config=tune.TuneConfig(
@@ -185,8 +219,8 @@ def _fit(
             num_samples=s.num_samples,
             scheduler=build_scheduler(s, sweep.spec),
             search_alg=build_search(s),
-            trial_name_creator=lambda t: t.trial_id,
-            trial_dirname_creator=lambda t: t.trial_id,
+            trial_name_creator=lambda t: trial_dir_name(t.trial_id, t.config, plan.name_by),
+            trial_dirname_creator=lambda t: trial_dir_name(t.trial_id, t.config, plan.name_by),
             reuse_actors=True,  # a new trial in a warm process: no second torch import
         ),
         run_config=tune.RunConfig(
@@ -199,7 +233,6 @@ def _fit(
             callbacks=[progress],
         ),
     )
-    return tuner.fit(), False
 
 
 def _finish(
@@ -212,11 +245,12 @@ def _finish(
     session,
     tracking_spec: JobSpec,
     t0: float,
+    conclude: Conclude | None = None,
 ) -> dict[str, Any]:
     """The sweep's result: the ranked trials, the best one's job file; recorded in sweep.json and closing the sweep's MLflow run."""
     ranked = [r for r in rows if isinstance(r.metric, (int, float))]
     best = ranked[0] if ranked else None
-    best_file = write_best_job(sweep, best, best_out) if best else None
+    best_file = write_best_job(sweep, best, best_out) if best and conclude is None else None
     status = RunStatus.FINISHED if rows and all(r.status in ("done", "stopped") for r in rows) else RunStatus.FAILED
     result = {
         "sweep": sweep.name,
@@ -237,6 +271,11 @@ def _finish(
     record = home.read_json(SWEEP_RECORD) or {}
     record.update(status=str(status), ended=datetime.now(timezone.utc).isoformat(), result=result)
     home.write_json(SWEEP_RECORD, record, indent=1)
+    if conclude is not None:
+        metrics, files = conclude(result)
+        if session is not None:
+            session.finish(tracking_spec, status, None, [("", f) for f in [home.uri_of(SWEEP_RECORD), *files]], metrics)
+        return result
     if session is not None:
         # The sweep's run closes with what its best trial's run closed with (test_* and best_* metrics).
         best_record = RunRecord.load(RunDir.open(best.run_uri, sweep.endpoint)) if best else None
@@ -252,7 +291,7 @@ def _finish(
 def end_unfinished_trials(sweep: SweepJob, results) -> None:
     """Record the end of trials whose process went away before they could: run.json still running, MLflow run still RUNNING."""
     for result in results:
-        run = RunDir.open(f"{sweep.uri}/{Path(result.path).name}", sweep.endpoint)
+        run = RunDir.open(f"{sweep.uri}/{Path(result.path).name}", sweep.endpoint)  # the trial's directory name
         record = RunRecord.load(run)
         if not record:
             continue

@@ -51,6 +51,14 @@ class TrialPlan:
     data_fingerprint: dict[str, Any] | None = None  # the base job's data, from the driver's preflight
     embedded_ray: bool = False  # the sweep started its own single-node Ray (no preemption to watch for)
     decides_at_reports: bool = False  # the scheduler (ASHA, PBT) may stop or pause a trial at any report
+    name_by: str | None = None  # a field that names each trial's directory (cv: data.fold -> fold-0), else its trial id
+
+
+def trial_dir_name(trial_id: str, config: dict[str, Any], name_by: str | None) -> str:
+    """A trial's directory (and run) name under its sweep: the trial id, or `<field>-<value>` of the field that names trials."""
+    if name_by is None or name_by not in config:
+        return trial_id
+    return f"{name_by.rsplit('.', 1)[-1]}-{_plain(config[name_by])}"
 
 
 def track_as_trial(spec: JobSpec, plan: TrialPlan, trial_id: str) -> None:
@@ -68,7 +76,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     # A stopped trial records its end (MLflow calls among it) after Tune has moved on. Tune gives that 2 s before
     # it reuses this process for the next trial, and the sweep goes wrong (it stalls) when it takes longer.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(TRIAL_END_TIMEOUT_S))
-    trial_id = tune.get_context().get_trial_id()
+    trial_id = trial_dir_name(tune.get_context().get_trial_id(), config, plan.name_by)
     spec = trial_spec(plan.job, config, f"{plan.sweep_name}-{trial_id}", plan.ranges)
     track_as_trial(spec, plan, trial_id)
     run = RunDir.open(f"{plan.sweep_uri}/{trial_id}", plan.endpoint, spec.checkpoint.upload_timeout_s)
