@@ -115,6 +115,22 @@ def test_run_refuses_a_run_dir_in_use_with_one_line_naming_the_holder(tmp_path):
         assert end(proc) == 0
 
 
+def test_sweep_refuses_a_sweep_dir_in_use(tmp_path):
+    # One lease for the whole sweep, on its directory: its trials' run directories live under it.
+    sweep_dir = tmp_path / "digits-lr"
+    proc = holder(str(sweep_dir))
+    try:
+        pid = held(proc)
+        res = orchestrator("sweep", "jobs/sweep_digits_lr.yaml", f"checkpoint.storage={tmp_path}")
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {sweep_dir}: already in use"), lines
+        assert f"pid {pid}" in lines[0]
+        assert sorted(p.name for p in sweep_dir.iterdir()) == [LEASE_FILE]
+    finally:
+        assert end(proc) == 0
+
+
 def test_run_with_wait_waits_for_the_holder_then_runs(tmp_path):
     run_dir = tmp_path / "runs" / "digits-mlp"
     proc = holder(str(run_dir))
@@ -205,3 +221,20 @@ def test_s3_killed_holder_is_taken_over_only_after_expiry(s3_server, bucket):
     assert 1.0 < time.monotonic() - killed < 15
     assert lease_object(s3_server, bucket)["pid"] == os.getpid()
     lease.release()
+
+
+def test_run_refuses_an_s3_run_dir_in_use(s3_server, bucket):
+    uri = f"s3://{bucket}/runs/digits-mlp"
+    proc = holder(uri, 30)
+    try:
+        pid = held(proc)
+        res = orchestrator("run", "jobs/digits_mlp.yaml", f"checkpoint.storage=s3://{bucket}/runs", *TINY)
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {uri}: already in use by another run (host "), lines
+        assert f"pid {pid}, since 20" in lines[0] and "testing" not in res.stdout + res.stderr
+        listed = s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+        assert [o["Key"] for o in listed] == [f"runs/digits-mlp/{LEASE_FILE}"]  # nothing written
+    finally:
+        assert end(proc) == 0
+    assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0  # released: the object is gone
