@@ -145,7 +145,10 @@ def test_run_with_wait_waits_for_the_holder_then_runs(tmp_path):
         cwd=ROOT,
     )
     # The waiting run says whom it waits for, and has not touched the directory while it waits.
-    line = run.stderr.readline()
+    line = ""
+    for line in iter(run.stderr.readline, ""):  # noqa: B007 - the first line that says it waits
+        if "in use by another run" in line:
+            break
     assert "in use by another run" in line and f"pid {pid}" in line and "waiting" in line, line
     assert run.poll() is None
     assert sorted(p.name for p in run_dir.iterdir()) == [LEASE_FILE]
@@ -197,28 +200,30 @@ def test_s3_second_holder_is_refused_and_release_frees_it(s3_server, bucket):
 
 def test_s3_renewal_keeps_the_lease_past_its_ttl(bucket):
     uri = f"s3://{bucket}/runs/r"
-    first = lease_on(uri, ttl=3).acquire()
-    time.sleep(4.5)  # one and a half ttl: only the renewals keep it alive
+    first = lease_on(uri, ttl=4).acquire()
+    time.sleep(6)  # one and a half ttl: only the renewals keep it alive
     with pytest.raises(LeaseHeld):
-        lease_on(uri, ttl=3).acquire()
+        lease_on(uri, ttl=4).acquire()
     assert not first.lost
     first.release()
 
 
 def test_s3_killed_holder_is_taken_over_only_after_expiry(s3_server, bucket):
     uri = f"s3://{bucket}/runs/r"
-    proc = holder(uri, 3)
+    # A ttl well above the 1 s resolution of Last-Modified and a loaded machine's delays: the first
+    # refusal below must come before expiry.
+    proc = holder(uri, 5)
     pid = held(proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     killed = time.monotonic()
     with pytest.raises(LeaseHeld) as refused:  # not yet: it was renewed within the last ttl
-        lease_on(uri, ttl=3).acquire()
+        lease_on(uri, ttl=5).acquire()
     assert f"pid {pid}" in refused.value.lines[0]
     waited: list[str] = []
-    lease = lease_on(uri, ttl=3).acquire(wait=True, on_wait=lambda h: waited.append(h.describe()))
+    lease = lease_on(uri, ttl=5).acquire(wait=True, on_wait=lambda h: waited.append(h.describe()))
     assert waited and f"pid {pid}" in waited[0]
-    assert 1.0 < time.monotonic() - killed < 15
+    assert 2.0 < time.monotonic() - killed < 20  # expiry: up to ttl after the last renewal
     assert lease_object(s3_server, bucket)["pid"] == os.getpid()
     lease.release()
 
@@ -238,3 +243,18 @@ def test_run_refuses_an_s3_run_dir_in_use(s3_server, bucket):
     finally:
         assert end(proc) == 0
     assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0  # released: the object is gone
+
+
+def test_s3_an_expired_holder_never_deletes_the_lease_taken_over_from_it(s3_server, bucket):
+    uri = f"s3://{bucket}/runs/r"
+    old = lease_on(uri, ttl=2).acquire()
+    old._stop.set()  # a driver cut off from the store: its renewals stop
+    old._renewer.join()
+    time.sleep(3.5)  # past the ttl (Last-Modified has one-second resolution)
+    new = lease_on(uri, ttl=2).acquire()  # taken over at once: expired
+    old._stop.clear()
+    old.release()  # its conditional delete names the ETag it last wrote: the new lease stays
+    assert lease_object(s3_server, bucket)["token"] == new.holder.token
+    with pytest.raises(LeaseHeld):
+        lease_on(uri, ttl=2).acquire()
+    new.release()
