@@ -115,9 +115,18 @@ def validate(job_file: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @click.option(
     "--verbose", is_flag=True, help="Show Ray's and the workers' own output too (it is always in <run>/run.log)."
 )
+@click.option(
+    "--wait", is_flag=True, help="If another run is using the run directory, wait for it to end instead of refusing."
+)
 @friendly_errors
 def run(
-    job_file: str, overrides: tuple[str, ...], address: str | None, fresh: bool, as_json: bool, verbose: bool
+    job_file: str,
+    overrides: tuple[str, ...],
+    address: str | None,
+    fresh: bool,
+    as_json: bool,
+    verbose: bool,
+    wait: bool,
 ) -> None:
     """Train a job on this machine (embedded Ray) or on the cluster at --address."""
     from orchestrator.console import RunConsole, prepare_ray_output
@@ -132,7 +141,7 @@ def run(
         stream, live=stream.isatty() and os.environ.get("TERM") != "dumb" and not as_json, verbose=verbose
     )
     summary = run_job(
-        spec, job_file=job_file, address=address, fresh=fresh, quiet=as_json, console=console, capture=True
+        spec, job_file=job_file, address=address, fresh=fresh, quiet=as_json, console=console, capture=True, wait=wait
     )
     if as_json:
         print_json(summary.to_dict())

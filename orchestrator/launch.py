@@ -19,6 +19,7 @@ from typing import Any
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
 from orchestrator.console import RunConsole
+from orchestrator.lease import RunLease
 from orchestrator.preflight import preflight
 from orchestrator.provenance import add_placement, collect_provenance
 from orchestrator.ray_runtime import resolve_address, start_ray
@@ -64,12 +65,16 @@ def run_job(
     quiet: bool = False,
     console: RunConsole | None = None,
     capture: bool = False,
+    wait: bool = False,
 ) -> RunSummary:
     """Validate, then train a job through Ray Train; return the summary (also recorded in run.json).
 
     `console` shows the run (plain lines on stdout, or stderr when `quiet`, by default). With `capture`
     everything this process and its workers print goes to `<run>/run.log`, and only what the console
     lets through reaches the terminal (the command line does this; library callers keep their streams).
+
+    The run holds its directory's lease (see `lease`) from before it reads the directory to the very
+    end; another run there at the same time is refused (LeaseHeld, exit 2), or waited for with `wait`.
     """
     console = console or RunConsole(stream=sys.stderr if quiet else sys.stdout)
     base_dir = str(Path(job_file).resolve().parent) if job_file else os.getcwd()
@@ -82,6 +87,32 @@ def run_job(
         spec.checkpoint.endpoint_url,
         spec.checkpoint.upload_timeout_s,
     )
+    lease = RunLease.for_run(run, spec.checkpoint.lease_ttl_s)
+    lease.acquire(wait, on_wait=lambda holder: console.message(_waiting_line(run.uri, holder)))
+    try:
+        return _leased(spec, run, job_file, base_dir, address, fresh, data_info, t0, console, capture)
+    finally:
+        lease.release()
+
+
+def _waiting_line(uri: str, holder) -> str:
+    who = holder.describe() if holder else "another run"
+    return f"{storage.redact(uri)}: in use by another run ({who}); waiting for it to end"
+
+
+def _leased(
+    spec: JobSpec,
+    run: RunDir,
+    job_file: str | None,
+    base_dir: str,
+    address: str | None,
+    fresh: bool,
+    data_info: Any,
+    t0: float,
+    console: RunConsole,
+    capture: bool,
+) -> RunSummary:
+    """The rest of `run_job`, with the run's lease held."""
     previous = RunRecord.load(run)
     if previous and previous.finished and not fresh:
         done = previous.summary or RunSummary(run=run.name, run_uri=run.uri, status=RunStatus.FINISHED)

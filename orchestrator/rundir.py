@@ -3,6 +3,7 @@
 ```
 <checkpoint.storage>/<run name>/
   run.json  metrics.jsonl  checkpoint_<step>/  test.json  report.html  run.log  tensorboard/
+  .lease    (who runs here now: see `lease`)
 ```
 
 Whoever holds a `RunDir` reads and writes those files through it, so the layout lives here and

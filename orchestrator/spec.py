@@ -398,6 +398,13 @@ class CheckpointSpec(Section):
         description="Deadline (s) of one storage operation, e.g. a checkpoint upload: connection errors, timeouts, "
         "5xx and throttling are retried until then; access denied, a missing bucket or missing credentials fail at once.",
     )
+    lease_ttl_s: float = Field(
+        60.0,
+        ge=1,
+        le=3600,
+        description="Object stores: a running driver renews its lease on the run directory every ttl/3; a lease "
+        "unrenewed this long (s) is a dead run's, and the next run takes it over (local runs use an OS lock instead).",
+    )
 
     @field_validator("storage")
     @classmethod

@@ -19,6 +19,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
+from orchestrator.lease import RunLease
 from orchestrator.preflight import preflight
 from orchestrator.provenance import collect_provenance
 from orchestrator.ray_runtime import resolve_address, start_ray
@@ -89,6 +90,25 @@ def run_sweep(
     home = RunDir.open(sweep.uri, sweep.endpoint)
     address = resolve_address(address)
     data_info = preflight(sweep.spec, sweep.base_dir, address)
+    # One lease for the whole sweep: its trials' directories live under the sweep's, and only this driver starts them.
+    lease = RunLease.for_run(home, sweep.spec.checkpoint.lease_ttl_s).acquire()
+    try:
+        return _run_leased(sweep, home, address, data_info, best_out, say, verbose, t0)
+    finally:
+        lease.release()
+
+
+def _run_leased(
+    sweep: SweepJob,
+    home: RunDir,
+    address: str | None,
+    data_info: Any,
+    best_out: str | None,
+    say,
+    verbose: bool,
+    t0: float,
+) -> dict[str, Any]:
+    """The rest of `run_sweep`, with the sweep directory's lease held."""
     record = home.read_json(SWEEP_RECORD)
     if record and record.get("fingerprint") != sweep.fingerprint():
         raise BadInput(f"sweep.name: {sweep.uri} holds a sweep with other settings; use --fresh or another sweep.name")
