@@ -210,7 +210,8 @@ class SplitState:
     perplexity. ROC-AUC is binned: each rank keeps its own shard's logits (what it would have
     gathered before, now 1/N of it), the classes present in the whole split are agreed first (the
     scores are a softmax over those, as `compute_metrics` does), then each present class's log-odds
-    go into AUROC_BINS equal bins between the split's smallest and largest finite value; a positive
+    go into AUROC_BINS equal bins between the split's smallest and largest finite value (a
+    probability of exactly 0 or 1 in float64 into a bin of its own at either end); a positive
     and a negative in one bin count as a tie (one half). The area is within
     sum(pos_b * neg_b) / (2 * P * N) of the exact one, under 1e-3 unless many positives and
     negatives share a bin's width (1/10,000 of the log-odds range).
@@ -346,11 +347,12 @@ class SplitState:
         k = scored.size
         hi, lo = bounds[1 : 1 + k], -bounds[1 + k :]
         bins = max(100, min(AUROC_BINS, _MAX_HISTOGRAM_CELLS // (2 * k)))
-        hist = np.zeros((k, 2, bins), dtype=np.float64)
+        width = bins + 2  # and one bin for each saturated end
+        hist = np.zeros((k, 2, width), dtype=np.float64)
         for i, cls in enumerate(scored):
             idx = _bin_index(z[:, i], lo[i], hi[i], bins)
-            hist[i] = np.bincount((y == cls).astype(np.int64) * bins + idx, minlength=2 * bins).reshape(2, bins)
-        hist = reduce(torch.from_numpy(hist.reshape(-1)), "sum").numpy().reshape(k, 2, bins)
+            hist[i] = np.bincount((y == cls).astype(np.int64) * width + idx, minlength=2 * width).reshape(2, width)
+        hist = reduce(torch.from_numpy(hist.reshape(-1)), "sum").numpy().reshape(k, 2, width)
         aucs = [_binned_auc(hist[i, 1], hist[i, 0]) for i in range(k)]
         return float(np.mean(aucs))
 
@@ -408,27 +410,29 @@ def _macro_f1_from_confusion(cm: np.ndarray) -> float:
 
 
 def _log_odds(sub: np.ndarray) -> np.ndarray:
-    """log(p / (1 - p)) of each column's softmax probability: the same order as p, spread evenly where p saturates."""
-    if sub.shape[0] == 0:
-        return np.zeros_like(sub)
+    """log(p / (1 - p)) of each column's softmax probability, p computed as `compute_metrics` does.
+
+    The same order and the same ties as p (0 and 1 become -inf and +inf), spread evenly where p saturates.
+    """
+    s = sub - sub.max(axis=1, keepdims=True) if sub.shape[0] else sub
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        s = sub - sub.max(axis=1, keepdims=True)
-        e = np.exp(s)
-        rest = e.sum(axis=1, keepdims=True) - e
-        # For the row's top class the subtraction above cancels; sum the other columns instead.
-        top = s.argmax(axis=1)
-        others = e.copy()
-        others[np.arange(e.shape[0]), top] = 0.0
-        rest[np.arange(e.shape[0]), top] = others.sum(axis=1)
-        return s - np.log(rest)
+        p = np.exp(s)
+        p /= p.sum(axis=1, keepdims=True)
+        return np.log(p) - np.log1p(-p)
 
 
 def _bin_index(z: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
-    # Infinite log-odds (a probability of exactly 0 or 1) land in the end bins.
-    if not hi > lo:
-        return np.where(z < lo, 0, np.where(z > lo, bins - 1, bins // 2)).astype(np.int64)
-    pos = np.clip((z - lo) / (hi - lo) * bins, 0, bins - 1)
-    return np.floor(pos).astype(np.int64)
+    # Bins 1..bins split [lo, hi]; a probability of exactly 0 or 1 (log-odds -inf, +inf) gets a
+    # bin of its own at either end, so it ties only with its equals, as in the exact area.
+    idx = np.empty(z.shape, dtype=np.int64)
+    idx[z == -np.inf] = 0
+    idx[z == np.inf] = bins + 1
+    finite = np.isfinite(z)
+    if hi > lo:
+        idx[finite] = 1 + np.floor(np.clip((z[finite] - lo) / (hi - lo) * bins, 0, bins - 1)).astype(np.int64)
+    else:
+        idx[finite] = 1
+    return idx
 
 
 def _binned_auc(pos: np.ndarray, neg: np.ndarray) -> float:
