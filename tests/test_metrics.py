@@ -319,7 +319,8 @@ def _metrics_rank(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     reduced: list[int] = []
-    real_all_reduce = dist.all_reduce
+    real = (dist.all_reduce, dist.all_gather_object, dist.all_gather)
+    real_all_reduce = real[0]
 
     def counting_all_reduce(t, *args, **kwargs):
         reduced.append(t.numel() * t.element_size())
@@ -342,7 +343,7 @@ def _metrics_rank(rank, world, port, out_dir):
                 payload[(n, task)] = sum(reduced)
         torch.save({"results": results, "payload": payload}, os.path.join(out_dir, f"metrics{rank}.pt"))
     finally:
-        dist.all_reduce, dist.all_gather_object = real_all_reduce, dist.all_gather_object
+        dist.all_reduce, dist.all_gather_object, dist.all_gather = real
         dist.destroy_process_group()
 
 
