@@ -73,7 +73,8 @@ def rank_main(rank, world, port, n, c, repeat, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     logits, y = split(n, c)
-    logits, y = logits[rank::world], y[rank::world]
+    # Own copies: a strided view would pickle (and gather) the whole storage.
+    logits, y = logits[rank::world].clone(), y[rank::world].clone()
     loss_sum = float(torch.nn.functional.cross_entropy(logits, y, reduction="sum")) if len(y) else 0.0
     times = {"gather": [], "reduce": []}
     values = {}
