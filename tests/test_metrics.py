@@ -225,6 +225,13 @@ def test_state_of_one_rank_equals_the_whole_split_metrics(seed, num_classes, pre
     assert abs(binned["roc_auc"] - exact["roc_auc"]) <= 1e-3
 
 
+def test_binned_auc_of_a_wide_head_keeps_its_bound_with_fewer_bins():
+    # 600 present classes: fewer than AUROC_BINS bins a class, so the exchange stays bounded.
+    logits, y = _classification_case(9, 6000, 600, list(range(600)))
+    exact = compute_metrics("classification", ["roc_auc"], logits, y, loss=0.0)["roc_auc"]
+    assert abs(_states("classification", ["roc_auc"], logits, y, 0.0).compute()["roc_auc"] - exact) <= 1e-3
+
+
 def test_binned_auc_with_ties_saturated_and_non_finite_scores():
     rng = np.random.default_rng(7)
     rows = rng.integers(-2, 3, size=(6, 3)).astype(np.float64)
@@ -336,7 +343,7 @@ def _metrics_rank(rank, world, port, out_dir):
         )
         ctx = LoopContext(run_uri=out_dir, rank=rank, world_size=world)
         results, payload = {}, {}
-        for n in (300, 3000):
+        for n in (1, 300, 3000):  # 1: rank 1's shard is empty
             for task, (outputs, targets, names) in _cases(n).items():
                 reduced.clear()
                 results[(n, task)] = evaluate(torch.nn.Identity(), _Shards(outputs, targets), spec, ctx, task, names)
@@ -362,7 +369,7 @@ def test_metrics_of_two_ranks_equal_one_rank_and_their_exchange_does_not_grow_wi
         {"name": "t", "model": {"name": "mlp"}, "data": {"name": "digits"}}, [f"checkpoint.storage={tmp_path}"]
     )
     one = LoopContext(run_uri=str(tmp_path))
-    for n in (300, 3000):
+    for n in (1, 300, 3000):  # 1: rank 1's shard is empty
         for task, (outputs, targets, names) in _cases(n).items():
             two = r0["results"][(n, task)]
             single = evaluate(torch.nn.Identity(), _Shards(outputs, targets), spec, one, task, names)
@@ -374,7 +381,9 @@ def test_metrics_of_two_ranks_equal_one_rank_and_their_exchange_does_not_grow_wi
             exact = compute_metrics(task, names, outputs.float(), targets, loss)
             assert set(two) == set(single) == set(exact) == set(names)
             for name in names:
-                if name == "confusion_matrix":
+                if exact[name] is None:  # ROC-AUC of one example's class
+                    assert two[name] is None and single[name] is None
+                elif name == "confusion_matrix":
                     assert two[name] == single[name] == exact[name]
                 elif name == "roc_auc":
                     assert two[name] == pytest.approx(single[name], abs=1e-12)
