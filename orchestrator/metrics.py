@@ -341,9 +341,10 @@ class SplitState:
         finite = np.isfinite(z)
         hi = np.where(finite, z, -np.inf).max(axis=0, initial=-np.inf)
         lo = np.where(finite, z, np.inf).min(axis=0, initial=np.inf)
-        bounds = reduce(torch.from_numpy(np.concatenate([[float(not np.isfinite(sub).all())], hi, -lo])), "max").numpy()
+        bounds = reduce(torch.from_numpy(np.concatenate([[float(np.isnan(z).any())], hi, -lo])), "max").numpy()
         if bounds[0] > 0:
-            return None  # a NaN or infinite logit: no ordering of the scores, as compute_metrics says
+            # A NaN or +inf logit makes its row's probabilities NaN: no ordering, as compute_metrics says.
+            return None
         k = scored.size
         hi, lo = bounds[1 : 1 + k], -bounds[1 + k :]
         bins = max(100, min(AUROC_BINS, _MAX_HISTOGRAM_CELLS // (2 * k)))

@@ -254,6 +254,13 @@ def test_binned_auc_with_ties_saturated_and_non_finite_scores():
     nan = torch.randn(20, 3)
     nan[5, 1] = float("nan")
     assert _states("classification", ["roc_auc"], nan, torch.tensor([0, 1] * 10), 0.0).compute()["roc_auc"] is None
+    # A -inf logit is a probability of 0, still ordered: defined, as in compute_metrics.
+    masked = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
+    masked[::3, 2] = float("-inf")
+    y3 = torch.tensor([0, 1, 2, 2] * 10)
+    exact = compute_metrics("classification", ["roc_auc"], masked, y3, loss=0.0)["roc_auc"]
+    assert exact is not None
+    assert abs(_states("classification", ["roc_auc"], masked, y3, 0.0).compute()["roc_auc"] - exact) <= 1e-3
     empty = SplitState("classification", CLS).compute()
     assert empty == {}
 
