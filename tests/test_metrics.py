@@ -7,7 +7,8 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from orchestrator.metrics import compute_metrics, default_mode, is_better
+from orchestrator.loop.step import compute_loss
+from orchestrator.metrics import SplitState, compute_metrics, default_mode, is_better
 
 CLS = ["loss", "accuracy", "f1", "roc_auc", "confusion_matrix"]
 
@@ -198,3 +199,205 @@ def test_is_better_with_min_delta():
     assert is_better(1.0, float("nan"), "min")
     with pytest.raises(ValueError, match="mode"):
         is_better(1.0, 2.0, "lower")
+
+
+# --- Metric states: each rank's shard reduced to sums, counts and histograms, never the outputs ---
+
+
+def _states(task, names, outputs, targets, loss_per_item, batch=37):
+    state = SplitState(task, names)
+    for i in range(0, len(targets), batch):
+        n = targets[i : i + batch].numel() if task == "lm" else len(targets[i : i + batch])
+        state.update(outputs[i : i + batch], targets[i : i + batch], loss_per_item * n, n)
+    return state
+
+
+@pytest.mark.parametrize(
+    "seed, num_classes, present", [(0, 10, [0, 2, 3, 5, 7]), (1, 4, [0, 1, 2, 3]), (2, 2, [0, 1]), (3, 10, [1, 4])]
+)
+def test_state_of_one_rank_equals_the_whole_split_metrics(seed, num_classes, present):
+    logits, y = _classification_case(seed, 1000, num_classes, present)
+    exact = compute_metrics("classification", CLS, logits, y, loss=0.25)
+    binned = _states("classification", CLS, logits, y, 0.25).compute()
+    for name in ("loss", "accuracy", "f1"):
+        assert binned[name] == pytest.approx(exact[name], abs=1e-12)
+    assert binned["confusion_matrix"] == exact["confusion_matrix"]
+    assert abs(binned["roc_auc"] - exact["roc_auc"]) <= 1e-3
+
+
+def test_binned_auc_of_a_wide_head_keeps_its_bound_with_fewer_bins():
+    # 600 present classes: fewer than AUROC_BINS bins a class, so the exchange stays bounded.
+    logits, y = _classification_case(9, 6000, 600, list(range(600)))
+    exact = compute_metrics("classification", ["roc_auc"], logits, y, loss=0.0)["roc_auc"]
+    assert abs(_states("classification", ["roc_auc"], logits, y, 0.0).compute()["roc_auc"] - exact) <= 1e-3
+
+
+def test_binned_auc_with_ties_saturated_and_non_finite_scores():
+    rng = np.random.default_rng(7)
+    rows = rng.integers(-2, 3, size=(6, 3)).astype(np.float64)
+    logits, y = torch.tensor(rows[rng.integers(0, 6, size=400)]), torch.tensor(rng.integers(0, 3, size=400))
+    exact = compute_metrics("classification", ["roc_auc"], logits, y, loss=0.0)["roc_auc"]
+    # Exact ties stay ties: the same rows give the same log-odds, in one bin.
+    assert _states("classification", ["roc_auc"], logits, y, 0.0).compute()["roc_auc"] == pytest.approx(
+        exact, abs=1e-12
+    )
+    # A confident model: probabilities of exactly 0 and 1 in float64 (log-odds +-inf) in the end bins.
+    sure = torch.nn.functional.one_hot(y, 3).double() * 800.0 + torch.randn(400, 3, dtype=torch.float64)
+    sure[:20] = torch.flip(sure[:20], dims=[1])
+    exact = compute_metrics("classification", ["roc_auc"], sure, y, loss=0.0)["roc_auc"]
+    assert abs(_states("classification", ["roc_auc"], sure, y, 0.0).compute()["roc_auc"] - exact) <= 1e-3
+    assert _states("classification", ["roc_auc"], torch.zeros(50, 2), torch.tensor([0, 1] * 25), 0.0).compute()[
+        "roc_auc"
+    ] == pytest.approx(0.5)
+    one_class = _states("classification", ["roc_auc", "accuracy"], torch.randn(20, 5), torch.full((20,), 3), 0.0)
+    assert one_class.compute()["roc_auc"] is None
+    nan = torch.randn(20, 3)
+    nan[5, 1] = float("nan")
+    assert _states("classification", ["roc_auc"], nan, torch.tensor([0, 1] * 10), 0.0).compute()["roc_auc"] is None
+    # A -inf logit is a probability of 0, still ordered: defined, as in compute_metrics.
+    masked = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
+    masked[::3, 2] = float("-inf")
+    y3 = torch.tensor([0, 1, 2, 2] * 10)
+    exact = compute_metrics("classification", ["roc_auc"], masked, y3, loss=0.0)["roc_auc"]
+    assert exact is not None
+    assert abs(_states("classification", ["roc_auc"], masked, y3, 0.0).compute()["roc_auc"] - exact) <= 1e-3
+    empty = SplitState("classification", CLS).compute()
+    assert empty == {}
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_state_regression_and_lm_equal_the_whole_split_metrics(offset):
+    rng = np.random.default_rng(5)
+    # Targets far from zero: R² from sums of y and y² would cancel; the merged moments do not.
+    y = rng.normal(scale=0.1, size=500) + offset
+    pred = y + rng.normal(scale=0.05, size=500)
+    names = ["loss", "mse", "mae", "r2"]
+    exact = compute_metrics("regression", names, torch.tensor(pred).unsqueeze(1), torch.tensor(y), loss=0.3)
+    state = _states("regression", names, torch.tensor(pred).unsqueeze(1), torch.tensor(y), 0.3).compute()
+    for name in names:
+        assert state[name] == pytest.approx(exact[name], rel=1e-9, abs=1e-12)
+    const = SplitState("regression", ["r2"])
+    const.update(torch.full((10,), 2.0), torch.full((10,), 2.0), 0.0, 10)
+    assert const.compute()["r2"] == 1.0
+    lm = SplitState("lm", ["loss", "perplexity"])
+    lm.update(None, None, 2.0 * 30, 30)
+    lm.update(None, None, 4.0 * 10, 10)
+    assert lm.compute() == pytest.approx({"loss": 2.5, "perplexity": math.exp(2.5)})
+
+
+def test_bad_labels_are_reported_at_compute_on_every_rank():
+    state = SplitState("classification", ["accuracy"])
+    state.update(torch.zeros(2, 3), torch.tensor([0, 3]), 0.0, 2)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        state.compute()
+    with pytest.raises(ValueError, match="'mse' does not apply"):
+        SplitState("classification", ["mse"])
+
+
+class _Shards:
+    """A split as a data source hands it out: rank r of w gets every w-th example."""
+
+    def __init__(self, x, y, batch_size=64):
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def batches(self, epoch, rank, world_size):
+        x, y = self.x[rank::world_size], self.y[rank::world_size]
+        for i in range(0, len(y), self.batch_size):
+            yield x[i : i + self.batch_size], y[i : i + self.batch_size]
+
+
+def _cases(n):
+    logits, y = _classification_case(11, n, 10, [0, 2, 3, 5, 7])
+    rng = np.random.default_rng(12)
+    ry = torch.tensor(rng.normal(size=n) + 3.0)
+    rp = (ry + torch.tensor(rng.normal(scale=0.5, size=n))).unsqueeze(1)
+    tokens = torch.randint(0, 20, (max(1, n // 10), 8), generator=torch.Generator().manual_seed(13))
+    lm_logits = torch.randn(tokens.shape[0], 8, 20, generator=torch.Generator().manual_seed(14))
+    return {
+        "classification": (logits, y, CLS),
+        "regression": (rp, ry, ["loss", "mse", "mae", "r2"]),
+        "lm": (lm_logits, tokens, ["loss", "perplexity"]),
+    }
+
+
+def _metrics_rank(rank, world, port, out_dir):
+    import os
+
+    import torch.distributed as dist
+
+    from orchestrator.loop import LoopContext
+    from orchestrator.loop.evaluate import evaluate
+    from orchestrator.spec import build_spec
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    reduced: list[int] = []
+    real = (dist.all_reduce, dist.all_gather_object, dist.all_gather)
+    real_all_reduce = real[0]
+
+    def counting_all_reduce(t, *args, **kwargs):
+        reduced.append(t.numel() * t.element_size())
+        return real_all_reduce(t, *args, **kwargs)
+
+    def no_gather(*args, **kwargs):
+        raise AssertionError("validation gathered objects across ranks")
+
+    dist.all_reduce, dist.all_gather_object, dist.all_gather = counting_all_reduce, no_gather, no_gather
+    try:
+        spec = build_spec(
+            {"name": "t", "model": {"name": "mlp"}, "data": {"name": "digits"}}, [f"checkpoint.storage={out_dir}"]
+        )
+        ctx = LoopContext(run_uri=out_dir, rank=rank, world_size=world)
+        results, payload = {}, {}
+        for n in (1, 300, 3000):  # 1: rank 1's shard is empty
+            for task, (outputs, targets, names) in _cases(n).items():
+                reduced.clear()
+                results[(n, task)] = evaluate(torch.nn.Identity(), _Shards(outputs, targets), spec, ctx, task, names)
+                payload[(n, task)] = sum(reduced)
+        torch.save({"results": results, "payload": payload}, os.path.join(out_dir, f"metrics{rank}.pt"))
+    finally:
+        dist.all_reduce, dist.all_gather_object, dist.all_gather = real
+        dist.destroy_process_group()
+
+
+def test_metrics_of_two_ranks_equal_one_rank_and_their_exchange_does_not_grow_with_the_split(tmp_path):
+    import torch.multiprocessing as mp
+    from conftest import free_port
+
+    from orchestrator.loop import LoopContext
+    from orchestrator.loop.evaluate import evaluate
+    from orchestrator.spec import build_spec
+
+    mp.start_processes(_metrics_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"metrics{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["results"] == r1["results"]  # every rank gets the same numbers
+    spec = build_spec(
+        {"name": "t", "model": {"name": "mlp"}, "data": {"name": "digits"}}, [f"checkpoint.storage={tmp_path}"]
+    )
+    one = LoopContext(run_uri=str(tmp_path))
+    for n in (1, 300, 3000):  # 1: rank 1's shard is empty
+        for task, (outputs, targets, names) in _cases(n).items():
+            two = r0["results"][(n, task)]
+            single = evaluate(torch.nn.Identity(), _Shards(outputs, targets), spec, one, task, names)
+            # Today's exact functions on the whole split, the loss as one process averages it.
+            loss = sum(
+                compute_loss(task, x, y).item() * (y.numel() if task == "lm" else len(y))
+                for x, y in _Shards(outputs, targets).batches(0, 0, 1)
+            ) / (targets.numel() if task == "lm" else len(targets))
+            exact = compute_metrics(task, names, outputs.float(), targets, loss)
+            assert set(two) == set(single) == set(exact) == set(names)
+            for name in names:
+                if exact[name] is None:  # ROC-AUC of one example's class
+                    assert two[name] is None and single[name] is None
+                elif name == "confusion_matrix":
+                    assert two[name] == single[name] == exact[name]
+                elif name == "roc_auc":
+                    assert two[name] == pytest.approx(single[name], abs=1e-12)
+                    assert abs(two[name] - exact[name]) <= 1e-3
+                else:
+                    assert two[name] == pytest.approx(single[name], rel=1e-6, abs=1e-9)
+                    assert two[name] == pytest.approx(exact[name], rel=1e-6, abs=1e-9)
+    # Ten times the examples, the same bytes all-reduced: states, not outputs, cross ranks.
+    for task in ("classification", "regression", "lm"):
+        assert r0["payload"][(300, task)] == r0["payload"][(3000, task)] > 0

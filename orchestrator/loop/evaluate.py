@@ -1,4 +1,4 @@
-"""Metrics of a split across ranks (every rank gets the same numbers), and the best checkpoint on the test split."""
+"""Metrics of a split reduced across ranks (every rank gets the same numbers), and the best checkpoint on the test split."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from orchestrator import checkpoint as ckpt
 from orchestrator import storage
 from orchestrator.loop.context import LoopContext
 from orchestrator.loop.step import autocast_for, compute_loss
-from orchestrator.metrics import compute_metrics
+from orchestrator.metrics import SplitState, compute_metrics, reduce_locally
 from orchestrator.rundir import RunDir
 from orchestrator.runrecord import TestSummary
 from orchestrator.spec import CLASSIFICATION_METRICS, LM_METRICS, REGRESSION_METRICS, JobSpec
@@ -34,41 +34,60 @@ def all_gather(obj: Any, world_size: int) -> list[Any]:
     return out
 
 
+def all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    """`t` summed ("sum") or maximised ("max") over every rank, in place; unchanged when not distributed."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t
+
+
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module,
-    source,
-    spec: JobSpec,
-    ctx: LoopContext,
-    task: str,
-    names: list[str] | None = None,
-    return_outputs: bool = False,
+    model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, task: str, names: list[str] | None = None
 ):
-    """Metrics of a split over all ranks' shards; every rank gets the same numbers (with `return_outputs`, also the outputs and targets)."""
+    """Metrics of a split over all ranks' shards; every rank gets the same numbers.
+
+    Each rank reduces its shard to metric states (`SplitState`) and the ranks all_reduce those:
+    what crosses ranks does not grow with the split or the world size.
+    """
+    state = SplitState(task, names or spec.metric_names())
+    for out, y, loss_sum, n in _outputs(model, source, spec, ctx, task):
+        state.update(out, y, loss_sum, n)
+    return state.compute(all_reduce if ctx.world_size > 1 else reduce_locally)
+
+
+def _outputs(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, task: str):
+    # (outputs, targets, summed loss, items) per batch of this rank's shard, the model in eval mode meanwhile.
     model.eval()
+    try:
+        for x, y in source.batches(0, ctx.rank, ctx.world_size):
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            with autocast_for(spec.train.precision, ctx.device):
+                out = model(x)
+            n = y.numel() if task == "lm" else y.shape[0]
+            loss_sum = compute_loss(task, out, y).item() * n
+            # Per-token logits of a language model are not needed: perplexity needs only the loss.
+            yield (None, None, loss_sum, n) if task == "lm" else (out.float().cpu(), y.cpu(), loss_sum, n)
+    finally:
+        model.train()
+
+
+@torch.no_grad()
+def evaluate_whole(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, task: str, names: list[str]):
+    """One process's metrics of a whole split, exact (ROC-AUC by ranks), with its outputs and targets (None for lm or an empty split)."""
+    ctx = replace(ctx, rank=0, world_size=1)
     outputs, targets, loss_sum, count = [], [], 0.0, 0
-    for x, y in source.batches(0, ctx.rank, ctx.world_size):
-        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-        with autocast_for(spec.train.precision, ctx.device):
-            out = model(x)
-        n = y.numel() if task == "lm" else y.shape[0]
-        loss_sum += compute_loss(task, out, y).item() * n
+    for out, y, batch_loss, n in _outputs(model, source, spec, ctx, task):
+        loss_sum += batch_loss
         count += n
-        if task != "lm":  # per-token logits of a language model are too big to gather; perplexity needs only the loss
-            outputs.append(out.float().cpu())
-            targets.append(y.cpu())
-    model.train()
-    gathered = all_gather((loss_sum, count, outputs, targets), ctx.world_size)
-    total_loss = sum(g[0] for g in gathered)
-    total = sum(g[1] for g in gathered)
-    if total == 0:
-        return ({}, None, None) if return_outputs else {}
-    outs = [o for g in gathered for o in g[2]]
-    tgts = [t for g in gathered for t in g[3]]
-    out_t = torch.cat(outs) if outs else torch.empty(0)
-    tgt_t = torch.cat(tgts) if tgts else torch.empty(0)
-    metrics = compute_metrics(task, names or spec.metric_names(), out_t, tgt_t, total_loss / total)
-    return (metrics, out_t, tgt_t) if return_outputs else metrics
+        if out is not None:
+            outputs.append(out)
+            targets.append(y)
+    if count == 0:
+        return {}, None, None
+    out_t = torch.cat(outputs) if outputs else torch.empty(0)
+    tgt_t = torch.cat(targets) if targets else torch.empty(0)
+    return compute_metrics(task, names, out_t, tgt_t, loss_sum / count), out_t, tgt_t
 
 
 def evaluate_best_on_test(
@@ -86,9 +105,9 @@ def evaluate_best_on_test(
             task, ("loss",)
         )
     )
-    metrics, out, tgt = evaluate(
-        model, source, spec, replace(ctx, rank=0, world_size=1), task, names=names, return_outputs=True
-    )
+    # Rank 0 alone, so the whole split's outputs are here anyway (test.json keeps them for the
+    # report's plots): the exact metrics, ROC-AUC by ranks rather than binned.
+    metrics, out, tgt = evaluate_whole(model, source, spec, ctx, task, names)
     checkpoint_uri = storage.to_uri(run.fs, info.path)
     record = build_test_record(
         task,
