@@ -93,7 +93,7 @@ def run_sweep(
     # One lease for the whole sweep: its trials' directories live under the sweep's, and only this driver starts them.
     lease = RunLease.for_run(home, sweep.spec.checkpoint.lease_ttl_s).acquire()
     try:
-        return _run_leased(sweep, home, address, data_info, best_out, say, verbose, t0)
+        return _run_leased(sweep, home, address, data_info, best_out, say, verbose, t0, name_by, conclude)
     finally:
         lease.release()
 
@@ -107,6 +107,8 @@ def _run_leased(
     say,
     verbose: bool,
     t0: float,
+    name_by: str | None,
+    conclude: Conclude | None,
 ) -> dict[str, Any]:
     """The rest of `run_sweep`, with the sweep directory's lease held."""
     record = home.read_json(SWEEP_RECORD)
