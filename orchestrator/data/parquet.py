@@ -536,13 +536,6 @@ class ParquetSource(BatchSource):
             )
         return x, y
 
-    # BatchSource's global order: ParquetSource plans per rank instead (`batches` above).
-    def _key_chunks(self, epoch: int) -> Iterator[np.ndarray]:
-        raise NotImplementedError
-
-    def _fetch(self, keys: np.ndarray):
-        raise NotImplementedError
-
 
 class _LazyKeys:
     """A chunk's keys, shuffled when first asked for: a resumed epoch skips chunks without building them."""

@@ -47,6 +47,7 @@ class BatchSource(ABC):
         # A leg's ranks took equal, full batches from the front of the (strided) epoch order: a prefix of it.
         return min(self.size, sum(w * b * self.batch_size for w, b in legs))
 
+    @abstractmethod
     def batches(
         self, epoch: int, rank: int, world_size: int, start_batch: int = 0, legs: Legs = ()
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -55,6 +56,46 @@ class BatchSource(ABC):
         `legs`: (world size, batches each rank took) of the earlier world sizes of this epoch (an elastic
         restart); the batches are then those of what they left, each example once.
         """
+
+    def _finish(self, x, y, epoch: int, rank: int, batch_index: int):
+        if self._augment is None:
+            return x, y
+        import torch  # imported here to keep start-up light
+
+        # Its own generator, never the global RNG: a resumed epoch redraws the same augmentation.
+        gen = torch.Generator().manual_seed(_seed_int(self.seed, epoch, rank, batch_index, _SALT_AUGMENT))
+        return self._augment(x, gen), y
+
+
+def _check_position(rank: int, world_size: int, start_batch: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch {start_batch} is negative")
+
+
+def _cat(parts):
+    import torch  # imported here to keep start-up light
+
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+class TensorSource(BatchSource):
+    """A split held in memory as tensors (digits, synthetic, user data)."""
+
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, train: bool, augment: Callable | None = None
+    ):
+        super().__init__(len(x), batch_size, seed, train, augment)
+        self.x = x
+        self.y = y
+
+    def batches(
+        self, epoch: int, rank: int, world_size: int, start_batch: int = 0, legs: Legs = ()
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One global order of the epoch, identical on every rank, dealt out strided: rank r takes every world_size-th."""
 
         _check_position(rank, world_size, start_batch)
         bs = self.batch_size
@@ -86,56 +127,15 @@ class BatchSource(ABC):
             x, y = _cat(pending)
             yield self._finish(x, y, epoch, rank, batch_index)
 
-    def _finish(self, x, y, epoch: int, rank: int, batch_index: int):
-        if self._augment is None:
-            return x, y
-        import torch  # imported here to keep start-up light
-
-        # Its own generator, never the global RNG: a resumed epoch redraws the same augmentation.
-        gen = torch.Generator().manual_seed(_seed_int(self.seed, epoch, rank, batch_index, _SALT_AUGMENT))
-        return self._augment(x, gen), y
-
-    @abstractmethod
     def _key_chunks(self, epoch: int) -> Iterator[np.ndarray]:
-        """The epoch's order of example keys, in chunks; identical on every rank."""
-
-    @abstractmethod
-    def _fetch(self, keys: np.ndarray):
-        """(x, y) tensors of the examples with these keys, in key order."""
-
-
-def _check_position(rank: int, world_size: int, start_batch: int) -> None:
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    if start_batch < 0:
-        raise ValueError(f"start_batch {start_batch} is negative")
-
-
-def _cat(parts):
-    import torch  # imported here to keep start-up light
-
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-class TensorSource(BatchSource):
-    """A split held in memory as tensors (digits, synthetic, user data)."""
-
-    def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, train: bool, augment: Callable | None = None
-    ):
-        super().__init__(len(x), batch_size, seed, train, augment)
-        self.x = x
-        self.y = y
-
-    def _key_chunks(self, epoch: int) -> Iterator[np.ndarray]:
+        """The epoch's order of example indices, in chunks."""
         if self.train:
             yield _rng(self.seed, epoch, _SALT_ORDER).permutation(self.size)
         else:
             yield np.arange(self.size)
 
     def _fetch(self, keys: np.ndarray):
+        """(x, y) of the examples at these indices, in their order."""
         import torch  # imported here to keep start-up light
 
         idx = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int64))
