@@ -107,6 +107,8 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
         self._threads: list = []
+        self.open_now = 0
+        self.peak = 0  # most connections open to the server at once: how many requests ran together
 
     def start(self) -> None:
         import threading
@@ -120,22 +122,35 @@ class TcpProxy:
         t.start()
 
     def _accept(self, listener: socket.socket) -> None:
-        import threading
-
         while True:
             try:
                 client, _ = listener.accept()
             except OSError:
                 return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()
-                continue
+            self._serve(client)
+
+    def _serve(self, client: socket.socket) -> None:
+        """Connect a client to the server and pipe both ways, counting the connections open at once."""
+        import threading
+
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self._conns += [client, upstream]
+            self.open_now += 1
+            self.peak = max(self.peak, self.open_now)
+        threading.Thread(target=self._pipe_counted, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+
+    def _pipe_counted(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            self._pipe(client, upstream)
+        finally:
             with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                self.open_now -= 1
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket) -> None:
@@ -180,48 +195,24 @@ class FaultyProxy(TcpProxy):
         self.fault: str | None = None
         self.remaining = 0
         self.faulted = 0
-        self.open_now = 0
-        self.peak = 0  # most connections open to the server at once: how many requests ran together
         self._held: list[socket.socket] = []
 
     def inject(self, fault: str, count: int) -> None:
         with self._lock:
             self.fault, self.remaining = fault, count
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _serve(self, client: socket.socket) -> None:
         import threading
 
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                fault = self.fault if self.remaining > 0 else None
-                if fault:
-                    self.remaining -= 1
-                    self.faulted += 1
-            if fault is None:
-                try:
-                    upstream = socket.create_connection(("127.0.0.1", self.target_port))
-                except OSError:
-                    client.close()
-                    continue
-                with self._lock:
-                    self._conns += [client, upstream]
-                    self.open_now += 1
-                    self.peak = max(self.peak, self.open_now)
-                threading.Thread(target=self._pipe_counted, args=(client, upstream), daemon=True).start()
-                threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
-            else:
-                threading.Thread(target=self._fail, args=(client, fault), daemon=True).start()
-
-    def _pipe_counted(self, client: socket.socket, upstream: socket.socket) -> None:
-        try:
-            self._pipe(client, upstream)
-        finally:
-            with self._lock:
-                self.open_now -= 1
+        with self._lock:
+            fault = self.fault if self.remaining > 0 else None
+            if fault:
+                self.remaining -= 1
+                self.faulted += 1
+        if fault is None:
+            super()._serve(client)
+        else:
+            threading.Thread(target=self._fail, args=(client, fault), daemon=True).start()
 
     def _fail(self, client: socket.socket, fault: str) -> None:
         import struct
