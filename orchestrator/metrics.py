@@ -68,20 +68,39 @@ def _to_numpy(t: torch.Tensor, dtype) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy().astype(dtype, copy=False)
 
 
-def _classification(
-    names: list[str], outputs: torch.Tensor, targets: torch.Tensor, loss: float
-) -> dict[str, MetricValue]:
+def _classification_arrays(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(logits as float64, labels as int64) of a classification batch or split, its shapes checked."""
     if outputs.ndim != 2:
         raise ValueError(f"classification outputs must be logits of shape (N, C), got {tuple(outputs.shape)}")
     logits = _to_numpy(outputs, np.float64)
     y = _to_numpy(targets.reshape(-1), np.int64)
-    n, num_classes = logits.shape
-    if y.shape[0] != n:
-        raise ValueError(f"{n} outputs but {y.shape[0]} targets")
-    if n and (y.min() < 0 or y.max() >= num_classes):
+    if y.shape[0] != logits.shape[0]:
+        raise ValueError(f"{logits.shape[0]} outputs but {y.shape[0]} targets")
+    return logits, y
+
+
+def _check_labels(y: np.ndarray, num_classes: int) -> None:
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(
             f"target labels must lie in [0, {num_classes}) for a {num_classes}-way output, got [{y.min()}, {y.max()}]"
         )
+
+
+def _regression_arrays(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, targets) of a regression batch or split as float64 vectors, their sizes checked."""
+    pred = _to_numpy(outputs.reshape(-1), np.float64)
+    y = _to_numpy(targets.reshape(-1), np.float64)
+    if pred.shape != y.shape:
+        raise ValueError(f"{pred.size} predictions but {y.size} targets (regression outputs must be (N,) or (N, 1))")
+    return pred, y
+
+
+def _classification(
+    names: list[str], outputs: torch.Tensor, targets: torch.Tensor, loss: float
+) -> dict[str, MetricValue]:
+    logits, y = _classification_arrays(outputs, targets)
+    n, num_classes = logits.shape
+    _check_labels(y, num_classes)
     pred = logits.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
     out: dict[str, MetricValue] = {}
     for name in names:
@@ -156,10 +175,7 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 
 def _regression(names: list[str], outputs: torch.Tensor, targets: torch.Tensor, loss: float) -> dict[str, MetricValue]:
-    pred = _to_numpy(outputs.reshape(-1), np.float64)
-    y = _to_numpy(targets.reshape(-1), np.float64)
-    if pred.shape != y.shape:
-        raise ValueError(f"{pred.size} predictions but {y.size} targets (regression outputs must be (N,) or (N, 1))")
+    pred, y = _regression_arrays(outputs, targets)
     out: dict[str, MetricValue] = {}
     for name in names:
         if name == "loss":
@@ -248,13 +264,8 @@ class SplitState:
             self.error = str(e)
 
     def _update_classification(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        if outputs.ndim != 2:
-            raise ValueError(f"classification outputs must be logits of shape (N, C), got {tuple(outputs.shape)}")
-        logits = _to_numpy(outputs, np.float64)
-        y = _to_numpy(targets.reshape(-1), np.int64)
+        logits, y = _classification_arrays(outputs, targets)
         n, c = logits.shape
-        if y.shape[0] != n:
-            raise ValueError(f"{n} outputs but {y.shape[0]} targets")
         if self.confusion is None:
             self.num_classes = c
             self.confusion = np.zeros((c, c), dtype=np.int64)
@@ -262,8 +273,7 @@ class SplitState:
             raise ValueError(f"classification outputs changed width from {self.num_classes} to {c}")
         if n == 0:
             return
-        if y.min() < 0 or y.max() >= c:
-            raise ValueError(f"target labels must lie in [0, {c}) for a {c}-way output, got [{y.min()}, {y.max()}]")
+        _check_labels(y, c)
         pred = logits.argmax(axis=1)
         self.confusion += np.bincount(y * c + pred, minlength=c * c).reshape(c, c)
         if self.keep_scores:
@@ -271,12 +281,7 @@ class SplitState:
             self.labels.append(y)
 
     def _update_regression(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        pred = _to_numpy(outputs.reshape(-1), np.float64)
-        y = _to_numpy(targets.reshape(-1), np.float64)
-        if pred.shape != y.shape:
-            raise ValueError(
-                f"{pred.size} predictions but {y.size} targets (regression outputs must be (N,) or (N, 1))"
-            )
+        pred, y = _regression_arrays(outputs, targets)
         if y.size == 0:
             return
         err = pred - y
