@@ -14,12 +14,13 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from local_servers import start_moto
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,30 +44,14 @@ MODEL = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+def start_bench_s3() -> tuple[subprocess.Popen, str]:
+    """moto's server with the benchmark's credentials and its bucket."""
+    proc, endpoint = start_moto()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     import boto3
 
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1").create_bucket(Bucket="bench")
-    return proc, f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+    return proc, endpoint
 
 
 def train_seconds(storage: str, endpoint: str | None, steps: int, every: int | None, asynchronous: bool) -> dict:
@@ -195,7 +180,7 @@ def main() -> None:
     parser.add_argument("--skip-kill", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    moto, endpoint = start_moto()
+    moto, endpoint = start_bench_s3()
     results: dict = {"steps": args.steps, "every_n_steps": args.every, "storage": {}}
     try:
         with tempfile.TemporaryDirectory() as tmp:

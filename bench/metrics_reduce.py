@@ -14,12 +14,13 @@ import argparse
 import json
 import os
 import pickle
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from local_servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -98,12 +99,6 @@ def rank_main(rank, world, port, n, c, repeat, out_dir):
         os.path.join(out_dir, f"r{rank}.pt"),
     )
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

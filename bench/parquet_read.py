@@ -20,12 +20,13 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from local_servers import start_moto
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES = 32
@@ -189,23 +190,11 @@ def run_ranks(code: Path, uri: str, endpoint: str | None = None, memory: bool = 
     return out
 
 
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+def start_bench_s3() -> tuple[subprocess.Popen, str]:
+    """moto's server, with the benchmark's credentials in the environment."""
+    proc, endpoint = start_moto()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    return proc, f"http://127.0.0.1:{port}"
+    return proc, endpoint
 
 
 def summarize(label: str, size: int, ranks: list[dict]) -> dict:
@@ -266,7 +255,7 @@ def main() -> None:
         if args.s3:
             import boto3
 
-            proc, endpoint = start_moto()
+            proc, endpoint = start_bench_s3()
             try:
                 s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
                 s3.create_bucket(Bucket="bench")
