@@ -188,7 +188,7 @@ def export(checkpoint_uri: str, out: str) -> None:
 
 @main.group(context_settings=CONTEXT)
 def k8s() -> None:
-    """Kubernetes through KubeRay: render a job as a RayJob, or apply it with kubectl."""
+    """Kubernetes through KubeRay: render a job (or its cross-validation) as a RayJob, or apply it with kubectl."""
 
 
 def k8s_options(fn: Callable) -> Callable:
@@ -223,6 +223,16 @@ def k8s_options(fn: Callable) -> Callable:
             type=int,
             default=None,
             help="Seconds the job may run before KubeRay stops it [default: 7 days].",
+        ),
+        click.option(
+            "--cv",
+            is_flag=True,
+            help="Run the job's k-fold cross-validation (`orchestrator cv`, data.folds folds side by side) instead of one run.",
+        ),
+        click.option(
+            "--refit",
+            is_flag=True,
+            help="With --cv: then train once on all non-test data (as `orchestrator cv --refit`).",
         ),
     ]
     for option in reversed(options):
@@ -488,7 +498,8 @@ def sweep(
     "--address",
     envvar="ORCHESTRATOR_RAY_ADDRESS",
     default=None,
-    help="Ray to run the folds on: HOST:PORT or auto [default: a Ray already up on this machine, else a new embedded one].",
+    help="A cluster's dashboard (http://HOST:8265): submit the cross-validation there through the Jobs API and follow it; "
+    "or Ray itself (auto, HOST:PORT): run the folds there from this process [default: a Ray already up on this machine, else a new embedded one].",
 )
 @click.option(
     "--fresh", is_flag=True, help="Start a new cross-validation under a new name instead of continuing this one."
@@ -521,11 +532,18 @@ def cv(
     from orchestrator.sweep import is_dashboard_address
 
     if is_dashboard_address(address):
-        raise BadInput(
-            f"--address {address}: cv runs its folds on a Ray from this process (auto or HOST:PORT); submitting it through the Jobs API is not supported yet"
+        from orchestrator.cv import submit_cv
+
+        if verbose:
+            raise BadInput(
+                "--verbose applies to a cross-validation run from here; `orchestrator logs` shows a submitted one's"
+            )
+        result = submit_cv(
+            job_file, list(overrides), address, fresh=fresh, refit=refit, out=sys.stderr if as_json else sys.stdout
         )
-    job = load_cv(job_file, list(overrides), fresh=fresh)
-    result = run_cv(job, address=address, quiet=as_json, verbose=verbose, refit=refit)
+    else:
+        job = load_cv(job_file, list(overrides), fresh=fresh)
+        result = run_cv(job, address=address, quiet=as_json, verbose=verbose, refit=refit)
     if as_json:
         print_json(result)
     else:

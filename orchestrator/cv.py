@@ -120,6 +120,23 @@ def run_cv(
     return out
 
 
+def submit_cv(
+    path: str, overrides: list[str], address: str, fresh: bool = False, refit: bool = False, out=None
+) -> dict[str, Any]:
+    """Submit the cross-validation to a cluster's Jobs API (`orchestrator cv ... --address auto` there), follow it, return cv.json's content.
+
+    Everything is checked here first (the job, the package, the cluster and its token); a fresh name is decided here,
+    once, as a `name` override, so that the cluster does not pick another one.
+    """
+    from orchestrator.sweep.submit import submit_sweep
+
+    if fresh:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        overrides = [*overrides, f"name={build_spec(apply_overrides(read_job_file(path), overrides)).name}-{stamp}"]
+    cv = load_cv(path, overrides)
+    return submit_sweep(cv, overrides, address, out=out, command="cv", flags=("--refit",) if refit else ())
+
+
 REFIT_RUN = "refit"  # the refit's run directory inside the cross-validation's
 
 

@@ -38,6 +38,8 @@ JOB_DIR = "/etc/orchestrator/job"
 JOB_FILE = "job.yaml"
 # RAY_ADDRESS is set by Ray's job supervisor; `--address auto` makes the driver attach to it.
 ENTRYPOINT = f"python -m orchestrator run {JOB_FILE} --address auto --json"
+# The commands a RayJob can run on the job file: one run, or its k-fold cross-validation (`orchestrator cv`).
+COMMANDS = ("run", "cv")
 # The `ray` user of Ray's images (uid 1000, group users).
 RAY_UID, RAY_GID = 1000, 100
 GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, AGENT_PORT = 6379, 8265, 10001, 52365
@@ -154,9 +156,9 @@ def job_file_text(spec: JobSpec) -> str:
     return yaml.safe_dump(spec.to_dict(), sort_keys=False)
 
 
-def job_resource_name(spec: JobSpec, fingerprint: str) -> str:
-    """A RayJob name: the job name as a DNS-1035 label plus a content hash, at most 47 characters."""
-    slug = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", spec.name.lower())).strip("-")
+def job_resource_name(spec: JobSpec, fingerprint: str, name: str | None = None) -> str:
+    """A RayJob name: the job name (or `name`) as a DNS-1035 label plus a content hash, at most 47 characters."""
+    slug = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", (name or spec.name).lower())).strip("-")
     if not slug or not slug[0].isalpha():
         slug = f"job-{slug}".rstrip("-")
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:8]
@@ -348,13 +350,25 @@ def worker_size(spec: JobSpec, worker_memory: str | None) -> tuple[int, int, int
     return cpus, gpus, mib
 
 
-def ray_cluster_spec(spec: JobSpec, *, instance: str, image: str, worker_memory: str | None) -> dict[str, Any]:
-    """A RayClusterSpec sized from `scaling`: one worker pod per Ray Train worker, the head runs only the driver."""
+def ray_cluster_spec(
+    spec: JobSpec, *, instance: str, image: str, worker_memory: str | None, side_by_side: int = 1
+) -> dict[str, Any]:
+    """A RayClusterSpec sized from `scaling`: one worker pod per Ray Train worker, the head runs only the driver.
+
+    `side_by_side` runs of the job at once (a cross-validation's folds) get that many times the worker pods.
+    """
     cpus, gpus, mib = worker_size(spec, worker_memory)
     workers = spec.scaling.max_workers
     head_params = {"num-cpus": "0", "dashboard-host": "0.0.0.0"}
     head_cpus, head_mib, head_gpus = 1, 4096, 0
-    if workers == 0:
+    if side_by_side > 1:
+        # Each fold is a Tune trial: with workers <= 1 it trains in the trial's own process, which reserves a worker
+        # pod's CPUs like a Ray Train worker would; with more, the trial only waits on its Ray Train run (0.01 CPU),
+        # and it waits on the head: on a worker pod it would take the sliver a Ray Train worker needs whole.
+        if workers > 1:
+            head_params["num-cpus"] = "1"
+        workers = max(1, workers) * side_by_side
+    elif workers == 0:
         # num_workers=0 trains in the driver, on the head: it gets the worker's share.
         head_params["num-cpus"] = str(cpus)
         head_cpus, head_mib, head_gpus = 1 + cpus, 4096 + mib, gpus
@@ -416,9 +430,20 @@ def render_manifests(
     worker_memory: str | None = None,
     ttl_seconds: int = DEFAULT_TTL_SECONDS,
     deadline_seconds: int = DEFAULT_DEADLINE_SECONDS,
+    command: str = "run",
+    refit: bool = False,
 ) -> list[dict[str, Any]]:
-    """The ConfigMap holding the resolved job file and the RayJob that runs it (on its own cluster, or on `cluster`)."""
+    """The ConfigMap holding the resolved job file and the RayJob that runs it (on its own cluster, or on `cluster`).
+
+    `command` cv runs the job's k-fold cross-validation (`orchestrator cv`, `--refit` with `refit`) instead of one run.
+    """
     text = job_yaml_text if job_yaml_text is not None else job_file_text(spec)
+    if command not in COMMANDS:
+        raise ValueError(f"command: {command!r} is not one of {', '.join(COMMANDS)}")
+    if command == "cv" and spec.data.folds is None:
+        raise BadInput("data.folds: cv needs the number of folds, e.g. `data.folds=5`")
+    if refit and command != "cv":
+        raise BadInput("--refit: follows a cross-validation; add --cv")
     size = len(text.encode())
     if size > MAX_CONFIGMAP_BYTES:
         raise BadInput(
@@ -437,15 +462,22 @@ def render_manifests(
         parse_memory_mi(worker_memory)
     # Same job, image and target: same names, so a second apply is a no-op rather than a second job.
     fingerprint = "\n".join([text, image, cluster or "", worker_memory or ""])
-    name = job_resource_name(spec, fingerprint)
+    run_name = spec.name
+    entrypoint = ENTRYPOINT
+    if command == "cv":
+        # A run and a cv of the same job are different jobs: their own names (a run's stay as they were).
+        fingerprint += f"\ncv{' --refit' if refit else ''}"
+        run_name = f"{spec.name}-cv"  # where the cluster's `orchestrator cv` keeps it (cv.load_cv)
+        entrypoint = f"python -m orchestrator cv {JOB_FILE} --address auto --json" + (" --refit" if refit else "")
+    name = job_resource_name(spec, fingerprint, run_name)
     configmap = f"{name}-job"
     annotations = {
-        "orchestrator/run-name": spec.name,
+        "orchestrator/run-name": run_name,
         "orchestrator/checkpoint-storage": storage.redact(spec.checkpoint.storage),
     }
 
     job_spec: dict[str, Any] = {
-        "entrypoint": ENTRYPOINT,
+        "entrypoint": entrypoint,
         "runtimeEnvYAML": yaml.safe_dump({"working_dir": JOB_DIR}, sort_keys=False),
         "submissionMode": "K8sJobMode",
         "submitterPodTemplate": submitter_pod_template(instance=name, image=image, configmap=configmap),
@@ -457,7 +489,13 @@ def render_manifests(
         job_spec.update(
             shutdownAfterJobFinishes=True,
             ttlSecondsAfterFinished=ttl_seconds,
-            rayClusterSpec=ray_cluster_spec(spec, instance=name, image=image, worker_memory=worker_memory),
+            rayClusterSpec=ray_cluster_spec(
+                spec,
+                instance=name,
+                image=image,
+                worker_memory=worker_memory,
+                side_by_side=(spec.data.folds or 1) if command == "cv" else 1,
+            ),
         )
     else:
         # A long-lived cluster outlives its jobs: KubeRay refuses a TTL or shutdown with a clusterSelector.
@@ -572,9 +610,19 @@ def dump_manifests(manifests: list[dict[str, Any]], header: str = "") -> str:
     return (header + body) if header else body
 
 
-def render_job_file(job_file: str, overrides: list[str], **options: Any) -> tuple[list[dict[str, Any]], list[str]]:
-    """Load and validate a job file with overrides, then render it; returns (manifests, warnings)."""
-    spec = load_spec(job_file, overrides)
+def render_job_file(
+    job_file: str, overrides: list[str], cv: bool = False, **options: Any
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Load and validate a job file with overrides (as `orchestrator cv` does with `cv`), then render it; (manifests, warnings)."""
+    if cv:
+        from orchestrator.cv import load_cv
+
+        spec = load_cv(job_file, overrides).spec
+        options["command"] = "cv"
+    else:
+        if options.get("refit"):
+            raise BadInput("--refit: follows a cross-validation; add --cv")
+        spec = load_spec(job_file, overrides)
     return render_manifests(spec, job_file_text(spec), **options), storage_warnings(spec)
 
 

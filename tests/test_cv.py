@@ -73,7 +73,9 @@ def test_the_t_table_is_students_t_and_the_aggregate_is_mean_std_and_interval():
         (["data.folds=1"], "error: data.folds: Input should be greater than or equal to 2"),
         # The smallest digit class has 161 examples outside the test split.
         (["data.folds=200"], "error: data.folds: 200 is more than the smallest class has examples outside the test"),
-        (["--address", "http://127.0.0.1:1"], "error: --address http://127.0.0.1:1: cv runs its folds on a Ray from"),
+        # A dashboard address submits the cross-validation: checked, and refused here, when no cluster answers there.
+        (["--address", "http://127.0.0.1:1"], "error: --address http://127.0.0.1:1: no Ray dashboard answers there"),
+        (["--address", "http://127.0.0.1:1", "--verbose"], "error: --verbose applies to a cross-validation run from"),
         (
             ["data={name: synthetic, task: regression, folds: 3, stratify: true}"],
             "error: data.stratify: stratified folds need class labels, and regression data has none",
@@ -85,6 +87,19 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_starts(overrides, mess
     assert res.returncode == 2, res.stderr[-3000:]
     assert res.stderr.startswith(message) and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert list(tmp_path.iterdir()) == []  # no fold, no record: nothing started
+
+
+def test_a_submitted_cv_runs_orchestrator_cv_on_the_cluster_with_the_jobs_package():
+    from orchestrator.cv import load_cv
+    from orchestrator.sweep import build_sweep_submission
+
+    overrides = ["checkpoint.storage=/shared/runs", "data.folds=3"]
+    submission = build_sweep_submission(load_cv(JOB, overrides), overrides, "cv", ("--refit",))
+    assert submission["entrypoint"] == (
+        "python -m orchestrator cv cv_digits.yaml checkpoint.storage=/shared/runs data.folds=3 --refit --address auto --json"
+    )
+    assert submission["runtime_env"]["working_dir"] == str(ROOT / "jobs")
+    assert submission["metadata"]["orchestrator_run"] == "cv-digits-cv"
 
 
 @pytest.fixture(scope="module")

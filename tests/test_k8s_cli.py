@@ -144,3 +144,21 @@ def test_apply_without_a_context_says_so_and_applies_nothing(tmp_path):
 def test_help_lists_both_commands():
     done = cli("--help")
     assert done.returncode == 0 and "render" in done.stdout and "apply" in done.stdout
+
+
+def test_render_cv_renders_the_cross_validation_of_the_job_as_orchestrator_cv_reads_it():
+    done = cli("render", str(ROOT / "jobs" / "cv_digits.yaml"), "checkpoint.storage=s3://b/runs", "--cv", "--refit")
+    assert done.returncode == 0, done.stderr
+    from orchestrator.cv import load_cv
+
+    spec = load_cv(str(ROOT / "jobs" / "cv_digits.yaml"), ["checkpoint.storage=s3://b/runs"]).spec
+    assert list(yaml.safe_load_all(done.stdout)) == k8s.render_manifests(
+        spec, k8s.job_file_text(spec), command="cv", refit=True
+    )
+    for args, message in (
+        (["--refit"], "error: --refit: follows a cross-validation; add --cv"),
+        (["--cv", "data.folds=null"], "error: data.folds: cv needs the number of folds"),
+    ):
+        done = cli("render", str(ROOT / "jobs" / "cv_digits.yaml"), *args)
+        assert done.returncode == 2 and done.stdout == "" and done.stderr.startswith(message), done.stderr
+        assert len(done.stderr.splitlines()) == 1

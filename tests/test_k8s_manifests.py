@@ -29,6 +29,9 @@ EXTRA_RENDERS = {
     "gpu": (["scaling.use_gpu=true", "scaling.num_workers=2"], {}),
     "driver-only": (["scaling.num_workers=0"], {}),
     "elastic": (["scaling.num_workers=[1, 3]"], {"worker_memory": "3Gi", "namespace": "ml-team"}),
+    # `orchestrator k8s render --cv`: the folds side by side, on a cluster of their own or on a long-lived one.
+    "cv": (["data.folds=3", "scaling.num_workers=2"], {"command": "cv", "refit": True}),
+    "cv-on-cluster": (["data.folds=3"], {"command": "cv", "cluster": "orchestrator"}),
 }
 
 

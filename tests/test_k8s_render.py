@@ -239,3 +239,45 @@ def test_raycluster_is_long_lived_and_autoscaling():
     assert spec["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is True
     assert group["template"]["spec"]["automountServiceAccountToken"] is False
     assert math.isclose(int(group["rayStartParams"]["num-cpus"]), 2)
+
+
+def test_a_cross_validation_runs_orchestrator_cv_with_a_worker_pod_set_per_fold():
+    spec, run = render(["data.folds=4"])
+    _, cv = render(["data.folds=4"], command="cv", refit=True)
+    configmap, rayjob = split(cv)
+    # The same resolved job file; the entrypoint is `orchestrator cv` on it, attached to the RayJob's Ray.
+    assert yaml.safe_load(configmap["data"][k8s.JOB_FILE]) == spec.to_dict()
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[:5] == ["python", "-m", "orchestrator", "cv", k8s.JOB_FILE]
+    assert argv[argv.index("--address") + 1] == "auto" and "--json" in argv and "--refit" in argv
+    assert rayjob["metadata"]["annotations"]["orchestrator/run-name"] == "digits-mlp-cv"
+    # A run and a cv of one job are two jobs: neither apply may replace the other.
+    assert rayjob["metadata"]["name"].startswith("digits-mlp-cv-")
+    assert rayjob["metadata"]["name"] != split(run)[1]["metadata"]["name"]
+    assert shlex.split(split(render(["data.folds=4"], command="cv")[1])[1]["spec"]["entrypoint"])[-1] == "--json"
+    # The folds train side by side: each in its trial's process (num_workers 1), so one worker pod a fold.
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    assert (
+        cluster["workerGroupSpecs"][0]["replicas"] == 4
+        and cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    )
+    _, out = render(["data.folds=3", "scaling.num_workers=0", "scaling.cpus_per_worker=2"], command="cv")
+    cluster = split(out)[1]["spec"]["rayClusterSpec"]
+    assert cluster["workerGroupSpecs"][0]["replicas"] == 3 and cluster["workerGroupSpecs"][0]["rayStartParams"] == {
+        "num-cpus": "2"
+    }
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    # With Ray Train workers, a fold's trial only waits on them: on the head, so each fold's workers fill their pods.
+    _, out = render(["data.folds=3", "scaling.num_workers=2"], command="cv")
+    cluster = split(out)[1]["spec"]["rayClusterSpec"]
+    assert (
+        cluster["workerGroupSpecs"][0]["replicas"] == 6
+        and cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "1"
+    )
+
+
+def test_a_cross_validation_needs_folds_and_refit_needs_a_cross_validation():
+    with pytest.raises(BadInput, match="data.folds: cv needs the number of folds"):
+        render(command="cv")
+    with pytest.raises(BadInput, match="--refit: follows a cross-validation; add --cv"):
+        render(["data.folds=3"], refit=True)

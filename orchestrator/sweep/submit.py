@@ -18,31 +18,52 @@ def is_dashboard_address(address: str | None) -> bool:
     return bool(address) and address.startswith(("http://", "https://"))
 
 
-def build_sweep_submission(sweep: SweepJob, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """The Jobs API request of a sweep: the job's package and runtime env, with `orchestrator sweep` as its entrypoint (pure)."""
+def build_sweep_submission(
+    sweep: SweepJob, overrides: list[str] | tuple[str, ...] = (), command: str = "sweep", flags: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The Jobs API request of a sweep: the job's package and runtime env, with `orchestrator sweep` as its entrypoint (pure).
+
+    A cross-validation (a sweep too) runs `orchestrator cv` there instead: `command` cv, `flags` such as --refit.
+    """
     sweep_path = Path(sweep.job_file).resolve()
     if Path(sweep.base_dir).resolve() != sweep_path.parent:
         raise BadInput(
             f"{sweep.job_file}: job: the named job file must sit beside the sweep file to be shipped with it"
         )
     submission = build_submission(sweep.spec, sweep_path, overrides)
-    words = ["python", "-m", "orchestrator", "sweep", sweep_path.name, *overrides, "--address", "auto", "--json"]
+    words = [
+        "python",
+        "-m",
+        "orchestrator",
+        command,
+        sweep_path.name,
+        *overrides,
+        *flags,
+        "--address",
+        "auto",
+        "--json",
+    ]
     submission["entrypoint"] = " ".join(shlex.quote(w) for w in words)
     submission["metadata"][METADATA_RUN] = sweep.name
     return submission
 
 
-def submit_sweep(sweep: SweepJob, overrides: list[str], address: str, out=None) -> dict[str, Any]:
-    """Submit the sweep to the cluster, stream its output (the live view) to `out`, return its result; RunFailed if the job fails."""
+def submit_sweep(
+    sweep: SweepJob, overrides: list[str], address: str, out=None, command: str = "sweep", flags: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Submit the sweep to the cluster, stream its output (the live view) to `out`, return its result; RunFailed if the job fails.
+
+    The result is the last JSON line the entrypoint printed with a `sweep` key (a cross-validation's: `cv`).
+    """
     backend = RayJobsBackend(address)
-    submission = build_sweep_submission(sweep, overrides)
+    submission = build_sweep_submission(sweep, overrides, command, flags)
     backend.check()
     job_id = backend.submit(submission)
     print(f"submitted {job_id} to {backend.address}", file=sys.stderr, flush=True)
     final = follow_to_end(backend, job_id, out=out or sys.stderr)
     result = None
     for line in reversed(backend.logs(job_id).splitlines()):
-        if line.startswith("{") and '"sweep"' in line:
+        if line.startswith("{") and f'"{command}"' in line:
             result = json.loads(line)
             break
     if final["status"] != "SUCCEEDED" or result is None:
