@@ -627,6 +627,13 @@ class SweepSpec(Section):
         le=MAX_SEED,
         description="Seed of the random and Optuna searches, 0..2**32-1 (null = a different draw each sweep).",
     )
+    cv_folds: int | None = Field(
+        None,
+        ge=2,
+        description="Score each trial by k-fold cross-validation: its k folds (data.folds=k, stratified for classification) "
+        "train one after another in the trial, and its metric is their mean best validation value, the std and 95% CI "
+        "beside it; fifo scheduler only; null = one validation split.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -654,6 +661,13 @@ class SweepSpec(Section):
 
     @model_validator(mode="after")
     def _search_fits(self) -> SweepSpec:
+        if self.cv_folds is not None and self.scheduler.name != "fifo":
+            raise ValueError(
+                f"cv_folds: a k-fold trial's metric is known only after its last fold, so {self.scheduler.name} has nothing "
+                "to act on; use scheduler fifo"
+            )
+        if self.cv_folds is not None and any(p.startswith("data.fold") for p in self.parameters):
+            raise ValueError("cv_folds: every trial trains all k folds; data.folds and data.fold are not searched then")
         if self.mode is None:
             base = self.metric.removeprefix("val_")
             self.__dict__["mode"] = "max" if base in _MAX_METRICS else "min"

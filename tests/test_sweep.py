@@ -101,6 +101,26 @@ def sweep_spec(**sweep):
         (ASHA_SWEEP, ["sweep.scheduler.grace_period=30"], "error: sweep.scheduler.grace_period: 30 is above max_t=18"),
         (ASHA_SWEEP, ["scaling.num_workers=64"], "error: scaling.num_workers: 64 worker(s) x 1 CPU need 64 CPUs"),
         ("jobs/digits_mlp.yaml", [], "error: jobs/digits_mlp.yaml: no sweep section"),
+        # sweep.cv_folds: scoring each trial by k-fold cross-validation
+        (LR_SWEEP, ["sweep.cv_folds=1"], "error: sweep.cv_folds: Input should be greater than or equal to 2"),
+        # The smallest digit class has 161 examples outside the test split (checked on the data, before Ray starts).
+        (LR_SWEEP, ["sweep.cv_folds=200"], "error: sweep.cv_folds: 200 is more than the smallest class has examples"),
+        (
+            LR_SWEEP,
+            ["sweep.cv_folds=3", "data={name: synthetic, task: regression, stratify: true}"],
+            "error: data.stratify: stratified folds need class labels, and regression data has none",
+        ),
+        (
+            ASHA_SWEEP,
+            ["sweep.cv_folds=3"],
+            "error: sweep.cv_folds: a k-fold trial's metric is known only after its last fold, so asha has nothing",
+        ),
+        (LR_SWEEP, ["sweep.cv_folds=3", "data.folds=5"], "error: sweep.cv_folds: 3, but the job sets data.folds: 5"),
+        (
+            LR_SWEEP,
+            ["sweep.cv_folds=3", 'sweep.parameters={"data.fold": {type: grid, values: [0, 1]}}'],
+            "error: sweep.cv_folds: every trial trains all k folds",
+        ),
     ],
 )
 def test_bad_sweeps_are_one_line_and_exit_2_before_ray(file, overrides, message, tmp_path):

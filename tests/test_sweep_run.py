@@ -237,3 +237,59 @@ def test_optuna_search_and_a_trial_of_two_ray_train_workers(tmp_path):
     assert len({t["config"]["optim.lr"] for t in out["trials"]}) == 2
     # Two DDP ranks, 687 examples each: 22 steps an epoch, reported to Tune through TuneReportCallback.
     assert all(t["steps"] == 22 and t["checkpoint"].endswith("checkpoint_00000022") for t in out["trials"])
+
+
+@pytest.mark.slow
+def test_a_sweep_scored_by_cross_validation_ranks_its_trials_by_the_mean_of_their_folds(tmp_path):
+    """sweep.cv_folds: 2 trials x 2 folds x 1 epoch; each trial's metric is the mean of its folds' own best values."""
+    import io
+    import statistics
+
+    from rich.console import Console
+
+    from orchestrator.cv import t_quantile_975
+    from orchestrator.report import write_report
+    from orchestrator.sweep import format_result
+
+    args = ["sweep", LR_SWEEP, f"checkpoint.storage={tmp_path}", *TINY, "train.epochs=1", grid(1e-4, 1e-2)]
+    res = orchestrator(*args, "sweep.cv_folds=2", "--json", env={"OMP_NUM_THREADS": "1"})
+
+    out = result_of(res)
+    sweep_dir = tmp_path / "digits-lr"
+    assert out["status"] == "finished" and [t["config"] for t in out["trials"]] == [
+        {"optim.lr": 1e-2},
+        {"optim.lr": 1e-4},
+    ]
+    for trial in out["trials"]:
+        bests = []
+        for fold in range(2):  # every fold a finished run of its own, validating on its fold
+            run = sweep_dir / trial["trial_id"] / f"fold-{fold}"
+            record = run_record(run)
+            assert record["status"] == "finished" and record["job"]["data"]["folds"] == 2
+            assert record["job"]["data"]["fold"] == fold and record["job"]["optim"]["lr"] == trial["config"]["optim.lr"]
+            entries = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            bests.append(max(e["val_accuracy"] for e in entries if e["split"] == "val"))
+        assert trial["status"] == "done" and trial["fold_metrics"] == bests
+        assert trial["metric"] == trial["best_metric"] == pytest.approx(statistics.mean(bests))
+        assert trial["metric_std"] == pytest.approx(statistics.stdev(bests))
+        half = t_quantile_975(1) * statistics.stdev(bests) / 2**0.5
+        assert trial["metric_ci95"] == pytest.approx([statistics.mean(bests) - half, statistics.mean(bests) + half])
+        assert not (sweep_dir / trial["trial_id"] / "run.json").exists()  # the trial is its folds, not a run
+    # The live view: a trial is done when its folds are (it has no run.json of its own to say so).
+    assert "1 done" in res.stderr and "stopped" not in res.stderr
+    # The table shows the spread next to each mean; the best job keeps the folds, to cross-validate and refit it.
+    table, text = format_result(out)
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(table)
+    shown = console.export_text()
+    assert "val_accuracy (2-fold mean)" in shown and f"± {out['trials'][0]['metric_std']:.4f} [" in shown
+    assert f"train it: orchestrator cv {out['best_job_file']} --refit" in text
+    assert yaml_load(out["best_job_file"])["data"]["folds"] == 2
+    page = Path(write_report(str(sweep_dir))).read_text()
+    assert "val_accuracy (2-fold mean)" in page and f"± {out['trials'][1]['metric_std']:.4f}" in page
+
+
+def yaml_load(path: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())

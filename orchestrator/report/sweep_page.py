@@ -183,20 +183,21 @@ def render_sweep(sweep: SweepData) -> str:
             (0, -t["best_metric"] if mode == "max" else t["best_metric"]) if _finite(t.get("best_metric")) else (1, 0)
         ),
     )
+    from orchestrator.sweep.export import spread_text  # the end-of-sweep table's words for it, not a second format
+
+    folds = (record.get("spec") or {}).get("cv_folds")
     rows = []
     for i, t in enumerate(rank, 1):
+        scores = [t.get("metric"), t.get("best_metric")]
+        if folds:  # scored by cross-validation: the folds' mean and, next to it, its spread
+            scores = [t.get("best_metric"), spread_text(t) or None]
         rows.append(
-            [
-                i,
-                t["trial_id"],
-                Status(t.get("status")),
-                *(t["config"].get(p) for p in params),
-                t.get("metric"),
-                t.get("best_metric"),
-                t.get("steps"),
-            ]
+            [i, t["trial_id"], Status(t.get("status")), *(t["config"].get(p) for p in params), *scores, t.get("steps")]
         )
-    table = _table(rows, ["#", "trial", "status", *params, f"{metric} (last)", f"{metric} (best)", "steps"])
+    score_heads = [f"{metric} (last)", f"{metric} (best)"]
+    if folds:
+        score_heads = [f"{metric} ({folds}-fold mean)", "std [95% CI]"]
+    table = _table(rows, ["#", "trial", "status", *params, *score_heads, "steps"])
     facts = [
         ("status", record.get("status")),
         ("trials", len(sweep.trials)),

@@ -44,6 +44,10 @@ class TrialRow:
     run_uri: str | None = None
     checkpoint: str | None = None
     error: str | None = None
+    # sweep.cv_folds: `metric` and `best_metric` are the mean over the folds of each fold's best; these say its spread.
+    metric_std: float | None = None
+    metric_ci95: list[float] | None = None
+    fold_metrics: list[float | None] | None = None  # each fold's best, in fold order (None: the fold did not get one)
 
 
 def collect_trials(results, sweep: SweepJob) -> list[TrialRow]:
@@ -53,6 +57,9 @@ def collect_trials(results, sweep: SweepJob) -> list[TrialRow]:
     for result in results:
         trial_id = Path(result.path).name
         last = dict(result.metrics or {})
+        if sweep.sweep.cv_folds:
+            rows.append(cross_validated_row(sweep, trial_id, result))
+            continue
         run = RunDir.open(f"{sweep.uri}/{trial_id}", sweep.endpoint)
         values = [e.get(metric) for e in run.read_metrics() if e.get("split") == "val"]
         values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
@@ -87,24 +94,81 @@ def collect_trials(results, sweep: SweepJob) -> list[TrialRow]:
     return sorted(rows, key=rank)
 
 
+def cross_validated_row(sweep: SweepJob, trial_id: str, result) -> TrialRow:
+    """A trial scored by k-fold cross-validation, from its fold runs' own records: the mean, std and 95% CI of the
+    folds' best values of the metric (a trial is scored only when every fold has one), the folds' steps summed."""
+    from orchestrator.cv import aggregate, fold_metrics
+    from orchestrator.sweep.trial import fold_runs
+
+    metric = sweep.sweep.metric
+    bests: list[float | None] = []
+    statuses, steps = [], 0
+    for uri in fold_runs(f"{sweep.uri}/{trial_id}", sweep.sweep.cv_folds or 0):
+        run = RunDir.open(uri, sweep.endpoint)
+        record = RunRecord.load(run)
+        statuses.append(record.status if record else None)
+        steps += (record.summary.steps if record and record.summary else 0) or 0
+        bests.append((fold_metrics(run).get(metric) or {}).get("best") if record else None)
+    scored = [b for b in bests if b is not None]
+    agg = aggregate(scored) if scored and len(scored) == len(bests) else None
+    done = all(s == RunStatus.FINISHED for s in statuses)
+    return TrialRow(
+        trial_id=trial_id,
+        status="error" if result.error else ("done" if done else "stopped"),
+        config={k: _plain(v) for k, v in (result.config or {}).items()},
+        metric=agg["mean"] if agg and done else None,
+        best_metric=agg["mean"] if agg else None,
+        metrics={k: v for k, v in (result.metrics or {}).items() if k.startswith("val_") or k == "step"},
+        steps=steps,
+        run_uri=f"{sweep.uri}/{trial_id}",
+        error=str(result.error).strip().splitlines()[-1] if result.error else None,
+        metric_std=agg["std"] if agg else None,
+        metric_ci95=agg["ci95"] if agg else None,
+        fold_metrics=bests,
+    )
+
+
+def spread_text(row: dict[str, Any]) -> str:
+    """A cross-validated trial's spread over its folds: `± std [95% CI]`; empty for a trial of one split."""
+    if not isinstance(row.get("metric_std"), (int, float)):
+        return ""
+    low, high = row.get("metric_ci95") or (None, None)
+    interval = f" [{low:.4f}, {high:.4f}]" if isinstance(low, (int, float)) else ""
+    return f"± {row['metric_std']:.4f}{interval}"
+
+
 def format_trials(rows: list[dict[str, Any]], metric: str):
     """The end-of-sweep table: trials ranked by the metric, with their settings, steps and status."""
     from rich.table import Table
     from rich.text import Text
 
     params = list(dict.fromkeys(k for row in rows for k in row["config"]))
-    table = Table("#", "trial", "status", *params, f"{metric} (last)", f"{metric} (best)", "steps", "epochs")
+    folds = max((len(row.get("fold_metrics") or []) for row in rows), default=0)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
+    if folds:  # scored by cross-validation: the folds' mean, its spread, and each fold's best
+        scores = [f"{metric} ({folds}-fold mean)", "std [95% CI]", *(f"fold {i}" for i in range(folds))]
+        table = Table("#", "trial", "status", *params, *scores, "steps")
+    else:
+        table = Table("#", "trial", "status", *params, f"{metric} (last)", f"{metric} (best)", "steps", "epochs")
     for i, row in enumerate(rows, 1):
-        fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
+        if folds:
+            each = list(row.get("fold_metrics") or [])
+            scored = (
+                fmt(row["best_metric"]),
+                spread_text(row) or "-",
+                *(fmt(v) for v in each + [None] * (folds - len(each))),
+            )
+            tail: tuple[str, ...] = (fmt(row["steps"]),)
+        else:
+            scored = (fmt(row["metric"]), fmt(row["best_metric"]))
+            tail = (fmt(row["steps"]), fmt(row["epochs"]))
         cells = (
             str(i),
             row["trial_id"],
             row["status"],
             *(short(row["config"].get(p)) for p in params),
-            fmt(row["metric"]),
-            fmt(row["best_metric"]),
-            fmt(row["steps"]),
-            fmt(row["epochs"]),
+            *scored,
+            *tail,
         )
         table.add_row(*(Text(str(c)) for c in cells))  # Text: choice values are shown as written, not as markup
     return table
@@ -117,12 +181,18 @@ def format_result(result: dict[str, Any]) -> tuple[Any, str]:
         f"{result['status']}: sweep {result['sweep']}  {len(result['trials'])} trials  {result['total_steps']} steps  wall {result['wall_s']:.1f}s"
     ]
     if best:
+        ranked = next((t for t in result["trials"] if t["trial_id"] == best["trial_id"]), {})
+        spread = f" {spread_text(ranked)} over {len(ranked['fold_metrics'])} folds" if spread_text(ranked) else ""
         lines.append(
-            f"  best {result['metric']} {best['metric']:.4f}: {best['trial_id']}  {settings_text(best['config'])}"
+            f"  best {result['metric']} {best['metric']:.4f}{spread}: {best['trial_id']}  {settings_text(best['config'])}"
         )
-        lines.append(f"  checkpoint: {best['checkpoint']}")
+        if best.get("checkpoint"):  # a cross-validated trial has k, one per fold: its job file is the result
+            lines.append(f"  checkpoint: {best['checkpoint']}")
         lines.append(f"  best job file: {result['best_job_file']}")
-        lines.append(f"  run it: orchestrator run {result['best_job_file']}")
+        if spread:  # its job keeps the folds: its cross-validation again, then one model on all the non-test data
+            lines.append(f"  train it: orchestrator cv {result['best_job_file']} --refit")
+        else:
+            lines.append(f"  run it: orchestrator run {result['best_job_file']}")
     return format_trials(result["trials"], result["metric"]), "\n".join(lines)
 
 
@@ -155,7 +225,11 @@ def write_best_job(sweep: SweepJob, best: TrialRow, out: str | None) -> str:
     header = (
         f"# The best trial of sweep {sweep.name} ({best.trial_id}): {sweep.sweep.metric} {best.metric:.4f}\n"
         f"# settings: {settings_text(best.config)}\n"
-        f"# run it: orchestrator run <this file>\n"
+        + (
+            f"# its {sweep.sweep.cv_folds}-fold mean; train it: orchestrator cv <this file> --refit\n"
+            if sweep.sweep.cv_folds
+            else "# run it: orchestrator run <this file>\n"
+        )
     )
     text = header + yaml.safe_dump(job, sort_keys=False)
     home = RunDir.open(sweep.uri, sweep.endpoint)

@@ -38,6 +38,8 @@ class SweepJob:
     def fingerprint(self) -> str:
         """What makes two sweeps the same sweep: the job and the search (not how many run at once)."""
         search = self.sweep.model_dump(mode="json", exclude={"max_concurrent_trials"})
+        if search.get("cv_folds") is None:
+            search.pop("cv_folds", None)  # the sweeps from before the field: the same fingerprint as they had
         return hashlib.sha256(
             json.dumps({"job": self.job, "sweep": search}, sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
@@ -147,10 +149,23 @@ def _first_field(path: str) -> str:
     return next(iter(section.model_fields)) if section is not None else ""
 
 
+def with_cv_folds(raw: dict[str, Any]) -> dict[str, Any]:
+    """The job with `sweep.cv_folds: k` as its `data.folds` (trials override `data.fold`), so the job's own checks of
+    folds (stratification needs class labels) apply; BadInput when the job asks for another fold count."""
+    k = (raw.get("sweep") or {}).get("cv_folds") if isinstance(raw.get("sweep"), dict) else None
+    if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+        return raw  # absent, or wrong: the spec's own check of sweep.cv_folds says so
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    if data.get("folds") not in (None, k):
+        raise BadInput(f"sweep.cv_folds: {k}, but the job sets data.folds: {data['folds']}; leave data.folds out")
+    return {**raw, "data": {**data, "folds": k, "fold": 0}}
+
+
 def load_sweep(path: str, overrides: list[str] | None = None, fresh: bool = False) -> SweepJob:
     """Read, merge and validate a sweep file with dotted overrides; BadInput/SpecError on the first problem."""
     raw, base_dir = read_sweep_file(path)
     raw = apply_overrides(raw, overrides or [])
+    raw = with_cv_folds(raw)
     spec = build_spec(raw)
     if spec.sweep is None:
         raise BadInput(f"{path}: no sweep section (add `sweep:` with parameters, or name a job file with `job:`)")

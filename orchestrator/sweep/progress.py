@@ -15,7 +15,7 @@ from typing import Any
 from ray.tune import Callback
 
 from orchestrator.rundir import RunDir
-from orchestrator.runrecord import RunRecord
+from orchestrator.runrecord import RunRecord, RunStatus
 from orchestrator.sweep.export import trial_status
 from orchestrator.sweep.load import settings_text
 from orchestrator.sweep.trial import trial_dir_name
@@ -24,8 +24,12 @@ from orchestrator.sweep.trial import trial_dir_name
 _say: Callable[[str], None] = print
 
 
-def run_status(run_uri: str, endpoint: str | None) -> str | None:
-    """The status in a trial's run.json (finished, stopped, failed, running), or None."""
+def run_status(run_uri: str, endpoint: str | None, cv_folds: int | None = None) -> str | None:
+    """The status in a trial's run.json (finished, stopped, failed, running), or None; a cross-validated trial's is its
+    folds' (finished when every fold is)."""
+    if cv_folds:
+        statuses = [run_status(f"{run_uri}/fold-{i}", endpoint) for i in range(cv_folds)]
+        return next((s for s in statuses if s != RunStatus.FINISHED), str(RunStatus.FINISHED))
     record = RunRecord.load(RunDir.open(run_uri, endpoint))
     return str(record.status) if record else None
 
@@ -44,12 +48,13 @@ def live_view(
     say: Callable[[str], None],
     every_s: float = 5.0,
     name_by: str | None = None,
+    cv_folds: int | None = None,
 ) -> SweepProgress:
     """The live view of a sweep, printing through `say` (a restored one prints there too)."""
     global _say
     _say = say
     view = SweepProgress(sweep_uri, endpoint, metric, mode, every_s)
-    view.name_by = name_by
+    view.name_by, view.cv_folds = name_by, cv_folds
     return view
 
 
@@ -62,6 +67,7 @@ class SweepProgress(Callback):
         self.last_line, self.last_time = "", 0.0
         self.ended: dict[str, str | None] = {}  # trial id -> its run's status, read once when it ends
         self.name_by: str | None = None  # the field that names trial directories (trial_dir_name)
+        self.cv_folds: int | None = None  # sweep.cv_folds: a trial's status is its folds'
 
     def setup(self, **info) -> None:
         # Called as Tune's run starts, a resumed one included: the clock runs from this process's start of it.
@@ -74,7 +80,8 @@ class SweepProgress(Callback):
         for t in trials:
             if t.status == "TERMINATED" and t.trial_id not in self.ended:
                 run = trial_dir_name(t.trial_id, t.config, getattr(self, "name_by", None))
-                self.ended[t.trial_id] = run_status(f"{self.sweep_uri}/{run}", self.endpoint)
+                folds = getattr(self, "cv_folds", None)  # a view restored from before the field has none
+                self.ended[t.trial_id] = run_status(f"{self.sweep_uri}/{run}", self.endpoint, folds)
             state = trial_status(t.status, self.ended.get(t.trial_id))
             counts[state] = counts.get(state, 0) + 1
             value = (t.last_result or {}).get(self.metric)

@@ -30,7 +30,7 @@ from orchestrator.sweep.export import TrialRow, collect_trials, write_best_job
 from orchestrator.sweep.load import SweepJob
 from orchestrator.sweep.schedulers import build_scheduler, build_search, trial_resources
 from orchestrator.sweep.space import build_param_space
-from orchestrator.sweep.trial import TrialPlan, trial_dir_name, trial_trainable
+from orchestrator.sweep.trial import TrialPlan, fold_runs, trial_dir_name, trial_trainable
 from orchestrator.tracking import TrackingSession, mlflow_tracking_uri
 
 SWEEP_RECORD = "sweep.json"
@@ -89,7 +89,12 @@ def run_sweep(
     t0 = time.time()
     home = RunDir.open(sweep.uri, sweep.endpoint)
     address = resolve_address(address)
-    data_info = preflight(sweep.spec, sweep.base_dir, address)
+    try:
+        data_info = preflight(sweep.spec, sweep.base_dir, address)
+    except BadInput as exc:
+        if sweep.sweep.cv_folds and exc.lines[0].startswith("data.folds:"):  # the job's folds are sweep.cv_folds' here
+            raise BadInput("sweep.cv_folds:" + exc.lines[0].removeprefix("data.folds:")) from None
+        raise
     # One lease for the whole sweep: its trials' directories live under the sweep's, and only this driver starts them.
     lease = RunLease.for_run(home, sweep.spec.checkpoint.lease_ttl_s).acquire()
     try:
@@ -149,6 +154,7 @@ def _run_leased(
             data_fingerprint=fingerprint,
             embedded_ray=connected and not address,
             name_by=name_by,
+            cv_folds=sweep.sweep.cv_folds,
         )
         results, resumed = _fit(sweep, home, plan, record, say, prov, tracked)
     except Exception:
@@ -185,7 +191,15 @@ def _fit(
     )
     trainable = tune.with_resources(trial_trainable(plan), trial_resources(sweep.spec))
     # A restored Tuner keeps the interrupted sweep's live view, which prints through this process's `say` from here on.
-    progress = live_view(sweep.uri, sweep.endpoint, sweep.sweep.metric, sweep.sweep.mode, say, name_by=plan.name_by)
+    progress = live_view(
+        sweep.uri,
+        sweep.endpoint,
+        sweep.sweep.metric,
+        sweep.sweep.mode,
+        say,
+        name_by=plan.name_by,
+        cv_folds=sweep.sweep.cv_folds,
+    )
     if record and plan.name_by is not None:
         # Trials named by a field (cv's folds) are known by their run directories, whose records say which finished:
         # a new Tuner over the same grid continues them (a finished one reports its end, the others resume from their
@@ -313,30 +327,36 @@ def _finish(
 def end_unfinished_trials(sweep: SweepJob, results) -> None:
     """Record the end of trials whose process went away before they could: run.json still running, MLflow run still RUNNING."""
     for result in results:
-        run = RunDir.open(f"{sweep.uri}/{Path(result.path).name}", sweep.endpoint)  # the trial's directory name
-        record = RunRecord.load(run)
-        if not record:
-            continue
-        spec = JobSpec.model_validate(record.job)
-        cut_off = record.status == RunStatus.RUNNING
-        if cut_off:
-            status = RunStatus.FAILED if result.error else RunStatus.STOPPED
-            record.end(status, summary_from_checkpoints(run, status))
-            record.save(run)
-        # TensorBoard's hyper-parameters only when the trial surely did not write them (it writes them after run.json).
-        session = TrackingSession(
-            run_uri=run.uri,
-            endpoint_url=sweep.endpoint,
-            tensorboard_dir=(record.tracking.get("tensorboard") or {}).get("log_dir") if cut_off else None,
-        )
-        mlflow = record.tracking.get("mlflow")
-        if mlflow and _mlflow_run_is_running(mlflow_tracking_uri(spec), mlflow["run_id"]):
-            session.mlflow_uri, session.mlflow_run_id = (
-                mlflow_tracking_uri(spec),
-                mlflow["run_id"],
-            )  # run.json has it without credentials
-        if session.mlflow_run_id or session.tensorboard_dir:
-            session.finish(spec, record.status, record.summary, [("", run.uri_of(RUN_RECORD))])
+        trial_uri = f"{sweep.uri}/{Path(result.path).name}"  # the trial's directory name
+        for run_uri in fold_runs(trial_uri, sweep.sweep.cv_folds) if sweep.sweep.cv_folds else [trial_uri]:
+            _end_if_unfinished(RunDir.open(run_uri, sweep.endpoint), result)
+
+
+def _end_if_unfinished(run: RunDir, result) -> None:
+    """One run of a trial (the trial's own, or a fold of it): end its records if its process went away first."""
+    record = RunRecord.load(run)
+    if not record:
+        return
+    spec = JobSpec.model_validate(record.job)
+    cut_off = record.status == RunStatus.RUNNING
+    if cut_off:
+        status = RunStatus.FAILED if result.error else RunStatus.STOPPED
+        record.end(status, summary_from_checkpoints(run, status))
+        record.save(run)
+    # TensorBoard's hyper-parameters only when the trial surely did not write them (it writes them after run.json).
+    session = TrackingSession(
+        run_uri=run.uri,
+        endpoint_url=run.endpoint_url,
+        tensorboard_dir=(record.tracking.get("tensorboard") or {}).get("log_dir") if cut_off else None,
+    )
+    mlflow = record.tracking.get("mlflow")
+    if mlflow and _mlflow_run_is_running(mlflow_tracking_uri(spec), mlflow["run_id"]):
+        session.mlflow_uri, session.mlflow_run_id = (
+            mlflow_tracking_uri(spec),
+            mlflow["run_id"],
+        )  # run.json has it without credentials
+    if session.mlflow_run_id or session.tensorboard_dir:
+        session.finish(spec, record.status, record.summary, [("", run.uri_of(RUN_RECORD))])
 
 
 def _mlflow_run_is_running(tracking_uri: str, run_id: str) -> bool:

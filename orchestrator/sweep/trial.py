@@ -52,6 +52,7 @@ class TrialPlan:
     embedded_ray: bool = False  # the sweep started its own single-node Ray (no preemption to watch for)
     decides_at_reports: bool = False  # the scheduler (ASHA, PBT) may stop or pause a trial at any report
     name_by: str | None = None  # a field that names each trial's directory (cv: data.fold -> fold-0), else its trial id
+    cv_folds: int | None = None  # sweep.cv_folds: each trial trains these folds one after another, scored by their mean
 
 
 def trial_dir_name(trial_id: str, config: dict[str, Any], name_by: str | None) -> str:
@@ -77,6 +78,9 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     # it reuses this process for the next trial, and the sweep goes wrong (it stalls) when it takes longer.
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(TRIAL_END_TIMEOUT_S))
     trial_id = trial_dir_name(tune.get_context().get_trial_id(), config, plan.name_by)
+    if plan.cv_folds:
+        tune.report(run_fold_trial(config, plan, trial_id))
+        return
     spec = trial_spec(plan.job, config, f"{plan.sweep_name}-{trial_id}", plan.ranges)
     track_as_trial(spec, plan, trial_id)
     run = RunDir.open(f"{plan.sweep_uri}/{trial_id}", plan.endpoint, spec.checkpoint.upload_timeout_s)
@@ -93,6 +97,56 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
             }
         )
         return
+    train_trial_run(config, plan, trial_id, spec, run, previous, exploited_from)
+
+
+def fold_runs(trial_uri: str, folds: int) -> list[str]:
+    """The fold runs of a trial scored by cross-validation: `<sweep>/<trial id>/fold-<i>`."""
+    return [f"{trial_uri}/fold-{i}" for i in range(folds)]
+
+
+def run_fold_trial(config: dict[str, Any], plan: TrialPlan, trial_id: str) -> dict[str, Any]:
+    """A trial scored by k-fold cross-validation: each fold a run in `<trial>/fold-<i>`, one after another (a finished
+    fold is kept, an interrupted one resumes); the result Tune ranks by is the folds' mean best validation values."""
+    from orchestrator.cv import aggregate, fold_metrics
+
+    assert plan.cv_folds
+    folds, steps = [], 0
+    for i, uri in enumerate(fold_runs(f"{plan.sweep_uri}/{trial_id}", plan.cv_folds)):
+        spec = trial_spec(plan.job, {**config, "data.fold": i}, f"{plan.sweep_name}-{trial_id}-fold-{i}", plan.ranges)
+        track_as_trial(spec, plan, f"{trial_id}/fold-{i}")
+        run = RunDir.open(uri, plan.endpoint, spec.checkpoint.upload_timeout_s)
+        previous = RunRecord.load(run)
+        if not (previous and previous.finished and previous.summary):
+            # No reports to Tune on the way: under FIFO nothing is decided by them, and one fold's values are not the trial's.
+            train_trial_run(config, plan, f"{trial_id}/fold-{i}", spec, run, previous, None, to_tune=False)
+            previous = RunRecord.load(run)
+        steps += (previous.summary.steps if previous and previous.summary else 0) or 0
+        folds.append(fold_metrics(run))
+    out: dict[str, Any] = {"step": steps, "cv_folds": plan.cv_folds}
+    for name in sorted({k for f in folds for k in f}):
+        values = [f[name]["best"] for f in folds if name in f]
+        if len(values) == len(folds):  # a metric only some folds have is no k-fold score
+            agg = aggregate(values)
+            out[name] = agg["mean"]
+            out[f"{name}_std"] = agg["std"]
+    return out
+
+
+def train_trial_run(
+    config: dict[str, Any],
+    plan: TrialPlan,
+    trial_id: str,
+    spec: JobSpec,
+    run: RunDir,
+    previous: RunRecord | None,
+    exploited_from: str | None,
+    to_tune: bool = True,
+) -> None:
+    """Train one run of a trial (the trial's own, or one of its folds) to its end, recording it in run.json and its trackers.
+
+    With `to_tune` false nothing reaches Tune from the loop: the caller reports the trial's result itself.
+    """
     existing = ckpt.list_checkpoints(run.fs, run.root, uri_prefix=run.uri)
     in_process = spec.scaling.max_workers <= 1
     fingerprint = plan.data_fingerprint
@@ -124,15 +178,16 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     tracker = create_tracker(session.worker_config(), plan.endpoint) if in_process else None
     try:
         if in_process:
-            _train_in_trial(
-                spec,
-                run.uri,
-                plan,
-                TrialReporter(run.uri, plan.endpoint, plan.pbt, wait=plan.decides_at_reports),
-                tracker,
+            reporter = (
+                TrialReporter(run.uri, plan.endpoint, plan.pbt, wait=plan.decides_at_reports)
+                if to_tune
+                else Unreported()
             )
+            _train_in_trial(spec, run.uri, plan, reporter, tracker)
         else:
-            add_placement(prov, _train_with_ray_train(spec, run.uri, plan, trial_id, session.worker_config()))
+            add_placement(
+                prov, _train_with_ray_train(spec, run.uri, plan, trial_id, session.worker_config(), to_tune=to_tune)
+            )
         status = RunStatus.FINISHED
     except SystemExit:
         status = RunStatus.STOPPED  # the scheduler ended this trial at a report
@@ -199,7 +254,12 @@ def _train_in_trial(spec: JobSpec, run_uri: str, plan: TrialPlan, reporter: Tria
 
 
 def _train_with_ray_train(
-    spec: JobSpec, run_uri: str, plan: TrialPlan, trial_id: str, tracking_config: dict[str, Any] | None
+    spec: JobSpec,
+    run_uri: str,
+    plan: TrialPlan,
+    trial_id: str,
+    tracking_config: dict[str, Any] | None,
+    to_tune: bool = True,
 ) -> dict[str, Any]:
     """Several workers: a full Ray Train run whose reports reach Tune through TuneReportCallback; returns its last metrics."""
     from ray.train.torch import TorchTrainer
@@ -210,12 +270,31 @@ def _train_with_ray_train(
 
     ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
     kwargs = build_trainer_kwargs(
-        spec, run_uri, plan.base_dir, ray_storage, f"{plan.sweep_name}-{trial_id}-{int(time.time())}", tracking_config
+        spec,
+        run_uri,
+        plan.base_dir,
+        ray_storage,
+        f"{plan.sweep_name}-{trial_id.replace('/', '-')}-{int(time.time())}",
+        tracking_config,
     )
-    kwargs["run_config"] = dataclasses.replace(kwargs["run_config"], callbacks=[TuneReportCallback()])
+    if to_tune:
+        kwargs["run_config"] = dataclasses.replace(kwargs["run_config"], callbacks=[TuneReportCallback()])
     with train_environment(embedded=plan.embedded_ray):
         result = fit_with_decisions(lambda: TorchTrainer(**kwargs), spec, lambda line: print(line, flush=True))
     return dict(result.metrics or {})
+
+
+class Unreported:
+    """The loop's `report` in a fold of a cross-validated trial: nothing goes to Tune until the trial's folds are all done."""
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def stopped(self) -> bool:
+        return False
+
+    def close(self, flush: bool = True) -> None:
+        pass
 
 
 class TrialReporter:
