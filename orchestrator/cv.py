@@ -13,6 +13,9 @@ aggregate, written to `cv.json` beside the fold runs:
   cv.json                   per fold: each validation metric's best value and its step; mean, std, 95% CI
   report.html               the folds' curves, a strip plot per metric, the table (orchestrator.report.cv_page)
 ```
+
+On a cluster's dashboard address the cross-validation is submitted through the Jobs API (`submit_cv`: the
+sweep's submission with `orchestrator cv` as its entrypoint); `orchestrator k8s render --cv` makes it a RayJob.
 """
 
 from __future__ import annotations

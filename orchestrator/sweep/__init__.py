@@ -3,11 +3,12 @@
 - load.py        the sweep file read and checked before Ray starts (`load_sweep`), and each trial's job
 - space.py       Tune's search space of the sweep section (pure)
 - schedulers.py  FIFO, ASHA or PBT; the search algorithm; what a trial reserves (pure)
-- trial.py       one trial: a run of the job in `<sweep>/<trial id>`, reporting to Tune; PBT's hand-over
+- trial.py       one trial: a run of the job in `<sweep>/<trial id>`, reporting to Tune (with sweep.cv_folds: its
+                 folds `<trial id>/fold-<i>` in turn, reporting their mean); PBT's hand-over
 - progress.py    the live view (a Tune callback)
 - run.py         the Tune run: new or resumed; sweep.json; trials cut off by an interruption
 - export.py      the ranked trials, the table, the best trial as a job file
-- submit.py      a sweep submitted to a Ray cluster through the Jobs API
+- submit.py      a sweep (or a cross-validation) submitted to a Ray cluster through the Jobs API
 """
 
 from orchestrator.sweep.export import format_result
