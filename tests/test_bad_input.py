@@ -110,6 +110,13 @@ VALIDATE_CASES = [
         [f"checkpoint.endpoint_url=http://minio:9000/?X-Amz-Signature={SECRET}"],
         "checkpoint.endpoint_url: 'http://minio:9000/?X-Amz-Signature=***': credentials do not belong",
     ),
+    ("ok.yaml", b"name: ok\n", ["data.engine=ray"], "data.engine: ray reads parquet data (data.name=parquet)"),
+    (
+        "ok.yaml",
+        b"name: ok\ndata: {name: parquet, path: x.parquet, task: regression, features: [a], label: y, engine: ray}\n",
+        ["scaling.num_workers=0"],
+        "data.engine: ray streams to Ray Train workers; with scaling.num_workers=0 the loop runs in the driver",
+    ),
     ("ok.yaml", b"name: ok\n", ["optim.lr"], "optim.lr: an override must look like dotted.key=value"),
     ("ok.yaml", b"name: ok\n", ["optim.lrr=1"], "optim.lrr: unknown field (did you mean 'lr'?)"),
     ("ok.yaml", b"name: ok\n", ["--no-such-flag"], "No such option '--no-such-flag'"),
