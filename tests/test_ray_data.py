@@ -87,15 +87,19 @@ def native_train_keys(spec) -> set[float]:
 
 def test_two_workers_see_each_train_row_at_most_once_per_epoch_in_equal_shares(tmp_path, ray_local):
     spec = job(write_parts(tmp_path / "parts"))
-    size = len(native_train_keys(spec))
+    train_keys = native_train_keys(spec)
+    size = len(train_keys)
     shards = train_dataset(spec).streaming_split(2, equal=True)
     sources = [ShardSource(s, size, 8, 0) for s in shards]
+    full = sources[0].num_batches(2)
     seen: dict[tuple[int, int], list[float]] = {}
     batches: dict[tuple[int, int], int] = {}
 
     def consume(rank: int) -> None:
-        for epoch in (0, 1):  # Ray's split coordinator starts an epoch when every split asks for it
-            got = list(sources[rank].batches(epoch, rank, 2))
+        # Ray's split coordinator starts an epoch when every split asks for it. Epoch 0 is resumed at
+        # batch 5: each worker stops its pass early, and the next epochs still start.
+        for epoch, start in ((0, 5), (1, 0), (2, 0)):
+            got = list(sources[rank].batches(epoch, rank, 2, start_batch=start))
             batches[epoch, rank] = len(got)
             seen[epoch, rank] = [float(v) for x, _ in got for v in x[:, 0].tolist()]
 
@@ -104,17 +108,29 @@ def test_two_workers_see_each_train_row_at_most_once_per_epoch_in_equal_shares(t
         t.start()
     for t in threads:
         t.join(120)
-    assert len(seen) == 4, "a worker's epoch did not finish"
-    train_keys = native_train_keys(spec)
-    for epoch in (0, 1):
+    assert len(seen) == 6, "a worker's epoch did not finish"
+    assert batches[0, 0] == batches[0, 1] == full - 5
+    for epoch in (1, 2):
         a, b = seen[epoch, 0], seen[epoch, 1]
         # Ray's equal split: the same count on each worker (the native reader's size // world size, its
         # batch count too), no row twice, only train rows (the validation and test rows never leak in).
         assert len(a) == len(b) == size // 2
-        assert batches[epoch, 0] == batches[epoch, 1] == sources[0].num_batches(2)
+        assert batches[epoch, 0] == batches[epoch, 1] == full
         assert len(set(a) | set(b)) == len(a) + len(b) and set(a) | set(b) <= train_keys
     # A new order each epoch.
-    assert seen[0, 0] != seen[1, 0]
+    assert seen[1, 0] != seen[2, 0]
+
+
+def test_noise_is_added_by_the_ray_data_tasks(tmp_path, ray_local):
+    spec = job(write_parts(tmp_path / "parts"))
+    noisy = spec.model_copy(
+        update={"data": spec.data.model_copy(update={"augment": spec.data.augment.model_copy(update={"noise": 0.5})})}
+    )
+    rows = [(x, y) for x, y in ShardSource(train_dataset(noisy), len(native_train_keys(spec)), 64, 0).batches(0, 0, 1)]
+    keys = [float(v) for x, _ in rows for v in x[:, 0].tolist()]
+    assert len(keys) == len(native_train_keys(spec))
+    # f0 is index / 1000 before the noise: with noise of 0.5, hardly any row keeps its key.
+    assert len(set(keys) & native_train_keys(spec)) < 5
 
 
 def test_ray_engine_resumes_mid_epoch_at_epoch_granularity_and_trains_like_native(tmp_path, ray_local):
