@@ -19,6 +19,8 @@ from orchestrator import storage
 from orchestrator.data import load_data
 from orchestrator.data.raydata import ShardSource, train_dataset
 from orchestrator.loop import LoopContext, run_training
+from orchestrator.rundir import RunDir
+from orchestrator.runrecord import RunStatus, summary_from_checkpoints
 from orchestrator.spec import build_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +153,12 @@ def test_ray_engine_resumes_mid_epoch_at_epoch_granularity_and_trains_like_nativ
     fs, root = storage.open_storage(run_uri)
     _, files = ckpt.restore_latest(fs, root)
     assert ckpt.deserialize_state(files["state.pt"])["train"]["redrawn"] == [[0, 5]]
+    summary = summary_from_checkpoints(RunDir.open(run_uri), RunStatus.FINISHED).to_dict()
+    assert (
+        summary["redrawn"] == [[0, 5]]
+        and "redrawn"
+        not in summary_from_checkpoints(RunDir.open(str(tmp_path / "native")), RunStatus.FINISHED).to_dict()
+    )
     # The same kind of result: the label is the sign of f1, both learn it (0.5 is chance).
     assert native.metrics["val_accuracy"] > 0.85 and resumed.metrics["val_accuracy"] > 0.85
 
