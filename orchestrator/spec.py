@@ -212,7 +212,7 @@ class DataSpec(Section):
             "when decoding or augmentation needs more CPUs than the training workers have. It gives up exact "
             "mid-epoch resume (the rest of an interrupted epoch comes from a new pass over it: some of its examples "
             "twice, some not at all; the checkpoint records it) and a reproducible example order; needs Ray Train "
-            "workers (scaling.num_workers >= 1). Validation and test are read natively either way."
+            "workers (scaling.num_workers >= 1) under `orchestrator run` (not sweeps or cv). Validation and test are read natively either way."
         ),
     )
 

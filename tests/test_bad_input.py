@@ -199,24 +199,28 @@ def test_run_refuses_what_preflight_finds_before_writing(tiny_job, tmp_path):
     assert not (storage / "tiny").exists(), list(storage.rglob("*"))
 
 
-def test_the_ray_engine_without_a_free_cpu_is_refused_before_anything_starts(tmp_path):
+def test_the_ray_engine_where_it_would_wait_forever_is_refused_before_anything_starts(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"a": [0.5] * 40, "y": [0, 1] * 20}), tmp_path / "d.parquet")
     storage = tmp_path / "runs"
-    job = tmp_path / "rd.yaml"
-    job.write_text(
+    job = (
         "name: rd\n"
         "data: {name: parquet, path: d.parquet, task: classification, features: [a], label: y, engine: ray}\n"
-        f"scaling: {{num_workers: 1, cpus_per_worker: {os.cpu_count()}}}\n"
         f"checkpoint: {{storage: {storage}}}\n"
     )
-    (result,) = run_many([["run", str(job)]], tmp_path)
-    # Ray Data's tasks would wait for a CPU forever: the run is refused in one line, before Ray or any write.
-    assert_one_line(
-        result, f"data.engine: ray reads on CPUs the workers leave free, and 1 worker(s) x {os.cpu_count()} CPU leave 0"
+    (tmp_path / "rd.yaml").write_text(job + f"scaling: {{num_workers: 1, cpus_per_worker: {os.cpu_count()}}}\n")
+    (tmp_path / "sweep.yaml").write_text(
+        job + "sweep: {parameters: {optim.lr: {type: loguniform, low: 0.001, high: 0.1}}, num_samples: 2}\n"
     )
+    run, sweep = run_many([["run", str(tmp_path / "rd.yaml")], ["sweep", str(tmp_path / "sweep.yaml")]], tmp_path)
+    # Ray Data's read tasks would wait for a CPU forever (the workers, or Tune's trials, hold them all):
+    # refused in one line, before Ray starts or anything is written.
+    assert_one_line(
+        run, f"data.engine: ray reads on CPUs the workers leave free, and 1 worker(s) x {os.cpu_count()} CPU leave 0"
+    )
+    assert_one_line(sweep, "data.engine: ray is for `orchestrator run`; sweep and cv trials read parquet natively")
     assert not storage.exists()
 
 

@@ -181,13 +181,6 @@ def _train_in_trial(spec: JobSpec, run_uri: str, plan: TrialPlan, reporter: Tria
     from orchestrator.loop import LoopContext, run_training
 
     device = torch.device("cuda", 0) if spec.scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    if spec.data.engine == "ray":
-        from orchestrator.data.raydata import train_dataset
-
-        # One worker, no Ray Train: the trial iterates the whole dataset (Ray is up: this is a Tune trial).
-        train_shard = train_dataset(spec, plan.base_dir)
-    else:
-        train_shard = None
     ctx = LoopContext(
         run_uri=run_uri,
         device=device,
@@ -195,7 +188,6 @@ def _train_in_trial(spec: JobSpec, run_uri: str, plan: TrialPlan, reporter: Tria
         base_dir=plan.base_dir,
         track=track,
         should_stop=reporter.stopped,
-        train_shard=train_shard,
         **({} if plan.verbose else {"log": _silent}),
     )
     try:
@@ -214,7 +206,7 @@ def _train_with_ray_train(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.ray_runtime import train_environment
-    from orchestrator.trainer import build_trainer_kwargs, fit_with_decisions, ray_datasets
+    from orchestrator.trainer import build_trainer_kwargs, fit_with_decisions
 
     ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
     kwargs = build_trainer_kwargs(
@@ -222,10 +214,7 @@ def _train_with_ray_train(
     )
     kwargs["run_config"] = dataclasses.replace(kwargs["run_config"], callbacks=[TuneReportCallback()])
     with train_environment(embedded=plan.embedded_ray):
-        datasets = ray_datasets(spec, plan.base_dir)
-        result = fit_with_decisions(
-            lambda: TorchTrainer(**kwargs, datasets=datasets), spec, lambda line: print(line, flush=True)
-        )
+        result = fit_with_decisions(lambda: TorchTrainer(**kwargs), spec, lambda line: print(line, flush=True))
     return dict(result.metrics or {})
 
 
