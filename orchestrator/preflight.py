@@ -46,6 +46,13 @@ def check_resources(spec: JobSpec) -> None:
         raise BadInput(
             f"scaling.num_workers: {spec.scaling.max_workers} worker(s) x {spec.scaling.cpus_per_worker:g} CPU need {need:g} CPUs; this machine has {cpus}"
         )
+    if spec.data.engine == "ray" and cpus - need < 1:
+        # Ray Data's read tasks take a CPU each, from what the workers leave: with none left the run would wait forever.
+        raise BadInput(
+            f"data.engine: ray reads on CPUs the workers leave free, and {spec.scaling.max_workers} worker(s) x "
+            f"{spec.scaling.cpus_per_worker:g} CPU leave {max(0.0, cpus - need):g} of this machine's {cpus}; lower "
+            "scaling.cpus_per_worker (a fraction is fine) or use engine native"
+        )
     if spec.scaling.use_gpu:
         import torch  # only a GPU job needs torch this early
 

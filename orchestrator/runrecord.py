@@ -75,11 +75,13 @@ class RunSummary:
     wall_s: float | None = None
     error: str | None = None
     already_finished: bool = False
+    # [epoch, batch] of each resume that took the rest of an epoch from a new pass (data.engine=ray).
+    redrawn: list[list[int]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["status"] = str(self.status)
-        for optional in ("error", "already_finished"):
+        for optional in ("error", "already_finished", "redrawn"):
             if not out[optional]:
                 del out[optional]
         return out
@@ -213,6 +215,7 @@ def summary_from_checkpoints(run: RunDir, status: RunStatus) -> RunSummary:
     )
     for key in ("first_step_at", "last_step_at", "report_blocked_s", "report_blocked_max_s"):
         setattr(summary, key, train.get(key))
+    summary.redrawn = train.get("redrawn") or []
     return summary
 
 

@@ -204,6 +204,17 @@ class DataSpec(Section):
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint for an s3:// parquet path (credentials come from the environment)."
     )
+    engine: Literal["native", "ray"] = Field(
+        "native",
+        description=(
+            "Who reads the train split (parquet): native, each worker reading its own row groups; or ray, Ray Data "
+            "tasks reading and decoding (and augmenting) on any CPU of the cluster, streamed to the workers. Choose ray "
+            "when decoding or augmentation needs more CPUs than the training workers have. It gives up exact "
+            "mid-epoch resume (the rest of an interrupted epoch comes from a new pass over it: some of its examples "
+            "twice, some not at all; the checkpoint records it) and a reproducible example order; needs Ray Train "
+            "workers (scaling.num_workers >= 1) under `orchestrator run` (not sweeps or cv). Validation and test are read natively either way."
+        ),
+    )
 
     @field_validator("name")
     @classmethod
@@ -235,6 +246,8 @@ class DataSpec(Section):
                 raise ValueError("tokens: required for lm parquet data (the column of token ids)")
             if self.task != "lm" and (not self.features or not self.label):
                 raise ValueError("features and label: required for classification/regression parquet data")
+        if self.engine == "ray" and self.name != "parquet":
+            raise ValueError(f"engine: ray reads parquet data (data.name=parquet), not {self.name}; use engine: native")
         if self.name == "synthetic" and self.task is None:
             raise ValueError("task: required for synthetic data (classification, regression or lm)")
         if self.folds is not None and self.fold >= self.folds:
@@ -792,6 +805,13 @@ class JobSpec(Section):
             )
         if self.scaling.gpus_per_worker and not self.scaling.use_gpu:
             raise ValueError("scaling.gpus_per_worker: set scaling.use_gpu=true too")
+        if self.data.engine == "ray" and self.scaling.num_workers == 0:
+            # Local mode trains in the driver without a Ray cluster: there are no other CPUs for Ray Data to use.
+            raise ValueError(
+                "data.engine: ray streams to Ray Train workers; with scaling.num_workers=0 the loop runs in the driver: use engine native"
+            )
+        if self.data.engine == "ray" and self.entrypoint:
+            raise ValueError("data.engine: ray feeds the built-in loop; a user entrypoint reads its own data")
         return self
 
     @model_validator(mode="after")

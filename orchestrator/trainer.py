@@ -58,6 +58,8 @@ def train_worker(config: dict[str, Any]) -> None:
         base_dir=config.get("base_dir"),
         track=tracker,
         progress=marker_progress() if config.get("events") else None,
+        # data.engine=ray: Ray Train's streaming split of the train dataset `ray_datasets` handed the trainer.
+        train_shard=ray.train.get_dataset_shard("train") if spec.data.engine == "ray" else None,
     )
     try:
         run_training(spec, ctx)
@@ -70,6 +72,18 @@ def user_loop_worker(config: dict[str, Any]) -> None:
     """Bring-your-own loop: import the user's train_loop_per_worker on the worker and call it."""
     fn = import_hook(config["entrypoint"], config.get("base_dir"), "entrypoint")
     fn(config["user_config"])
+
+
+def ray_datasets(spec: JobSpec, base_dir: str | None) -> dict[str, Any]:
+    """The TorchTrainer's `datasets`: the train split as Ray Data with data.engine=ray, else none (needs a running Ray).
+
+    Ray Train's default DataConfig streaming_splits it across the worker group, equal rows per worker.
+    """
+    if spec.data.engine != "ray":
+        return {}
+    from orchestrator.data.raydata import train_dataset
+
+    return {"train": train_dataset(spec, base_dir)}
 
 
 def build_trainer_kwargs(
@@ -142,7 +156,10 @@ def fit(
         if not local_mode:
             console.status(f"starting {spec.scaling.max_workers} worker(s)")
         with train_environment(embedded=embedded):
-            trained = fit_with_decisions(lambda: TorchTrainer(**kwargs), spec, console.message, console.log_only)
+            datasets = ray_datasets(spec, base_dir)
+            trained = fit_with_decisions(
+                lambda: TorchTrainer(**kwargs, datasets=datasets), spec, console.message, console.log_only
+            )
             return RunStatus.FINISHED, None, trained
     except Exception as exc:  # the run failed for good: record it, report it, keep what was committed
         return RunStatus.FAILED, str(exc) if isinstance(exc, RunFailedForGood) else one_line(exc), None

@@ -110,6 +110,13 @@ VALIDATE_CASES = [
         [f"checkpoint.endpoint_url=http://minio:9000/?X-Amz-Signature={SECRET}"],
         "checkpoint.endpoint_url: 'http://minio:9000/?X-Amz-Signature=***': credentials do not belong",
     ),
+    ("ok.yaml", b"name: ok\n", ["data.engine=ray"], "data.engine: ray reads parquet data (data.name=parquet)"),
+    (
+        "ok.yaml",
+        b"name: ok\ndata: {name: parquet, path: x.parquet, task: regression, features: [a], label: y, engine: ray}\n",
+        ["scaling.num_workers=0"],
+        "data.engine: ray streams to Ray Train workers; with scaling.num_workers=0 the loop runs in the driver",
+    ),
     ("ok.yaml", b"name: ok\n", ["optim.lr"], "optim.lr: an override must look like dotted.key=value"),
     ("ok.yaml", b"name: ok\n", ["optim.lrr=1"], "optim.lrr: unknown field (did you mean 'lr'?)"),
     ("ok.yaml", b"name: ok\n", ["--no-such-flag"], "No such option '--no-such-flag'"),
@@ -190,6 +197,31 @@ def test_run_refuses_what_preflight_finds_before_writing(tiny_job, tmp_path):
     assert_one_line(results[1], "model.freeze: 'nope.*' matches no parameter")
     assert_one_line(results[2], "train.max_steps: Input should be greater than or equal to 1")
     assert not (storage / "tiny").exists(), list(storage.rglob("*"))
+
+
+def test_the_ray_engine_where_it_would_wait_forever_is_refused_before_anything_starts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"a": [0.5] * 40, "y": [0, 1] * 20}), tmp_path / "d.parquet")
+    storage = tmp_path / "runs"
+    job = (
+        "name: rd\n"
+        "data: {name: parquet, path: d.parquet, task: classification, features: [a], label: y, engine: ray}\n"
+        f"checkpoint: {{storage: {storage}}}\n"
+    )
+    (tmp_path / "rd.yaml").write_text(job + f"scaling: {{num_workers: 1, cpus_per_worker: {os.cpu_count()}}}\n")
+    (tmp_path / "sweep.yaml").write_text(
+        job + "sweep: {parameters: {optim.lr: {type: loguniform, low: 0.001, high: 0.1}}, num_samples: 2}\n"
+    )
+    run, sweep = run_many([["run", str(tmp_path / "rd.yaml")], ["sweep", str(tmp_path / "sweep.yaml")]], tmp_path)
+    # Ray Data's read tasks would wait for a CPU forever (the workers, or Tune's trials, hold them all):
+    # refused in one line, before Ray starts or anything is written.
+    assert_one_line(
+        run, f"data.engine: ray reads on CPUs the workers leave free, and 1 worker(s) x {os.cpu_count()} CPU leave 0"
+    )
+    assert_one_line(sweep, "data.engine: ray is for `orchestrator run`; sweep and cv trials read parquet natively")
+    assert not storage.exists()
 
 
 def test_the_harness_sees_what_a_user_sees(tmp_path):

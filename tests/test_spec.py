@@ -50,6 +50,36 @@ def test_defaults_are_a_valid_job():
         ({"data": {"name": "parquet", "path": "x.parquet"}}, "data.task: required for parquet data"),
         ({"data": {"name": "parquet", "path": "x", "task": "regression"}}, "data.features and label: required"),
         ({"data": {"name": "synthetic"}}, "data.task: required for synthetic data"),
+        ({"data": {"engine": "ray"}}, "data.engine: ray reads parquet data (data.name=parquet), not digits"),
+        ({"data": {"engine": "spark"}}, "data.engine: Input should be 'native' or 'ray'"),
+        (
+            {
+                "data": {
+                    "name": "parquet",
+                    "path": "x",
+                    "task": "regression",
+                    "features": ["a"],
+                    "label": "y",
+                    "engine": "ray",
+                },
+                "scaling": {"num_workers": 0},
+            },
+            "data.engine: ray streams to Ray Train workers; with scaling.num_workers=0",
+        ),
+        (
+            {
+                "data": {
+                    "name": "parquet",
+                    "path": "x",
+                    "task": "regression",
+                    "features": ["a"],
+                    "label": "y",
+                    "engine": "ray",
+                },
+                "entrypoint": "loop:train",
+            },
+            "data.engine: ray feeds the built-in loop; a user entrypoint reads its own data",
+        ),
         ({"data": {"folds": 5, "fold": 5}}, "data.fold: 5 is not below folds=5"),
         ({"data": {"stratify": True}}, "data.stratify: applies to k-fold splits; set folds too"),
         (

@@ -11,6 +11,7 @@ What lives where:
 - memory.py: the in-memory data sets (digits, synthetic, user hooks), their cache, class filter and split;
 - parquet.py: Parquet files, their metadata and schemas, and ParquetSource (the per-epoch deal of row
   groups to ranks, the read-ahead thread, the kept validation/test shares);
+- raydata.py: data.engine=ray, the train split read by Ray Data tasks (train_dataset) and a worker's shard of it (ShardSource);
 - here: Splits and the two entry points, load_data and check_data.
 """
 
@@ -18,13 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from orchestrator.data.info import DataInfo, _require_train
 from orchestrator.data.memory import _split_arrays
 from orchestrator.data.parquet import DEFAULT_SHUFFLE_BUFFER, ParquetSource, _ParquetTable
+from orchestrator.data.raydata import ShardSource
 from orchestrator.data.sources import BatchSource, TensorSource, _build_augment, shift_images
 from orchestrator.data.splits import TEST, TRAIN, VAL, assign_splits, hashed_splits
 
@@ -54,19 +56,32 @@ class Splits:
 
 
 def load_data(
-    spec: JobSpec, base_dir: str | Path | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    spec: JobSpec,
+    base_dir: str | Path | None = None,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    train_shard: Any = None,
 ) -> Splits:
-    """Build the train, validation and test batch sources of a job (base_dir: the job file's directory)."""
+    """Build the train, validation and test batch sources of a job (base_dir: the job file's directory).
+
+    `train_shard`: with data.engine=ray, this worker's shard of `raydata.train_dataset` (handed in by
+    whoever runs the loop); the train split is then read from it, validation and test natively.
+    """
     import torch  # imported here to keep start-up light
 
     bs, seed = spec.train.batch_size, spec.train.seed
+    if spec.data.engine == "ray" and train_shard is None:
+        raise ValueError("data.engine=ray: the train split comes from Ray Data; no dataset shard was handed in")
     if spec.data.name == "parquet":
         table = _ParquetTable(spec, base_dir, scan=True)
         info = table.info()
         _require_train(info, spec)
         augment = _build_augment(spec, info)
+        if train_shard is not None:
+            train: BatchSource = ShardSource(train_shard, info.sizes["train"], bs, seed, shuffle_buffer)
+        else:
+            train = ParquetSource(table, TRAIN, bs, seed, True, augment, shuffle_buffer)
         return Splits(
-            train=ParquetSource(table, TRAIN, bs, seed, True, augment, shuffle_buffer),
+            train=train,
             val=ParquetSource(table, VAL, bs, seed, False),
             test=ParquetSource(table, TEST, bs, seed, False),
             info=info,

@@ -129,6 +129,17 @@ class _ParquetTable:
         self.exact = scan or (self.task != "lm" and self.classes is None)
         self.counts = self._count(scan)
 
+    def __getstate__(self) -> dict:
+        # Pickled into Ray Data's read tasks (data.engine=ray): without the lock, and each task counts its own reads.
+        state = dict(self.__dict__)
+        del state["_reads_lock"]
+        state["reads"] = []
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reads_lock = threading.Lock()
+
     def _check_schema(self, name: str, meta) -> None:
         import pyarrow as pa  # imported here to keep start-up light
 

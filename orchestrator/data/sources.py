@@ -26,6 +26,10 @@ Legs = tuple[tuple[int, int], ...]
 class BatchSource(ABC):
     """The batches of one split: train is reshuffled per epoch and cut into equal rank shares; val/test are strided."""
 
+    # Whether `batches(start_batch=...)` continues an epoch exactly where it stopped; when False, a
+    # resume takes the rest of the epoch from a new pass over it (the checkpoint records that).
+    exact_resume = True
+
     def __init__(self, size: int, batch_size: int, seed: int, train: bool, augment: Callable | None = None):
         self.size = size
         self.batch_size = batch_size

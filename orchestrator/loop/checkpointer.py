@@ -60,6 +60,13 @@ class Checkpointer:
                 state.legs = [*state.legs, [len(rngs), state.batch]]
                 state.batch = 0
         say(f"resumed from {info.uri} (step {state.step}, epoch {state.epoch}, batch {state.batch})")
+        if not p.splits.train.exact_resume and (state.batch or state.legs):
+            # The source cannot continue where the epoch stopped: its remaining batches come from a new pass.
+            state.redrawn.append([state.epoch, state.batch])
+            say(
+                f"epoch {state.epoch} continues with batches from a new pass over the train split "
+                "(data.engine=ray resumes at epoch granularity)"
+            )
         return state, info.uri
 
     def save(self, state: TrainState, metrics: dict[str, Any], metrics_log: MetricsLog | None) -> None:

@@ -40,7 +40,7 @@ def build_parts(spec: JobSpec, ctx: LoopContext, say: Callable[[str], None]) -> 
     """Load the data, build the model (with `model.init_from` and `model.freeze`), the optimizer, schedule and scaler."""
     if ctx.base_dir and ctx.base_dir not in sys.path:
         sys.path.insert(0, ctx.base_dir)
-    splits = load_data(spec, ctx.base_dir)
+    splits = load_data(spec, ctx.base_dir, train_shard=ctx.train_shard)
     model = build_model(spec, splits.info, base_dir=ctx.base_dir)
     apply_init_and_freeze(model, spec, say)
     model.to(ctx.device)

@@ -21,6 +21,9 @@ class TrainState:
     # [world size, batches each rank took] of the earlier world sizes of this epoch: an elastic
     # restart continues with what they left of the epoch, each example once.
     legs: list[list[int]] = field(default_factory=list)
+    # [epoch, batch] of each resume whose data source cannot continue an epoch exactly (data.engine=ray):
+    # the rest of that epoch was taken from a new pass over it.
+    redrawn: list[list[int]] = field(default_factory=list)
     samples: int = 0
     best_metric: str | None = None  # the metric that ranks validations (early stopping, keep_best)
     best_value: float | None = None
@@ -57,6 +60,7 @@ class TrainState:
             "best_step",
             "best_metrics",
             "stopped_early",
+            "redrawn",
             "first_step_at",
             "last_step_at",
             "report_blocked_s",

@@ -88,6 +88,12 @@ def run_sweep(
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if quiet else (lambda msg: print(msg, flush=True))
     t0 = time.time()
     home = RunDir.open(sweep.uri, sweep.endpoint)
+    if sweep.spec.data.engine == "ray":
+        # Tune's trials hold the CPUs Ray Data's read tasks would need (a sweep at full concurrency would wait
+        # forever), and a trial's resources do not count them: sweeps stay with the native reader.
+        raise BadInput(
+            "data.engine: ray is for `orchestrator run`; sweep and cv trials read parquet natively (engine: native)"
+        )
     address = resolve_address(address)
     try:
         data_info = preflight(sweep.spec, sweep.base_dir, address)
