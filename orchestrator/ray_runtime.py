@@ -53,10 +53,11 @@ def train_environment(embedded: bool):
 def running_local_ray() -> str | None:
     """The address of a Ray already up on this machine (`ray start --head`), or None.
 
-    Ray records its newest local cluster in its temp dir; a cluster that has since stopped leaves the
-    file behind, so the GCS port must also answer.
+    Ray records its newest local cluster in `<RAY_TMPDIR, else TMPDIR, else /tmp>/ray`, as `ray start` and
+    `ray.init(address="auto")` find it; a cluster that has since stopped leaves the file behind, so the
+    GCS port must also answer.
     """
-    temp_dir = os.environ.get("RAY_TMPDIR") or os.path.join(tempfile.gettempdir(), "ray")
+    temp_dir = os.path.join(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir(), "ray")
     try:
         with open(os.path.join(temp_dir, "ray_current_cluster")) as fh:
             address = fh.read().strip()

@@ -73,7 +73,10 @@ class RayNode:
         # Each node its own loopback address, as real nodes have their own IPs. Not 127.0.0.1: Ray
         # swaps that for the host's network address, and these tests stay on loopback.
         self.ip = f"127.0.0.{2 + len(cluster.workers) + (0 if head else 1)}"
-        self.temp_dir = str(cluster.root / name)  # short: Ray's unix sockets live under it
+        # Short (Ray's unix sockets live under it). The head's is `<root>/ray`, where Ray keeps a cluster's
+        # address for `ray.init(address="auto")`: with RAY_TMPDIR=<root> a client finds this cluster as it
+        # finds the one `ray start --head` leaves in /tmp/ray (`RayCluster.attach_env`).
+        self.temp_dir = str(cluster.root / ("ray" if head else name))
 
     def command(self) -> list[str]:
         low, high = free_port_range(40)
@@ -191,6 +194,11 @@ class RayCluster:
     def client_env(self) -> dict[str, str]:
         """Environment of a client of this cluster: its address and its token file, nothing else of Ray's."""
         return {"RAY_ADDRESS": self.dashboard_url, "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+
+    def attach_env(self) -> dict[str, str]:
+        """Environment of a process on this machine that attaches to this cluster as to a local `ray start --head`
+        (`orchestrator run` without --address): where Ray left the address, and the token file."""
+        return {"RAY_TMPDIR": str(self.root), "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
 
     def start(self) -> RayCluster:
         self.head.start()
