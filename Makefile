@@ -39,12 +39,18 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix $(LINTED)
 	$(VENV)/bin/ruff format $(LINTED)
 
+# Two workers (pytest-xdist): most of a test's time is spent waiting on a process, a server or Ray, so two
+# keep a 2-core machine busy; tests that share a module's cluster or a server carry an xdist_group and
+# stay in one worker. TEST_WORKERS=0 runs them one after another in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 # Every run ends with its 25 slowest tests, so that each CI log says where the suite's time goes.
 test: setup lint
-	$(PY) -m pytest -q --durations=25
+	$(PYTEST) --durations=25
 
 test-fast: setup
-	$(PY) -m pytest -q --durations=10 -m "not slow"
+	$(PYTEST) --durations=10 -m "not slow"
 
 bench: setup
 	$(PY) bench/overhead.py

@@ -302,6 +302,7 @@ def test_uris_with_credentials_are_refused_in_one_line_without_the_secret(tiny_j
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("mlflow")  # the MLflow server starts once, in the worker that runs every test of it
 def test_a_tracking_uri_with_credentials_from_the_environment_is_stored_and_shown_without_them(
     tiny_job, mlflow_server, tmp_path
 ):

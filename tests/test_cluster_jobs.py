@@ -11,7 +11,8 @@ import pytest
 from ray_cluster import RayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+# One xdist worker for the module: its tests share one head node.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cluster_jobs")]
 
 # A bring-your-own Ray Train loop: it reports `steps` times, sleeping between.
 LOOP = """
@@ -109,7 +110,8 @@ def test_submit_prints_the_id_and_stop_stops_it(head, job_dir):
     job_id = out.stdout.strip()
     assert job_id.startswith("loop-stop-") and f"orchestrator logs {job_id} --follow" in out.stderr
     # Stop it as soon as the driver runs: what stop does (end the driver and all it started) is the same later.
-    wait_for(lambda: "run loop-stop ->" in cli(head, "logs", job_id).stdout, timeout=180, every=1)
+    # Polled through the Jobs API itself: a CLI call every second would take a CPU from the cluster under test.
+    wait_for(lambda: "run loop-stop ->" in head.api(f"/api/jobs/{job_id}/logs")["logs"], timeout=180, every=1)
     driver = json.loads(cli(head, "status", job_id, "--json").stdout)["driver_pid"]
     assert driver and Path(f"/proc/{driver}").exists()
     stopped = cli(head, "stop", job_id, "--wait")

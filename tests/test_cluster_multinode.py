@@ -12,7 +12,8 @@ import pytest
 from ray_cluster import RayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.multinode]
+# One xdist worker for the module: its tests share one two-node cluster.
+pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.xdist_group("multinode")]
 
 # A user model that sleeps in every training step, so that a test can act while training runs.
 SLOW_MODEL = """
@@ -119,12 +120,18 @@ def committed(storage: Path, run: str) -> list[Path]:
 
 
 def wait_end(cluster, job_id, timeout=400):
-    return wait_for(
-        lambda: (s := status(cluster, job_id))["status"] in ("SUCCEEDED", "FAILED", "STOPPED") and s,
+    """Until the job has ended, then what `orchestrator status` says of it.
+
+    The waiting asks the Jobs API itself: a CLI call is a Python start, a second of a CPU every poll,
+    taken from the cluster under test on a two-core machine.
+    """
+    wait_for(
+        lambda: cluster.api(f"/api/jobs/{job_id}")["status"] in ("SUCCEEDED", "FAILED", "STOPPED"),
         timeout=timeout,
-        every=2,
+        every=1,
         what=f"{job_id} to end",
     )
+    return status(cluster, job_id)
 
 
 def run_log(storage: Path, run: str) -> str:

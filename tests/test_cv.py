@@ -19,6 +19,9 @@ from test_report import CHROMIUM, open_in_browser
 
 from orchestrator.cv import T_975, aggregate, t_quantile_975
 
+# One xdist worker for the module: its tests share a finished cross-validation and the MLflow server.
+pytestmark = pytest.mark.xdist_group("mlflow")
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB = "jobs/cv_digits.yaml"
 # Three folds of the 1617 non-test digits: 1078 training examples a fold, 17 steps an epoch in batches of 64.

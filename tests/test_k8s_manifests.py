@@ -20,6 +20,9 @@ from k8s_validation import CRD_DIR, SECRET_LIKE, all_pod_specs, kuberay_errors, 
 from orchestrator import k8s
 from orchestrator.spec import build_spec, load_spec
 
+# One xdist worker for the module: its tests share the rendered overlays.
+pytestmark = pytest.mark.xdist_group("k8s_manifests")
+
 JOB_FILES = sorted(ROOT.glob("jobs/*.yaml")) + sorted(K8S.glob("overlays/*/job.yaml"))
 RENDER_VARIANTS = {
     "own-cluster": {},

@@ -22,6 +22,9 @@ from k8s_validation import as_scannable, kustomize
 from orchestrator import k8s
 from orchestrator.spec import build_spec, load_spec
 
+# One xdist worker for the module: its tests share the scanner's one install check.
+pytestmark = pytest.mark.xdist_group("k8s_security")
+
 SCAN_VENV = ROOT / ".venv-scan"
 EXCEPTIONS = K8S / "security-exceptions.yaml"
 

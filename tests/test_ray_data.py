@@ -23,6 +23,9 @@ from orchestrator.rundir import RunDir
 from orchestrator.runrecord import RunStatus, summary_from_checkpoints
 from orchestrator.spec import build_spec
 
+# One xdist worker for the module: its tests share one Ray in this process.
+pytestmark = pytest.mark.xdist_group("ray_data")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -21,6 +21,9 @@ from orchestrator.launch import run_job
 from orchestrator.report import list_runs, load_run, write_report
 from orchestrator.spec import build_spec, load_spec
 
+# One xdist worker for the module: its tests share the runs and sweep they report on.
+pytestmark = pytest.mark.xdist_group("report")
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "jobs" / "digits_mlp.yaml")
 # Debian's Chromium (make setup installs it); Playwright drives it, its own browser download is not used.

@@ -255,6 +255,7 @@ def reference_weights(tmp_path_factory):
     return final_weights(str(tmp / "digits-mlp"))
 
 
+@pytest.mark.xdist_group("reference_weights")  # one worker computes the reference once for both tests
 def test_killed_driver_then_rerun_ends_with_identical_weights(tmp_path, reference_weights):
     args = [
         "run",
@@ -283,6 +284,7 @@ def test_killed_driver_then_rerun_ends_with_identical_weights(tmp_path, referenc
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("reference_weights")  # one worker computes the reference once for both tests
 def test_sigkilled_ray_worker_is_restarted_and_ends_with_identical_weights(tmp_path, reference_weights):
     args = [
         "run",

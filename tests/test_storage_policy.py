@@ -18,6 +18,9 @@ from orchestrator import storage
 from orchestrator.errors import BadInput
 from orchestrator.storage import StorageError
 
+# One xdist worker for the module: its tests share one S3 server that checks credentials.
+pytestmark = pytest.mark.xdist_group("storage_policy")
+
 FILES = {ckpt.WEIGHTS: b"w" * 1000, "state.pt": b"s" * 100}
 
 

@@ -14,6 +14,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from orchestrator.provenance import job_hash
 
+# One xdist worker for the module: its test uses the MLflow server the other tracking tests use.
+pytestmark = pytest.mark.xdist_group("mlflow")
+
 ROOT = Path(__file__).resolve().parents[1]
 LR_SWEEP = "jobs/sweep_digits_lr.yaml"
 TINY = ["model.hidden=16", "train.log_every_n_steps=10", "sweep.max_concurrent_trials=1"]

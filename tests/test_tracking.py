@@ -59,6 +59,7 @@ def history_of(run_dir: Path) -> list[dict]:
 # MLflow and TensorBoard from a real run
 
 
+@pytest.mark.xdist_group("mlflow")  # the MLflow server starts once, in the worker that runs every test of it
 def test_run_feeds_mlflow_and_tensorboard_and_records_its_provenance(mlflow_server, tmp_path):
     # Local mode: Ray Train runs train_worker in this process, so rank 0's tracker is the one a Ray worker opens.
     out = summary_of(
@@ -169,6 +170,7 @@ def test_sqlite_uri_on_the_command_line_turns_mlflow_on_and_a_resumed_run_contin
     assert second["job"]["train"]["max_steps"] == 20
 
 
+@pytest.mark.xdist_group("mlflow")  # the MLflow server starts once, in the worker that runs every test of it
 def test_sweep_trials_are_child_runs_of_the_sweep_run(mlflow_server, tmp_path):
     spec = build_spec(
         {"name": "sw"},
@@ -291,6 +293,7 @@ def test_tracker_queues_and_never_blocks_or_raises(caplog):
     )  # once per outage, not per entry
 
 
+@pytest.mark.xdist_group("mlflow")  # the MLflow server starts once, in the worker that runs every test of it
 def test_tracking_server_failing_mid_run_is_a_warning_and_does_not_slow_training(
     mlflow_server, tmp_path, caplog, monkeypatch
 ):
