@@ -196,3 +196,37 @@ def test_address_option_wins_over_ray_address(head, job_dir):
     """Ray's client would follow RAY_ADDRESS over its argument; --address must be what is used."""
     out = cli(head, "list", "--json", "--address", head.dashboard_url, env={"RAY_ADDRESS": "http://127.0.0.1:1"})
     assert out.returncode == 0, out.stderr
+
+
+def test_a_run_attaches_to_the_ray_already_up_on_this_machine(head, tmp_path):
+    """`ray start --head` leaves its address where `ray.init(address="auto")` looks (RAY_TMPDIR/ray): a run without
+    --address joins that Ray (token auth on) instead of starting its own, and trains there."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "run",
+            "jobs/digits_mlp.yaml",
+            "name=attached",
+            "train.epochs=1",
+            "train.max_steps=3",
+            "scaling.num_workers=1",
+            f"checkpoint.storage={tmp_path}",
+            "--json",
+        ],
+        env={**env, **head.attach_env()},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "connecting to Ray at auto" in out.stderr and head.token not in out.stdout + out.stderr
+    assert json.loads(out.stdout.splitlines()[-1])["steps"] == 3
+    # The head ran it: its driver is one of the cluster's jobs.
+    drivers = [j for j in head.api("/api/jobs/") if j.get("type") == "DRIVER"]
+    assert any("orchestrator" in (j.get("entrypoint") or "") and "attached" in j["entrypoint"] for j in drivers), (
+        drivers
+    )
