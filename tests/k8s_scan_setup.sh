@@ -7,7 +7,9 @@ CHECKOV_PIN="${CHECKOV_PIN:-checkov==3.3.30}"
 VENV="${SCAN_VENV:-.venv-scan}"
 PYTHON="${PYTHON:-python3}"
 
-if [ -x "$VENV/bin/checkov" ] && "$VENV/bin/python" -m pip show checkov 2>/dev/null | grep -qx "Version: ${CHECKOV_PIN#checkov==}"; then
+# Installed at the pinned version: its dist-info is there. (Not `pip show | grep -q` under pipefail: grep's
+# early exit breaks pip's pipe, the pipeline fails, and every test session reinstalled checkov for a minute.)
+if [ -x "$VENV/bin/checkov" ] && compgen -G "$VENV/lib/python*/site-packages/checkov-${CHECKOV_PIN#checkov==}.dist-info" >/dev/null; then
     exit 0
 fi
 "$PYTHON" -m venv "$VENV"
