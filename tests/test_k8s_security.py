@@ -87,6 +87,7 @@ def scanned_sets() -> dict[str, list[dict]]:
     return out
 
 
+@pytest.mark.slow  # checkov's scan: tens of seconds
 def test_kubernetes_scan_passes_with_only_the_listed_exceptions(checkov, tmp_path):
     sets = scanned_sets()
     workloads = set()
@@ -119,6 +120,7 @@ def test_kubernetes_scan_passes_with_only_the_listed_exceptions(checkov, tmp_pat
     assert unused == [], "exceptions no finding needs any more: remove them from k8s/security-exceptions.yaml"
 
 
+@pytest.mark.slow  # checkov's scan: tens of seconds
 def test_scan_catches_an_insecure_pod(checkov, tmp_path):
     spec = load_spec(K8S / "overlays" / "cpu" / "job.yaml")
     objects = k8s.render_manifests(spec)
@@ -136,6 +138,7 @@ def test_scan_catches_an_insecure_pod(checkov, tmp_path):
     assert {"CKV_K8S_16", "CKV_K8S_20", "CKV_K8S_22", "CKV_K8S_11", "CKV_K8S_13"} <= failed
 
 
+@pytest.mark.slow  # checkov's scan: tens of seconds
 def test_dockerfile_scan_passes(checkov):
     reports = run_checkov(checkov, ["-f", str(ROOT / "Dockerfile"), "--framework", "dockerfile"])
     (report,) = [r for r in reports if r.get("check_type") == "dockerfile"]

@@ -75,6 +75,7 @@ def test_every_example_job_runs(job, tmp_path):
         assert record["provenance"]["torch"] and record["provenance"]["ray"]
 
 
+@pytest.mark.slow  # two whole trainings (source, then fine-tuned to >0.9)
 def test_transfer_learning_example_pair(tmp_path):
     storage_arg = f"checkpoint.storage={tmp_path}"
     summary_of(orchestrator("run", "jobs/transfer_source.yaml", "scaling.num_workers=0", storage_arg, "--json"))
@@ -164,6 +165,7 @@ def test_rerun_of_a_finished_run_says_so_and_fresh_starts_anew(tmp_path):
     assert (tmp_path / first["run"] / "run.json").exists() and (tmp_path / fresh["run"] / "run.json").exists()
 
 
+@pytest.mark.slow  # two whole runs of the example job
 def test_longer_rerun_resumes_from_the_last_checkpoint(tmp_path):
     base = [
         "run",
@@ -255,6 +257,7 @@ def reference_weights(tmp_path_factory):
     return final_weights(str(tmp / "digits-mlp"))
 
 
+@pytest.mark.slow  # a reference run, a run killed part-way and its rerun
 @pytest.mark.xdist_group("reference_weights")  # one worker computes the reference once for both tests
 def test_killed_driver_then_rerun_ends_with_identical_weights(tmp_path, reference_weights):
     args = [

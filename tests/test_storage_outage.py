@@ -84,6 +84,7 @@ def outage_after_first_checkpoint(
     return thread
 
 
+@pytest.mark.slow  # two whole runs, one through an outage
 def test_outage_mid_run_is_survived_with_identical_weights(s3_behind_proxy):
     server, proxy = s3_behind_proxy
     reference = build_spec(

@@ -49,6 +49,7 @@ def val_steps(run_dir: Path) -> list[int]:
     return [e["step"] for e in entries if e["split"] == "val"]
 
 
+@pytest.mark.slow  # a sweep on Ray, then a run of its best job
 def test_grid_sweep_ranks_its_trials_and_the_best_job_file_runs_as_a_job(tmp_path):
     args = ["sweep", LR_SWEEP, f"checkpoint.storage={tmp_path}", *TINY, "train.epochs=2", grid(1e-4, 1e-2), "--json"]
     res = orchestrator(*args)
@@ -96,6 +97,7 @@ def test_grid_sweep_ranks_its_trials_and_the_best_job_file_runs_as_a_job(tmp_pat
     assert result_of(again)["already_finished"] and "already finished" in again.stderr
 
 
+@pytest.mark.slow  # a sweep on Ray
 def test_asha_stops_the_weak_trials_early(tmp_path):
     # Good LRs first: by the time the poor ones reach the first rung (epoch 1), the cut-off is high.
     out = result_of(
@@ -119,6 +121,7 @@ def test_asha_stops_the_weak_trials_early(tmp_path):
     assert out["total_steps"] < 0.7 * 4 * 4 * STEPS_PER_EPOCH
 
 
+@pytest.mark.slow  # a sweep on Ray killed part-way, then continued
 def test_a_killed_sweep_continues_without_rerunning_finished_trials(tmp_path):
     # Trials of a few seconds (small batches), checkpointed within epochs, one at a time.
     slow = [

@@ -44,6 +44,7 @@ def grid(*lrs: float) -> str:
     return 'sweep.parameters={"optim.lr": {type: grid, values: [' + values + "]}}"
 
 
+@pytest.mark.slow  # a sweep on Ray, tracked
 def test_sweep_is_a_parent_run_and_each_trial_a_child_run_with_its_provenance(mlflow_server, tmp_path):
     # ASHA, one trial at a time, the good LR first: the poor one is below it at epoch 1 and is stopped there.
     out = result_of(

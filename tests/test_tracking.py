@@ -137,6 +137,7 @@ def test_run_feeds_mlflow_and_tensorboard_and_records_its_provenance(mlflow_serv
     assert events.Scalars("test_accuracy")[0].value == pytest.approx(out["test"]["metrics"]["test_accuracy"])
 
 
+@pytest.mark.slow  # a run, then its resumption, each with MLflow
 def test_sqlite_uri_on_the_command_line_turns_mlflow_on_and_a_resumed_run_continues_its_mlflow_run(tmp_path):
     storage = tmp_path / "runs"
     args = [
