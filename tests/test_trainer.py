@@ -14,8 +14,8 @@ def _loop(config):  # never run: the callbacks are decided when the trainer is b
     raise AssertionError
 
 
-def _callback_types(embedded: bool, own_loop: bool) -> set[type]:
-    trainer = lean_trainer_class(TorchTrainer, embedded=embedded, own_loop=own_loop)(_loop)
+def _callback_types(embedded: bool, own_loop: bool, **trainer_kwargs) -> set[type]:
+    trainer = lean_trainer_class(TorchTrainer, embedded=embedded, own_loop=own_loop)(_loop, **trainer_kwargs)
     assert isinstance(trainer, TorchTrainer)
     return {type(cb) for cb in trainer._create_default_callbacks()}
 
@@ -34,3 +34,9 @@ def test_only_idle_helper_actors_are_left_out(embedded, own_loop, datasets_kept,
     assert (DatasetsCallback in kinds) is datasets_kept
     assert (PlacementGroupCleanerCallback in kinds) is cleaner_kept
     assert len(kinds) >= 3  # the rest of Ray's defaults (accelerators, backend, ...) stay
+
+
+def test_a_trainer_given_ray_datasets_keeps_its_dataset_manager():
+    # A callable stands for the dataset: the trainer only keeps it until its workers ask for shards.
+    kinds = _callback_types(embedded=True, own_loop=True, datasets={"train": lambda: None})
+    assert DatasetsCallback in kinds and PlacementGroupCleanerCallback not in kinds
