@@ -151,7 +151,7 @@ def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
     console.message(f"run {run.name} -> {run.uri}" + (f" (resuming from {resumed_from})" if resumed_from else ""))
     if not plan.local_mode:
         console.status("starting Ray" if not plan.address else f"connecting to Ray at {plan.address}")
-    # Ray Train's actors all carry a runtime environment, so none of them would take a prestarted worker.
+    # Ray Train's actors all carry a runtime environment (see train_environment): none would take a prestarted worker.
     connected = start_ray(plan.address, prestart=False) if not plan.local_mode else False
     try:
         summary, placed = _fit_and_summarize(

@@ -42,9 +42,13 @@ def _environment(settings: dict[str, str]):
 def train_environment(embedded: bool):
     """Ray Train's settings for a fit() on a Ray this process did not start: Ray Train hands them to its actors.
 
-    An embedded Ray got them at its start (`start_ray`): every Ray process inherits them, and Ray
-    Train, not seeing them set here, adds no runtime environment to its workers (a runtime
-    environment means a fresh worker process through Ray's runtime-env agent, not a prestarted one).
+    An embedded Ray got them at its start (`start_ray`): every Ray process inherits them. Ray Train's
+    actors carry a runtime environment all the same: Ray Train 2.60 always starts its controller
+    with `env_vars` holding RAY_WARN_BLOCKING_GET_INSIDE_ASYNC (`_initialize_and_run_controller`),
+    the actors the controller creates inherit that environment, and its workers get the variable
+    again (`get_env_vars_to_propagate`, the controller now having it set). A runtime environment
+    means a fresh process through Ray's setup_worker.py, never one of Ray's prestarted workers,
+    whatever settings Ray started with.
     """
     with _environment({} if embedded else _train_settings(embedded=False)):
         yield

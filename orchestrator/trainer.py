@@ -155,14 +155,45 @@ def fit(
         )
         if not local_mode:
             console.status(f"starting {spec.scaling.max_workers} worker(s)")
+        trainer_class = lean_trainer_class(TorchTrainer, embedded=embedded, own_loop=not spec.entrypoint)
         with train_environment(embedded=embedded):
             datasets = ray_datasets(spec, base_dir)
             trained = fit_with_decisions(
-                lambda: TorchTrainer(**kwargs, datasets=datasets), spec, console.message, console.log_only
+                lambda: trainer_class(**kwargs, datasets=datasets), spec, console.message, console.log_only
             )
             return RunStatus.FINISHED, None, trained
     except Exception as exc:  # the run failed for good: record it, report it, keep what was committed
         return RunStatus.FAILED, str(exc) if isinstance(exc, RunFailedForGood) else one_line(exc), None
+
+
+def lean_trainer_class(trainer_class: type, embedded: bool, own_loop: bool) -> type:
+    """`trainer_class` less the helper actors of Ray Train that a run of ours leaves idle.
+
+    Ray Train 2.60 starts each of its helper actors as a fresh process (they carry a runtime
+    environment; see ray_runtime.train_environment), one after another before the first step: seconds
+    each on two cores. Two may have nothing to do. Ray Data's DatasetManager serves
+    `ray.train.get_dataset_shard`: left out where our own loop is given no Ray datasets (it reads its
+    data itself); a bring-your-own loop, or a trainer given datasets, keeps it. The
+    PlacementGroupCleaner, a detached actor, removes the run's placement group if the controller
+    dies; an embedded Ray dies with this process and its placement groups with it. Where Ray's
+    internals are not as expected, Ray's defaults stay.
+    """
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return trainer_class
+    if not (own_loop or embedded) or not hasattr(trainer_class, "_create_default_callbacks"):
+        return trainer_class
+
+    class LeanTrainer(trainer_class):
+        def _create_default_callbacks(self):
+            idle = (DatasetsCallback,) if own_loop and not getattr(self, "datasets", None) else ()
+            idle += (PlacementGroupCleanerCallback,) if embedded else ()
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, idle)]
+
+    LeanTrainer.__name__ = LeanTrainer.__qualname__ = f"Lean{trainer_class.__name__}"
+    return LeanTrainer
 
 
 class RunFailedForGood(Exception):

@@ -1,0 +1,42 @@
+"""The TorchTrainer a run builds: which of Ray Train's helper actors it leaves out, and where it keeps them."""
+
+from __future__ import annotations
+
+import pytest
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+from orchestrator.trainer import lean_trainer_class
+
+
+def _loop(config):  # never run: the callbacks are decided when the trainer is built
+    raise AssertionError
+
+
+def _callback_types(embedded: bool, own_loop: bool, **trainer_kwargs) -> set[type]:
+    trainer = lean_trainer_class(TorchTrainer, embedded=embedded, own_loop=own_loop)(_loop, **trainer_kwargs)
+    assert isinstance(trainer, TorchTrainer)
+    return {type(cb) for cb in trainer._create_default_callbacks()}
+
+
+@pytest.mark.parametrize(
+    "embedded, own_loop, datasets_kept, cleaner_kept",
+    [
+        (True, True, False, False),  # the default job on an embedded Ray: neither helper has work
+        (False, True, False, True),  # attached to a cluster that outlives us: its placement groups need the cleaner
+        (True, False, True, False),  # a bring-your-own loop may ask for dataset shards
+        (False, False, True, True),  # nothing to leave out: Ray's own trainer
+    ],
+)
+def test_only_idle_helper_actors_are_left_out(embedded, own_loop, datasets_kept, cleaner_kept):
+    kinds = _callback_types(embedded, own_loop)
+    assert (DatasetsCallback in kinds) is datasets_kept
+    assert (PlacementGroupCleanerCallback in kinds) is cleaner_kept
+    assert len(kinds) >= 3  # the rest of Ray's defaults (accelerators, backend, ...) stay
+
+
+def test_a_trainer_given_ray_datasets_keeps_its_dataset_manager():
+    # A callable stands for the dataset: the trainer only keeps it until its workers ask for shards.
+    kinds = _callback_types(embedded=True, own_loop=True, datasets={"train": lambda: None})
+    assert DatasetsCallback in kinds and PlacementGroupCleanerCallback not in kinds
