@@ -179,7 +179,8 @@ def test_the_diabetes_job_on_two_workers_stopped_mid_epoch_resumes_redrawn_and_l
         "data.engine=ray",
         "scaling.num_workers=2",
         "scaling.cpus_per_worker=0.5",  # the other CPU of this machine is Ray Data's
-        "train.epochs=12",
+        "train.epochs=5",
+        "optim.lr=0.01",  # learns in 5 epochs what the example's 0.003 learns in 12: each epoch is a Ray Data pass
         f"checkpoint.storage={tmp_path}",
         "--json",
     ]
@@ -192,7 +193,7 @@ def test_the_diabetes_job_on_two_workers_stopped_mid_epoch_resumes_redrawn_and_l
     record_path.write_text(json.dumps(record))
     resumed = run_job("jobs/diabetes_parquet.yaml", *common)
     # 319 train rows: 159 a worker, 5 batches of 32 an epoch, as the native reader counts them.
-    assert resumed["resumed_from"].endswith("checkpoint_00000003") and resumed["steps"] == 12 * 5
-    assert resumed["epochs"] == 12 and resumed["redrawn"] == [[0, 3]]
-    # It learns as native does: native reaches r2 0.38 on 2 workers in these 12 epochs (0 is predicting the mean).
+    assert resumed["resumed_from"].endswith("checkpoint_00000003") and resumed["steps"] == 5 * 5
+    assert resumed["epochs"] == 5 and resumed["redrawn"] == [[0, 3]]
+    # It learns (0 is predicting the mean; native reaches r2 0.38 on 2 workers in 12 epochs at lr 0.003).
     assert resumed["metrics"]["val_r2"] > 0.2
