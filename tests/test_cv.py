@@ -113,6 +113,7 @@ def finished_cv(tmp_path_factory, mlflow_server):
     return storage, args, result_of(orchestrator(*args, "--json", env={"OMP_NUM_THREADS": "1"}))
 
 
+@pytest.mark.slow  # on the module's whole cross-validation (3 folds on Ray, MLflow)
 def test_the_cv_is_an_mlflow_run_with_its_aggregate_and_each_fold_a_child_run(finished_cv, mlflow_server):
     from mlflow.tracking import MlflowClient
 
@@ -136,6 +137,7 @@ def test_the_cv_is_an_mlflow_run_with_its_aggregate_and_each_fold_a_child_run(fi
         assert record["tracking"]["mlflow"]["run_id"] == child.info.run_id and child.info.status == "FINISHED"
 
 
+@pytest.mark.slow  # on the module's whole cross-validation (3 folds on Ray, MLflow)
 def test_every_fold_is_a_run_and_the_aggregate_is_that_of_the_fold_runs_own_records(finished_cv):
     storage, _, out = finished_cv
     cv_dir = storage / "cv-digits-cv"
@@ -172,6 +174,7 @@ def test_every_fold_is_a_run_and_the_aggregate_is_that_of_the_fold_runs_own_reco
     assert out["metrics"]["val_accuracy"]["mean"] > 0.5  # the folds learned: ten classes, chance is 0.1
 
 
+@pytest.mark.slow  # on the module's whole cross-validation (3 folds on Ray, MLflow)
 def test_the_table_and_a_rerun_of_a_finished_cv(finished_cv):
     storage, args, out = finished_cv
     res = orchestrator(*args, timeout=200)
@@ -272,6 +275,7 @@ def browser():
         chromium.close()
 
 
+@pytest.mark.slow  # on the module's whole cross-validation (3 folds on Ray, MLflow)
 def test_the_cv_report_opens_offline_in_chromium_with_its_curves_strips_and_table(finished_cv, browser, tmp_path):
     storage, _, out = finished_cv
     cv_dir = storage / "cv-digits-cv"
@@ -294,6 +298,7 @@ def test_the_cv_report_opens_offline_in_chromium_with_its_curves_strips_and_tabl
     assert all(f"{cv_dir}/fold-{i}" in text for i in range(3))
 
 
+@pytest.mark.slow  # on the module's whole cross-validation (3 folds on Ray, MLflow)
 def test_refit_trains_on_all_non_test_data_for_the_mean_best_epoch_and_names_its_checkpoint(finished_cv):
     # Last in this module: it adds the refit to the finished cv's record.
     storage, args, out = finished_cv
