@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 # The report tests' Chromium (Debian's, driven by Playwright) and how they open a page offline.
+from ray_cluster import MARKER, pids_with_marker
 from test_report import CHROMIUM, open_in_browser
 
 from orchestrator.cv import T_975, aggregate, t_quantile_975
@@ -212,7 +213,9 @@ def test_a_killed_cv_trains_only_its_unfinished_folds_when_run_again(tmp_path):
         "checkpoint.every_n_epochs=null",
     ]
     args = ["cv", JOB, f"checkpoint.storage={tmp_path}", *slow, "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Its Ray and the fold trials inherit this marker: the test can tell when the last of them is gone.
+    marker = f"cv-killed-{os.getpid()}-{time.time_ns()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", MARKER: marker}
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", *args],
         cwd=ROOT,
@@ -242,6 +245,12 @@ def test_a_killed_cv_trains_only_its_unfinished_folds_when_run_again(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
+    # The fold trials are Ray's worker processes, not the driver's: they outlive it for a moment and may
+    # still commit a checkpoint or finish. What the rerun finds is what is on disk once they are gone.
+    gone = time.time() + 60
+    while pids_with_marker(marker):
+        assert time.time() < gone, "the killed cross-validation's Ray processes did not end"
+        time.sleep(0.2)
     before = {p.parent.name: json.loads(p.read_text()) for p in cv_dir.glob("fold-*/run.json")}
     # Which unfinished folds had a committed checkpoint when killed: only those have something to resume from
     # (on a busy machine the third fold may have started and not yet reached its first one).
