@@ -64,6 +64,24 @@ def pids_with_marker(marker: str) -> list[int]:
     return found
 
 
+def kill_marked(marker: str, sig: int = signal.SIGKILL, passes: int = 3) -> int:
+    """Send `sig` to every process carrying `marker`; up to `passes` passes, since a dying process may still start
+    a child. Returns how many processes it signalled."""
+    killed: set[int] = set()
+    for _ in range(passes):
+        pids = [p for p in pids_with_marker(marker) if p not in killed]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    return len(killed)
+
+
 class RayNode:
     """One `ray start` node: its ports, temp dir and processes."""
 
@@ -138,19 +156,7 @@ class RayNode:
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         """Send `sig` to every process of this node; a few passes, since a dying process may still start a child."""
-        killed: set[int] = set()
-        for _ in range(3):
-            pids = [p for p in self.pids() if p not in killed]
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                    killed.add(pid)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.2)
-        return len(killed)
+        return kill_marked(self.marker, sig)
 
     def stop(self, grace: float = 5) -> None:
         """SIGTERM the node's processes, then SIGKILL what is left after `grace` seconds."""

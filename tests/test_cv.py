@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 # The report tests' Chromium (Debian's, driven by Playwright) and how they open a page offline.
-from ray_cluster import MARKER, pids_with_marker
+from ray_cluster import MARKER, kill_marked, pids_with_marker
 from test_report import CHROMIUM, open_in_browser
 
 from orchestrator.cv import T_975, aggregate, t_quantile_975
@@ -248,16 +248,7 @@ def test_a_killed_cv_trains_only_its_unfinished_folds_when_run_again(tmp_path):
     # The fold trials are Ray's worker processes, not the driver's: they would outlive it for a moment and
     # could still commit a checkpoint or finish after the test has looked. Killed with it, as when the
     # machine goes away, what the rerun finds is what is on disk now.
-    for _ in range(50):
-        pids = pids_with_marker(marker)
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
+    kill_marked(marker, passes=50)
     assert not pids_with_marker(marker), "the killed cross-validation's Ray processes are still there"
     before = {p.parent.name: json.loads(p.read_text()) for p in cv_dir.glob("fold-*/run.json")}
     # Which unfinished folds had a committed checkpoint when killed: only those have something to resume from
