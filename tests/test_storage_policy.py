@@ -184,9 +184,12 @@ def test_transient_failures_are_retried_until_they_heal(bucket, faulty_proxy, ca
 
 def test_transient_failures_past_the_deadline_fail_naming_the_last_reason(bucket, faulty_proxy):
     fs, root = storage.open_storage(f"s3://{bucket}/runs/r", faulty_proxy.endpoint, timeout_s=1.5)
-    # The client's session first: on a busy machine its setup alone could take the whole deadline, leaving
-    # no time for the retries this test is about.
+    # The client's session first, under a long deadline: on a busy machine its setup alone (an SSL context
+    # built in a thread) took 2.3 s in CI, more than the whole deadline, leaving no time for the retries
+    # this test is about.
+    fs.orchestrator_timeout_s = 60.0
     storage.write_bytes(fs, f"{root}/warm", b"")
+    fs.orchestrator_timeout_s = 1.5
     faulty_proxy.inject("503", 1000)
     start = time.monotonic()
     with pytest.raises(
