@@ -6,13 +6,13 @@ import json
 import logging
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
@@ -41,8 +41,6 @@ def run_job(*args: str) -> dict:
 @pytest.fixture(scope="module")
 def ray_local():
     """An in-process Ray for the module (Ray Data needs one); left running if another test started it."""
-    import ray
-
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
@@ -90,6 +88,18 @@ def native_train_keys(spec) -> set[float]:
     return {float(v) for x, _ in train.batches(0, 0, 1) for v in x[:, 0].tolist()}
 
 
+@ray.remote(num_cpus=0)
+def consume_shard(source: ShardSource, rank: int) -> dict[tuple[int, int], tuple[int, list[float]]]:
+    """One worker's three epochs from its split: the batch count and the key of every row it saw, per epoch."""
+    out = {}
+    # Ray's split coordinator starts an epoch when every split asks for it. Epoch 0 is resumed at batch 5:
+    # each worker stops its pass early, and the next epochs still start.
+    for epoch, start in ((0, 5), (1, 0), (2, 0)):
+        got = list(source.batches(epoch, rank, 2, start_batch=start))
+        out[epoch, rank] = (len(got), [float(v) for x, _ in got for v in x[:, 0].tolist()])
+    return out
+
+
 def test_two_workers_see_each_train_row_at_most_once_per_epoch_in_equal_shares(tmp_path, ray_local):
     spec = job(write_parts(tmp_path / "parts"))
     train_keys = native_train_keys(spec)
@@ -97,23 +107,12 @@ def test_two_workers_see_each_train_row_at_most_once_per_epoch_in_equal_shares(t
     shards = train_dataset(spec).streaming_split(2, equal=True)
     sources = [ShardSource(s, size, 8, 0) for s in shards]
     full = sources[0].num_batches(2)
-    seen: dict[tuple[int, int], list[float]] = {}
-    batches: dict[tuple[int, int], int] = {}
-
-    def consume(rank: int) -> None:
-        # Ray's split coordinator starts an epoch when every split asks for it. Epoch 0 is resumed at
-        # batch 5: each worker stops its pass early, and the next epochs still start.
-        for epoch, start in ((0, 5), (1, 0), (2, 0)):
-            got = list(sources[rank].batches(epoch, rank, 2, start_batch=start))
-            batches[epoch, rank] = len(got)
-            seen[epoch, rank] = [float(v) for x, _ in got for v in x[:, 0].tolist()]
-
-    threads = [threading.Thread(target=consume, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert len(seen) == 6, "a worker's epoch did not finish"
+    # Each worker in its own process, as Ray Train's workers are: two threads of one process reading two
+    # splits once hung in Ray Data's iterator (one split's epoch never ended).
+    results = ray.get([consume_shard.remote(sources[rank], rank) for rank in (0, 1)], timeout=240)
+    batches = {key: n for r in results for key, (n, _) in r.items()}
+    seen = {key: keys for r in results for key, (_, keys) in r.items()}
+    assert len(seen) == 6
     assert batches[0, 0] == batches[0, 1] == full - 5
     for epoch in (1, 2):
         a, b = seen[epoch, 0], seen[epoch, 1]
