@@ -175,7 +175,8 @@ def lean_trainer_class(trainer_class: type, embedded: bool, own_loop: bool) -> t
     `ray.train.get_dataset_shard`: left out where our own loop is given no Ray datasets (it reads its
     data itself); a bring-your-own loop, or a trainer given datasets, keeps it. The
     PlacementGroupCleaner, a detached actor, removes the run's placement group if the controller
-    dies; an embedded Ray dies with this process and its placement groups with it. Where Ray's
+    dies; an embedded Ray dies with this process and its placement groups with it. On an embedded Ray
+    a fixed-size run also leaves out the autoscaling coordinator (see embedded_policy). Where Ray's
     internals are not as expected, Ray's defaults stay.
     """
     try:
@@ -186,11 +187,24 @@ def lean_trainer_class(trainer_class: type, embedded: bool, own_loop: bool) -> t
     if not (own_loop or embedded) or not hasattr(trainer_class, "_create_default_callbacks"):
         return trainer_class
 
+    fixed_policy = None
+    if embedded:
+        try:
+            from orchestrator.embedded_policy import EmbeddedFixedScalingPolicy as fixed_policy
+        except ImportError:  # Ray Train's internals are not as expected: its own policy stays
+            pass
+
     class LeanTrainer(trainer_class):
         def _create_default_callbacks(self):
             idle = (DatasetsCallback,) if own_loop and not getattr(self, "datasets", None) else ()
             idle += (PlacementGroupCleanerCallback,) if embedded else ()
             return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, idle)]
+
+        def _initialize_and_run_controller(self, **kwargs):
+            policy = kwargs.get("scaling_policy")
+            if fixed_policy is not None and type(policy) is fixed_policy.__bases__[0]:
+                kwargs["scaling_policy"] = fixed_policy(policy.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     LeanTrainer.__name__ = LeanTrainer.__qualname__ = f"Lean{trainer_class.__name__}"
     return LeanTrainer

@@ -40,3 +40,38 @@ def test_a_trainer_given_ray_datasets_keeps_its_dataset_manager():
     # A callable stands for the dataset: the trainer only keeps it until its workers ask for shards.
     kinds = _callback_types(embedded=True, own_loop=True, datasets={"train": lambda: None})
     assert DatasetsCallback in kinds and PlacementGroupCleanerCallback not in kinds
+
+
+class _ControllerArgs(TorchTrainer):
+    """A TorchTrainer that shows what it would start its controller with, instead of starting it."""
+
+    def _initialize_and_run_controller(self, **kwargs):
+        return kwargs
+
+
+@pytest.mark.parametrize(
+    "embedded, workers, coordinator_kept",
+    [
+        (True, 2, False),  # one node of fixed size, no autoscaler to tell what the run needs
+        (False, 2, True),  # a cluster's autoscaler (KubeRay) scales on those requests
+        (True, (1, 2), True),  # the elastic policy reads the free resources from the coordinator
+    ],
+)
+def test_the_autoscaling_coordinator_is_left_out_only_for_a_fixed_size_run_on_an_embedded_ray(
+    embedded, workers, coordinator_kept
+):
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
+
+    scaling = ScalingConfig(num_workers=workers)
+    trainer = lean_trainer_class(_ControllerArgs, embedded=embedded, own_loop=True)(_loop, scaling_config=scaling)
+    policy = trainer._initialize_and_run_controller(scaling_policy=create_scaling_policy(scaling))["scaling_policy"]
+    assert policy.scaling_config is scaling
+    # The policy asks the coordinator when the controller starts and again before each worker group.
+    asked = []
+    policy._coordinator_client = type(
+        "Client", (), {"__getattr__": lambda self, name: lambda *a, **k: asked.append(name)}
+    )()
+    policy._send_resource_request()
+    policy._maybe_send_resource_request()
+    assert bool(asked) is coordinator_kept
