@@ -166,7 +166,7 @@ def fit(
         return RunStatus.FAILED, str(exc) if isinstance(exc, RunFailedForGood) else one_line(exc), None
 
 
-def lean_trainer_class(trainer_class: type, embedded: bool, own_loop: bool) -> type:
+def lean_trainer_class(trainer_class: type, embedded: bool, own_loop: bool, in_sweep: bool = False) -> type:
     """`trainer_class` less the helper actors of Ray Train that a run of ours leaves idle.
 
     Ray Train 2.60 starts each of its helper actors as a fresh process (they carry a runtime
@@ -175,8 +175,9 @@ def lean_trainer_class(trainer_class: type, embedded: bool, own_loop: bool) -> t
     `ray.train.get_dataset_shard`: left out where our own loop is given no Ray datasets (it reads its
     data itself); a bring-your-own loop, or a trainer given datasets, keeps it. The
     PlacementGroupCleaner, a detached actor, removes the run's placement group if the controller
-    dies; an embedded Ray dies with this process and its placement groups with it. On an embedded Ray
-    a fixed-size run also leaves out the autoscaling coordinator (see embedded_policy). Where Ray's
+    dies; an embedded Ray dies with this process and its placement groups with it, but a sweep's trial
+    (`in_sweep`) can be stopped while the sweep's Ray goes on, so there it stays. On an embedded Ray a
+    fixed-size run also leaves out the autoscaling coordinator (see embedded_policy). Where Ray's
     internals are not as expected, Ray's defaults stay.
     """
     try:
@@ -197,7 +198,7 @@ def lean_trainer_class(trainer_class: type, embedded: bool, own_loop: bool) -> t
     class LeanTrainer(trainer_class):
         def _create_default_callbacks(self):
             idle = (DatasetsCallback,) if own_loop and not getattr(self, "datasets", None) else ()
-            idle += (PlacementGroupCleanerCallback,) if embedded else ()
+            idle += (PlacementGroupCleanerCallback,) if embedded and not in_sweep else ()
             return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, idle)]
 
         def _initialize_and_run_controller(self, **kwargs):

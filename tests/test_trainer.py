@@ -36,6 +36,14 @@ def test_only_idle_helper_actors_are_left_out(embedded, own_loop, datasets_kept,
     assert len(kinds) >= 3  # the rest of Ray's defaults (accelerators, backend, ...) stay
 
 
+def test_a_sweep_trial_keeps_the_placement_group_cleaner_on_an_embedded_ray():
+    # A trial that the scheduler stops takes its controller with it while the sweep's Ray goes on: without
+    # the cleaner its workers' placement group would hold their CPUs until the sweep ends.
+    trainer = lean_trainer_class(TorchTrainer, embedded=True, own_loop=True, in_sweep=True)(_loop)
+    kinds = {type(cb) for cb in trainer._create_default_callbacks()}
+    assert PlacementGroupCleanerCallback in kinds and DatasetsCallback not in kinds
+
+
 def test_a_trainer_given_ray_datasets_keeps_its_dataset_manager():
     # A callable stands for the dataset: the trainer only keeps it until its workers ask for shards.
     kinds = _callback_types(embedded=True, own_loop=True, datasets={"train": lambda: None})

@@ -266,7 +266,7 @@ def _train_with_ray_train(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.ray_runtime import train_environment
-    from orchestrator.trainer import build_trainer_kwargs, fit_with_decisions
+    from orchestrator.trainer import build_trainer_kwargs, fit_with_decisions, lean_trainer_class
 
     ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
     kwargs = build_trainer_kwargs(
@@ -279,8 +279,11 @@ def _train_with_ray_train(
     )
     if to_tune:
         kwargs["run_config"] = dataclasses.replace(kwargs["run_config"], callbacks=[TuneReportCallback()])
+    trainer_class = lean_trainer_class(
+        TorchTrainer, embedded=plan.embedded_ray, own_loop=not spec.entrypoint, in_sweep=True
+    )
     with train_environment(embedded=plan.embedded_ray):
-        result = fit_with_decisions(lambda: TorchTrainer(**kwargs), spec, lambda line: print(line, flush=True))
+        result = fit_with_decisions(lambda: trainer_class(**kwargs), spec, lambda line: print(line, flush=True))
     return dict(result.metrics or {})
 
 
