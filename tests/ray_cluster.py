@@ -31,8 +31,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_port_range(size: int, low: int = 20000, high: int = 40000) -> tuple[int, int]:
-    """A run of `size` ports that are free now (for Ray's worker processes)."""
+def ephemeral_low() -> int:
+    """The lowest port the kernel hands out on its own (to a bind to port 0, to a client socket)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port_range(size: int, low: int = 10000, high: int | None = None) -> tuple[int, int]:
+    """A run of `size` ports that are free now (for Ray's worker processes), below the kernel's ephemeral range:
+    `ray start` refuses a worker range that holds one of its other ports, and those come from free_port()
+    (seen: "worker_ports is trying to use a port number 35801 that is used by other components")."""
+    high = high or ephemeral_low()
     for _ in range(200):
         start = secrets.randbelow(high - low - size) + low
         ok = True
