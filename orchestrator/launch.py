@@ -165,9 +165,9 @@ def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
         console.message(format_summary(summary))
     finally:
         if connected:
-            import ray  # loaded by start_ray already; never for a local-mode run
+            from orchestrator.ray_runtime import stop_ray  # Ray is loaded by start_ray already; never in local mode
 
-            ray.shutdown()
+            stop_ray()
     summary.report = write_report_safely(run)
     if summary.report is None:
         record.save(run)

@@ -116,3 +116,27 @@ def start_ray(address: str | None, log_to_driver: bool = True, prestart: bool = 
     except ConnectionError as exc:
         raise BadInput(f"--address {address}: cannot connect to Ray ({exc})") from None
     return True
+
+
+def stop_ray() -> None:
+    """`ray.shutdown()`, less the second it spends on an embedded Ray's autoscaler monitor.
+
+    Ray stops its processes one after another, each with SIGTERM and a second's grace before SIGKILL.
+    The autoscaler monitor never exits on SIGTERM within that second (measured: raylet 0.07 s, GCS
+    0.04 s, monitor 1.02 s, of a 1.5 s shutdown), and an embedded Ray has no cluster for it to scale:
+    it gets the SIGKILL at once. A Ray this process only attached to has no processes of ours to stop.
+    """
+    import ray
+    from ray._private import ray_constants, worker
+
+    node = getattr(worker, "_global_node", None)
+    monitor = getattr(ray_constants, "PROCESS_TYPE_MONITOR", "monitor")
+    for info in (getattr(node, "all_processes", None) or {}).get(monitor, []):
+        process = getattr(info, "process", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+            try:
+                process.wait(timeout=5)
+            except Exception:  # Ray's own shutdown reaps it
+                pass
+    ray.shutdown()

@@ -169,9 +169,9 @@ def _run_leased(
         raise
     finally:
         if connected:
-            import ray
+            from orchestrator.ray_runtime import stop_ray  # Ray is loaded by start_ray already; never in local mode
 
-            ray.shutdown()
+            stop_ray()
     end_unfinished_trials(sweep, results)
     rows = collect_trials(results, sweep)
     return _finish(sweep, home, rows, resumed, tracked, best_out, session, tracking_spec, t0, conclude)
