@@ -30,3 +30,10 @@ class EmbeddedFixedScalingPolicy(FixedScalingPolicy):
 
     def _cancel_resource_request(self) -> None:
         pass
+
+
+def without_coordinator(policy: object) -> object:
+    """`policy` less its coordinator requests where it is Ray's fixed-size policy; any other (elastic) as given."""
+    if type(policy) is FixedScalingPolicy:
+        return EmbeddedFixedScalingPolicy(policy.scaling_config)
+    return policy

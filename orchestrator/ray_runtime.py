@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import socket
+import subprocess
 import tempfile
 from typing import Any
 
@@ -137,6 +138,6 @@ def stop_ray() -> None:
             process.kill()
             try:
                 process.wait(timeout=5)
-            except Exception:  # Ray's own shutdown reaps it
+            except subprocess.TimeoutExpired:  # Ray's own shutdown reaps it
                 pass
     ray.shutdown()

@@ -188,10 +188,10 @@ def lean_trainer_class(trainer_class: type, embedded: bool, own_loop: bool, in_s
     if not (own_loop or embedded) or not hasattr(trainer_class, "_create_default_callbacks"):
         return trainer_class
 
-    fixed_policy = None
+    lean_policy = None
     if embedded:
         try:
-            from orchestrator.embedded_policy import EmbeddedFixedScalingPolicy as fixed_policy
+            from orchestrator.embedded_policy import without_coordinator as lean_policy
         except ImportError:  # Ray Train's internals are not as expected: its own policy stays
             pass
 
@@ -202,9 +202,8 @@ def lean_trainer_class(trainer_class: type, embedded: bool, own_loop: bool, in_s
             return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, idle)]
 
         def _initialize_and_run_controller(self, **kwargs):
-            policy = kwargs.get("scaling_policy")
-            if fixed_policy is not None and type(policy) is fixed_policy.__bases__[0]:
-                kwargs["scaling_policy"] = fixed_policy(policy.scaling_config)
+            if lean_policy is not None and "scaling_policy" in kwargs:
+                kwargs["scaling_policy"] = lean_policy(kwargs["scaling_policy"])
             return super()._initialize_and_run_controller(**kwargs)
 
     LeanTrainer.__name__ = LeanTrainer.__qualname__ = f"Lean{trainer_class.__name__}"
