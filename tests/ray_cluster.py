@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,43 +20,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ports import free_port, free_port_range
+
 MARKER = "ORCHESTRATOR_TEST_RAY_NODE"
 VENV_BIN = str(Path(sys.executable).parent)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ephemeral_low() -> int:
-    """The lowest port the kernel hands out on its own (to a bind to port 0, to a client socket)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port_range(size: int, low: int = 10000, high: int | None = None) -> tuple[int, int]:
-    """A run of `size` ports that are free now (for Ray's worker processes), below the kernel's ephemeral range:
-    `ray start` refuses a worker range that holds one of its other ports, and those come from free_port()
-    (seen: "worker_ports is trying to use a port number 35801 that is used by other components")."""
-    high = high or ephemeral_low()
-    for _ in range(200):
-        start = secrets.randbelow(high - low - size) + low
-        ok = True
-        for port in range(start, start + size):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return start, start + size - 1
-    raise RuntimeError("no free port range")
 
 
 def pids_with_marker(marker: str) -> list[int]:
