@@ -71,6 +71,26 @@ def _row_group_reader(table: _ParquetTable, augment: Callable | None) -> Callabl
     return read
 
 
+def _writable_tensors():
+    """Ray Data's batches as tensors over memory of their own (a `NumpyBatchCollateFn`, run in Ray's fetch threads).
+
+    The arrays Ray Data hands over are read-only (Arrow buffers, the object store). Ray's own conversion gives torch
+    those buffers and hides torch's warning about it with `warnings.catch_warnings`, which is not thread-safe: its
+    fetch threads restore each other's filters, and the warning escaped (an error under `-W error`; seen in the
+    suite). A tensor over read-only memory is also a trap for any in-place op in a user's loop. A copy of a batch
+    costs little next to decoding it, and it is made in the fetch threads, off the training thread.
+    """
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class WritableTensors(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            import torch
+
+            return {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in batch.items()}
+
+    return WritableTensors()
+
+
 class ShardSource(BatchSource):
     """The train split as this worker's shard of a Ray Data dataset: each epoch one pass over the shard.
 
@@ -101,6 +121,7 @@ class ShardSource(BatchSource):
                 device="cpu",  # as every source: the loop moves batches to its device
                 local_shuffle_buffer_size=min(self.shuffle_buffer, max(self.size // world_size, 1)),
                 local_shuffle_seed=_seed_int(self.seed, epoch, rank, _SALT_ORDER),
+                collate_fn=_writable_tensors(),
             )
         )
         try:
