@@ -57,6 +57,21 @@ class NonFiniteLoss(RuntimeError):
         )
         self.step, self.value = step, value
 
+    def __reduce__(self):  # to the driver from a worker: rebuilt from its step and value, not its message
+        return type(self), (self.step, self.value)
+
+
+class TaskException(Exception):
+    """The loop's exception as a run in one task raises it (trainer.one_task_worker), with its traceback as text:
+    pickling, which takes it to the driver, keeps no traceback. Ray Train's UserExceptionWithTraceback, for a task."""
+
+    def __init__(self, exc: BaseException, traceback_str: str):
+        super().__init__(exc, traceback_str)
+        self._base_exc, self._traceback_str = exc, traceback_str
+
+    def __str__(self) -> str:
+        return str(self._base_exc)
+
 
 def one_line(exc: BaseException) -> str:
     """`Type: first line of the message`."""
@@ -73,10 +88,19 @@ def _worker_errors(error: BaseException) -> list[BaseException]:
     return [controller] if isinstance(controller, BaseException) else [error]
 
 
+def _task_error(error: BaseException) -> bool:
+    """Whether `error` is what `ray.get` raises for an exception in a task: a RayTaskError holding it as `cause`."""
+    return any(c.__name__ == "RayTaskError" for c in type(error).__mro__) and isinstance(
+        getattr(error, "cause", None), BaseException
+    )
+
+
 def _user_exception(error: BaseException) -> BaseException | None:
     """The exception the job's code raised, when `error` is one (Ray wraps it with its traceback string)."""
-    if type(error).__name__ == "UserExceptionWithTraceback":
+    if type(error).__name__ in ("UserExceptionWithTraceback", "TaskException"):
         return getattr(error, "_base_exc", None) or error
+    if _task_error(error):
+        return _user_exception(error.cause)  # a plain task's exception (a run in one task, trainer.OneTaskRun)
     if type(error).__module__.startswith("ray."):
         return None  # an actor that died, a health check, a scheduling error: Ray's own
     return error  # local mode: the loop's exception, raised as is
@@ -99,7 +123,7 @@ def _infrastructure(exc: BaseException) -> bool:
 
 
 def _traceback_of(error: BaseException) -> str | None:
-    text = getattr(error, "_traceback_str", None)
+    text = getattr(error, "_traceback_str", None)  # a task error hands this on from its cause, a TaskException
     return text if isinstance(text, str) else None
 
 

@@ -28,7 +28,7 @@ from orchestrator.rundir import LOG_FILE, REPORT, RUN_RECORD, RunDir, run_uri_fo
 from orchestrator.runrecord import RunRecord, RunStatus, RunSummary, summary_from_checkpoints
 from orchestrator.spec import JobSpec
 from orchestrator.tracking import TrackingSession
-from orchestrator.trainer import fit
+from orchestrator.trainer import fit, runs_in_one_task
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,10 @@ def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
     console.message(f"run {run.name} -> {run.uri}" + (f" (resuming from {resumed_from})" if resumed_from else ""))
     if not plan.local_mode:
         console.status("starting Ray" if not plan.address else f"connecting to Ray at {plan.address}")
-    # Ray Train's actors all carry a runtime environment (see train_environment): none would take a prestarted worker.
-    connected = start_ray(plan.address, prestart=False) if not plan.local_mode else False
+    # Ray Train's actors all carry a runtime environment (see train_environment): none would take a prestarted
+    # worker; a run in one task (see trainer.runs_in_one_task) starts on one.
+    prestart = runs_in_one_task(spec, embedded=plan.address is None)
+    connected = start_ray(plan.address, prestart=prestart) if not plan.local_mode else False
     try:
         summary, placed = _fit_and_summarize(
             plan, session.worker_config(), console, embedded=connected and not plan.address, worker_events=worker_events

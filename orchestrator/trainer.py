@@ -10,10 +10,11 @@ import os
 import socket
 import tempfile
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.console import RunConsole, marker_progress
-from orchestrator.failure import Action, decide, one_line
+from orchestrator.failure import Action, TaskException, decide, one_line
 from orchestrator.hooks import import_hook
 from orchestrator.provenance import device_facts
 from orchestrator.ray_runtime import train_environment
@@ -30,42 +31,118 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import CheckpointUploadMode
 
-    from orchestrator.loop import LoopContext, run_training  # torch: on the worker, not where a run is planned
-    from orchestrator.loop.evaluate import all_gather
+    from orchestrator.loop.evaluate import all_gather  # torch: on the worker, not where a run is planned
 
     spec = JobSpec.model_validate(config["job"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     # Where the run really ran (elastic groups change it): rank 0 passes it to the driver with every report.
-    placed = all_gather((socket.gethostname(), device_facts()["gpus"]), world_size)
-    placement = {
-        "placement_world_size": world_size,
-        "placement_hosts": len({host for host, _ in placed}),
-        "placement_gpus": ",".join(name for _, names in placed for name in names),
-    }
-    tracker = create_tracker(config.get("tracking"), spec.checkpoint.endpoint_url) if rank == 0 else None
+    placement = _placement(all_gather((socket.gethostname(), device_facts()["gpus"]), world_size))
 
     def report(metrics: dict[str, Any]) -> None:
         # ASYNC: the result waits for the controller's poll on Ray's upload thread, not on this one (no checkpoint rides along).
         ray.train.report({**metrics, **placement}, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
+    # data.engine=ray: Ray Train's streaming split of the train dataset `ray_datasets` handed the trainer.
+    shard = ray.train.get_dataset_shard("train") if spec.data.engine == "ray" else None
+    _run_loop(spec, config, rank, world_size, ray.train.torch.get_device(), report, shard)
+
+
+def _placement(placed: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    return {
+        "placement_world_size": len(placed),
+        "placement_hosts": len({host for host, _ in placed}),
+        "placement_gpus": ",".join(name for _, names in placed for name in names),
+    }
+
+
+def _run_loop(spec: JobSpec, config: dict[str, Any], rank: int, world_size: int, device, report, shard) -> None:
+    """The job's loop on a worker: rank 0 also tracks, and describes its progress for the driver's console."""
+    from orchestrator.loop import LoopContext, run_training  # torch: on the worker, not where a run is planned
+
+    tracker = create_tracker(config.get("tracking"), spec.checkpoint.endpoint_url) if rank == 0 else None
     ctx = LoopContext(
         run_uri=config["run_uri"],
         rank=rank,
         world_size=world_size,
-        device=ray.train.torch.get_device(),
+        device=device,
         report=report,
         base_dir=config.get("base_dir"),
         track=tracker,
         progress=marker_progress() if config.get("events") else None,
-        # data.engine=ray: Ray Train's streaming split of the train dataset `ray_datasets` handed the trainer.
-        train_shard=ray.train.get_dataset_shard("train") if spec.data.engine == "ray" else None,
+        train_shard=shard,
     )
     try:
         run_training(spec, ctx)
     finally:
         if tracker is not None:
             tracker.close()
+
+
+def runs_in_one_task(spec: JobSpec, embedded: bool) -> bool:
+    """Whether a run's one worker is a plain Ray task of ours rather than Ray Train's worker group.
+
+    A fixed-size run of one worker on an embedded Ray has nothing for Ray Train's machinery to do:
+    no group to form or re-form, no collective, no node to place it on, no dataset to split; our loop
+    does its own checkpoints, and `fit_with_decisions` its own restarts. Ray Train would still start
+    its controller, its worker (each a fresh process through Ray's setup_worker.py: they carry a
+    runtime environment, see ray_runtime.train_environment) and a synchronization actor before the
+    first step; a plain task takes one of the workers Ray prestarts with the embedded Ray (`start_ray`).
+    Runs on a cluster, of several or elastic workers, a user's own loop or data.engine=ray keep Ray Train.
+    """
+    workers = spec.scaling.num_workers
+    return embedded and isinstance(workers, int) and workers == 1 and not spec.entrypoint and spec.data.engine != "ray"
+
+
+def one_task_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """The loop as a run's only worker, in a plain Ray task: rank 0 of 1; returns what it last reported."""
+    import ray
+    import torch
+
+    spec = JobSpec.model_validate(config["job"])
+    placement = _placement([(socket.gethostname(), device_facts()["gpus"])])
+    # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gave the task: the task's device is the first visible one.
+    device = torch.device("cuda", 0) if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    last: dict[str, Any] = {}
+
+    def report(metrics: dict[str, Any]) -> None:  # the driver reads the run's outcome from its checkpoints
+        last.clear()
+        last.update(metrics)
+
+    try:
+        _run_loop(spec, config, 0, 1, device, report, None)
+    except Exception as exc:
+        raise TaskException(exc, traceback.format_exc()) from None
+    return {**last, **placement}
+
+
+@dataclass
+class OneTaskResult:
+    """What `fit` returns for a run in one task, in the shape of Ray Train's Result that the driver reads."""
+
+    metrics: dict[str, Any]
+    checkpoint: Any = None
+
+
+class OneTaskRun:
+    """A run's one worker as a plain Ray task (see `runs_in_one_task`): `fit()` as Ray Train's trainer has it."""
+
+    def __init__(self, spec: JobSpec, loop_config: dict[str, Any]):
+        self.spec, self.loop_config = spec, loop_config
+
+    def fit(self) -> OneTaskResult:
+        import ray
+
+        scaling = self.spec.scaling
+        gpus = (scaling.gpus_per_worker or 1) if scaling.use_gpu else 0
+        # No retries of Ray's: `fit_with_decisions` decides, and a new task resumes from the last checkpoint.
+        task = ray.remote(num_cpus=scaling.cpus_per_worker, num_gpus=gpus, max_retries=0)(one_task_worker)
+        ref = task.remote(self.loop_config)
+        try:
+            return OneTaskResult(metrics=ray.get(ref))
+        except KeyboardInterrupt:
+            ray.cancel(ref, force=True)
+            raise
 
 
 def user_loop_worker(config: dict[str, Any]) -> None:
@@ -155,6 +232,10 @@ def fit(
         )
         if not local_mode:
             console.status(f"starting {spec.scaling.max_workers} worker(s)")
+        if not local_mode and runs_in_one_task(spec, embedded):
+            loop_config = kwargs["train_loop_config"]
+            trained = fit_with_decisions(lambda: OneTaskRun(spec, loop_config), spec, console.message, console.log_only)
+            return RunStatus.FINISHED, None, trained
         trainer_class = lean_trainer_class(TorchTrainer, embedded=embedded, own_loop=not spec.entrypoint)
         with train_environment(embedded=embedded):
             datasets = ray_datasets(spec, base_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -13,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from ray.exceptions import ActorDiedError
+from ray.exceptions import ActorDiedError, RayTaskError, WorkerCrashedError
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
-from orchestrator.failure import Action, NonFiniteLoss, decide
+from orchestrator.failure import Action, NonFiniteLoss, TaskException, decide
 from orchestrator.loop import LoopContext, run_training
 from orchestrator.loop.guard import LossGuard
 from orchestrator.spec import FailureSpec, build_spec
@@ -81,6 +82,27 @@ def test_local_mode_exceptions_are_the_loops_own():
     assert (
         decide(ZeroDivisionError("division by zero"), 0, FailureSpec()).reason == "ZeroDivisionError: division by zero"
     )
+
+
+def task_error(exc: BaseException) -> BaseException:
+    """What `ray.get` raises when the loop of a run in one task raises `exc`: Ray's dual-class error around the task's
+    TaskException."""
+    text = f"Traceback (most recent call last):\n  ...\n{type(exc).__name__}: {exc}"
+    sent = pickle.loads(pickle.dumps(TaskException(exc, text)))  # from the worker to the driver
+    return RayTaskError("one_task_worker", "(Ray's copy)", sent).as_instanceof_cause()
+
+
+def test_a_run_in_one_task_is_decided_like_a_worker_group():
+    bug = decide(task_error(ValueError("mat1 and mat2 shapes cannot be multiplied")), 0, FailureSpec())
+    assert bug.action is Action.FAIL and bug.reason == "ValueError: mat1 and mat2 shapes cannot be multiplied"
+    assert bug.traceback.startswith("Traceback") and bug.traceback.endswith(bug.reason)
+    assert decide(task_error(ConnectionResetError("reset")), 0, FailureSpec()).action is Action.RETRY
+    nan = decide(task_error(NonFiniteLoss(3, math.nan)), 0, FailureSpec(retry_exceptions=True))
+    assert nan.action is Action.FAIL and nan.reason.startswith("NonFiniteLoss: the loss of step 3")
+    # The task's worker process killed: Ray's own error, retried within the budget.
+    crashed = decide(WorkerCrashedError(), 0, FailureSpec(max_failures=2))
+    assert crashed.action is Action.RETRY and "restart 1/2 from the last checkpoint" in crashed.reason
+    assert decide(WorkerCrashedError(), 2, FailureSpec(max_failures=2)).action is Action.FAIL
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-from orchestrator.trainer import lean_trainer_class
+from orchestrator.spec import build_spec
+from orchestrator.trainer import lean_trainer_class, runs_in_one_task
 
 
 def _loop(config):  # never run: the callbacks are decided when the trainer is built
@@ -83,3 +84,18 @@ def test_the_autoscaling_coordinator_is_left_out_only_for_a_fixed_size_run_on_an
     policy._send_resource_request()
     policy._maybe_send_resource_request()
     assert bool(asked) is coordinator_kept
+
+
+@pytest.mark.parametrize(
+    "overrides, embedded, one_task",
+    [
+        ([], True, True),  # the default job on an embedded Ray: one worker, nothing for Ray Train to coordinate
+        ([], False, False),  # on a cluster: Ray Train places the worker and watches its node
+        (["scaling.num_workers=2"], True, False),  # a group to form and a collective to join
+        (["scaling.num_workers=[1,2]"], True, False),  # elastic: Ray Train resizes the group
+        (["entrypoint=mymod:train_loop"], True, False),  # a user's loop calls ray.train itself
+    ],
+)
+def test_only_a_fixed_single_worker_run_on_an_embedded_ray_runs_in_one_task(overrides, embedded, one_task):
+    spec = build_spec({"name": "t", "data": {"name": "digits"}, "scaling": {"num_workers": 1}}, overrides)
+    assert runs_in_one_task(spec, embedded) is one_task
