@@ -163,6 +163,18 @@ def ray_datasets(spec: JobSpec, base_dir: str | None) -> dict[str, Any]:
     return {"train": train_dataset(spec, base_dir)}
 
 
+def loop_config_of(
+    spec: JobSpec, run_uri: str, base_dir: str | None, tracking_config: dict[str, Any] | None, worker_events: bool
+) -> dict[str, Any]:
+    """What a worker of our loop is handed (`train_worker`, `one_task_worker`): the job, where the run is, trackers."""
+    config: dict[str, Any] = {"job": spec.to_dict(), "run_uri": run_uri, "base_dir": base_dir}
+    if tracking_config:
+        config["tracking"] = tracking_config
+    if worker_events:
+        config["events"] = True
+    return config
+
+
 def build_trainer_kwargs(
     spec: JobSpec,
     run_uri: str,
@@ -195,11 +207,7 @@ def build_trainer_kwargs(
         )
         storage_path = spec.checkpoint.storage  # a user loop checkpoints through Ray's own storage
     else:
-        loop, loop_config = train_worker, {"job": spec.to_dict(), "run_uri": run_uri, "base_dir": base_dir}
-        if tracking_config:
-            loop_config["tracking"] = tracking_config
-        if worker_events:
-            loop_config["events"] = True
+        loop, loop_config = train_worker, loop_config_of(spec, run_uri, base_dir, tracking_config, worker_events)
         storage_path = ray_storage
     # Ray's worker-group retries off: `fit_with_decisions` decides what a failure means (orchestrator/failure.py).
     run_config = RunConfig(name=run_name, storage_path=storage_path, failure_config=FailureConfig(max_failures=0))
@@ -224,18 +232,19 @@ def fit(
 ) -> tuple[RunStatus, str | None, Any]:
     """Ray Train's fit of the job: (status, one-line error, Ray's result); a failure after Ray's retries is a failed run, not an exception."""
     try:
+        if not local_mode:
+            console.status(f"starting {spec.scaling.max_workers} worker(s)")
+        if not local_mode and runs_in_one_task(spec, embedded):
+            # Ray Train is not even imported (seconds of a 2-core machine's start-up).
+            config = loop_config_of(spec, run_uri, base_dir, tracking_config, worker_events)
+            trained = fit_with_decisions(lambda: OneTaskRun(spec, config), spec, console.message, console.log_only)
+            return RunStatus.FINISHED, None, trained
         from ray.train.torch import TorchTrainer
 
         ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
         kwargs = build_trainer_kwargs(
             spec, run_uri, base_dir, ray_storage, run_name, tracking_config, worker_events=worker_events
         )
-        if not local_mode:
-            console.status(f"starting {spec.scaling.max_workers} worker(s)")
-        if not local_mode and runs_in_one_task(spec, embedded):
-            loop_config = kwargs["train_loop_config"]
-            trained = fit_with_decisions(lambda: OneTaskRun(spec, loop_config), spec, console.message, console.log_only)
-            return RunStatus.FINISHED, None, trained
         trainer_class = lean_trainer_class(TorchTrainer, embedded=embedded, own_loop=not spec.entrypoint)
         with train_environment(embedded=embedded):
             datasets = ray_datasets(spec, base_dir)
