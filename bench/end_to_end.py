@@ -44,7 +44,7 @@ ORCH = [sys.executable, "-m", "orchestrator"]
 CASES = {
     "plain": "plain PyTorch script",
     "local": "orchestrator run, local mode",
-    "worker": "orchestrator run, 1 Ray Train worker",
+    "worker": "orchestrator run, 1 Ray worker (the default job)",
     "fifo": "orchestrator sweep, FIFO",
     "asha": "orchestrator sweep, ASHA",
     "worker_up": "run, 1 worker, local Ray up",

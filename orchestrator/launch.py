@@ -22,7 +22,7 @@ from orchestrator.console import RunConsole
 from orchestrator.lease import RunLease
 from orchestrator.preflight import preflight
 from orchestrator.provenance import add_placement, collect_provenance
-from orchestrator.ray_runtime import resolve_address, start_ray
+from orchestrator.ray_runtime import has_one_node, resolve_address, start_ray
 from orchestrator.report import write_report
 from orchestrator.rundir import LOG_FILE, REPORT, RUN_RECORD, RunDir, run_uri_for
 from orchestrator.runrecord import RunRecord, RunStatus, RunSummary, summary_from_checkpoints
@@ -153,11 +153,16 @@ def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
         console.status("starting Ray" if not plan.address else f"connecting to Ray at {plan.address}")
     # Ray Train's actors all carry a runtime environment (see train_environment): none would take a prestarted
     # worker; a run in one task (see trainer.runs_in_one_task) starts on one.
-    prestart = runs_in_one_task(spec, embedded=plan.address is None)
+    prestart = runs_in_one_task(spec, one_node=plan.address is None)
     connected = start_ray(plan.address, prestart=prestart) if not plan.local_mode else False
     try:
         summary, placed = _fit_and_summarize(
-            plan, session.worker_config(), console, embedded=connected and not plan.address, worker_events=worker_events
+            plan,
+            session.worker_config(),
+            console,
+            embedded=connected and not plan.address,
+            worker_events=worker_events,
+            one_node=not plan.local_mode and (plan.address is None or has_one_node()),
         )
         summary.resumed_from = resumed_from
         add_placement(prov, placed)
@@ -181,13 +186,27 @@ def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
 
 
 def _fit_and_summarize(
-    plan: RunPlan, tracking_config: dict[str, Any] | None, console: RunConsole, embedded: bool, worker_events: bool
+    plan: RunPlan,
+    tracking_config: dict[str, Any] | None,
+    console: RunConsole,
+    embedded: bool,
+    worker_events: bool,
+    one_node: bool,
 ) -> tuple[RunSummary, dict[str, Any]]:
     """Ray Train's fit, then what the run's checkpoints say of it; with what rank 0 reported of where it ran."""
     spec, run = plan.spec, plan.run
     run_name = f"{run.name}-{int(plan.t0)}" if not spec.entrypoint else run.name
     status, error, result = fit(
-        spec, run.uri, plan.base_dir, run_name, tracking_config, console, embedded, worker_events, plan.local_mode
+        spec,
+        run.uri,
+        plan.base_dir,
+        run_name,
+        tracking_config,
+        console,
+        embedded,
+        worker_events,
+        plan.local_mode,
+        one_node=one_node,
     )
     if spec.entrypoint:
         # A bring-your-own loop reports to Ray and checkpoints through Ray's storage: its result is all there is.

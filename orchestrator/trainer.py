@@ -79,19 +79,20 @@ def _run_loop(spec: JobSpec, config: dict[str, Any], rank: int, world_size: int,
             tracker.close()
 
 
-def runs_in_one_task(spec: JobSpec, embedded: bool) -> bool:
+def runs_in_one_task(spec: JobSpec, one_node: bool) -> bool:
     """Whether a run's one worker is a plain Ray task of ours rather than Ray Train's worker group.
 
-    A fixed-size run of one worker on an embedded Ray has nothing for Ray Train's machinery to do:
-    no group to form or re-form, no collective, no node to place it on, no dataset to split; our loop
-    does its own checkpoints, and `fit_with_decisions` its own restarts. Ray Train would still start
-    its controller, its worker (each a fresh process through Ray's setup_worker.py: they carry a
-    runtime environment, see ray_runtime.train_environment) and a synchronization actor before the
-    first step; a plain task takes one of the workers Ray prestarts with the embedded Ray (`start_ray`).
-    Runs on a cluster, of several or elastic workers, a user's own loop or data.engine=ray keep Ray Train.
+    A fixed-size run of one worker on a Ray of one node (an embedded Ray, or one `ray start --head` left
+    up) has nothing for Ray Train's machinery to do: no group to form or re-form, no collective, no node
+    to choose, no dataset to split; our loop does its own checkpoints, and `fit_with_decisions` its own
+    restarts. Ray Train would still start its controller, its worker (each a fresh process through Ray's
+    setup_worker.py: they carry a runtime environment, see ray_runtime.train_environment) and a
+    synchronization actor before the first step; a plain task takes a worker Ray has prestarted or
+    starts one plain process. Runs on a cluster of several nodes, of several or elastic workers, a
+    user's own loop or data.engine=ray keep Ray Train.
     """
     workers = spec.scaling.num_workers
-    return embedded and isinstance(workers, int) and workers == 1 and not spec.entrypoint and spec.data.engine != "ray"
+    return one_node and isinstance(workers, int) and workers == 1 and not spec.entrypoint and spec.data.engine != "ray"
 
 
 def one_task_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -229,12 +230,13 @@ def fit(
     embedded: bool,
     worker_events: bool,
     local_mode: bool,
+    one_node: bool = False,
 ) -> tuple[RunStatus, str | None, Any]:
     """Ray Train's fit of the job: (status, one-line error, Ray's result); a failure after Ray's retries is a failed run, not an exception."""
     try:
         if not local_mode:
             console.status(f"starting {spec.scaling.max_workers} worker(s)")
-        if not local_mode and runs_in_one_task(spec, embedded):
+        if not local_mode and runs_in_one_task(spec, one_node):
             # Ray Train is not even imported (seconds of a 2-core machine's start-up).
             config = loop_config_of(spec, run_uri, base_dir, tracking_config, worker_events)
             trained = fit_with_decisions(lambda: OneTaskRun(spec, config), spec, console.message, console.log_only)

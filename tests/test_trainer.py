@@ -87,15 +87,15 @@ def test_the_autoscaling_coordinator_is_left_out_only_for_a_fixed_size_run_on_an
 
 
 @pytest.mark.parametrize(
-    "overrides, embedded, one_task",
+    "overrides, one_node, one_task",
     [
-        ([], True, True),  # the default job on an embedded Ray: one worker, nothing for Ray Train to coordinate
-        ([], False, False),  # on a cluster: Ray Train places the worker and watches its node
+        ([], True, True),  # the default job on a Ray of one node: one worker, nothing for Ray Train to coordinate
+        ([], False, False),  # a cluster of several nodes: Ray Train places the worker and watches its node
         (["scaling.num_workers=2"], True, False),  # a group to form and a collective to join
         (["scaling.num_workers=[1,2]"], True, False),  # elastic: Ray Train resizes the group
         (["entrypoint=mymod:train_loop"], True, False),  # a user's loop calls ray.train itself
     ],
 )
-def test_only_a_fixed_single_worker_run_on_an_embedded_ray_runs_in_one_task(overrides, embedded, one_task):
+def test_only_a_fixed_single_worker_run_on_a_ray_of_one_node_runs_in_one_task(overrides, one_node, one_task):
     spec = build_spec({"name": "t", "data": {"name": "digits"}, "scaling": {"num_workers": 1}}, overrides)
-    assert runs_in_one_task(spec, embedded) is one_task
+    assert runs_in_one_task(spec, one_node) is one_task
