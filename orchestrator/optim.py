@@ -48,7 +48,7 @@ def build_optimizer(model: nn.Module, spec: OptimSpec) -> torch.optim.Optimizer:
 
 def lr_at(step: int, base_lr: float, spec: ScheduleSpec, total_steps: int) -> float:
     """The LR of a step-based schedule for the optimizer step `step` (0-based) of a `total_steps` run."""
-    _check_schedule(spec, total_steps)
+    check_schedule(spec, total_steps)
     warmup = spec.warmup_steps
     if spec.name in _WARMUP_SCHEDULES and step < warmup:
         return base_lr * step / warmup
@@ -64,7 +64,8 @@ def lr_at(step: int, base_lr: float, spec: ScheduleSpec, total_steps: int) -> fl
     raise ValueError(f"schedule.name: {spec.name!r} is not a step-based schedule")
 
 
-def _check_schedule(spec: ScheduleSpec, total_steps: int) -> None:
+def check_schedule(spec: ScheduleSpec, total_steps: int) -> None:
+    """What a schedule needs of the run (ValueError naming the field): preflight asks it without building one."""
     if spec.warmup_steps and spec.name not in _WARMUP_SCHEDULES:
         raise ValueError(f"schedule.warmup_steps: {spec.name} has no warm-up; use constant or warmup_cosine")
     if spec.name in ("cosine", "warmup_cosine") and total_steps < 1:
@@ -75,7 +76,7 @@ class LRSchedule:
     """Sets every param group's LR once per optimizer step (`step`) and after validations (`on_validation`, plateau)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, spec: ScheduleSpec, total_steps: int):
-        _check_schedule(spec, total_steps)
+        check_schedule(spec, total_steps)
         self.optimizer = optimizer
         self.spec = spec
         self.total_steps = int(total_steps)

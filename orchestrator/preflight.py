@@ -65,13 +65,17 @@ def check_resources(spec: JobSpec) -> None:
 
 
 def check_model(spec: JobSpec, info: DataInfo, base_dir: str | None) -> None:
-    """The model builds for the data's shapes; every freeze pattern matches; the optimizer and schedule build on it.
+    """The model builds for the data's shapes; every freeze pattern matches; something is left to train; the schedule
+    fits the run.
 
     Cheap on the driver (a model is built, no data is loaded), and every failure here would otherwise
-    surface only after the workers started and run.json was written.
+    surface only after the workers started and run.json was written. No optimizer is built: its arguments
+    are the spec's, checked when the job was read (torch's constructors check nothing more), and building
+    one imports torch's compiler machinery (torch._dynamo, about 2.4 s on two cores), which the worker
+    that trains imports again.
     """
     from orchestrator.models import build_model  # torch: after the checks that need none
-    from orchestrator.optim import build_optimizer, build_schedule
+    from orchestrator.optim import check_schedule
 
     try:
         model = build_model(spec, info, base_dir=base_dir)
@@ -84,15 +88,14 @@ def check_model(spec: JobSpec, info: DataInfo, base_dir: str | None) -> None:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             raise BadInput(f"model.freeze: {pattern!r} matches no parameter of {spec.model.name} (they are: {shown})")
-    for name, param in model.named_parameters():
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in spec.model.freeze):
-            param.requires_grad_(False)
+    frozen = spec.model.freeze
+    if not any(
+        param.requires_grad and not any(fnmatch.fnmatchcase(name, pattern) for pattern in frozen)
+        for name, param in model.named_parameters()
+    ):
+        raise BadInput("optim: the model has no trainable parameters (are they all frozen by model.freeze?)")
     try:
-        optimizer = build_optimizer(model, spec.optim)
-    except Exception as exc:
-        raise BadInput(f"optim: {_one_line(exc)}") from None
-    try:
-        build_schedule(optimizer, spec.schedule, estimated_total_steps(spec, info))
+        check_schedule(spec.schedule, estimated_total_steps(spec, info))
     except Exception as exc:
         raise BadInput(f"schedule: {_one_line(exc)}") from None
 

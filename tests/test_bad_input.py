@@ -189,6 +189,7 @@ def test_run_refuses_what_preflight_finds_before_writing(tiny_job, tmp_path):
             ["run", str(job), "model.freeze=[nope.*]"],
             ["run", str(job), "model.freeze=['net.*', 'nope.*']"],
             ["run", str(job), "schedule.name=cosine", "train.max_steps=0"],
+            ["run", str(job), "model.freeze=['*']"],
         ],
         tmp_path,
         timeout=300,
@@ -196,7 +197,23 @@ def test_run_refuses_what_preflight_finds_before_writing(tiny_job, tmp_path):
     assert_one_line(results[0], "model.freeze: 'nope.*' matches no parameter of mlp (they are: ")
     assert_one_line(results[1], "model.freeze: 'nope.*' matches no parameter")
     assert_one_line(results[2], "train.max_steps: Input should be greater than or equal to 1")
+    assert_one_line(results[3], "optim: the model has no trainable parameters")
     assert not (storage / "tiny").exists(), list(storage.rglob("*"))
+
+
+def test_preflight_checks_the_model_without_building_an_optimizer(tmp_path):
+    # An optimizer's first build imports torch's compiler machinery (seconds); the worker that trains pays it anyway.
+    code = (
+        "import sys, yaml\n"
+        "from orchestrator.preflight import preflight\n"
+        "from orchestrator.spec import build_spec\n"
+        f"spec = build_spec(yaml.safe_load(open('jobs/digits_mlp.yaml')), ['checkpoint.storage={tmp_path}'])\n"
+        "preflight(spec, 'jobs', None)\n"
+        "print('torch' in sys.modules, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False"]  # the model was built; no optimizer was
 
 
 def test_the_ray_engine_where_it_would_wait_forever_is_refused_before_anything_starts(tmp_path):
