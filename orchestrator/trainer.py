@@ -104,6 +104,8 @@ def one_task_worker(config: dict[str, Any]) -> dict[str, Any]:
     placement = _placement([(socket.gethostname(), device_facts()["gpus"])])
     # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gave the task: the task's device is the first visible one.
     device = torch.device("cuda", 0) if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    # For the run's log (the console keeps a worker's own lines out): where the run's one worker is.
+    print(f"rank 0 of 1 on {socket.gethostname()}, device {device}", flush=True)
     last: dict[str, Any] = {}
 
     def report(metrics: dict[str, Any]) -> None:  # the driver reads the run's outcome from its checkpoints

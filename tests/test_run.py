@@ -398,7 +398,7 @@ def test_the_default_job_piped_shows_plain_progress_and_logs_everything(tmp_path
         line.startswith("finished: digits-mlp") for line in shown
     )
     log = (tmp_path / "digits-mlp" / "run.log").read_text()
-    assert "Token authentication" in log  # Ray's own lines are kept, not shown
+    assert "(one_task_worker pid=" in log and "rank 0 of 1 on " in log  # the worker's own lines are kept, not shown
     assert "  validation: " in log and "finished: digits-mlp" in log
 
 
@@ -425,7 +425,7 @@ def test_the_default_job_in_a_terminal_draws_one_progress_display(tmp_path):
     assert "━" in screen and "86/86" in screen  # the progress bar, finished (2 epochs of 43 steps)
     assert "  validation: " in screen and "finished: digits-mlp" in screen
     assert not any(line.startswith("step ") for line in screen.splitlines())  # the bar replaces the plain step lines
-    assert "Token authentication" in (tmp_path / "digits-mlp" / "run.log").read_text()
+    assert "(one_task_worker pid=" in (tmp_path / "digits-mlp" / "run.log").read_text()
 
 
 BROKEN_MODEL = """
