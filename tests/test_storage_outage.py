@@ -122,8 +122,10 @@ def test_long_outage_fails_clearly_and_a_rerun_resumes(s3_behind_proxy):
     )
     run_uri = "s3://outage/runs/outage"
     cutter = outage_after_first_checkpoint(run_uri, server.endpoint, proxy, down_s=None)
+    # Which of the checkpointer's requests meets the outage first is a race: a file's upload, or the listing of the
+    # run (seen in CI: "s3://outage/runs/outage: list still failing after 2.3 s"). Either is named, with its operation.
     with pytest.raises(
-        RuntimeError, match=r"checkpoint upload failed: s3://outage/runs/outage/\S+: \w+ still failing after"
+        RuntimeError, match=r"checkpoint upload failed: s3://outage/runs/outage(/\S+)?: \w+ still failing after"
     ):
         run_training(spec, LoopContext(run_uri=run_uri, log=lambda m: None))
     cutter.join()
