@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ports import free_port  # noqa: F401 (tests import it from here)
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

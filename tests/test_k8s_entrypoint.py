@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
 from k8s_samples import K8S, ROOT
+from ports import free_port
 
 JOB = K8S / "overlays" / "cpu" / "job.yaml"
 VENV_BIN = Path(sys.executable).parent

@@ -363,7 +363,7 @@ def _metrics_rank(rank, world, port, out_dir):
 
 def test_metrics_of_two_ranks_equal_one_rank_and_their_exchange_does_not_grow_with_the_split(tmp_path):
     import torch.multiprocessing as mp
-    from conftest import free_port
+    from ports import free_port
 
     from orchestrator.loop import LoopContext
     from orchestrator.loop.evaluate import evaluate

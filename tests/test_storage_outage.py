@@ -7,7 +7,8 @@ import time
 
 import pytest
 import torch
-from conftest import S3Server, TcpProxy, free_port
+from conftest import S3Server, TcpProxy
+from ports import free_port
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage

@@ -11,7 +11,8 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, FaultyProxy, S3Server, blackhole, free_port
+from conftest import ROOT, FaultyProxy, S3Server, blackhole
+from ports import free_port
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage

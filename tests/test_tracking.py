@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from mlflow.tracking import MlflowClient
+from ports import free_port
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 

@@ -247,7 +247,7 @@ def _ddp_rank(rank, world, port, run_uri, out_dir, extra=()):
 
 
 def test_ddp_two_ranks_agree(tmp_path):
-    from conftest import free_port
+    from ports import free_port
 
     run_uri = str(tmp_path / "ddp")
     mp.start_processes(
@@ -264,7 +264,7 @@ def test_ddp_two_ranks_agree(tmp_path):
 
 
 def test_elastic_resume_on_fewer_workers_keeps_the_epoch_position(tmp_path):
-    from conftest import free_port
+    from ports import free_port
 
     run_uri = str(tmp_path / "elastic")
     mp.start_processes(
@@ -302,7 +302,7 @@ def test_elastic_resume_of_parquet_data_continues_with_what_the_two_ranks_left(t
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from conftest import free_port
+    from ports import free_port
 
     from orchestrator.data import load_data
 
