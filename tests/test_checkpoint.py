@@ -104,6 +104,7 @@ def test_retention_keeps_last_and_best(run_store):
 def test_async_writer_has_one_upload_in_flight_and_commits_before_close(tmp_path):
     fs, root = storage.open_storage(str(tmp_path / "run"))
     in_flight, peak, lock = 0, 0, threading.Lock()
+    started, release = threading.Event(), threading.Event()
 
     def slow_files(step):
         def build():
@@ -111,7 +112,8 @@ def test_async_writer_has_one_upload_in_flight_and_commits_before_close(tmp_path
             with lock:
                 in_flight += 1
                 peak = max(peak, in_flight)
-            time.sleep(0.2)
+            started.set()
+            release.wait(timeout=60)
             with lock:
                 in_flight -= 1
             return files_for(step)
@@ -119,10 +121,15 @@ def test_async_writer_has_one_upload_in_flight_and_commits_before_close(tmp_path
         return build
 
     writer = ckpt.CheckpointWriter(fs, root, asynchronous=True)
-    t0 = time.perf_counter()
     writer.save(1, 0, slow_files(1), {})
-    assert time.perf_counter() - t0 < 0.1  # the caller is not blocked by the upload
-    writer.save(2, 0, slow_files(2), {})  # waits for the first: at most one in flight
+    # The caller is not blocked by the upload: save returned while the upload is held.
+    assert started.wait(timeout=60) and not release.is_set() and not ckpt.list_checkpoints(fs, root)
+    second = threading.Thread(target=writer.save, args=(2, 0, slow_files(2), {}))
+    second.start()  # waits for the first: at most one in flight
+    time.sleep(0.5)  # room for a second upload to start, were two allowed at once
+    assert peak == 1 and second.is_alive()
+    release.set()
+    second.join(timeout=60)
     writer.close()
     assert peak == 1
     assert [c.step for c in ckpt.list_checkpoints(fs, root)] == [1, 2]
