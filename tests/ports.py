@@ -35,12 +35,19 @@ def _bindable(port: int) -> bool:
     return True
 
 
+# Every port this process has handed out: a port chosen for a server that has not bound it yet (a Ray head's GCS
+# port, drawn before `ray start`) is still free to a bind, and must not be handed out twice.
+_handed: set[int] = set()
+
+
 def free_port_range(size: int, low: int = LOW, high: int | None = None) -> tuple[int, int]:
-    """`size` consecutive ports, free now, below the kernel's ephemeral range."""
+    """`size` consecutive ports, free now, below the kernel's ephemeral range, none handed out before here."""
     high = high or ephemeral_low()
     for _ in range(500):
         start = secrets.randbelow(high - low - size) + low
-        if all(_bindable(port) for port in range(start, start + size)):
+        ports = range(start, start + size)
+        if _handed.isdisjoint(ports) and all(_bindable(port) for port in ports):
+            _handed.update(ports)
             return start, start + size - 1
     raise RuntimeError(f"no {size} free consecutive ports in {low}-{high}")
 

@@ -24,6 +24,7 @@ from ports import free_port, free_port_range
 
 MARKER = "ORCHESTRATOR_TEST_RAY_NODE"
 VENV_BIN = str(Path(sys.executable).parent)
+WORKER_PORTS = 40  # per node: enough for the workers and actors a test starts on it
 
 
 def pids_with_marker(marker: str) -> list[int]:
@@ -75,7 +76,10 @@ class RayNode:
         self.temp_dir = str(cluster.root / ("ray" if head else name))
 
     def command(self) -> list[str]:
-        low, high = free_port_range(40)
+        # All of the node's ports from one free range: drawn one by one, a component's port could land in the
+        # workers' range (seen: the metrics exporter's), and `ray start` refuses the overlap.
+        low, _ = free_port_range(WORKER_PORTS + 7)
+        single = iter(range(low + WORKER_PORTS, low + WORKER_PORTS + 7))
         args = [
             os.path.join(VENV_BIN, "ray"),
             "start",
@@ -83,14 +87,14 @@ class RayNode:
             f"--resources={json.dumps({self.name: 1})}",
             f"--temp-dir={self.temp_dir}",
             f"--object-store-memory={100 * 1024 * 1024}",
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            f"--node-manager-port={next(single)}",
+            f"--object-manager-port={next(single)}",
+            f"--runtime-env-agent-port={next(single)}",
+            f"--dashboard-agent-grpc-port={next(single)}",
+            f"--dashboard-agent-listen-port={next(single)}",
+            f"--metrics-export-port={next(single)}",
             f"--min-worker-port={low}",
-            f"--max-worker-port={high}",
+            f"--max-worker-port={low + WORKER_PORTS - 1}",
             "--disable-usage-stats",
         ]
         if self.head:
@@ -101,7 +105,7 @@ class RayNode:
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.cluster.dashboard_port}",
-                f"--ray-client-server-port={free_port()}",
+                f"--ray-client-server-port={next(single)}",
             ]
         else:
             args += [f"--address={self.cluster.gcs_address}", f"--node-ip-address={self.ip}"]
