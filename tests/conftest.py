@@ -275,6 +275,9 @@ class MlflowServer:
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own group: uvicorn has children
+            # No job runner and huey consumers (MLflow's server-side jobs, which no test uses): three fewer
+            # processes polling on the two cores the tests share.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
 
     def wait_ready(self, timeout: float = 240) -> None:
