@@ -1,8 +1,9 @@
 """What a user waits for: whole commands, start to exit; left out only the one `ray start --head` the `*_up` cases attach to.
 
 Runs in turn, in one invocation (A B A B ... with --repeat): a plain PyTorch script doing jobs/digits_mlp.yaml's
-work (bench/plain_digits.py), `orchestrator run` on that job in local mode (scaling.num_workers=0) and as
-the job says (one Ray Train worker actor), and `orchestrator sweep` on jobs/sweep_digits_asha.yaml under
+work (bench/plain_digits.py), the same script's loop hand-written on Ray Train in one worker actor
+(bench/raytrain_digits.py: what the orchestrator's one-worker run must beat), `orchestrator run` on that
+job in local mode (scaling.num_workers=0) and as the job says (one Ray worker), and `orchestrator sweep` on jobs/sweep_digits_asha.yaml under
 FIFO and under ASHA. Prints, per command, the wall time, the time from command start to the first
 optimizer step (the command's own `first_step_at` stamp; "n/a" where it gives none), the exit status,
 the ratios of both runs to the plain script, and ASHA/FIFO wall with each sweep's best metric and
@@ -39,12 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 JOB = "jobs/digits_mlp.yaml"
 SWEEP = "jobs/sweep_digits_asha.yaml"
 PLAIN = "bench/plain_digits.py"
+RAYTRAIN = "bench/raytrain_digits.py"
 ORCH = [sys.executable, "-m", "orchestrator"]
 
 CASES = {
     "plain": "plain PyTorch script",
     "local": "orchestrator run, local mode",
     "worker": "orchestrator run, 1 Ray worker (the default job)",
+    "raytrain": "hand-written Ray Train, 1 worker",
     "fifo": "orchestrator sweep, FIFO",
     "asha": "orchestrator sweep, ASHA",
     "worker_up": "run, 1 worker, local Ray up",
@@ -77,8 +80,8 @@ class Timing:
 def command(case: str, storage: str, overrides: list[str]) -> list[str]:
     """The command line of one case; sweep.* overrides reach only the sweeps (a plain job has no sweep section)."""
     common = [o for o in overrides if not o.startswith("sweep.")]
-    if case == "plain":
-        return [sys.executable, PLAIN, "--job", JOB, *common]
+    if case in ("plain", "raytrain"):
+        return [sys.executable, PLAIN if case == "plain" else RAYTRAIN, "--job", JOB, *common]
     store = f"checkpoint.storage={storage}"
     where = [] if case in ATTACHED else ["--address", "local"]
     if case == "local":
@@ -133,7 +136,7 @@ def run_case(case: str, repeat: int, storage: str, overrides: list[str]) -> Timi
     first = result.get("first_step_at")
     t.first_step_s = first - start if isinstance(first, (int, float)) else None
     t.steps = result.get("steps")
-    if case == "plain":
+    if case in ("plain", "raytrain"):
         t.best_metric, t.best = "val_accuracy", result.get("best_val_accuracy")
         t.extra = {"test_accuracy": result.get("test_accuracy"), "stopped_early": result.get("stopped_early")}
     else:
@@ -194,10 +197,13 @@ def summarize(runs: list[Timing], cases: list[str]) -> dict[str, Any]:
         }
     plain = per.get("plain", {})
     ratios: dict[str, float | None] = {}
-    for case in ("local", "worker", "worker_up"):
+    for case in ("local", "worker", "worker_up", "raytrain"):
         if case in per and plain:
             ratios[f"{case}_wall_x_plain"] = ratio(per[case]["wall_s"], plain["wall_s"])
             ratios[f"{case}_first_step_x_plain"] = ratio(per[case]["first_step_s"], plain["first_step_s"])
+    if "worker" in per and "raytrain" in per:
+        ratios["worker_wall_x_raytrain"] = ratio(per["worker"]["wall_s"], per["raytrain"]["wall_s"])
+        ratios["worker_first_step_x_raytrain"] = ratio(per["worker"]["first_step_s"], per["raytrain"]["first_step_s"])
     for suffix in ("", "_up"):
         fifo, asha = per.get(f"fifo{suffix}"), per.get(f"asha{suffix}")
         if fifo and asha:
@@ -228,13 +234,19 @@ def print_table(result: dict[str, Any]) -> None:
     print(head)
     for case, s in per.items():
         # Only the two runs of the job are compared with the plain script; the sweeps are compared with each other.
-        vs_plain = case in ("local", "worker", "worker_up")
+        vs_plain = case in ("local", "worker", "worker_up", "raytrain")
         x_wall = fmt(ratio(s["wall_s"], plain.get("wall_s")), ".2f", "x") if vs_plain else ""
         x_first = fmt(ratio(s["first_step_s"], plain.get("first_step_s")), ".2f", "x") if vs_plain else ""
         print(
             f"{CASES[case]:38}{fmt(s['wall_s'], '.1f', 's'):>8}{fmt(s['first_step_s'], '.1f', 's'):>12}{x_wall:>14}{x_first:>13}"
             f"{fmt(s['own_wall_s'], '.1f', 's'):>10}{fmt(s['best'], '.4f'):>8}{fmt(s['steps'], '.0f'):>8}"
             f"{s['rc'] if s['rc'] is not None else 'n/a':>6}"
+        )
+    if "worker_wall_x_raytrain" in ratios:
+        print()
+        print(
+            f"orchestrator run (1 worker) / hand-written Ray Train: wall {fmt(ratios['worker_wall_x_raytrain'], '.2f')},"
+            f" first step {fmt(ratios['worker_first_step_x_raytrain'], '.2f')}"
         )
     for suffix, label in (("", ""), ("_up", " (local Ray up)")):
         if f"asha{suffix}_wall_x_fifo" in ratios:
