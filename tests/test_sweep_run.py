@@ -197,7 +197,7 @@ def test_pbt_hands_the_best_weights_to_the_weak_trials(tmp_path):
             f"checkpoint.storage={tmp_path}",
             *TINY,
             "train.batch_size=1",
-            "train.epochs=5",
+            "train.epochs=3",
             "train.log_every_n_steps=5000",
             "schedule.name=constant",
             "schedule.warmup_steps=0",
@@ -208,7 +208,7 @@ def test_pbt_hands_the_best_weights_to_the_weak_trials(tmp_path):
             "--json",
         )
     )
-    assert out["status"] == "finished" and all(t["steps"] == 5 * 1374 for t in out["trials"])
+    assert out["status"] == "finished" and all(t["steps"] == 3 * 1374 for t in out["trials"])
     records = [run_record(Path(t["run_uri"])) for t in out["trials"]]
     exploited = [r for r in records if r["exploited_from"]]
     assert exploited, "no trial was exploited"
