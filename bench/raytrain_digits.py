@@ -2,7 +2,7 @@
 
 What a user writes without the orchestrator to train jobs/digits_mlp.yaml's job in a Ray worker actor: an
 embedded Ray (`ray.init()`'s defaults), a TorchTrainer with one worker whose training function is the plain
-script's loop, and the loop's JSON result reported back to the driver. Ray Train's defaults throughout: the
+script's loop, and the loop's JSON result handed back to the driver (a file). Ray Train's defaults throughout: the
 work is the plain script's, the cost around it is Ray Train's. Prints `first_step_at=<unix time>` (from the
 worker) and ends with one JSON line whose `first_step_at` is the worker's and whose `wall_s` is this process's.
 Usage: python bench/raytrain_digits.py [--job PATH] [KEY=VALUE ...]
@@ -30,22 +30,27 @@ BENCH = Path(__file__).resolve().parent
 def train_loop(config: dict) -> None:
     import plain_digits  # in the worker: its imports are part of what the worker costs
 
-    ray.train.report(plain_digits.main(config["argv"]))
+    result = plain_digits.main(config["argv"])
+    # Ray Train 2's Result keeps only metrics reported with a checkpoint: the result goes back as a file (one machine).
+    Path(config["out"]).write_text(json.dumps(result))
 
 
 def main(argv: list[str]) -> dict:
     # Ray's workers inherit the environment of the Ray this process starts: they find plain_digits.py there.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH), os.environ.get("PYTHONPATH")) if p)
+    # The worker runs in a directory of Ray Train's: a relative job path is the caller's.
+    argv = [str(Path(a).resolve()) if i and argv[i - 1] == "--job" else a for i, a in enumerate(argv)]
     ray.init()
     try:
         with tempfile.TemporaryDirectory(prefix="raytrain-digits-") as storage:
             trainer = TorchTrainer(
                 train_loop,
-                train_loop_config={"argv": argv},
+                train_loop_config={"argv": argv, "out": os.path.join(storage, "result.json")},
                 scaling_config=ScalingConfig(num_workers=1),
                 run_config=RunConfig(storage_path=storage, name="digits"),
             )
-            result = dict(trainer.fit().metrics)
+            trainer.fit()
+            result = json.loads(Path(storage, "result.json").read_text())
     finally:
         ray.shutdown()
     result["wall_s"] = round(time.time() - T0, 3)
