@@ -39,10 +39,10 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix $(LINTED)
 	$(VENV)/bin/ruff format $(LINTED)
 
-# Three workers (pytest-xdist) on two cores: much of a test's time is spent waiting on a process, a server or
-# Ray; with two workers the cores still idled 13% of a CI-like run. Tests that share a module's cluster or a
-# server carry an xdist_group and stay in one worker. TEST_WORKERS=0 runs them one after another in this process.
-TEST_WORKERS ?= 3
+# Two workers (pytest-xdist): most of a test's time is spent waiting on a process, a server or Ray, so two
+# keep a 2-core machine busy; tests that share a module's cluster or a server carry an xdist_group and
+# stay in one worker. TEST_WORKERS=0 runs them one after another in this process.
+TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # Every run ends with its 25 slowest tests, so that each CI log says where the suite's time goes.
