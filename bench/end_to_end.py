@@ -55,6 +55,7 @@ CASES = {
     "asha_up": "sweep ASHA, local Ray up",
 }
 SWEEPS = ("fifo", "asha", "fifo_up", "asha_up")
+VS_PLAIN = ("local", "worker", "worker_up", "raytrain")  # compared with the plain script; the sweeps with each other
 ATTACHED = ("worker_up", "fifo_up", "asha_up")
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -197,7 +198,7 @@ def summarize(runs: list[Timing], cases: list[str]) -> dict[str, Any]:
         }
     plain = per.get("plain", {})
     ratios: dict[str, float | None] = {}
-    for case in ("local", "worker", "worker_up", "raytrain"):
+    for case in VS_PLAIN:
         if case in per and plain:
             ratios[f"{case}_wall_x_plain"] = ratio(per[case]["wall_s"], plain["wall_s"])
             ratios[f"{case}_first_step_x_plain"] = ratio(per[case]["first_step_s"], plain["first_step_s"])
@@ -233,8 +234,7 @@ def print_table(result: dict[str, Any]) -> None:
     head = f"{'':38}{'wall':>8}{'first step':>12}{'wall x plain':>14}{'1st x plain':>13}{'own wall':>10}{'best':>8}{'steps':>8}{'exit':>6}"
     print(head)
     for case, s in per.items():
-        # Only the two runs of the job are compared with the plain script; the sweeps are compared with each other.
-        vs_plain = case in ("local", "worker", "worker_up", "raytrain")
+        vs_plain = case in VS_PLAIN
         x_wall = fmt(ratio(s["wall_s"], plain.get("wall_s")), ".2f", "x") if vs_plain else ""
         x_first = fmt(ratio(s["first_step_s"], plain.get("first_step_s")), ".2f", "x") if vs_plain else ""
         print(

@@ -25,6 +25,7 @@ from ports import free_port, free_port_range
 MARKER = "ORCHESTRATOR_TEST_RAY_NODE"
 VENV_BIN = str(Path(sys.executable).parent)
 WORKER_PORTS = 40  # per node: enough for the workers and actors a test starts on it
+SINGLE_PORTS = 7  # per node: one for each component given a port below (six on a worker node, seven on the head)
 
 
 def pids_with_marker(marker: str) -> list[int]:
@@ -78,8 +79,8 @@ class RayNode:
     def command(self) -> list[str]:
         # All of the node's ports from one free range: drawn one by one, a component's port could land in the
         # workers' range (seen: the metrics exporter's), and `ray start` refuses the overlap.
-        low, _ = free_port_range(WORKER_PORTS + 7)
-        single = iter(range(low + WORKER_PORTS, low + WORKER_PORTS + 7))
+        low, _ = free_port_range(WORKER_PORTS + SINGLE_PORTS)
+        single = iter(range(low + WORKER_PORTS, low + WORKER_PORTS + SINGLE_PORTS))
         args = [
             os.path.join(VENV_BIN, "ray"),
             "start",
