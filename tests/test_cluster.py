@@ -2,11 +2,11 @@
 
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from commands import run_command
 
 import orchestrator.cluster as cluster
 from orchestrator.cluster import (
@@ -28,13 +28,8 @@ PACKAGE_DIR = str(Path(cluster.__file__).resolve().parent)
 def cli(*args, env=None, cwd=None, timeout=60):
     """Run `python -m orchestrator ...` in a clean environment (no Ray address or token of the caller's)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        env={**base, **(env or {})},
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    return run_command(
+        [sys.executable, "-m", "orchestrator", *args], env={**base, **(env or {})}, cwd=cwd or ROOT, timeout=timeout
     )
 
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from commands import run_command
 from ray_cluster import RayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,14 +57,7 @@ def cli(head, *args, env=None, timeout=300):
     """`python -m orchestrator ...` as a user of this cluster runs it; the token must never appear in what it prints."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     full = {**base, **head.client_env(), **(env or {})}
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        env=full,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    out = run_command([sys.executable, "-m", "orchestrator", *args], env=full, cwd=ROOT, timeout=timeout)
     assert head.token not in out.stdout + out.stderr
     return out
 

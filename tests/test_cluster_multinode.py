@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from commands import run_command
 from ray_cluster import RayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,13 +83,8 @@ def project(tmp_path_factory):
 
 def cli(cluster, *args, timeout=400):
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        env={**base, **cluster.client_env()},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    out = run_command(
+        [sys.executable, "-m", "orchestrator", *args], env={**base, **cluster.client_env()}, cwd=ROOT, timeout=timeout
     )
     assert cluster.token not in out.stdout + out.stderr
     return out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import run_command
 
 # The report tests' Chromium (Debian's, driven by Playwright) and how they open a page offline.
 from ray_cluster import MARKER, kill_marked, pids_with_marker
@@ -38,13 +39,8 @@ TINY = [
 
 
 def orchestrator(*args, env=None, timeout=400):
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        timeout=timeout,
+    return run_command(
+        [sys.executable, "-m", "orchestrator", *args], cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout
     )
 
 

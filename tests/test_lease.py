@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from commands import run_command
 
 from orchestrator import storage
 from orchestrator.lease import LEASE_FILE, LeaseHeld, RunLease
@@ -70,9 +71,7 @@ def lease_on(uri: str, ttl: float = 60.0) -> RunLease:
 
 
 def orchestrator(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
+    return run_command([sys.executable, "-m", "orchestrator", *args], cwd=ROOT, timeout=300)
 
 
 # ----------------------------------------------------------------------------------------------

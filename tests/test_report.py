@@ -16,6 +16,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 import pytest
+from commands import run_command
 
 from orchestrator.launch import run_job
 from orchestrator.report import list_runs, load_run, write_report
@@ -33,9 +34,7 @@ CHROMIUM = (
 
 
 def orchestrator(*args, cwd=ROOT, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
-    )
+    return run_command([sys.executable, "-m", "orchestrator", *args], cwd=cwd, timeout=timeout)
 
 
 def summary_of(res) -> dict:

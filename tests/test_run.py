@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from commands import cmdline, descendants, run_command
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
@@ -23,14 +24,7 @@ JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
 
 def orchestrator(*args, cwd=ROOT, env=None, timeout=300):
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=full_env,
-        timeout=timeout,
-    )
+    return run_command([sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=full_env, timeout=timeout)
 
 
 def summary_of(res) -> dict:
@@ -202,32 +196,6 @@ KILL_JOB = [
     "train.log_every_n_steps=50",
 ]
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1"}  # Ray gives a 1-CPU worker one thread; the reference must match
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below pid (from /proc), for killing exactly this run's Ray workers."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 240) -> None:

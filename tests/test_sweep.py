@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from commands import run_command
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
@@ -20,9 +20,7 @@ ASHA_SWEEP = "jobs/sweep_digits_asha.yaml"
 
 
 def orchestrator(*args, cwd=ROOT, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
-    )
+    return run_command([sys.executable, "-m", "orchestrator", *args], cwd=cwd, timeout=timeout)
 
 
 def sweep_spec(**sweep):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from commands import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 LR_SWEEP = "jobs/sweep_digits_lr.yaml"
@@ -20,13 +21,8 @@ TINY = ["model.hidden=32", "train.log_every_n_steps=50"]
 
 
 def orchestrator(*args, env=None, timeout=400):
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        timeout=timeout,
+    return run_command(
+        [sys.executable, "-m", "orchestrator", *args], cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout
     )
 
 

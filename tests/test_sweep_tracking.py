@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from commands import run_command
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -24,14 +24,7 @@ TINY = ["model.hidden=16", "train.log_every_n_steps=10", "sweep.max_concurrent_t
 
 def orchestrator(*args, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=timeout,
-    )
+    return run_command([sys.executable, "-m", "orchestrator", *args], cwd=ROOT, env=env, timeout=timeout)
 
 
 def result_of(res) -> dict:

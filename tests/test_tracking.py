@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from commands import run_command
 from mlflow.tracking import MlflowClient
 from ports import free_port
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -36,14 +37,7 @@ BRIEF = ["train.max_steps=30", "validation.every_n_steps=10", "train.log_every_n
 def orchestrator(*args, cwd=ROOT, env=None, timeout=300):
     full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=full_env,
-        timeout=timeout,
-    )
+    return run_command([sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=full_env, timeout=timeout)
 
 
 def summary_of(res) -> dict:
