@@ -15,6 +15,17 @@ from ports import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first, in their files' order, then the rest.
+
+    The suite keeps two cores busy, so it lasts as long as its two xdist workers' work: a long test handed
+    out last runs alone while the other worker has nothing left (in collection order the sweep tests came
+    near the end). Longest first leaves the quick tests to even out the two workers' ends. pytest-xdist
+    still hands out the groups (xdist_group) first, by their number of tests; they hold slow tests too.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 class S3Server:
     """moto's S3 server in its own process, so a test can stop and restart it like a real outage."""
 
