@@ -100,6 +100,7 @@ def consume_shard(source: ShardSource, rank: int) -> dict[tuple[int, int], tuple
     return out
 
 
+@pytest.mark.slow
 def test_two_workers_see_each_train_row_at_most_once_per_epoch_in_equal_shares(tmp_path, ray_local):
     spec = job(write_parts(tmp_path / "parts"))
     train_keys = native_train_keys(spec)

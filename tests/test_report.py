@@ -42,6 +42,7 @@ def summary_of(res) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+# The tests of the module's real runs and sweep (`runs`, `sweep_uri`: a minute of setup on two cores) are marked slow.
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Three tiny real runs (classification, regression, language model) in one storage."""
@@ -197,6 +198,7 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("kind", ["classification", "regression", "lm", "sweep"])
+@pytest.mark.slow
 def test_each_kind_of_report_opens_offline_in_chromium_with_every_figure_drawn(
     kind, runs, sweep_uri, browser, tmp_path
 ):
@@ -218,6 +220,7 @@ def test_each_kind_of_report_opens_offline_in_chromium_with_every_figure_drawn(
         assert "Provenance" in seen["text"] and "job_hash" in seen["text"] and "optim" in seen["text"]
 
 
+@pytest.mark.slow
 def test_classification_run_evaluates_its_best_checkpoint_on_the_test_split(runs):
     storage, out = runs
     summary = out["classification"]
@@ -235,6 +238,7 @@ def test_classification_run_evaluates_its_best_checkpoint_on_the_test_split(runs
     assert "early stop at step" in html and "best step" in html
 
 
+@pytest.mark.slow
 def test_regression_and_lm_test_records_hold_what_their_plots_need(runs):
     storage, _ = runs
     reg = json.loads((storage / "synthetic-regression" / "test.json").read_text())
@@ -267,6 +271,7 @@ def test_best_checkpoint_gone_means_the_latest_is_evaluated(tmp_path):
     assert "the best one was not kept" in (tmp_path / "digits-mlp" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_sweep_report_marks_the_trials_the_scheduler_stopped(sweep_uri):
     from orchestrator.report import load_sweep
     from orchestrator.report.sweep_page import _stopped_by_scheduler
@@ -279,6 +284,7 @@ def test_sweep_report_marks_the_trials_the_scheduler_stopped(sweep_uri):
     assert stopped == [s < max(steps) for s in steps]
 
 
+@pytest.mark.slow
 def test_report_to_a_local_file_and_run_listing_newest_first(runs, tmp_path):
     storage, out = runs
     target = tmp_path / "out" / "digits.html"
@@ -297,12 +303,14 @@ def test_report_to_a_local_file_and_run_listing_newest_first(runs, tmp_path):
     assert table.returncode == 0 and table.stdout.index("tiny-lm") < table.stdout.index("digits-mlp")
 
 
+@pytest.mark.slow
 def test_runs_lists_sweeps_beside_runs(sweep_uri):
     listed = list_runs(str(Path(sweep_uri).parent))
     assert [(r["name"], r["kind"], r["status"]) for r in listed] == [("digits-asha", "sweep", "finished")]
 
 
 @pytest.mark.parametrize("what", ["missing", "empty", "checkpoints-only"])
+@pytest.mark.slow
 def test_report_of_a_uri_without_a_run_is_one_line_exit_2_and_writes_nothing(what, runs, tmp_path):
     target = tmp_path / what
     if what != "missing":

@@ -50,8 +50,12 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize(
     "job",
-    [j for j in JOBS if j.name != "transfer_finetune.yaml"],
-    ids=[p.name for p in JOBS if p.name != "transfer_finetune.yaml"],
+    [
+        # A transformer's twelve steps, validations and test pass: half a minute on two busy cores.
+        pytest.param(j, id=j.name, marks=pytest.mark.slow) if j.name == "tiny_gpt.yaml" else pytest.param(j, id=j.name)
+        for j in JOBS
+        if j.name != "transfer_finetune.yaml"
+    ],
 )
 def test_every_example_job_runs(job, tmp_path):
     brief = ["scaling.num_workers=0", f"checkpoint.storage={tmp_path}"]
@@ -141,6 +145,7 @@ def test_missing_bucket_is_caught_before_ray(s3_server, tmp_path):
 # Reruns: resume, already finished, --fresh
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_says_so_and_fresh_starts_anew(tmp_path):
     args = [
         "run",
@@ -309,6 +314,7 @@ def test_two_ddp_workers_on_embedded_ray(tmp_path):
     assert out["metrics"]["val_accuracy"] > 0.8  # 44 steps of DDP: learning, not yet converged
 
 
+@pytest.mark.slow
 def test_checkpoints_and_export_commands(tmp_path, s3_server, bucket):
     storage_arg = f"checkpoint.storage=s3://{bucket}/runs"
     out = summary_of(

@@ -111,6 +111,7 @@ def test_outage_mid_run_is_survived_with_identical_weights(s3_behind_proxy):
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_long_outage_fails_clearly_and_a_rerun_resumes(s3_behind_proxy):
     server, proxy = s3_behind_proxy
     spec = build_spec(
