@@ -8,10 +8,13 @@ of the logs of the Ray it started (Ray Train's controller, the workers' stderr).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
@@ -44,13 +47,11 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def python_stacks(pid: int) -> str:
-    """py-spy's dump of the Python threads of `pid` and of every Python process below it."""
-    import time
-
+def python_stacks(pids: list[int]) -> str:
+    """py-spy's dump of the Python threads of each of `pids` that runs Python."""
     deadline = time.monotonic() + STACKS_BUDGET_S
     parts = []
-    for p in [pid, *descendants(pid)]:
+    for p in pids:
         line = cmdline(p)
         program = line.split(" ", 1)[0]
         if not (os.path.basename(program).startswith("python") or program.startswith("ray::")):
@@ -70,14 +71,9 @@ def python_stacks(pid: int) -> str:
     return "\n".join(parts)
 
 
-def ray_logs(pid: int, per_file: int = 12, budget: int = 12000) -> str:
-    """The end of the logs of any Ray this command started: Ray Train's controller decisions and each worker's stderr."""
-    import json
-    import re
-
-    sessions = {
-        m.group(1) for p in descendants(pid) if (m := re.search(r"(/\S+?/session_[^/\s]+)/sockets/raylet", cmdline(p)))
-    }
+def ray_logs(pids: list[int], per_file: int = 12, budget: int = 12000) -> str:
+    """The end of the logs of any Ray among `pids` (its raylet): Ray Train's controller decisions and each worker's stderr."""
+    sessions = {m.group(1) for p in pids if (m := re.search(r"(/\S+?/session_[^/\s]+)/sockets/raylet", cmdline(p)))}
     parts = []
     for session in sorted(sessions):
         logs = Path(session, "logs")
@@ -99,7 +95,7 @@ def ray_logs(pid: int, per_file: int = 12, budget: int = 12000) -> str:
 
 
 def run_command(
-    args: list[str], *, cwd: Path | str, env: dict[str, str] | None = None, timeout: float = 300
+    args: list[str], *, cwd: Path | str | None = None, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     """subprocess.run(args, capture_output=True, text=True), failing the test with the hung processes' stacks on timeout."""
     proc = subprocess.Popen(
@@ -114,8 +110,9 @@ def run_command(
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        stacks, logs = python_stacks(proc.pid), ray_logs(proc.pid)
         below = descendants(proc.pid)
+        stacks, logs = python_stacks([proc.pid, *below]), ray_logs(below)
+        below = descendants(proc.pid)  # again: the dumps take seconds, in which Ray may have started more
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:

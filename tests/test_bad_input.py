@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from commands import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hunter2-s3cr3t"
@@ -252,14 +253,7 @@ def test_the_harness_sees_what_a_user_sees(tmp_path):
         (["status", "", "--address", "http://127.0.0.1:9"], "an empty job id: not a job id"),
         (["validate", "empty.yaml", f"checkpoint.storage=s3://u:{SECRET}@b/x"], "empty.yaml: the job file is empty"),
     ]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "orchestrator", *args],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env=env,
-            timeout=60,
-        )
+        proc = run_command([sys.executable, "-m", "orchestrator", *args], cwd=tmp_path, env=env, timeout=60)
         assert_one_line({"args": args, "code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}, fragment)
 
 
@@ -327,10 +321,8 @@ def test_a_tracking_uri_with_credentials_from_the_environment_is_stored_and_show
     job, storage = tiny_job
     port = mlflow_server.uri.rsplit(":", 1)[1]
     env = {**clean_env(tmp_path), "MLFLOW_TRACKING_URI": f"http://alice:{SECRET}@127.0.0.1:{port}"}
-    proc = subprocess.run(
+    proc = run_command(
         [sys.executable, "-m", "orchestrator", "run", str(job), "tracking.mlflow={}", "--json"],
-        capture_output=True,
-        text=True,
         cwd=tmp_path,
         env=env,
         timeout=300,

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -138,7 +137,7 @@ def test_wrong_or_missing_token_exits_2_and_submits_nothing(head, job_dir, tmp_p
         == f"error: {head.dashboard_url}: the cluster rejected the token from RAY_AUTH_TOKEN: it is not this cluster's token (compare with `ray get-auth-token` on the head node)"
     )
     # No token anywhere: not in the environment, not in this (empty) home's ~/.ray/auth_token.
-    missing = subprocess.run(
+    missing = run_command(
         [sys.executable, "-m", "orchestrator", "status", "whatever"],
         env={
             **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
@@ -146,8 +145,6 @@ def test_wrong_or_missing_token_exits_2_and_submits_nothing(head, job_dir, tmp_p
             "RAY_ADDRESS": head.dashboard_url,
         },
         cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=60,
     )
     assert missing.returncode == 2
@@ -196,7 +193,7 @@ def test_a_run_attaches_to_the_ray_already_up_on_this_machine(head, tmp_path):
     """`ray start --head` leaves its address where `ray.init(address="auto")` looks (RAY_TMPDIR/ray): a run without
     --address joins that Ray (token auth on) instead of starting its own, and trains there."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    out = subprocess.run(
+    out = run_command(
         [
             sys.executable,
             "-m",
@@ -212,8 +209,6 @@ def test_a_run_attaches_to_the_ray_already_up_on_this_machine(head, tmp_path):
         ],
         env={**env, **head.attach_env()},
         cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]

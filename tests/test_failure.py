@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import subprocess
 import sys
 import textwrap
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from commands import run_command
 from ray.exceptions import ActorDiedError, RayTaskError, WorkerCrashedError
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 from ray.train.v2.api.exceptions import WorkerGroupError
@@ -230,13 +230,8 @@ def test_a_bug_in_a_user_model_fails_the_run_once_with_its_line(tmp_path):
         f"scaling: {{num_workers: 1}}\nfailure: {{max_failures: 3}}\ncheckpoint: {{storage: {tmp_path / 'runs'}}}\n"
     )
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "run", str(job), "--json"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
+    # Under pytest's own 600 s: a hang fails here, with its stacks, rather than at pytest's limit without them.
+    proc = run_command([sys.executable, "-m", "orchestrator", "run", str(job), "--json"], cwd=tmp_path, timeout=400)
     took = time.perf_counter() - start
     assert proc.returncode == 1, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.splitlines()[-1])

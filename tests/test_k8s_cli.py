@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from commands import run_command
 from k8s_samples import K8S, ROOT
 
 from orchestrator import k8s
@@ -19,13 +20,8 @@ JOB = K8S / "overlays" / "cpu" / "job.yaml"
 
 
 def cli(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", "k8s", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
+    return run_command(
+        [sys.executable, "-m", "orchestrator", "k8s", *args], timeout=120, env={**os.environ, **(env or {})}, cwd=cwd
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from commands import run_command
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
@@ -31,9 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_job(*args: str) -> dict:
     """`orchestrator run ...` as a user runs it; its JSON summary."""
-    res = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "run", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
-    )
+    # Under pytest's own 600 s: a hang fails here, with its stacks, rather than at pytest's limit without them.
+    res = run_command([sys.executable, "-m", "orchestrator", "run", *args], cwd=ROOT, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from commands import run_command
 
 from orchestrator.spec import (
     MAX_JOB_FILE_BYTES,
@@ -292,9 +293,7 @@ def test_readme_reference_matches_schema():
 
 
 def run_cli(*args, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, cwd=cwd, timeout=60
-    )
+    return run_command([sys.executable, "-m", "orchestrator", *args], cwd=cwd, timeout=60)
 
 
 def test_validate_cli_exit_codes(tmp_path):

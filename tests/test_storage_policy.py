@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import time
 
 import pytest
+from commands import run_command
 from conftest import ROOT, FaultyProxy, S3Server, blackhole
 from ports import free_port
 
@@ -133,11 +133,9 @@ def test_no_credentials_fail_on_the_first_attempt(s3_server, bucket, monkeypatch
 
 def test_checkpoints_command_without_credentials_is_one_line_and_exit_2(s3_server):
     start = time.monotonic()
-    proc = subprocess.run(
+    proc = run_command(
         [sys.executable, "-m", "orchestrator", "checkpoints", "s3://some-bucket/run"],
         env={**no_credentials_env(s3_server.endpoint), "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
