@@ -383,3 +383,24 @@ def test_exploit_copies_the_donors_checkpoint_with_the_recipients_optimizer_sett
 def _checkpoint_at(run_uri: str, step: int):
     fs, root = storage.open_storage(run_uri)
     return fs, next(c for c in ckpt.list_checkpoints(fs, root) if c.step == step)
+
+
+def test_the_sweeps_callback_usage_tag_counts_as_rays_own_does():
+    """The sweep records Ray's callback usage tag without the imports of Ray's integrations; the counts are Ray's."""
+    from ray.air._internal.usage import _count_callbacks
+    from ray.tune import Callback
+    from ray.tune.logger import LoggerCallback
+
+    from orchestrator.sweep.progress import live_view
+    from orchestrator.sweep.run import callback_counts
+
+    class Logs(LoggerCallback):
+        pass
+
+    for callbacks in (
+        [live_view("runs/x", None, "val_loss", "min", print)],
+        [Callback(), Logs(), Callback()],
+        [object()],
+        [],
+    ):
+        assert callback_counts(callbacks) == dict(_count_callbacks(callbacks))
