@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 STOP = """
@@ -17,6 +19,8 @@ from orchestrator.ray_runtime import start_ray, stop_ray
 
 assert start_ray(None, prestart=False)
 node = worker._global_node
+assert ray.get(ray.remote(lambda: 1).remote()) == 1
+webui = (node.webui_url, ray.experimental.internal_kv._internal_kv_get("webui:url", namespace="dashboard"))
 processes = {kind: [i.process for i in infos] for kind, infos in node.all_processes.items()}
 seen = {}
 shutdown = ray.shutdown
@@ -28,17 +32,23 @@ def watched_shutdown(*args, **kwargs):
 ray.shutdown = watched_shutdown
 stop_ray()
 ended = {kind: [[p.pid, p.poll()] for p in procs] for kind, procs in processes.items()}
-print(json.dumps({"ended": ended, "monitor_at_shutdown": seen["monitor"]}))
+print(json.dumps({"ended": ended, "monitor_at_shutdown": seen["monitor"], "webui": [webui[0], webui[1].decode()]}))
 """
 
 
-def test_stopping_an_embedded_ray_ends_every_process_it_started():
+@pytest.mark.parametrize("usage_stats", ["1", "0"])
+def test_stopping_an_embedded_ray_ends_every_process_it_started(usage_stats):
+    """And with Ray's usage stats off, the embedded Ray starts no dashboard process (it would only report them);
+    its dashboard URL is empty either way, as Ray leaves it for a node without a dashboard."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_USAGE_STATS_ENABLED"] = usage_stats
     out = subprocess.run([sys.executable, "-c", STOP], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     processes = result["ended"]
     assert {"raylet", "gcs_server", "monitor"} <= processes.keys()
+    assert ("dashboard" in processes) == (usage_stats == "1")
+    assert result["webui"] == ["", ""]
     for kind, procs in processes.items():
         for pid, returncode in procs:
             assert returncode is not None, f"{kind} (pid {pid}) still running after stop_ray"
