@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 from typing import Any
 
@@ -121,6 +122,42 @@ def _no_usage_stats_process(embedded: bool):
         node.Node.start_api_server = original
 
 
+STARTUP_TIMED_OUT = "timed out during startup"  # Ray's Node: its raylet never registered
+
+
+def _init_embedded(kwargs: dict[str, Any]) -> None:
+    """`ray.init` of an embedded Ray, started once more where its node timed out during its start.
+
+    The raylet gives its dashboard agent (a Python process that imports aiohttp, gRPC and OpenTelemetry)
+    a fixed 15 s to write its port (Ray 2.60: no setting changes it), then exits; `ray.init` raises 30 s
+    later that the node timed out. On a 2-core machine busy with other processes the agent's start has
+    taken longer (seen with three Rays starting at once). Nothing of the run has started yet: what the
+    failed start left running (GCS, monitors) is killed and Ray is started again, once.
+    """
+    import importlib
+
+    import ray
+
+    psutil = importlib.import_module("psutil")  # Ray's own (ray/thirdparty_files): on the path once ray is imported
+    me = psutil.Process()
+    before = {child.pid for child in me.children(recursive=True)}
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:
+        if STARTUP_TIMED_OUT not in str(exc):
+            raise
+        for child in me.children(recursive=True):
+            if child.pid not in before:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+        print(
+            "Ray's start timed out (its dashboard agent was slow to come up on a busy machine): starting it again",
+            file=sys.stderr,
+            flush=True,
+        )
+        ray.init(**kwargs)
+
+
 def start_ray(address: str | None, log_to_driver: bool = True, prestart: bool = True) -> bool:
     """Attach to Ray at `address`, or start an embedded Ray of this machine's CPUs; True if this call connected (shut it down after).
 
@@ -145,7 +182,10 @@ def start_ray(address: str | None, log_to_driver: bool = True, prestart: bool = 
             settings["RAY_prestart_worker_first_driver"] = "0"
     try:
         with _environment(settings), _no_usage_stats_process(embedded=not address):
-            ray.init(**kwargs)
+            if address:
+                ray.init(**kwargs)
+            else:
+                _init_embedded(kwargs)
     except ConnectionError as exc:
         raise BadInput(f"--address {address}: cannot connect to Ray ({exc})") from None
     return True

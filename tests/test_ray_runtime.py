@@ -55,3 +55,41 @@ def test_stopping_an_embedded_ray_ends_every_process_it_started(usage_stats):
     # The autoscaler monitor never exits on SIGTERM within the second of grace Ray's shutdown gives each
     # process in turn: it is already killed when that shutdown begins.
     assert result["monitor_at_shutdown"] == -9
+
+
+SLOW_AGENT = """
+import os, sys, time
+
+# The first dashboard agent started sleeps past the raylet's 15 s wait for it, as on a machine too busy to start it.
+if sys.argv and sys.argv[0].endswith(os.path.join("dashboard", "agent.py")):
+    marker = os.environ["SLOW_AGENT_MARKER"]
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(40)
+"""
+
+RETRY = """
+import json, ray
+import psutil  # Ray's own (ray/thirdparty_files), on the path once ray is imported
+from orchestrator.ray_runtime import start_ray, stop_ray
+
+assert start_ray(None, prestart=False)
+assert ray.get(ray.remote(lambda: 1).remote()) == 1
+gcs = [p.pid for p in psutil.Process().children(recursive=True) if p.name() == "gcs_server"]
+stop_ray()
+print(json.dumps({"gcs": gcs}))
+"""
+
+
+def test_an_embedded_ray_whose_node_timed_out_at_its_start_is_started_again_once(tmp_path):
+    """The raylet gives up on a dashboard agent slower than 15 s to start; the run's Ray is started again, and
+    nothing of the failed start is left running."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_AGENT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PYTHONPATH=str(tmp_path), SLOW_AGENT_MARKER=str(tmp_path / "marker"), RAY_USAGE_STATS_ENABLED="0")
+    out = subprocess.run([sys.executable, "-c", RETRY], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "marker").exists()  # the first agent was the slow one
+    assert out.stderr.count("Ray's start timed out") == 1
+    # One GCS: the failed start's was killed, not left beside the Ray that runs.
+    assert len(json.loads(out.stdout.strip().splitlines()[-1])["gcs"]) == 1
