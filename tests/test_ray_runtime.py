@@ -81,6 +81,7 @@ print(json.dumps({"gcs": gcs}))
 """
 
 
+@pytest.mark.slow  # Ray gives up on its node after 30 s
 def test_an_embedded_ray_whose_node_timed_out_at_its_start_is_started_again_once(tmp_path):
     """The raylet gives up on a dashboard agent slower than 15 s to start; the run's Ray is started again, and
     nothing of the failed start is left running."""
