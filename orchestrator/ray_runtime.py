@@ -91,7 +91,7 @@ def resolve_address(address: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def _no_usage_stats_process(embedded: bool):
+def _no_usage_stats_process():
     """Within it, a Ray started here without a dashboard starts no dashboard process while Ray's usage stats are off.
 
     Ray starts its dashboard process even with `include_dashboard=False`, loading only the module that
@@ -105,7 +105,7 @@ def _no_usage_stats_process(embedded: bool):
     from ray._private import node, ray_constants
 
     original = getattr(node.Node, "start_api_server", None)
-    if not embedded or original is None or usage_stats_enabled():
+    if original is None or usage_stats_enabled():
         yield
         return
 
@@ -141,21 +141,22 @@ def _init_embedded(kwargs: dict[str, Any]) -> None:
     psutil = importlib.import_module("psutil")  # Ray's own (ray/thirdparty_files): on the path once ray is imported
     me = psutil.Process()
     before = {child.pid for child in me.children(recursive=True)}
-    try:
-        ray.init(**kwargs)
-    except Exception as exc:
-        if STARTUP_TIMED_OUT not in str(exc):
-            raise
-        for child in me.children(recursive=True):
-            if child.pid not in before:
-                with contextlib.suppress(psutil.Error):
-                    child.kill()
-        print(
-            "Ray's start timed out (its dashboard agent was slow to come up on a busy machine): starting it again",
-            file=sys.stderr,
-            flush=True,
-        )
-        ray.init(**kwargs)
+    with _no_usage_stats_process():
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:
+            if STARTUP_TIMED_OUT not in str(exc):
+                raise
+            for child in me.children(recursive=True):
+                if child.pid not in before:
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
+            print(
+                "Ray's start timed out (its dashboard agent was slow to come up on a busy machine): starting it again",
+                file=sys.stderr,
+                flush=True,
+            )
+            ray.init(**kwargs)
 
 
 def start_ray(address: str | None, log_to_driver: bool = True, prestart: bool = True) -> bool:
@@ -181,7 +182,7 @@ def start_ray(address: str | None, log_to_driver: bool = True, prestart: bool = 
         if not prestart and "RAY_prestart_worker_first_driver" not in os.environ:
             settings["RAY_prestart_worker_first_driver"] = "0"
     try:
-        with _environment(settings), _no_usage_stats_process(embedded=not address):
+        with _environment(settings):
             if address:
                 ray.init(**kwargs)
             else:
