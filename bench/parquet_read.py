@@ -8,9 +8,19 @@ from the file footer) and reports its peak RSS. Baselines, in the same run: the 
 (the goal: each rank reads <= 1/2 of it + one row group per epoch), the 1x run (the goal: peak RSS
 at 10x <= 1.2x that at 1x), with `--baseline DIR` the same ranks running the code in DIR (another
 checkout: the code before sharding), and with `--s3` the epoch read from a local S3 server (moto)
-against the same rank's examples held in memory (the goal: steps/s >= 0.9).
+against the same rank's examples held in memory (the goal: steps/s >= 0.9), at 1x and, with
+`--s3-scale`, at `--scale` x too.
 
-Usage: python bench/parquet_read.py [--mb 100] [--scale 10] [--baseline /work/main] [--s3] [--json]
+The pace is measured twice. With the MLP's step on the CPU, the two ranks' steps fill both cores,
+so the read-ahead's decode and, on S3, the S3 server (moto: a Python process on this machine,
+~35 ms of CPU per 2.7 MB row group served) take CPU from the steps: that row measures this
+machine's cores, not the overlap. With `--idle-step-ms` (default 5) the step is a stand-in for an
+accelerator's: the rank waits that long per batch and leaves the CPU free, as a training process
+on a GPU node does while its GPU computes; that row shows whether the read-ahead keeps such a step
+fed. It leaves out the step's own CPU work (there is none).
+
+Usage: python bench/parquet_read.py [--mb 100] [--scale 10] [--baseline /work/main] [--s3] [--s3-scale]
+                                    [--idle-step-ms 5] [--json]
 """
 
 from __future__ import annotations
@@ -82,7 +92,13 @@ def job(uri: str, endpoint: str | None) -> dict:
 
 
 def run_rank(
-    uri: str, rank: int, world: int, endpoint: str | None, memory: bool, read_ahead: int | None = None
+    uri: str,
+    rank: int,
+    world: int,
+    endpoint: str | None,
+    memory: bool,
+    read_ahead: int | None = None,
+    idle_step_ms: float | None = None,
 ) -> dict:
     import pyarrow.parquet as pq
     import torch
@@ -91,6 +107,10 @@ def run_rank(
     from orchestrator.spec import build_spec
 
     torch.set_num_threads(1)
+    # pyarrow's first to_numpy imports pandas (0.45 s here), which a Ray Train worker has imported
+    # already: done before the clock, as the in-memory rank does by reading its examples first.
+    import pandas  # noqa: F401
+
     reads: list[tuple[int, int]] = []
     real = pq.ParquetFile.read_row_group
 
@@ -133,10 +153,13 @@ def run_rank(
     t0 = time.perf_counter()
     steps = 0
     for x, y in train.batches(0, train_rank, train_world):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        if idle_step_ms is not None:  # an accelerator's step: the CPU is free while it runs
+            time.sleep(idle_step_ms / 1000)
+        else:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
         steps += 1
     epoch_s = time.perf_counter() - t0
     train_reads, train_fetched = list(reads), fetched[0]
@@ -167,14 +190,22 @@ def run_rank(
 # The driver
 
 
-def run_ranks(code: Path, uri: str, endpoint: str | None = None, memory: bool = False, world: int = 2) -> list[dict]:
+def run_ranks(
+    code: Path,
+    uri: str,
+    endpoint: str | None = None,
+    memory: bool = False,
+    world: int = 2,
+    idle_step_ms: float | None = None,
+) -> list[dict]:
     """`world` ranks at once, each a process running the orchestrator code under `code`."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--rank", str(r), "--world", str(world), "--uri", uri]
             + (["--endpoint", endpoint] if endpoint else [])
-            + (["--memory"] if memory else []),
+            + (["--memory"] if memory else [])
+            + (["--idle-step-ms", str(idle_step_ms)] if idle_step_ms is not None else []),
             env=env,
             stdout=subprocess.PIPE,
             text=True,
@@ -188,6 +219,12 @@ def run_ranks(code: Path, uri: str, endpoint: str | None = None, memory: bool = 
             raise SystemExit(f"a rank failed (exit {p.returncode})")
         out.append(json.loads(stdout.strip().splitlines()[-1]))
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_bench_s3() -> tuple[subprocess.Popen, str]:
@@ -221,6 +258,13 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=10)
     parser.add_argument("--baseline", type=Path, help="another checkout to run side by side (e.g. /work/main)")
     parser.add_argument("--s3", action="store_true", help="also read the 1x data set from a local S3 server")
+    parser.add_argument("--s3-scale", action="store_true", help="with --s3: the --scale x data set too")
+    parser.add_argument(
+        "--idle-step-ms",
+        type=float,
+        help="with --s3: also pace S3 against memory with a step that waits this long and leaves the CPU free "
+        "(default 5; 0: not)",
+    )
     parser.add_argument(
         "--dir",
         type=Path,
@@ -235,8 +279,16 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--read-ahead", type=int)
     args = parser.parse_args()
+    if args.rank is None:  # the driver: a rank is given its step by the driver, a CPU step unless told
+        args.idle_step_ms = 5.0 if args.idle_step_ms is None else (args.idle_step_ms or None)
     if args.rank is not None:
-        print(json.dumps(run_rank(args.uri, args.rank, args.world, args.endpoint, args.memory, args.read_ahead)))
+        print(
+            json.dumps(
+                run_rank(
+                    args.uri, args.rank, args.world, args.endpoint, args.memory, args.read_ahead, args.idle_step_ms
+                )
+            )
+        )
         return
     base = args.dir or Path(tempfile.mkdtemp(prefix="parquet-bench-"))
     rows = []
@@ -259,10 +311,33 @@ def main() -> None:
             try:
                 s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
                 s3.create_bucket(Bucket="bench")
-                for f in sorted((base / "x1").iterdir()):
-                    s3.upload_file(str(f), "bench", f"x1/{f.name}")
-                rows.append(summarize("1x, S3 (moto)", sizes[1], run_ranks(ROOT, "s3://bench/x1/", endpoint)))
+                for mult in (1, args.scale) if args.s3_scale else (1,):
+                    for f in sorted((base / f"x{mult}").iterdir()):
+                        s3.upload_file(str(f), "bench", f"x{mult}/{f.name}")
+                    before = cpu_seconds(proc.pid)
+                    row = summarize(
+                        f"{mult}x, S3 (moto)", sizes[mult], run_ranks(ROOT, f"s3://bench/x{mult}/", endpoint)
+                    )
+                    row["s3_server_cpu_s"] = round(cpu_seconds(proc.pid) - before, 1)
+                    rows.append(row)
                 rows.append(summarize("1x, held in memory", sizes[1], run_ranks(ROOT, str(base / "x1"), memory=True)))
+                if args.idle_step_ms:
+                    idle = f", {args.idle_step_ms:g} ms idle step"
+                    before = cpu_seconds(proc.pid)
+                    row = summarize(
+                        f"1x, S3 (moto){idle}",
+                        sizes[1],
+                        run_ranks(ROOT, "s3://bench/x1/", endpoint, idle_step_ms=args.idle_step_ms),
+                    )
+                    row["s3_server_cpu_s"] = round(cpu_seconds(proc.pid) - before, 1)
+                    rows.append(row)
+                    rows.append(
+                        summarize(
+                            f"1x, held in memory{idle}",
+                            sizes[1],
+                            run_ranks(ROOT, str(base / "x1"), memory=True, idle_step_ms=args.idle_step_ms),
+                        )
+                    )
             finally:
                 proc.terminate()
                 proc.wait()
@@ -277,10 +352,19 @@ def main() -> None:
         "peak_rss_10x_over_1x": round(big["peak_rss_mb"] / one["peak_rss_mb"], 3),
         "peak_rss_train_10x_over_1x": round(big["peak_rss_train_mb"] / one["peak_rss_train_mb"], 3),
     }
-    s3 = [r for r in rows if r["run"] == "1x, S3 (moto)"]
-    if s3:
-        mem = next(r for r in rows if r["run"] == "1x, held in memory")
-        ratios["s3_steps_per_s_over_memory"] = round(s3[0]["steps_per_s"] / mem["steps_per_s"], 3)
+    by_run = {r["run"]: r for r in rows}
+    if "1x, S3 (moto)" in by_run:
+        ratios["s3_steps_per_s_over_memory"] = round(
+            by_run["1x, S3 (moto)"]["steps_per_s"] / by_run["1x, held in memory"]["steps_per_s"], 3
+        )
+    if f"{args.scale}x, S3 (moto)" in by_run:
+        big_s3, one_s3 = by_run[f"{args.scale}x, S3 (moto)"], by_run["1x, S3 (moto)"]
+        ratios["s3_peak_rss_10x_over_1x"] = round(big_s3["peak_rss_mb"] / one_s3["peak_rss_mb"], 3)
+    idle = f", {args.idle_step_ms:g} ms idle step" if args.idle_step_ms else ""
+    if idle and f"1x, S3 (moto){idle}" in by_run:
+        ratios["s3_steps_per_s_over_memory_idle_step"] = round(
+            by_run[f"1x, S3 (moto){idle}"]["steps_per_s"] / by_run[f"1x, held in memory{idle}"]["steps_per_s"], 3
+        )
     if args.json:
         print(json.dumps({"rows": rows, "ratios": ratios}))
         return

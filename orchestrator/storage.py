@@ -370,13 +370,15 @@ def _is_async(fs) -> bool:
 
 # Transfers: large objects move in parts, several at once, and the files of a checkpoint move
 # together. Measured on the same server in one run (bench/checkpoint_transfer.py, BENCHMARKS.md):
-# uploads through boto3's transfer manager (threads, 16 MiB parts) cost the client a third of the
-# CPU of s3fs's async multipart and ran 1.3x faster on a loaded machine, so large objects go up
-# through it (under the same retry policy, its own retries off); s3fs's parallel ranged reads
+# uploads through boto3's transfer manager (threads) cost the client a third of the CPU of s3fs's
+# async multipart and ran 1.3x faster on a loaded machine, so large objects go up through it (under
+# the same retry policy, its own retries off), in boto3's own 8 MiB parts: a 300 MiB commit of two
+# files reached 0.94 of `upload_file` with them, 0.88 with 16 MiB parts (two waves of ten parts,
+# the second part-empty, where 8 MiB makes four); s3fs's parallel ranged reads
 # outran boto3's download_file 2x, so reads stay with s3fs, in 64 MiB ranges: still parallel for a
 # large file, and fewer requests (moto answers each range by copying the whole object: 16 MiB
 # ranges read at 40-48 MiB/s there, 64 MiB at 64-70).
-PART_SIZE = 16 * 2**20
+PART_SIZE = 8 * 2**20
 READ_PART_SIZE = 64 * 2**20
 PARTS_IN_FLIGHT = 10  # for all the large objects of one write_files together, as boto3's default
 FILES_IN_FLIGHT = 4
@@ -402,29 +404,40 @@ def read_large(fs, path: str) -> bytes:
     return call(fs, "cat_file", path, **_ranges(fs))
 
 
-def write_bytes(fs, path: str, data: bytes, parts_in_flight: int | None = None) -> None:
-    """Write a whole object (a large one in parallel parts), retrying transient failures."""
+def write_bytes(fs, path: str, data: bytes, transfers=None) -> None:
+    """Write a whole object (a large one in parallel parts), retrying transient failures.
+
+    `transfers`: a boto3 TransferManager whose parts in flight this upload shares with others.
+    """
     if _is_s3(fs) and len(data) >= 2 * PART_SIZE:
-        _upload_parts(fs, path, data, parts_in_flight or PARTS_IN_FLIGHT)
+        _upload_parts(fs, path, data, transfers)
     else:
         call(fs, "pipe_file", path, data)
 
 
-def _upload_parts(fs, path: str, data: bytes, parts_in_flight: int) -> None:
-    import io
+def _transfer_manager(fs):
+    """A boto3 TransferManager with PARTS_IN_FLIGHT parts of PART_SIZE in flight, for the uploads given to it together."""
+    from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
-    from boto3.s3.transfer import TransferConfig
-
-    bucket, _, key = fs._strip_protocol(path).partition("/")
     config = TransferConfig(
         multipart_threshold=2 * PART_SIZE,
         multipart_chunksize=PART_SIZE,
-        max_concurrency=parts_in_flight,
+        max_concurrency=PARTS_IN_FLIGHT,
         use_threads=True,
     )
-    client = _transfer_client(fs)
+    return create_transfer_manager(_transfer_client(fs), config)
+
+
+def _upload_parts(fs, path: str, data: bytes, transfers=None) -> None:
+    import io
+
+    bucket, _, key = fs._strip_protocol(path).partition("/")
+    if transfers is None:
+        with _transfer_manager(fs) as own:
+            _upload_parts(fs, path, data, own)
+        return
     with_retries(
-        lambda: client.upload_fileobj(io.BytesIO(data), bucket, key, Config=config),
+        lambda: transfers.upload(io.BytesIO(data), bucket, key).result(),
         "write",
         timeout_of(fs),
         to_uri(fs, path),
@@ -450,10 +463,16 @@ def _transfer_client(fs):
 
 def write_files(fs, files: dict[str, bytes]) -> None:
     """Write several objects at once, each under the retry policy; returns when all are written."""
-    # The large ones share the parts in flight: more requests at once than that only queue at the server.
-    large = sum(len(data) >= 2 * PART_SIZE for data in files.values())
-    share = max(2, PARTS_IN_FLIGHT // max(1, large))
-    concurrently([lambda path=path, data=data: write_bytes(fs, path, data, share) for path, data in files.items()])
+    if not (_is_s3(fs) and any(len(data) >= 2 * PART_SIZE for data in files.values())):
+        concurrently([lambda path=path, data=data: write_bytes(fs, path, data) for path, data in files.items()])
+        return
+    # The large ones share one pool of parts in flight (more requests at once only queue at the
+    # server): when one file's last parts are up, the others' parts take every slot, where a fixed
+    # share per file left half of them idle while the largest file finished.
+    with _transfer_manager(fs) as transfers:
+        concurrently(
+            [lambda path=path, data=data: write_bytes(fs, path, data, transfers) for path, data in files.items()]
+        )
 
 
 def read_files(fs, paths: list[str]) -> dict[str, bytes]:
