@@ -13,8 +13,8 @@ against the same rank's examples held in memory (the goal: steps/s >= 0.9), at 1
 
 The pace is measured twice. With the MLP's step on the CPU, the two ranks' steps fill both cores,
 so the read-ahead's decode and, on S3, the S3 server (moto: a Python process on this machine,
-~35 ms of CPU per 2.7 MB row group served) take CPU from the steps: that row measures this
-machine's cores, not the overlap. With `--idle-step-ms` (default 5) the step is a stand-in for an
+~9 ms of CPU per 2.7 MB row group served from these files) take CPU from the steps: that row
+measures this machine's cores, not the overlap. With `--idle-step-ms` (default 5) the step is a stand-in for an
 accelerator's: the rank waits that long per batch and leaves the CPU free, as a training process
 on a GPU node does while its GPU computes; that row shows whether the read-ahead keeps such a step
 fed. It leaves out the step's own CPU work (there is none).
@@ -41,7 +41,7 @@ from local_servers import start_moto
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES = 32
 ROW_BYTES = FEATURES * 4 + 8
-ROW_GROUP = 20_000  # rows: about 2.7 MB stored, so 1x (100 MB) has ~51 row groups and 10x ~510
+ROW_GROUP = 20_000  # rows: about 2.7 MB stored, so 1x (100 MB) has 48 row groups (4 a file, the last short) and 10x 480
 # Files of ~11 MB (4 row groups): moto answers a ranged GET by copying the whole object first (a
 # 2.7 MB range cost it 29 ms of CPU from a 35 MB object, 9 ms from an 11 MB one, 7 ms from 3 MB),
 # which S3 itself does not; on this machine that CPU is taken from the ranks.
@@ -282,7 +282,7 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--read-ahead", type=int)
     args = parser.parse_args()
-    if args.rank is None:  # the driver: a rank is given its step by the driver, a CPU step unless told
+    if args.rank is None:  # the driver's default; a rank runs the CPU step unless the driver passes --idle-step-ms
         args.idle_step_ms = 5.0 if args.idle_step_ms is None else (args.idle_step_ms or None)
     if args.rank is not None:
         print(
