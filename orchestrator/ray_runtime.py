@@ -91,26 +91,29 @@ def resolve_address(address: str | None) -> str | None:
 
 
 @contextlib.contextmanager
-def _no_usage_stats_process():
+def _usage_stats_process():
     """Within it, a Ray started here without a dashboard starts no dashboard process while Ray's usage stats are off.
 
     Ray starts its dashboard process even with `include_dashboard=False`, loading only the module that
-    reports usage stats (`services.start_api_server`: `--modules-to-load=UsageStatsHead`), and `ray.init`
-    waits until that process has come up: 1.8 s of every embedded start on two cores, and 1.9 s of a
-    CPU. With usage stats turned off (RAY_USAGE_STATS_ENABLED=0, or `ray disable-usage-stats`), the
-    process has nothing to do. The node is left as Ray leaves a node without a dashboard: an empty
-    dashboard URL, in the node and in the GCS.
+    reports usage stats (`services.start_api_server`: `--modules-to-load=UsageStatsHead`), and waits
+    until that process has come up before it starts the raylet: 1.8 s of every embedded start on two
+    cores, and 1.9 s of a CPU. Usage stats are off for every Ray that `ray.init` starts (Ray 2.60 sets
+    RAY_USAGE_STATS_ENABLED=0 before starting the node, unless it is a nightly wheel), as they are where
+    a user turned them off; the process would have nothing to do. So whether to start it is decided when
+    Ray starts it, after Ray's own decision: where usage stats are on then, Ray starts it as it always
+    does. A node without it is left as Ray leaves a node without a dashboard: an empty dashboard URL, in
+    the node and in the GCS.
     """
     from ray._common.usage.usage_lib import usage_stats_enabled
     from ray._private import node, ray_constants
 
     original = getattr(node.Node, "start_api_server", None)
-    if original is None or usage_stats_enabled():
+    if original is None:
         yield
         return
 
     def without_process(self, *, include_dashboard, raise_on_failure):
-        if include_dashboard:  # a dashboard asked for: Ray's own start
+        if include_dashboard or usage_stats_enabled():  # a dashboard asked for, or stats to report: Ray's own start
             return original(self, include_dashboard=include_dashboard, raise_on_failure=raise_on_failure)
         self._webui_url = ""
         self.get_gcs_client().internal_kv_put(b"webui:url", b"", True, ray_constants.KV_NAMESPACE_DASHBOARD)
@@ -141,7 +144,7 @@ def _init_embedded(kwargs: dict[str, Any]) -> None:
     psutil = importlib.import_module("psutil")  # Ray's own (ray/thirdparty_files): on the path once ray is imported
     me = psutil.Process()
     before = {child.pid for child in me.children(recursive=True)}
-    with _no_usage_stats_process():
+    with _usage_stats_process():
         try:
             ray.init(**kwargs)
         except Exception as exc:

@@ -15,7 +15,7 @@ from ports import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 # A test suite reports no usage stats to Ray, and every embedded Ray of its commands then starts without the
-# process that would (1.8 s of each start, `ray_runtime._no_usage_stats_process`). A test that clears RAY_*
+# process that would (1.8 s of each start, `ray_runtime._usage_stats_process`). A test that clears RAY_*
 # from a command's environment runs it as a user's default is, usage stats on.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # One intra-op thread per process, as Ray gives a 1-CPU worker: two xdist workers already keep both cores busy,
