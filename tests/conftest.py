@@ -14,9 +14,9 @@ from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A test suite reports no usage stats to Ray, and every embedded Ray of its commands then starts without the
-# process that would (1.8 s of each start, `ray_runtime._usage_stats_process`). A test that clears RAY_*
-# from a command's environment runs it as a user's default is, usage stats on.
+# A test suite reports no usage stats to Ray, its `ray start` clusters included (an embedded Ray reports none
+# anyway: `ray.init` turns them off for a Ray it starts). A test that clears RAY_* from a command's environment
+# runs it as a user's default is.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # One intra-op thread per process, as Ray gives a 1-CPU worker: two xdist workers already keep both cores busy,
 # and torch's second thread on the tests' tiny models costs CPU without shortening a step (the default job in local
