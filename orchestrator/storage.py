@@ -409,10 +409,15 @@ def write_bytes(fs, path: str, data: bytes, transfers=None) -> None:
 
     `transfers`: a boto3 TransferManager whose parts in flight this upload shares with others.
     """
-    if _is_s3(fs) and len(data) >= 2 * PART_SIZE:
+    if _in_parts(fs, data):
         _upload_parts(fs, path, data, transfers)
     else:
         call(fs, "pipe_file", path, data)
+
+
+def _in_parts(fs, data: bytes) -> bool:
+    """Whether an object goes up as a multipart upload (two parts or more, to S3)."""
+    return _is_s3(fs) and len(data) >= 2 * PART_SIZE
 
 
 def _transfer_manager(fs):
@@ -463,7 +468,7 @@ def _transfer_client(fs):
 
 def write_files(fs, files: dict[str, bytes]) -> None:
     """Write several objects at once, each under the retry policy; returns when all are written."""
-    if not (_is_s3(fs) and any(len(data) >= 2 * PART_SIZE for data in files.values())):
+    if not any(_in_parts(fs, data) for data in files.values()):
         concurrently([lambda path=path, data=data: write_bytes(fs, path, data) for path, data in files.items()])
         return
     # The large ones share one pool of parts in flight (more requests at once only queue at the
