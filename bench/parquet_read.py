@@ -293,6 +293,7 @@ def main() -> None:
             )
         )
         return
+    idle = f", {args.idle_step_ms:g} ms idle step" if args.idle_step_ms else ""  # the idle-step rows' label
     base = args.dir or Path(tempfile.mkdtemp(prefix="parquet-bench-"))
     rows = []
     try:
@@ -314,26 +315,22 @@ def main() -> None:
             try:
                 s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
                 s3.create_bucket(Bucket="bench")
+
+                def s3_row(mult: int, label: str = "", idle_step_ms: float | None = None) -> dict:
+                    """The ranks reading the mult x data set from S3, with the CPU the server spent meanwhile."""
+                    before = cpu_seconds(proc.pid)
+                    ranks = run_ranks(ROOT, f"s3://bench/x{mult}/", endpoint, idle_step_ms=idle_step_ms)
+                    row = summarize(f"{mult}x, S3 (moto){label}", sizes[mult], ranks)
+                    row["s3_server_cpu_s"] = round(cpu_seconds(proc.pid) - before, 1)
+                    return row
+
                 for mult in (1, args.scale) if args.s3_scale else (1,):
                     for f in sorted((base / f"x{mult}").iterdir()):
                         s3.upload_file(str(f), "bench", f"x{mult}/{f.name}")
-                    before = cpu_seconds(proc.pid)
-                    row = summarize(
-                        f"{mult}x, S3 (moto)", sizes[mult], run_ranks(ROOT, f"s3://bench/x{mult}/", endpoint)
-                    )
-                    row["s3_server_cpu_s"] = round(cpu_seconds(proc.pid) - before, 1)
-                    rows.append(row)
+                    rows.append(s3_row(mult))
                 rows.append(summarize("1x, held in memory", sizes[1], run_ranks(ROOT, str(base / "x1"), memory=True)))
-                if args.idle_step_ms:
-                    idle = f", {args.idle_step_ms:g} ms idle step"
-                    before = cpu_seconds(proc.pid)
-                    row = summarize(
-                        f"1x, S3 (moto){idle}",
-                        sizes[1],
-                        run_ranks(ROOT, "s3://bench/x1/", endpoint, idle_step_ms=args.idle_step_ms),
-                    )
-                    row["s3_server_cpu_s"] = round(cpu_seconds(proc.pid) - before, 1)
-                    rows.append(row)
+                if idle:
+                    rows.append(s3_row(1, idle, args.idle_step_ms))
                     rows.append(
                         summarize(
                             f"1x, held in memory{idle}",
@@ -363,7 +360,6 @@ def main() -> None:
     if f"{args.scale}x, S3 (moto)" in by_run:
         big_s3, one_s3 = by_run[f"{args.scale}x, S3 (moto)"], by_run["1x, S3 (moto)"]
         ratios["s3_peak_rss_10x_over_1x"] = round(big_s3["peak_rss_mb"] / one_s3["peak_rss_mb"], 3)
-    idle = f", {args.idle_step_ms:g} ms idle step" if args.idle_step_ms else ""
     if idle and f"1x, S3 (moto){idle}" in by_run:
         ratios["s3_steps_per_s_over_memory_idle_step"] = round(
             by_run[f"1x, S3 (moto){idle}"]["steps_per_s"] / by_run[f"1x, held in memory{idle}"]["steps_per_s"], 3
