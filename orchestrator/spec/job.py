@@ -1,0 +1,189 @@
+"""`JobSpec`: the whole job, its cross-section checks, and the walk over its fields for the README."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from orchestrator.spec.common import (
+    ALL_METRICS,
+    CLASSIFICATION_METRICS,
+    HOOK_RE,
+    LM_METRICS,
+    REGRESSION_METRICS,
+    RUN_NAME_RE,
+    _suggest,
+)
+from orchestrator.spec.sections import (
+    CheckpointSpec,
+    DataSpec,
+    EarlyStoppingSpec,
+    FailureSpec,
+    ModelSpec,
+    OptimSpec,
+    ScalingSpec,
+    ScheduleSpec,
+    Section,
+    TrackingSpec,
+    TrainSpec,
+    ValidationSpec,
+)
+from orchestrator.spec.sweep import SweepSpec
+
+
+class JobSpec(Section):
+    """A training job: everything a run needs, nothing secret."""
+
+    name: str = Field(
+        "job", description="Run name: the run's directory under checkpoint.storage; a rerun with the same name resumes."
+    )
+    entrypoint: str | None = Field(
+        None, description="Bring-your-own loop: `module:function`, a Ray Train train_loop_per_worker(config)."
+    )
+    config: dict[str, Any] = Field(default_factory=dict, description="Passed as `config` to a bring-your-own loop.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The network.")
+    data: DataSpec = Field(default_factory=DataSpec, description="The data and its splits.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="The optimizer.")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="The learning-rate schedule.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="The loop.")
+    validation: ValidationSpec = Field(
+        default_factory=ValidationSpec, description="Validation split, cadence and metrics."
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None, description="Stop when a validation metric stops improving (off when absent)."
+    )
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Workers and their resources.")
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec, description="Where and how often checkpoints are written."
+    )
+    failure: FailureSpec = Field(default_factory=FailureSpec, description="Failure handling.")
+    sweep: SweepSpec | None = Field(
+        None, description="A hyper-parameter sweep of this job with Ray Tune (`orchestrator sweep`); `run` ignores it."
+    )
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec,
+        description="Experiment trackers: MLflow and TensorBoard (each on when its section is present).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        if not RUN_NAME_RE.match(v):
+            raise ValueError("must be letters, digits, '_', '-' or '.', starting with a letter or digit")
+        return v
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, v: str | None) -> str | None:
+        if v is not None and not HOOK_RE.match(v):
+            raise ValueError(f"{v!r} is not of the form module:function")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobSpec:
+        task = self.task
+        if self.model.name == "gpt" and task != "lm":
+            raise ValueError("model.name: gpt needs token data (data.task=lm)")
+        if task == "lm" and self.model.name in ("mlp", "cnn", "resnet"):
+            raise ValueError(f"model.name: {self.model.name} cannot model tokens; use gpt")
+        if self.model.name == "gpt" and self.model.hidden % self.model.heads:
+            raise ValueError(f"model.heads: {self.model.heads} does not divide model.hidden={self.model.hidden}")
+        if (
+            self.model.name in ("cnn", "resnet")
+            and self.data.name not in ("digits",)
+            and not HOOK_RE.match(self.data.name)
+        ):
+            raise ValueError(f"model.name: {self.model.name} needs image data (digits or a user dataset of images)")
+        allowed = {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS, "lm": LM_METRICS}.get(
+            task or "", ALL_METRICS
+        )
+        for m in self.validation.metrics or []:
+            if m not in allowed:
+                raise ValueError(f"validation.metrics: {m!r} does not apply to {task}; use {', '.join(allowed)}")
+        watched = [
+            ("schedule.metric", self.schedule.metric if self.schedule.name == "plateau" else None),
+            ("early_stopping.metric", self.early_stopping.metric if self.early_stopping else None),
+            ("checkpoint.best_metric", self.checkpoint.best_metric),
+        ]
+        names = [f"val_{m}" for m in allowed if m != "confusion_matrix"]
+        for field_path, metric in watched:
+            if metric is not None and metric not in names:
+                raise ValueError(
+                    f"{field_path}: {metric!r} is not a validation metric of this job{_suggest(metric, names)}; use one of {', '.join(names)}"
+                )
+        if (
+            self.early_stopping
+            and self.checkpoint.best_metric
+            and self.checkpoint.best_metric != self.early_stopping.metric
+        ):
+            raise ValueError(
+                f"checkpoint.best_metric: {self.checkpoint.best_metric!r} differs from early_stopping.metric "
+                f"{self.early_stopping.metric!r}; the best checkpoint is judged by the metric early stopping watches: set one"
+            )
+        if self.scaling.gpus_per_worker and not self.scaling.use_gpu:
+            raise ValueError("scaling.gpus_per_worker: set scaling.use_gpu=true too")
+        if self.data.engine == "ray" and self.scaling.num_workers == 0:
+            # Local mode trains in the driver without a Ray cluster: there are no other CPUs for Ray Data to use.
+            raise ValueError(
+                "data.engine: ray streams to Ray Train workers; with scaling.num_workers=0 the loop runs in the driver: use engine native"
+            )
+        if self.data.engine == "ray" and self.entrypoint:
+            raise ValueError("data.engine: ray feeds the built-in loop; a user entrypoint reads its own data")
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_metric(self) -> JobSpec:
+        if self.sweep is not None:
+            names = [f"val_{m}" for m in self.metric_names() if m != "confusion_matrix"]
+            if self.sweep.metric not in names:
+                raise ValueError(
+                    f"sweep.metric: {self.sweep.metric!r} is not a validation metric of this job{_suggest(self.sweep.metric, names)}; use one of {', '.join(names)}"
+                )
+        return self
+
+    @property
+    def task(self) -> str | None:
+        """The task, known from the data source when it is built in."""
+        if self.data.task:
+            return self.data.task
+        return "classification" if self.data.name == "digits" else None
+
+    def metric_names(self) -> list[str]:
+        """Validation metrics to compute, defaulting to all of the task's."""
+        if self.validation.metrics:
+            return list(self.validation.metrics)
+        return list(
+            {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS, "lm": LM_METRICS}.get(
+                self.task or "", ("loss",)
+            )
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved job as plain data (YAML/JSON-ready), with defaults filled in."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def iter_fields(model: type[BaseModel] = JobSpec, prefix: str = ""):
+    """Yield (dotted path, type text, default text, description) for every leaf field, for the README."""
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        ann = field.annotation
+        candidates = [ann] + list(getattr(ann, "__args__", ()) or ())
+        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if sub is not None:
+            yield from iter_fields(sub, key + ".")
+            continue
+        if field.is_required():
+            default_text = "required"
+        else:
+            default = field.get_default(call_default_factory=True)
+            default_text = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        yield key, _type_text(ann), default_text, field.description or ""
+
+
+def _type_text(ann: Any) -> str:
+    text = repr(ann).replace("typing.", "")
+    return re.sub(r"<class '(\w+)'>", r"\1", text)
