@@ -1,0 +1,70 @@
+"""What runs left behind (orchestrator/report/): report, runs."""
+
+from __future__ import annotations
+
+import click
+
+from orchestrator.cli import console, friendly_errors, main, plain_cells, print_json
+from orchestrator.storage import redact
+
+
+@main.command()
+@click.argument("uri")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the report to this local file [default: <URI>/report.html].",
+)
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint of the URI [default: $AWS_ENDPOINT_URL].")
+@click.option("--json", "as_json", is_flag=True, help='Print {"report": where it went} as JSON.')
+@friendly_errors
+def report(uri: str, out: str | None, endpoint_url: str | None, as_json: bool) -> None:
+    """Write the offline HTML report (plots, settings, provenance) of a run or a sweep."""
+    from orchestrator.report import write_report
+
+    where = write_report(uri, out=out, endpoint_url=endpoint_url)
+    if as_json:
+        print_json({"report": where})
+    else:
+        click.echo(f"wrote {redact(where)}")
+
+
+@main.command()
+@click.argument("storage_uri", required=False, default="runs", metavar="[STORAGE]")
+@click.option(
+    "--endpoint-url", default=None, help="S3-compatible endpoint of the storage [default: $AWS_ENDPOINT_URL]."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
+@friendly_errors
+def runs(storage_uri: str, endpoint_url: str | None, as_json: bool) -> None:
+    """List the runs and sweeps under a storage (default: runs), newest first."""
+    from orchestrator.report import list_runs
+
+    found = list_runs(storage_uri, endpoint_url)
+    if as_json:
+        print_json(found)
+        return
+    if not found:
+        click.echo(f"no runs under {redact(storage_uri)}")
+        return
+    from rich.table import Table
+
+    table = Table("name", "kind", "status", "started", "steps", "best", "wall", "uri")
+    for r in found:
+        best = f"{r['best_metric']} {r['best_value']:.4f}" if isinstance(r.get("best_value"), (int, float)) else "-"
+        wall = f"{r['wall_s']:.1f}s" if isinstance(r.get("wall_s"), (int, float)) else "-"
+        started = (r.get("started") or "-")[:19].replace("T", " ")
+        table.add_row(
+            *plain_cells(
+                r["name"],
+                r["kind"],
+                r.get("status") or "-",
+                started,
+                r["steps"] if r.get("steps") is not None else "-",
+                best,
+                wall,
+                r["uri"],
+            )
+        )
+    console().print(table)
