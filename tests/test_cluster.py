@@ -22,7 +22,7 @@ from orchestrator.errors import BadInput
 from orchestrator.spec import build_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_DIR = str(Path(cluster.__file__).resolve().parent)
+PACKAGE_DIR = str(Path(cluster.__file__).resolve().parents[1])  # orchestrator/, above the cluster package
 
 
 def cli(*args, env=None, cwd=None, timeout=60):

@@ -1,0 +1,69 @@
+"""Ray clusters through the Jobs API: package a job, submit it, then follow, list and stop it.
+
+Render, then act: `build_submission` turns a JobSpec and its directory into the Jobs API request
+(entrypoint, runtime environment, metadata); `RayJobsBackend` is the thin client that sends it.
+The entrypoint re-runs the original job file with the same overrides (`python -m orchestrator run
+FILE k=v ... --address auto`) from the job file's directory, so user code and relative data paths
+resolve on the cluster exactly as they do on the laptop.
+
+package: what of the job's directory ships; submission: the request and its checks; backend: the
+address, the token and the Jobs API client; show: how jobs read to a person.
+"""
+
+from orchestrator.cluster.backend import (
+    DEFAULT_DASHBOARD_PORT,
+    METADATA_JOB_FILE,
+    METADATA_RUN,
+    METADATA_STORAGE,
+    SUBMISSION_ID_RE,
+    TERMINAL,
+    RayJobsBackend,
+    Token,
+    default_token_path,
+    find_token,
+    job_to_dict,
+    redact,
+    resolve_address,
+)
+from orchestrator.cluster.package import (
+    DEFAULT_EXCLUDES,
+    MAX_FILE_BYTES,
+    MAX_PACKAGE_BYTES,
+    SECRET_PATTERNS,
+    PackagePlan,
+    literal_pattern,
+    plan_package,
+)
+from orchestrator.cluster.show import follow_to_end, format_jobs, format_status, summary_from_logs
+from orchestrator.cluster.submission import build_submission, check_user_code, new_submission_id, prepare_submission
+
+__all__ = [
+    "DEFAULT_DASHBOARD_PORT",
+    "DEFAULT_EXCLUDES",
+    "MAX_FILE_BYTES",
+    "MAX_PACKAGE_BYTES",
+    "METADATA_JOB_FILE",
+    "METADATA_RUN",
+    "METADATA_STORAGE",
+    "SECRET_PATTERNS",
+    "SUBMISSION_ID_RE",
+    "TERMINAL",
+    "PackagePlan",
+    "RayJobsBackend",
+    "Token",
+    "build_submission",
+    "check_user_code",
+    "default_token_path",
+    "find_token",
+    "follow_to_end",
+    "format_jobs",
+    "format_status",
+    "job_to_dict",
+    "literal_pattern",
+    "new_submission_id",
+    "plan_package",
+    "prepare_submission",
+    "redact",
+    "resolve_address",
+    "summary_from_logs",
+]

@@ -1,0 +1,104 @@
+"""How jobs read to a person: a job's status, the jobs of a cluster, a job's output followed to its end."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+from orchestrator.cluster.backend import TERMINAL, RayJobsBackend
+from orchestrator.errors import BadInput, RunFailed
+
+
+def follow_to_end(backend: RayJobsBackend, job_id: str, out=None) -> dict[str, Any]:
+    """Stream a job's output to `out` until it ends; return its final status (polling if the stream drops)."""
+    out = out or sys.stdout
+    try:
+        for chunk in backend.follow(job_id):
+            out.write(chunk)
+            out.flush()
+    except (BadInput, RunFailed):
+        raise
+    except Exception as exc:  # the log stream is a convenience: fall back to polling the status
+        print(f"log stream ended ({type(exc).__name__}); waiting for the job to finish", file=sys.stderr)
+    return backend.wait(job_id)
+
+
+def summary_from_logs(logs: str) -> dict[str, Any] | None:
+    """The run summary the entrypoint printed (`orchestrator run --json`): the last JSON object line of the logs."""
+    for line in reversed(logs.splitlines()):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and "run" in obj and "status" in obj:
+                return obj
+    return None
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _duration(job: dict[str, Any]) -> str:
+    start = job.get("start_time")
+    if not start:
+        return "-"
+    seconds = int((job.get("end_time") or time.time()) - start)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def format_status(job: dict[str, Any]) -> str:
+    """A job as a person reads it: what, how it stands, since when, why it ended, what to do next."""
+    lines = [
+        f"{job['submission_id']}  {job['status']}  ({'ran' if job.get('end_time') else 'running for'} {_duration(job)})"
+    ]
+    if job.get("run"):
+        lines.append(f"  run:      {job['run']}" + (f" in {job['storage']}" if job.get("storage") else ""))
+    lines.append(
+        f"  started:  {_when(job.get('start_time'))}"
+        + (f"   ended: {_when(job['end_time'])}" if job.get("end_time") else "")
+    )
+    if job.get("message"):
+        message = job["message"].strip().splitlines()
+        lines.append(f"  message:  {message[0]}" + (" ..." if len(message) > 1 else ""))
+    lines.append(f"  command:  {job.get('entrypoint')}")
+    if job["status"] == "FAILED" and job.get("run"):
+        lines.append(
+            f"  next:     `orchestrator logs {job['submission_id']}` shows why; submitting the job again resumes run {job['run']} from its last checkpoint"
+        )
+    elif job["status"] not in TERMINAL:
+        lines.append(
+            f"  next:     `orchestrator logs {job['submission_id']} --follow`, or `orchestrator stop {job['submission_id']}`"
+        )
+    return "\n".join(lines)
+
+
+def format_jobs(jobs: list[dict[str, Any]]):
+    """The jobs of a cluster as a rich table, newest first."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table()
+    table.add_column("id", no_wrap=True)
+    for name in ("status", "run", "started", "duration"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("message", overflow="ellipsis")
+    for j in jobs:
+        message = (j.get("message") or "").strip().splitlines()
+        # Text, not markup: ids, run names and messages are shown as written, `[red]` and all.
+        cells = (
+            j["submission_id"],
+            j["status"],
+            j.get("run") or "-",
+            _when(j.get("start_time")),
+            _duration(j),
+            (message[0][:60] if message else ""),
+        )
+        table.add_row(*(Text(str(c)) for c in cells))
+    return table
