@@ -7,6 +7,8 @@ storage. Every value the report did not build itself (names, URIs, settings, err
 What lives where:
   read.py        what a run, sweep or cv left in storage: RunData, SweepData, CvData, their loaders, the record file names
   charts.py      hand-written SVG charts (lines, markers, bars, heatmaps, legends), no dependencies
+  scales.py      the charts' colormaps, linear and log scales, ticks and limits
+  svg.py         the charts' SVG text: escaping, text widths, coordinates, marker shapes, thinning
   curves.py      ROC and precision-recall points and areas, NumPy only
   html.py        page skeleton, style, palette, status badges, tables, embedded figures, escaping
   run_page.py    a run's figures and its page (render_run)

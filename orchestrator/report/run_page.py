@@ -245,16 +245,19 @@ def _best_and_stop(run: RunData) -> tuple[int | None, int | None]:
     return best_step, stop_step
 
 
-def render_run(run: RunData) -> str:
-    """The HTML report of one run."""
-    record, summary, job = run.record, run.summary, run.job
-    task = (
+def _task(run: RunData) -> str | None:
+    """classification, regression or lm: what the test split says, else the job file (digits is classification)."""
+    job = run.job
+    return (
         (run.test or {}).get("task")
         or (job.get("data") or {}).get("task")
         or ("classification" if (job.get("data") or {}).get("name") == "digits" else None)
     )
-    best_step, stop_step = _best_and_stop(run)
-    train, val = run.entries("train"), run.entries("val")
+
+
+def _run_facts(run: RunData, best_step: int | None, stop_step: int | None) -> list[str]:
+    """The facts table at the top of the page, and the error when the run ended with one."""
+    record, summary = run.record, run.summary
     best = summary.get("best") or {}
     test_metrics = (run.test or {}).get("metrics") or {}
     facts = [
@@ -270,7 +273,13 @@ def render_run(run: RunData) -> str:
     body = [_facts(facts)]
     if summary.get("error"):
         body.append(f"<p><b>error:</b> <code>{esc(str(summary['error']))}</code></p>")
+    return body
 
+
+def _training_figures(run: RunData, task: str | None, best_step: int | None, stop_step: int | None) -> list[str]:
+    """Loss, learning rate, throughput, each scalar validation metric and (for lm) perplexity, by step."""
+    train, val = run.entries("train"), run.entries("val")
+    test_metrics = (run.test or {}).get("metrics") or {}
     figures = [_loss_figure(run, best_step, stop_step)]
     lr_x, lr_y = _series(train, "lr")
     figures.append(
@@ -320,34 +329,47 @@ def render_run(run: RunData) -> str:
                 log=True,
             )
         )
-    figures = [f for f in figures if f]
+    return [f for f in figures if f]
+
+
+def _test_section(t: dict[str, Any]) -> list[str]:
+    """The test split's heading, which checkpoint it scored, its metrics and its figures."""
+    test_metrics = t.get("metrics") or {}
+    body = [f"<h2>Test split: the checkpoint of step {_fmt(t.get('step'))}</h2>"]
+    note = (
+        "the best checkpoint"
+        if t.get("step") == t.get("best_step")
+        else "the latest checkpoint (the best one was not kept: set checkpoint.keep_best)"
+    )
+    examples = f"{_fmt(t.get('examples'))} held-out examples" if t.get("examples") else "the held-out test split"
+    body.append(f'<p class="note">{esc(note)}, <code>{esc(str(t.get("checkpoint")))}</code>, on {examples}.</p>')
+    body.append(_table([[k, v] for k, v in test_metrics.items() if not isinstance(v, list)], ["metric", "value"]))
+    test_figures = []
+    if t.get("task") == "classification":
+        if isinstance(test_metrics.get("test_confusion_matrix"), list):
+            test_figures.append(_confusion_figure(test_metrics["test_confusion_matrix"]))
+        test_figures += _class_curves(t)
+    elif t.get("task") == "regression":
+        test_figures += _regression_figures(t)
+    if test_figures:
+        body.append('<div class="grid">' + "".join(test_figures) + "</div>")
+    return body
+
+
+def render_run(run: RunData) -> str:
+    """The HTML report of one run."""
+    record, job = run.record, run.job
+    best_step, stop_step = _best_and_stop(run)
+    body = _run_facts(run, best_step, stop_step)
+    figures = _training_figures(run, _task(run), best_step, stop_step)
     body.append("<h2>Training</h2>")
     body.append(
         '<div class="grid">' + "".join(figures) + "</div>"
         if figures
         else '<p class="note">No metrics were recorded (metrics.jsonl is empty).</p>'
     )
-
     if run.test:
-        t = run.test
-        body.append(f"<h2>Test split: the checkpoint of step {_fmt(t.get('step'))}</h2>")
-        note = (
-            "the best checkpoint"
-            if t.get("step") == t.get("best_step")
-            else "the latest checkpoint (the best one was not kept: set checkpoint.keep_best)"
-        )
-        examples = f"{_fmt(t.get('examples'))} held-out examples" if t.get("examples") else "the held-out test split"
-        body.append(f'<p class="note">{esc(note)}, <code>{esc(str(t.get("checkpoint")))}</code>, on {examples}.</p>')
-        body.append(_table([[k, v] for k, v in test_metrics.items() if not isinstance(v, list)], ["metric", "value"]))
-        test_figures = []
-        if t.get("task") == "classification":
-            if isinstance(test_metrics.get("test_confusion_matrix"), list):
-                test_figures.append(_confusion_figure(test_metrics["test_confusion_matrix"]))
-            test_figures += _class_curves(t)
-        elif t.get("task") == "regression":
-            test_figures += _regression_figures(t)
-        if test_figures:
-            body.append('<div class="grid">' + "".join(test_figures) + "</div>")
+        body += _test_section(run.test)
 
     body.append("<h2>Settings</h2>")
     body.append(f"<p>command: <code>{esc(' '.join(str(a) for a in record.get('command') or []))}</code></p>")
