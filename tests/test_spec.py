@@ -285,6 +285,19 @@ def test_every_field_is_described():
     assert all(description for _, _, _, description in rows), [r[0] for r in rows if not r[3]]
 
 
+def test_the_reference_shows_types_a_reader_can_read():
+    types = {path: type_text for path, type_text, _, _ in iter_fields()}
+    assert types["optim.betas"] == "pair of number, 0 <= x < 1"
+    assert types["train.epochs"] == "integer, >= 1"
+    assert types["data.task"] == "(one of: classification, regression, lm) or null"
+    assert types["train.max_steps"] == "integer or null, >= 1"
+    assert types["scaling.num_workers"] == "integer or pair of integer"
+    assert types["model.options"] == "mapping"
+    assert "sweep.parameters.<name>.low" in types  # a mapping of sections names its entries
+    internals = ("FieldInfo", "Annotated", "Optional", "Literal[", "typing", "<class", "|")
+    assert not [(p, t) for p, t in types.items() if any(word in t for word in internals)]
+
+
 def test_readme_reference_matches_schema():
     from orchestrator.docs import render_reference
 

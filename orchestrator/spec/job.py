@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import re
-from typing import Any
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -167,23 +167,79 @@ class JobSpec(Section):
 
 
 def iter_fields(model: type[BaseModel] = JobSpec, prefix: str = ""):
-    """Yield (dotted path, type text, default text, description) for every leaf field, for the README."""
+    """Yield (dotted path, type text, default text, description) for every leaf field, for the reference.
+
+    A mapping of sections (`sweep.parameters`) shows its entries as `<name>`; a section that may be null is
+    described through its fields.
+    """
     for name, field in model.model_fields.items():
         key = f"{prefix}{field.alias or name}"
         ann = field.annotation
-        candidates = [ann] + list(getattr(ann, "__args__", ()) or ())
-        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        sub, keyed = _section_inside(ann)
         if sub is not None:
-            yield from iter_fields(sub, key + ".")
+            yield from iter_fields(sub, key + (".<name>." if keyed else "."))
             continue
         if field.is_required():
             default_text = "required"
         else:
             default = field.get_default(call_default_factory=True)
             default_text = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-        yield key, _type_text(ann), default_text, field.description or ""
+        yield key, type_text(ann, field.metadata), default_text, field.description or ""
 
 
-def _type_text(ann: Any) -> str:
-    text = repr(ann).replace("typing.", "")
-    return re.sub(r"<class '(\w+)'>", r"\1", text)
+def _section_inside(ann: Any) -> tuple[type[BaseModel] | None, bool]:
+    """(the section a field holds, whether it holds a mapping of them), or (None, False) for a leaf field."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann, False
+    for arg in get_args(ann):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg, get_origin(ann) is dict
+        inner, _ = _section_inside(arg) if get_args(arg) else (None, False)
+        if inner is not None:
+            return inner, get_origin(arg) is dict
+    return None, False
+
+
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", Any: "any"}
+
+
+def _bounds_text(metadata: list[Any]) -> str:
+    """`0 <= x < 1`, `>= 1`: the numeric bounds pydantic keeps in a field's metadata."""
+    found = {key: getattr(m, key) for m in metadata for key, _ in _BOUNDS if getattr(m, key, None) is not None}
+    low = next(((op, found[k]) for k, op in _BOUNDS[:2] if k in found), None)
+    high = next(((op, found[k]) for k, op in _BOUNDS[2:] if k in found), None)
+    if low and high:
+        return f"{low[1]} {low[0].replace('>', '<')} x {high[0]} {high[1]}"
+    return " ".join(f"{op} {value}" for op, value in (low or high,) if op) if (low or high) else ""
+
+
+def type_text(ann: Any, metadata: list[Any] | None = None) -> str:
+    """A field's type as a reader of the reference wants it: `integer >= 1`, `one of: min, max`, `list of string`."""
+    bounds = _bounds_text(metadata or [])
+    text = _readable(ann)
+    return f"{text}, {bounds}" if bounds else text
+
+
+def _readable(ann: Any) -> str:
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Annotated:
+        inner = _readable(args[0])
+        bounds = _bounds_text(list(args[1:]) + [m for a in args[1:] for m in getattr(a, "metadata", [])])
+        return f"{inner}, {bounds}" if bounds else inner
+    if origin is Literal:
+        return "one of: " + ", ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        shown = [_readable(a) for a in args if a is not type(None)]
+        text = " or ".join(f"({t})" if "," in t else t for t in shown)
+        return f"{text} or null" if type(None) in args else text
+    if origin in (list, tuple) and args:
+        if origin is tuple and len(args) > 1 and args[1] is not Ellipsis:
+            shown = [_readable(a) for a in args]
+            if len(set(shown)) == 1:
+                return f"pair of {shown[0]}" if len(shown) == 2 else f"{len(shown)} of {shown[0]}"
+            return "[" + "; ".join(shown) + "]"
+        return f"list of {_readable(args[0])}"
+    if origin is dict:
+        return "mapping" if not args or args[1] is Any else f"mapping of {_readable(args[1])}"
+    return _NAMES.get(ann, getattr(ann, "__name__", str(ann)))
