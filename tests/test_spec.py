@@ -298,11 +298,23 @@ def test_the_reference_shows_types_a_reader_can_read():
     assert not [(p, t) for p, t in types.items() if any(word in t for word in internals)]
 
 
-def test_readme_reference_matches_schema():
-    from orchestrator.docs import render_reference
+def test_docs_reference_matches_schema():
+    from orchestrator.docs import BEGIN, END, REFERENCE, render_reference
 
-    readme = (ROOT / "README.md").read_text()
-    assert render_reference() in readme, "README job-file reference is stale: run `python -m orchestrator.docs --write`"
+    assert REFERENCE == ROOT / "docs" / "reference.md"
+    page = REFERENCE.read_text()
+    assert f"{BEGIN}\n{render_reference()}\n{END}" in page, (
+        "docs/reference.md is stale: run `python -m orchestrator.docs --write`"
+    )
+
+
+def test_reference_write_replaces_only_the_generated_block(tmp_path):
+    from orchestrator.docs import BEGIN, END, render_reference, write_reference
+
+    page = tmp_path / "reference.md"
+    page.write_text(f"# Reference\n\nkept above\n\n{BEGIN}\n| stale |\n{END}\n\nkept below\n")
+    write_reference(page)
+    assert page.read_text() == f"# Reference\n\nkept above\n\n{BEGIN}\n{render_reference()}\n{END}\n\nkept below\n"
 
 
 def run_cli(*args, cwd=ROOT):

@@ -1,4 +1,4 @@
-"""`JobSpec`: the whole job, its cross-section checks, and the walk over its fields for the README."""
+"""`JobSpec`: the whole job, its cross-section checks, and the walk over its fields for the generated reference."""
 
 from __future__ import annotations
 
