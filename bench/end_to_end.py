@@ -12,7 +12,7 @@ HTML report all count: they are part of the command. Timed with time.time() arou
 Everything is written under a temporary checkpoint.storage, never into runs/.
 
 The `worker_up`, `fifo_up` and `asha_up` cases run the same commands while a local Ray is already up
-(`ray start --head`, as the README suggests for repeated runs): the benchmark starts it before them and
+(`ray start --head`, as docs/cluster.md suggests for repeated runs): the benchmark starts it before them and
 stops it after, in each round, and that start is not timed. The other cases pass `--address local`, so
 they always start their own embedded Ray.
 
