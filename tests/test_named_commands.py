@@ -1,4 +1,5 @@
-"""Every command the docs and the example jobs tell a person to type exists: make targets, scripts, CLI commands.
+"""Every command the docs and the example jobs tell a person to type exists (make targets, scripts, CLI commands),
+and every relative link of the docs points at a file that is there (and at a heading of it, for `#anchor`).
 
 A comment in a job file once sent people to `make run-examples`, which never existed. What a command
 does is tested where it lives (the scripts in test_data/bench, the CLI everywhere); here: that it is there.
@@ -14,8 +15,12 @@ import pytest
 from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = sorted(
+PAGES = sorted(
     [ROOT / "README.md", ROOT / "k8s" / "README.md", ROOT / "bench" / "BENCHMARKS.md"]
+    + list((ROOT / "docs").glob("*.md"))
+)
+DOCS = sorted(
+    PAGES
     + list((ROOT / "jobs").glob("*.yaml"))
     + list((ROOT / "jobs").glob("*.py"))
     + list((ROOT / "k8s").rglob("*.yaml"))
@@ -23,10 +28,10 @@ DOCS = sorted(
 
 
 def commands(text: str) -> list[str]:
-    """What a reader is told to type: `inline code` and the lines of fenced code blocks."""
+    """What a reader is told to type: `inline code` and the lines of fenced code blocks (a `$ ` prompt taken off)."""
     out = re.findall(r"`([^`\n]+)`", text)
     for block in re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S):
-        out += [line.split("#", 1)[0].strip() for line in block.splitlines()]
+        out += [line.split("#", 1)[0].strip().removeprefix("$ ") for line in block.splitlines()]
     return [c for c in out if c]
 
 
@@ -91,3 +96,63 @@ def test_every_orchestrator_command_named_exists():
 def test_a_missing_target_would_be_caught(bad):
     targets = makefile_targets()
     assert [t for c in commands(bad) for t in re.findall(r"(?:^|&&\s*|;\s*)make ([a-z][\w-]*)", c) if t not in targets]
+
+
+def links(text: str) -> list[str]:
+    """The targets of markdown links and images, outside code: `[text](target)`, `![alt](target)`."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    prose = re.sub(r"`[^`\n]*`", "", prose)
+    return re.findall(r"!?\[[^\]\n]*\]\(([^)\s]+)\)", prose)
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    titles = re.findall(r"^#{1,6} (.+)$", prose, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-") for title in titles}
+
+
+def broken_links(page: Path, text: str) -> list[str]:
+    """The relative links of a page whose file (or heading) does not exist."""
+    broken = []
+    for target in links(text):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:: not ours to check here
+            continue
+        path, _, anchor = target.partition("#")
+        where = (page.parent / path).resolve() if path else page
+        if not where.exists():
+            broken.append(target)
+        elif anchor and where.suffix == ".md" and anchor not in anchors(where.read_text()):
+            broken.append(target)
+    return broken
+
+
+def test_every_relative_link_points_at_a_file():
+    assert (ROOT / "docs" / "reference.md") in PAGES
+    found = {page.relative_to(ROOT).as_posix(): links(page.read_text()) for page in PAGES}
+    assert sum(map(len, found.values())) > 20, found  # the pages do link, so this test looks at something
+    broken = {page.relative_to(ROOT).as_posix(): broken_links(page, page.read_text()) for page in PAGES}
+    assert {page: targets for page, targets in broken.items() if targets} == {}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "[the guide](docs/nope.md)",
+        "![shot](docs/nope.png)",
+        "[a heading](docs/storage.md#no-such-heading)",
+        "[x](#nope)",
+    ],
+)
+def test_a_broken_link_would_be_caught(bad):
+    page = ROOT / "README.md"
+    assert broken_links(page, bad) == [bad.split("(", 1)[1].rstrip(")")]
+
+
+def test_the_readme_starts_with_make_run_and_make_test_and_links_every_docs_page():
+    text = (ROOT / "README.md").read_text()
+    first_block = re.search(r"```[^\n]*\n(.*?)```", text, flags=re.S).group(1)
+    assert [line.split("#", 1)[0].strip() for line in first_block.splitlines()] == ["make run", "make test"]
+    linked = {(ROOT / target.partition("#")[0]).resolve() for target in links(text)}
+    unlinked = [page.name for page in (ROOT / "docs").glob("*.md") if page.resolve() not in linked]
+    assert unlinked == []
