@@ -12,6 +12,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 from xml.etree import ElementTree
 
 import numpy as np
@@ -149,6 +150,8 @@ def open_in_browser(browser, path: Path) -> dict:
         "els => els.map(e => ({alt: e.alt, natural: e.naturalWidth, w: e.getBoundingClientRect().width, h: e.getBoundingClientRect().height}))",
     )
     text = page.inner_text("body")
+    links = page.eval_on_selector_all("a", "els => els.map(e => ({href: e.href, text: e.textContent}))")
+    cells = page.eval_on_selector_all("td.num", "els => els.map(e => e.textContent)")
     page.close()
     return {
         "errors": errors,
@@ -157,6 +160,8 @@ def open_in_browser(browser, path: Path) -> dict:
         "text": text,
         "dialogs": dialogs,
         "requests": requests,
+        "links": links,
+        "numbers": cells,
     }
 
 
@@ -369,12 +374,13 @@ class TagCheck(HTMLParser):
 
     def __init__(self):
         super().__init__()
-        self.tags, self.attrs, self.srcs = [], [], []
+        self.tags, self.attrs, self.srcs, self.hrefs = [], [], [], []
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
         self.attrs += [name for name, _ in attrs]
         self.srcs += [value for name, value in attrs if name == "src"]
+        self.hrefs += [value for name, value in attrs if name == "href"]
 
 
 def assert_only_the_reports_own_markup(page: str) -> None:
@@ -411,7 +417,10 @@ def assert_only_the_reports_own_markup(page: str) -> None:
         "figure",
         "img",
         "figcaption",
+        "a",
     }, set(check.tags)
+    # Links only to files beside the page (a path, never a scheme a name could smuggle in) or to a run's URI.
+    assert all(href.startswith(("./", "file:///", "s3://")) for href in check.hrefs), check.hrefs
     assert check.srcs and all(src.startswith("data:image/svg+xml;base64,") for src in check.srcs)
     for src in check.srcs:
         svg = ElementTree.fromstring(base64.b64decode(src.split(",", 1)[1]))  # well-formed, or this raises
@@ -520,6 +529,7 @@ def test_hostile_choice_values_and_trial_ids_in_a_sweep_are_shown_as_text(tmp_pa
         (HOSTILE[1], HOSTILE[0], 0.01, 0.9, "done"),
         ("t2", HOSTILE[1], 0.001, 0.8, HOSTILE[0]),
         ("t3", "relu", 0.0001, 0.7, "stopped"),
+        ("javascript:alert(1)", "tanh", 0.003, 0.6, "running"),
     ]
     rows = []
     for trial_id, act, lr, best, status in trials:
@@ -528,6 +538,7 @@ def test_hostile_choice_values_and_trial_ids_in_a_sweep_are_shown_as_text(tmp_pa
             {
                 "run.json": {"run": trial_id, "status": "finished", "config": {"model.act": act, "optim.lr": lr}},
                 "metrics.jsonl": history(10 if status != "stopped" else 5),
+                "report.html": "",  # each trial's own report, which the table links to
             },
         )
         rows.append(
@@ -576,6 +587,10 @@ def test_hostile_choice_values_and_trial_ids_in_a_sweep_are_shown_as_text(tmp_pa
     )
     assert all(h in seen["text"] for h in HOSTILE)
     assert len(seen["figures"]) == 4 and all(f["natural"] > 0 and f["h"] > 0 for f in seen["figures"])
+    # Each trial's name links to its own report, a path under the sweep whatever the name holds.
+    linked = {a["text"]: a["href"] for a in seen["links"]}
+    for trial_id, *_ in trials:
+        assert Path(unquote(urlparse(linked[trial_id]).path)) == sweep / trial_id / "report.html", linked
 
 
 def test_report_imports_neither_matplotlib_nor_scikit_learn(tmp_path):
@@ -724,3 +739,265 @@ def test_degenerate_records_still_make_a_report_with_well_formed_figures(tmp_pat
     page = Path(write_report(str(tmp_path / "sweep"))).read_text()
     assert_only_the_reports_own_markup(page)
     assert page.count('<figure class="plot">') == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Pages people can read: times, captions, trial names and colours, legends, numbers, links, settings
+
+
+def figure_svg(page: str, alt_part: str) -> ElementTree.Element:
+    """The SVG of the page's figure whose caption holds `alt_part`."""
+    found = re.search(
+        r'alt="([^"]*)" src="data:image/svg\+xml;base64,([^"]+)"', page[page.index(html.escape(alt_part)) - 400 :]
+    )
+    assert found and alt_part in html.unescape(found.group(1)), alt_part
+    return ElementTree.fromstring(base64.b64decode(found.group(2)))
+
+
+def svg_texts(svg: ElementTree.Element) -> list[str]:
+    return ["".join(e.itertext()) for e in svg.iter() if e.tag.endswith("text")]
+
+
+def run_record(job: dict, **summary) -> dict:
+    """run.json of a finished run of `job` (a resolved job), started and ended at known times."""
+    return {
+        "run": "readable",
+        "status": "finished",
+        "started": "2026-12-06T11:00:11.142926+00:00",
+        "ended": "2026-12-06T11:00:45.067477+00:00",
+        "command": ["orchestrator", "run", "job.yaml"],
+        "job": job,
+        "summary": {"steps": 20, "best": {"metric": "val_accuracy", "value": 0.7, "step": 20}, **summary},
+    }
+
+
+def test_run_page_times_captions_links_and_settings_read_as_people_read_them(tmp_path, browser):
+    mlp = build_spec({"name": "readable", "model": {"name": "mlp"}, "data": {"name": "digits"}}).to_dict()
+    run = write_records(
+        tmp_path / "runs" / "readable",
+        {"run.json": run_record(mlp), "metrics.jsonl": history(20), "run.log": ["a line"]},
+    )
+    report = Path(write_report(str(run)))
+    page = report.read_text()
+    assert_only_the_reports_own_markup(page)
+    seen = open_in_browser(browser, report)
+    assert seen["errors"] == [] and seen["external"] == []
+    # Times to the second, in words: no ISO 'T', no microseconds; how long it took.
+    assert re.search(
+        r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ · ended \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ \(33 s\)", seen["text"]
+    )
+    assert "T11:00" not in seen["text"] and ".142926" not in seen["text"] and "067477" not in seen["text"]
+    # No early stop: no caption speaks of one.
+    alts = [f["alt"] for f in seen["figures"]]
+    assert not [a for a in alts if "early stop" in a], alts
+    assert "val_accuracy at each validation, with the best checkpoint marked." in alts
+    # The run's own files, linked beside the page.
+    linked = {a["text"]: Path(unquote(urlparse(a["href"]).path)) for a in seen["links"]}
+    assert linked == {name: run / name for name in ("run.json", "metrics.jsonl", "run.log")}
+    # An MLP on digits with AdamW and a constant schedule: what does not apply to it is not listed.
+    settings = seen["text"][seen["text"].index("Settings") : seen["text"].index("Provenance")]
+    for absent in (
+        "vocab_size",
+        "heads",
+        "context",
+        "num_classes",
+        "samples",
+        "momentum",
+        "alpha",
+        "step_size",
+        "gamma",
+    ):
+        assert f"{absent}\t" not in settings and f"\n{absent}" not in settings, absent
+    for present in ("hidden", "layers", "lr", "betas", "epochs", "storage"):
+        assert present in settings, present
+
+    # Early stopping: now the captions say so. A report written elsewhere links the files by their URIs.
+    stopped = write_records(
+        tmp_path / "stopped", {"run.json": run_record(mlp, stopped_early=True), "metrics.jsonl": history(20)}
+    )
+    out = tmp_path / "elsewhere" / "stopped.html"
+    write_report(str(stopped), out=str(out))
+    seen = open_in_browser(browser, out)
+    assert "val_accuracy at each validation, with the best checkpoint and the early stop marked." in [
+        f["alt"] for f in seen["figures"]
+    ]
+    assert {a["href"] for a in seen["links"]} == {(stopped / n).as_uri() for n in ("run.json", "metrics.jsonl")}
+
+
+def test_settings_list_what_the_model_the_data_and_the_loop_use():
+    from orchestrator.report.settings import applied_settings
+
+    gpt = build_spec(
+        {"name": "lm", "model": {"name": "gpt"}, "data": {"name": "synthetic", "task": "lm"}, "optim": {"name": "sgd"}}
+    ).to_dict()
+    shown = applied_settings(gpt)
+    assert {"heads", "context", "hidden"} <= set(shown["model"]) and "options" not in shown["model"]
+    assert {"vocab_size", "seq_len", "samples"} <= set(shown["data"]) and "num_classes" not in shown["data"]
+    assert set(shown["optim"]) == {"name", "lr", "weight_decay", "momentum", "nesterov"}
+    own = build_spec({"name": "byo", "entrypoint": "loop:train", "config": {"lr": 0.1}}).to_dict()
+    shown = applied_settings(own)
+    assert set(shown) == {"name", "entrypoint", "config", "scaling", "checkpoint", "failure"}, shown
+    assert set(shown["checkpoint"]) == {"storage"}
+    folds = build_spec({"name": "cv", "data": {"name": "digits", "folds": 5}}).to_dict()
+    shown = applied_settings(folds)
+    assert {"folds", "fold"} <= set(shown["data"]) and "split" not in shown.get("validation", {})
+    assert "fold" not in applied_settings(mlp_job())["data"]
+
+
+def mlp_job() -> dict:
+    return build_spec({"name": "m", "model": {"name": "mlp"}, "data": {"name": "digits"}}).to_dict()
+
+
+def sweep_records(folder: Path, scheduler: str, trials: list[tuple[str, dict, float, str, int]]) -> Path:
+    """A sweep written by hand: (trial id, config, its best accuracy, status, steps) each, the metric val_accuracy."""
+    rows = []
+    for trial_id, config, best, status, steps in trials:
+        lines = [{"step": s, "split": "val", "val_accuracy": best * s / steps} for s in range(5, steps + 1, 5)]
+        write_records(folder / trial_id, {"run.json": {"run": trial_id, "status": "finished"}, "metrics.jsonl": lines})
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                "config": config,
+                "metric": best,
+                "best_metric": best,
+                "steps": steps,
+            }
+        )
+    spec = {"metric": "val_accuracy", "mode": "max", "scheduler": {"name": scheduler}, "parameters": {}}
+    write_records(
+        folder,
+        {
+            "sweep.json": {
+                "sweep": folder.name,
+                "status": "finished",
+                "started": "2026-12-06T11:02:55.857634+00:00",
+                "ended": "2026-12-06T11:03:23.100000+00:00",
+                "spec": spec,
+                "result": {"metric": "val_accuracy", "mode": "max", "trials": rows},
+            }
+        },
+    )
+    return folder
+
+
+def test_sweep_page_names_trials_by_their_settings_in_colours_apart(tmp_path, browser):
+    trials = [
+        (
+            f"60afa_{i:05d}",
+            {"optim.lr": 10.0 ** -(1 + i % 4), "model.act": ["relu", "tanh"][i % 2]},
+            0.5 + i / 40,
+            "done",
+            20,
+        )
+        for i in range(9)
+    ]
+    sweep = sweep_records(tmp_path / "asha", "asha", trials[:8] + [("60afa_00008", trials[8][1], 0.4, "stopped", 10)])
+    report = Path(write_report(str(sweep)))
+    page = report.read_text()
+    seen = open_in_browser(browser, report)
+    assert (
+        seen["errors"] == []
+        and "T11:02" not in seen["text"]
+        and re.search(r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", seen["text"])
+    )
+    svg = figure_svg(page, "val_accuracy of every trial")
+    texts = svg_texts(svg)
+    assert not [t for t in texts if "60afa" in t], texts  # no Tune ids, the settings instead
+    best = max(trials[:8], key=lambda t: t[2])
+    assert f"1. lr={best[1]['optim.lr']:g} act={best[1]['model.act']}" in texts, texts
+    assert "3 other trials" in texts and "stopped by the scheduler" in texts
+    colours = [e.get("stroke") for e in svg.iter() if e.tag.endswith("polyline")]
+    named = [c for c in colours if c != "#b8b8b8"]
+    assert len(named) == len(set(named)) == 6 and colours.count("#b8b8b8") == 3, colours
+    assert "an X marks where the scheduler stopped a trial" in " ".join(f["alt"] for f in seen["figures"])
+    assert {a["text"] for a in seen["links"]} == {"sweep.json"}
+
+    # FIFO stops no trial: neither an X nor a word of stopped trials, even for one that ended short.
+    fifo = sweep_records(tmp_path / "fifo", "fifo", [trials[0], ("60afa_00009", trials[1][1], 0.4, "stopped", 5)])
+    page = Path(write_report(str(fifo))).read_text()
+    assert "stopped by the scheduler" not in svg_texts(figure_svg(page, "val_accuracy of every trial"))
+    assert "an X marks" not in page
+
+
+def cv_records(folder: Path) -> Path:
+    """A 3-fold cross-validation written by hand, its numbers of different magnitudes."""
+    folds = []
+    for i, (acc, loss) in enumerate([(0.05049, 0.0212), (0.0612, 0.0198), (0.0577, 0.02301)]):
+        write_records(
+            folder / f"fold-{i}",
+            {
+                "run.json": {"run": f"fold-{i}", "status": "finished"},
+                "metrics.jsonl": [{"step": 10, "split": "val", "val_accuracy": acc, "val_loss": loss}],
+                "report.html": "",
+            },
+        )
+        folds.append(
+            {
+                "fold": i,
+                "run_uri": str(folder / f"fold-{i}"),
+                "status": "finished",
+                "steps": 10,
+                "metrics": {"val_accuracy": {"best": acc, "step": 10}, "val_loss": {"best": loss, "step": 10}},
+                "test": {},
+            }
+        )
+    metrics = {
+        "val_accuracy": {"mean": 0.05646, "std": 0.005383, "ci95": [0.04309, 0.06983]},
+        "val_loss": {"mean": 0.0212, "std": 0.00162, "ci95": [0.0172, 0.0252]},
+    }
+    return write_records(
+        folder,
+        {
+            "cv.json": {
+                "cv": folder.name,
+                "status": "finished",
+                "folds_count": 3,
+                "metric": "val_loss",
+                "folds": folds,
+                "metrics": metrics,
+                "test": {},
+            }
+        },
+    )
+
+
+def test_cv_page_strip_plots_have_a_legend_and_every_number_four_significant_digits(tmp_path, browser):
+    cv = cv_records(tmp_path / "digits-cv")
+    report = Path(write_report(str(cv)))
+    page = report.read_text()
+    assert_only_the_reports_own_markup(page)
+    seen = open_in_browser(browser, report)
+    assert seen["errors"] == []
+    for metric in ("val_accuracy", "val_loss"):
+        texts = svg_texts(figure_svg(page, f"{metric} of each fold as a point"))
+        assert {"fold 0", "fold 1", "fold 2", "mean, 95% CI"} <= set(texts), texts
+    # 0.0212 beside 0.05049: both with four significant digits.
+    assert (
+        "0.05049 @ step 10" in seen["text"]
+        and "0.02120 @ step 10" in seen["text"]
+        and "[0.01720, 0.02520]" in seen["text"]
+    )
+    assert seen["numbers"] and all(re.fullmatch(r"\d+|0\.0*[1-9]\d{3}|[1-9][\d.]{4}", n) for n in seen["numbers"]), (
+        seen["numbers"]
+    )
+    linked = {a["text"]: Path(unquote(urlparse(a["href"]).path)) for a in seen["links"]}
+    assert linked["cv.json"] == cv / "cv.json" and linked[str(cv / "fold-1")] == cv / "fold-1" / "report.html"
+
+
+def test_numbers_have_four_significant_digits_whatever_their_size():
+    from orchestrator.report.html import num
+
+    assert [num(v) for v in (0.05049, 0.0212, 1.0679, 33.0, 1234.56, 9.99996, 123456.7, 3.2e-6, 2.5e7, 0.0, 7)] == [
+        "0.05049",
+        "0.02120",
+        "1.068",
+        "33.00",
+        "1235",
+        "10.00",
+        "123500",
+        "3.200e-06",
+        "2.500e+07",
+        "0",
+        "7",
+    ]

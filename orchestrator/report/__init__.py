@@ -10,7 +10,8 @@ What lives where:
   scales.py      the charts' colormaps, linear and log scales, ticks and limits
   svg.py         the charts' SVG text: escaping, text widths, coordinates, marker shapes, thinning
   curves.py      ROC and precision-recall points and areas, NumPy only
-  html.py        page skeleton, style, palette, status badges, tables, embedded figures, escaping
+  html.py        page skeleton, style, palette, status badges, tables, number and time formats, links, escaping
+  settings.py    the settings of a job that applied to its run (what the pages list)
   run_page.py    a run's figures and its page (render_run)
   sweep_page.py  a sweep's figures and its page (render_sweep)
   cv_page.py     a cross-validation's figures and its page (render_cv)
@@ -25,6 +26,7 @@ import os
 from orchestrator import storage
 from orchestrator.errors import BadInput
 from orchestrator.report.cv_page import render_cv
+from orchestrator.report.html import link_base
 from orchestrator.report.listing import list_runs
 from orchestrator.report.read import (
     CV_RECORD,
@@ -64,21 +66,25 @@ __all__ = [
 ]
 
 
-def render(uri: str, endpoint_url: str | None = None) -> str:
-    """The report of whatever `uri` holds, a run, a sweep or a cross-validation; BadInput when it holds none."""
+def render(uri: str, endpoint_url: str | None = None, inside: bool = True) -> str:
+    """The report of whatever `uri` holds, a run, a sweep or a cross-validation; BadInput when it holds none.
+
+    `inside`: the page goes into `uri` itself, so its links to the files there are relative; else they are URIs.
+    """
     home = _open(uri, endpoint_url)
+    base = link_base(uri, inside)
     if _guarded(uri, lambda: home.exists(CV_RECORD)):  # a cross-validation is a sweep too: its own page first
-        return render_cv(load_cv(uri, endpoint_url))
+        return render_cv(load_cv(uri, endpoint_url), base)
     if _guarded(uri, lambda: home.exists(SWEEP_RECORD)):
-        return render_sweep(load_sweep(uri, endpoint_url))
+        return render_sweep(load_sweep(uri, endpoint_url), base)
     if not _guarded(uri, lambda: home.exists(RUN_RECORD)):
         raise BadInput(f"{uri}: holds no run or sweep (no {RUN_RECORD} or {SWEEP_RECORD})")
-    return render_run(load_run(uri, endpoint_url))
+    return render_run(load_run(uri, endpoint_url), base)
 
 
 def write_report(uri: str, out: str | None = None, endpoint_url: str | None = None) -> str:
     """Write the report of a run or sweep to `out` (a local file) or to `<uri>/report.html`; return where it went."""
-    page = render(uri, endpoint_url).encode()
+    page = render(uri, endpoint_url, inside=not out).encode()
     if out:
         folder = os.path.dirname(os.path.abspath(out))
         os.makedirs(folder, exist_ok=True)

@@ -7,8 +7,24 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.report import charts
-from orchestrator.report.html import PALETTE, STOP_COLOR, Status, _embed, _facts, _kv_table, _page, _status, _table, esc
+from orchestrator.report.html import (
+    PALETTE,
+    STOP_COLOR,
+    Link,
+    Status,
+    _embed,
+    _facts,
+    _files,
+    _kv_table,
+    _page,
+    _status,
+    _table,
+    esc,
+    num,
+)
 from orchestrator.report.read import CV_RECORD, CvData, _finite, _metric_values
+from orchestrator.report.settings import applied_settings
+from orchestrator.storage import redact
 
 WIDE = (626, 386)
 
@@ -38,21 +54,23 @@ def _curves_figure(cv: CvData, metric: str) -> str | None:
 
 def _strip_panel(metric: str, agg: dict[str, Any], folds: list[dict[str, Any]], values_of) -> charts.Axes:
     """The folds' values of one metric as points, beside their mean and its 95% confidence interval."""
+    shown = [(f["fold"], values_of(f)) for f in folds]
+    shown = [(i, v) for i, v in shown if _finite(v)]
     ax = charts.Axes(
         title=metric,
         ylabel=metric,
         xlim=(-0.6, 1.6),
         xticks=[(0.0, "folds"), (1.0, "mean, 95% CI")],
         grid=True,
+        legend_loc="best",
+        legend_cols=2 if len(shown) > 5 else 1,
     )
-    shown = [(f["fold"], values_of(f)) for f in folds]
-    shown = [(i, v) for i, v in shown if _finite(v)]
     # Spread the points a little sideways, in fold order, so that equal values stay visible.
     width = 0.5 / max(1, len(shown) - 1) if len(shown) > 1 else 0.0
     xs = [-0.25 + k * width for k in range(len(shown))]
     for k, (i, v) in enumerate(shown):
-        ax.points([xs[k]], [v], PALETTE[i % len(PALETTE)], size=5)
-    ax.points([1.0], [agg["mean"]], STOP_COLOR, marker="star", size=6)
+        ax.points([xs[k]], [v], PALETTE[i % len(PALETTE)], f"fold {i}", size=5)  # the curves' colour of the fold
+    ax.points([1.0], [agg["mean"]], STOP_COLOR, "mean, 95% CI", marker="star", size=6)
     if agg.get("ci95"):
         low, high = agg["ci95"]
         ax.line([1.0, 1.0], [low, high], STOP_COLOR, width=2)
@@ -89,22 +107,34 @@ def _summary_rows(cv: CvData) -> list[list[Any]]:
             for f in cv.folds:
                 if pick == "val":
                     got = (f.get("metrics") or {}).get(name)
-                    cells.append(f"{got['best']:.4f} @ {got['step']}" if got else None)
+                    cells.append(f"{num(got['best'])} @ step {got['step']}" if got else None)
                 else:
                     cells.append((f.get("test") or {}).get(name))
             ci = agg.get("ci95")
-            rows.append([name, *cells, agg["mean"], agg.get("std"), f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else None])
+            rows.append([name, *cells, agg["mean"], agg.get("std"), f"[{num(ci[0])}, {num(ci[1])}]" if ci else None])
     return rows
 
 
-def render_cv(cv: CvData) -> str:
-    """The HTML report of a cross-validation: the aggregate table, the folds, curves per metric, strip plots."""
+def _fold_rows(cv: CvData, link_base: str | None) -> list[list[Any]]:
+    """A row per fold: its number, status, steps, run (linked to its report) and newest checkpoint."""
+    rows = []
+    for f in cv.folds:
+        run, where = f.get("run"), f.get("run_uri")
+        if run is not None and "report.html" in run.files and where == f"{cv.uri}/fold-{f['fold']}":
+            where = Link((f"fold-{f['fold']}", "report.html"), str(where), link_base)
+        rows.append([f["fold"], Status(f.get("status")), f.get("steps"), where, f.get("checkpoint")])
+    return rows
+
+
+def render_cv(cv: CvData, link_base: str | None = None) -> str:
+    """The HTML report of a cross-validation: the aggregate table, the folds, curves per metric, strip plots.
+
+    Links to its records and the folds' reports are relative, or under `link_base` for a page written elsewhere.
+    """
     record = cv.record
     folds = cv.folds
     summary = _table(_summary_rows(cv), ["metric", *(f"fold {f['fold']}" for f in folds), "mean", "std", "95% CI"])
-    fold_rows = [
-        [f["fold"], Status(f.get("status")), f.get("steps"), f.get("run_uri"), f.get("checkpoint")] for f in folds
-    ]
+    fold_rows = _fold_rows(cv, link_base)
     figures = [_curves_figure(cv, name) for name in cv.metrics] + _strip_figures(cv)
     figures = [f for f in figures if f]
     watched = cv.metrics.get(record.get("metric") or "") or {}
@@ -118,6 +148,7 @@ def render_cv(cv: CvData) -> str:
     ]
     body = [
         _facts(facts),
+        _files([Link((n,), n, link_base) for n in (CV_RECORD, "sweep.json") if n in cv.files]),
         "<h2>Cross-validation</h2>",
         "<p class=\"note\">val_*: each fold's best validation value @ its step; test_*: each fold's best checkpoint "
         "evaluated on the test split, which no fold validates on. 95% CI: Student's t over the folds.</p>",
@@ -142,9 +173,9 @@ def render_cv(cv: CvData) -> str:
         )
     job = (cv.sweep_record or {}).get("job")
     if job:
-        body.append("<h2>Job</h2>" + _kv_table(job))
+        body.append("<h2>Job</h2>" + _kv_table(applied_settings(job)))
     subtitle = (
-        f"{_status(record.get('status'))} &middot; <code>{esc(cv.uri)}</code> &middot; "
+        f"{_status(record.get('status'))} &middot; <code>{esc(redact(cv.uri))}</code> &middot; "
         f"{esc(str(record.get('folds_count')))} folds &middot; record <code>{esc(CV_RECORD)}</code>"
     )
     return _page(f"Cross-validation {record.get('cv') or cv.uri.rsplit('/', 1)[-1]}", subtitle, "".join(body))

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from orchestrator.report import charts
 from orchestrator.report.charts import esc
@@ -38,7 +39,7 @@ table{border-collapse:collapse;background:#fff;font-size:13px;margin:8px 0}
 td,th{border:1px solid #e0e0e0;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f0f0f0}
 td.num{text-align:right;font-variant-numeric:tabular-nums}code{font-size:12px;word-break:break-all}
 .status{font-weight:bold}.status-ok{color:#2e7d32}.status-bad{color:#c62828}.status-warn{color:#ef6c00}.status-busy{color:#1565c0}.status-idle{color:#666}
-.tables{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.tables table{margin:0}details{margin:8px 0}summary{cursor:pointer;font-weight:bold}p.note{color:#666;font-size:13px}
+p.files{font-size:13px}.tables{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.tables table{margin:0}details{margin:8px 0}summary{cursor:pointer;font-weight:bold}p.note{color:#666;font-size:13px}
 """
 
 
@@ -66,17 +67,102 @@ class Status:
         return f'<span class="status status-{STATUS_CLASS.get(word, "idle")}">{esc(word)}</span>'
 
 
+def num(value: float, digits: int = 4) -> str:
+    """A measured number as every page writes one: `digits` significant digits, trailing zeros kept (0.02120 beside
+    0.05049), an exponent only below 1e-4 or from 1e6 on; integers as they are."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    value = float(f"{value:.{digits - 1}e}")  # rounded first: 9.99996 is 10.00, not 9.99996 at four places
+    magnitude = math.floor(math.log10(abs(value)))
+    if magnitude < -4 or magnitude >= 6:
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{max(0, digits - 1 - magnitude)}f}"
+
+
+def when(stamp: Any) -> str:
+    """A record's ISO timestamp as people read it: local date and time to the second, with the zone."""
+    try:
+        moment = datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return str(stamp)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+
+def took(started: Any, ended: Any) -> str | None:
+    """How long from `started` to `ended` (ISO timestamps), as 45 s, 12 min 5 s or 3 h 2 min; None when either is missing."""
+    try:
+        seconds = int((datetime.fromisoformat(str(ended)) - datetime.fromisoformat(str(started))).total_seconds())
+    except (TypeError, ValueError):
+        return None
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A value someone wrote (a job's or a search's setting): shown as written, 0.003 and not 0.003000."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link to a file beside the page or under it (`parts` of a relative path), or, for a page written elsewhere,
+    to the file's URI under `base`; the text is escaped like any value."""
+
+    parts: tuple[str, ...]
+    text: str
+    base: str | None = None  # None: relative to the page
+
+    def html(self) -> str:
+        # Each part percent-encoded whole: a trial called `javascript:x` or `"><img ...>` stays a path.
+        path = "/".join(quote(str(part), safe="") for part in self.parts)
+        href = f"./{path}" if self.base is None else f"{self.base.rstrip('/')}/{path}"
+        return f'<a href="{esc(href)}">{esc(self.text)}</a>'
+
+
+def link_base(uri: str, relative: bool) -> str | None:
+    """Where a page's links to a run's files start: None (relative) for a page inside the run, else the run's URI
+    (a local run's as a file:// URI that a browser opens)."""
+    if relative:
+        return None
+    if "://" in uri and not uri.startswith("file://"):
+        scheme, _, rest = uri.partition("://")
+        return f"{scheme}://{quote(rest, safe='/')}"
+    from pathlib import Path
+
+    return Path(uri.removeprefix("file://")).resolve().as_uri()
+
+
 def _fmt(value: Any) -> str:
-    """Any value from a record as HTML text: escaped, whatever its type."""
-    if isinstance(value, Status):
+    """Any value from a record as HTML text: escaped, whatever its type; measured numbers as `num` writes them."""
+    if isinstance(value, (Status, Link)):
         return value.html()
+    if isinstance(value, Setting):
+        value = value.value
+        if isinstance(value, float) and math.isfinite(value):
+            return f"{value:g}"
     if isinstance(value, bool) or value is None:
         return esc(json.dumps(value))
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    if isinstance(value, (int, float)):
+        return num(value)
     if isinstance(value, (dict, list)):
         return f"<code>{esc(json.dumps(value, default=str))}</code>"
     return esc(value)
+
+
+def _is_number(cell: Any) -> bool:
+    value = cell.value if isinstance(cell, Setting) else cell
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _table(rows: list[list[Any]], head: list[str]) -> str:
@@ -85,7 +171,7 @@ def _table(rows: list[list[Any]], head: list[str]) -> str:
         cells = []
         for cell in row:
             text = _fmt(cell)
-            cls = ' class="num"' if isinstance(cell, (int, float)) and not isinstance(cell, bool) else ""
+            cls = ' class="num"' if _is_number(cell) else ""
             cells.append(f"<td{cls}>{text}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
@@ -93,15 +179,22 @@ def _table(rows: list[list[Any]], head: list[str]) -> str:
 
 
 def _kv_table(data: dict[str, Any]) -> str:
-    """One table per top-level section (dotted keys inside), laid out side by side."""
+    """Settings as written: one table per top-level section (dotted keys inside), laid out side by side."""
     from orchestrator.spec import flatten
 
-    plain = [[k, v] for k, v in data.items() if not isinstance(v, dict) or not v]
+    plain = [[k, Setting(v)] for k, v in data.items() if not isinstance(v, dict) or not v]
     tables = [_table(plain, ["field", "value"])] if plain else []
     for key, value in data.items():
         if isinstance(value, dict) and value:
-            tables.append(_table([[k, v] for k, v in flatten(value).items()], [key, "value"]))
+            tables.append(_table([[k, Setting(v)] for k, v in flatten(value).items()], [key, "value"]))
     return '<div class="tables">' + "".join(tables) + "</div>"
+
+
+def _files(links: list[Link]) -> str:
+    """The line of links to a run's own files (run.log, metrics.jsonl, ...)."""
+    if not links:
+        return ""
+    return '<p class="files">files: ' + " &middot; ".join(link.html() for link in links) + "</p>"
 
 
 def _facts(items: list[tuple[str, Any]]) -> str:

@@ -25,6 +25,7 @@ class RunData:
     record: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     test: dict[str, Any] | None = None
+    files: set[str] = field(default_factory=set)  # the names of the files directly in the run's directory
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -67,7 +68,8 @@ def load_run(uri: str, endpoint_url: str | None = None) -> RunData:
         raise BadInput(f"{uri}: holds no run (no {RUN_RECORD})")
     history = _guarded(uri, run.read_metrics)
     test = _guarded(uri, run.read_test)
-    return RunData(uri=uri.rstrip("/"), record=record, history=history, test=test)
+    files = set(_guarded(uri, lambda: _children(run, "file")))
+    return RunData(uri=uri.rstrip("/"), record=record, history=history, test=test, files=files)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class SweepData:
     uri: str
     record: dict[str, Any]
     trials: list[dict[str, Any]]  # trial_id, status, config, metric, best_metric, steps, run (RunData or None)
+    files: set[str] = field(default_factory=set)  # the names of the files directly in the sweep's directory
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -124,7 +127,8 @@ def load_sweep(uri: str, endpoint_url: str | None = None) -> SweepData:
         row.setdefault("config", {})
         row["run"] = run
         trials.append(row)
-    data = SweepData(uri=uri.rstrip("/"), record=record, trials=trials)
+    files = set(_guarded(uri, lambda: _children(home, "file")))
+    data = SweepData(uri=uri.rstrip("/"), record=record, trials=trials, files=files)
     for row in trials:
         values = _metric_values(row["run"], data.metric) if row["run"] else []
         if row.get("metric") is None and values:
@@ -142,6 +146,7 @@ class CvData:
     record: dict[str, Any]
     sweep_record: dict[str, Any] | None
     folds: list[dict[str, Any]]  # cv.json's folds, each with "run"
+    files: set[str] = field(default_factory=set)  # the names of the files directly in the cross-validation's directory
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -167,15 +172,21 @@ def load_cv(uri: str, endpoint_url: str | None = None) -> CvData:
             fold["run"] = None
         folds.append(fold)
     sweep_record = _guarded(uri, lambda: home.read_json(SWEEP_RECORD))
-    return CvData(uri=uri.rstrip("/"), record=record, sweep_record=sweep_record, folds=folds)
+    files = set(_guarded(uri, lambda: _children(home, "file")))
+    return CvData(uri=uri.rstrip("/"), record=record, sweep_record=sweep_record, folds=folds, files=files)
 
 
-def _child_dirs(home: RunDir) -> list[str]:
+def _children(home: RunDir, kind: str) -> list[str]:
+    """The names of the directories (`kind` directory) or files (file) directly in `home`."""
     try:
         entries = home.fs.ls(home.root, detail=True)
     except FileNotFoundError:
         return []
-    return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"]
+    return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == kind]
+
+
+def _child_dirs(home: RunDir) -> list[str]:
+    return _children(home, "directory")
 
 
 def _metric_values(run: RunData, metric: str) -> list[tuple[int, float]]:

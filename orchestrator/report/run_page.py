@@ -13,16 +13,21 @@ from orchestrator.report.html import (
     BEST_COLOR,
     PALETTE,
     STOP_COLOR,
+    Link,
     _embed,
     _facts,
+    _files,
     _fmt,
     _kv_table,
     _page,
     _status,
     _table,
     esc,
+    took,
+    when,
 )
 from orchestrator.report.read import RunData, _finite, _metric_values
+from orchestrator.report.settings import applied_settings
 from orchestrator.storage import redact
 
 # Per-class curves up to this many classes; beyond, one micro-averaged curve stays readable.
@@ -307,7 +312,7 @@ def _training_figures(run: RunData, task: str | None, best_step: int | None, sto
                 y,
                 f"Validation {key[4:]}",
                 key[4:],
-                f"{key} at each validation, with the best checkpoint, the early stop and the test value marked.",
+                _marked_caption(f"{key} at each validation", best_step, stop_step, test_point),
                 PALETTE[(i + 5) % len(PALETTE)],
                 log=log,
                 best_step=best_step,
@@ -316,6 +321,7 @@ def _training_figures(run: RunData, task: str | None, best_step: int | None, sto
                 test_point=test_point,
             )
         )
+    figures += _reported_figures(train)
     if task == "lm" and train:
         x, y = _series(train, "loss")
         figures.append(
@@ -330,6 +336,45 @@ def _training_figures(run: RunData, task: str | None, best_step: int | None, sto
             )
         )
     return [f for f in figures if f]
+
+
+def _marked_caption(what: str, best_step: int | None, stop_step: int | None, test_point) -> str:
+    """A caption that names only what its figure marks: no "early stop" where the run did not stop early."""
+    marks = [
+        name
+        for name, shown in (
+            ("the best checkpoint", best_step is not None),
+            ("the early stop", stop_step is not None),
+            ("the test value", test_point is not None),
+        )
+        if shown
+    ]
+    if not marks:
+        return f"{what}."
+    listed = marks[0] if len(marks) == 1 else ", ".join(marks[:-1]) + " and " + marks[-1]
+    return f"{what}, with {listed} marked."
+
+
+# What every train entry of the built-in loop holds; anything else is a metric the loop reported of its own.
+TRAIN_FIELDS = {"step", "epoch", "split", "time", "loss", "lr", "samples_per_s"}
+
+
+def _reported_figures(train: list[dict[str, Any]]) -> list[str]:
+    """A figure for each other scalar a loop reported with its training metrics (a bring-your-own loop's accuracy)."""
+    keys = [
+        k
+        for k in dict.fromkeys(k for e in train for k in e)
+        if k not in TRAIN_FIELDS and not k.startswith("val_") and any(_finite(e.get(k)) for e in train)
+    ]
+    figures = []
+    for i, key in enumerate(keys):
+        x, y = _series(train, key)
+        figures.append(
+            _line_figure(
+                x, y, f"Reported {key}", key, f"{key} as the loop reported it, by step.", PALETTE[(i + 3) % 10]
+            )
+        )
+    return figures
 
 
 def _test_section(t: dict[str, Any]) -> list[str]:
@@ -356,11 +401,27 @@ def _test_section(t: dict[str, Any]) -> list[str]:
     return body
 
 
-def render_run(run: RunData) -> str:
-    """The HTML report of one run."""
+# A run's own files that its page links to, when they are there.
+RUN_FILES = ("run.json", "metrics.jsonl", "run.log", "test.json")
+
+
+def _subtitle(run: RunData) -> str:
+    record = run.record
+    parts = [_status(record.get("status")), f"<code>{esc(redact(run.uri))}</code>"]
+    if record.get("started"):
+        parts.append(f"started {esc(when(record['started']))}")
+    if record.get("ended"):
+        duration = took(record.get("started"), record["ended"])
+        parts.append(f"ended {esc(when(record['ended']))}" + (f" ({esc(duration)})" if duration else ""))
+    return " &middot; ".join(parts)
+
+
+def render_run(run: RunData, link_base: str | None = None) -> str:
+    """The HTML report of one run; its links to the run's files are relative, or under `link_base` (a page elsewhere)."""
     record, job = run.record, run.job
     best_step, stop_step = _best_and_stop(run)
     body = _run_facts(run, best_step, stop_step)
+    body.append(_files([Link((name,), name, link_base) for name in RUN_FILES if name in run.files]))
     figures = _training_figures(run, _task(run), best_step, stop_step)
     body.append("<h2>Training</h2>")
     body.append(
@@ -373,7 +434,7 @@ def render_run(run: RunData) -> str:
 
     body.append("<h2>Settings</h2>")
     body.append(f"<p>command: <code>{esc(' '.join(str(a) for a in record.get('command') or []))}</code></p>")
-    body.append(_kv_table(job))
+    body.append(_kv_table(applied_settings(job)))
     body.append("<h2>Provenance</h2>")
     body.append(
         _kv_table(record.get("provenance") or {})
@@ -382,5 +443,4 @@ def render_run(run: RunData) -> str:
     )
     if record.get("tracking"):
         body.append("<h3>Tracking</h3>" + _kv_table(record["tracking"]))
-    subtitle = f"{_status(record.get('status'))} &middot; <code>{esc(redact(run.uri))}</code> &middot; started {esc(str(record.get('started')))} &middot; ended {esc(str(record.get('ended')))}"
-    return _page(f"Run {record.get('run') or run.uri.rsplit('/', 1)[-1]}", subtitle, "".join(body))
+    return _page(f"Run {record.get('run') or run.uri.rsplit('/', 1)[-1]}", _subtitle(run), "".join(body))

@@ -1,5 +1,7 @@
-"""The report of a sweep: its metric against each parameter, every trial's curve (the ones the scheduler stopped marked),
-parallel coordinates and the table of trials.
+"""The report of a sweep: its metric against each parameter, every trial's curve (the best ones in colours of their own,
+the ones the scheduler stopped marked), parallel coordinates and the table of trials.
+
+Trials are named by their settings (`lr=0.003 hidden=64`), not by Tune's ids, wherever a person reads them in a figure.
 """
 
 from __future__ import annotations
@@ -9,11 +11,56 @@ import math
 from typing import Any
 
 from orchestrator.report import charts
-from orchestrator.report.html import PALETTE, STOP_COLOR, Status, _embed, _facts, _kv_table, _page, _status, _table, esc
+from orchestrator.report.html import (
+    PALETTE,
+    STOP_COLOR,
+    Link,
+    Status,
+    _embed,
+    _facts,
+    _files,
+    _kv_table,
+    _page,
+    _status,
+    _table,
+    esc,
+    took,
+    when,
+)
 from orchestrator.report.read import SweepData, _finite, _metric_values
+from orchestrator.report.settings import _pruned
 from orchestrator.storage import redact
 
 LOG_PARAMS = ("loguniform", "qloguniform")
+# The best trials' curves in colours far apart (no red: it marks stopped trials and the best one); the rest in grey.
+TRIAL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2")
+OTHER_TRIALS_COLOR = "#b8b8b8"
+
+
+def trial_label(config: dict[str, Any], params: list[str]) -> str:
+    """A trial as a person tells it apart: its settings, each under the last part of its name where that is unique."""
+    tails = [p.rsplit(".", 1)[-1] for p in params]
+    names = {p: (t if tails.count(t) == 1 else p) for p, t in zip(params, tails, strict=True)}
+    shown = [f"{names[p]}={_value_text(config[p])}" for p in params if p in config]
+    return " ".join(shown) or "no settings"
+
+
+def _value_text(value: Any) -> str:
+    # Four significant digits as in the tables, less trailing zeros: a name, not a column (lr=0.0001, not 0.0001000).
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _ranked(sweep: SweepData) -> list[dict[str, Any]]:
+    """The trials, best first by their best value of the metric; those without one last."""
+    sign = -1 if sweep.mode == "max" else 1
+    return sorted(
+        sweep.trials,
+        key=lambda t: (0, sign * t["best_metric"]) if _finite(t.get("best_metric")) else (1, 0),
+    )
+
+
+def _scheduler(sweep: SweepData) -> str:
+    return (sweep.spec.get("scheduler") or {}).get("name") or "fifo"
 
 
 def _is_log_param(spec: dict[str, Any] | None, values: list[Any]) -> bool:
@@ -48,7 +95,12 @@ def _param_axis(values: list[Any], log: bool):
 
 
 def _stopped_by_scheduler(sweep: SweepData, trial: dict[str, Any], last_step: int, longest: int) -> bool:
-    """Whether the scheduler ended a trial: its status says so, or under ASHA it ended short of the others without early stopping."""
+    """Whether the scheduler ended a trial: its status says so, or under ASHA it ended short of the others without early stopping.
+
+    A FIFO scheduler stops no trial: there a trial that ended short failed or stopped early by itself.
+    """
+    if _scheduler(sweep) == "fifo":
+        return False
     if trial.get("status") == "stopped":
         return True
     run = trial.get("run")
@@ -81,44 +133,50 @@ def _param_figure(
     ax.points(xs, [t["best_metric"] for t in rows], PALETTE[0], size=4.5)
     at = next((i for i, t in enumerate(rows) if t is best), None)
     if at is not None:
-        ax.points([xs[at]], [best["best_metric"]], STOP_COLOR, f"best ({best['trial_id']})", marker="ring", size=8)
+        ax.points([xs[at]], [best["best_metric"]], STOP_COLOR, "best trial", marker="ring", size=8)
     caption = f"Each trial's best {metric} against {param}" + (
         " on a log axis: equal distances are equal factors." if log else "."
     )
     return _embed(charts.figure([ax], 515, 350), caption)
 
 
-def _trials_figure(sweep: SweepData) -> str | None:
-    """The metric of every trial by step, an X where the scheduler stopped one."""
+def _trials_figure(sweep: SweepData, params: list[str]) -> str | None:
+    """The metric of every trial by step: the best few in colours of their own, named by their settings, the others in
+    grey; an X where the scheduler stopped one."""
     metric = sweep.metric
-    curves = [(t, _metric_values(t["run"], metric)) for t in sweep.trials if t.get("run")]
+    curves = [(t, _metric_values(t["run"], metric)) for t in _ranked(sweep) if t.get("run")]
     curves = [(t, v) for t, v in curves if v]
     if not curves:
         return None
     longest = max(v[-1][0] for _, v in curves)
-    ax = charts.Axes(title=f"{metric} of every trial", xlabel="step", ylabel=metric, legend_loc="best", legend_cols=2)
+    named, others = curves[: len(TRIAL_COLORS)], curves[len(TRIAL_COLORS) :]
+    ax = charts.Axes(title=f"{metric} of every trial", xlabel="step", ylabel=metric, legend_loc="best")
     stopped = []
-    for i, (t, values) in enumerate(curves):
-        label = str(t["trial_id"]) if len(curves) <= 12 else None
+    for k, (_, values) in enumerate(others):  # first, so that the named ones are drawn over them
+        label = (f"{len(others)} other trials" if len(others) > 1 else "1 other trial") if k == 0 else None
+        ax.line([s for s, _ in values], [v for _, v in values], OTHER_TRIALS_COLOR, label, width=1.0)
+    for rank, (t, values) in enumerate(named, 1):
+        label = f"{rank}. {trial_label(t['config'], params)}"
         ax.line(
             [s for s, _ in values],
             [v for _, v in values],
-            PALETTE[i % len(PALETTE)],
+            TRIAL_COLORS[rank - 1],
             label,
-            width=1.3,
+            width=1.6,
             marker="o",
-            size=2,
+            size=2.2,
         )
+    for t, values in curves:
         if _stopped_by_scheduler(sweep, t, values[-1][0], longest):
             stopped.append(values[-1])
     if stopped:
         ax.points(
             [s for s, _ in stopped], [v for _, v in stopped], STOP_COLOR, "stopped by the scheduler", marker="x", size=7
         )
-    return _embed(
-        charts.figure([ax], 626, 386),
-        f"{metric} of every trial by step; an X marks where the scheduler stopped a trial.",
-    )
+    caption = f"{metric} of every trial by step, the best {len(named)} named by their settings"
+    caption += f" (the other {len(others)} in grey)" if others else ""
+    caption += "; an X marks where the scheduler stopped a trial." if stopped else "."
+    return _embed(charts.figure([ax], 626, 386), caption)
 
 
 def _parallel_figure(
@@ -159,60 +217,82 @@ def _parallel_figure(
     )
 
 
-def render_sweep(sweep: SweepData) -> str:
-    """The HTML report of a sweep: metric against each parameter, every trial's curve, parallel coordinates, the table."""
-    metric, mode = sweep.metric, sweep.mode
+def _trial_rows(sweep: SweepData, params: list[str], link_base: str | None) -> tuple[list[list[Any]], list[str]]:
+    """The table of trials, best first: rank, trial (linked to its report), status, settings, scores, steps."""
+    metric = sweep.metric
+    from orchestrator.sweep.export import spread_text  # the end-of-sweep table's words for it, not a second format
+
+    folds = (sweep.record.get("spec") or {}).get("cv_folds")
+    rows = []
+    for i, t in enumerate(_ranked(sweep), 1):
+        scores = [t.get("metric"), t.get("best_metric")]
+        if folds:  # scored by cross-validation: the folds' mean and, next to it, its spread
+            scores = [t.get("best_metric"), spread_text(t) or None]
+        run = t.get("run")
+        name = t["trial_id"]
+        cell = Link((name, "report.html"), name, link_base) if run is not None and "report.html" in run.files else name
+        rows.append([i, cell, Status(t.get("status")), *(t["config"].get(p) for p in params), *scores, t.get("steps")])
+    score_heads = [f"{metric} (last)", f"{metric} (best)"]
+    if folds:
+        score_heads = [f"{metric} ({folds}-fold mean)", "std [95% CI]"]
+    return rows, ["#", "trial", "status", *params, *score_heads, "steps"]
+
+
+def _sweep_subtitle(sweep: SweepData) -> str:
+    record = sweep.record
+    parts = [
+        _status(record.get("status")),
+        f"<code>{esc(redact(sweep.uri))}</code>",
+        f"metric {esc(sweep.metric)} ({esc(sweep.mode)})",
+    ]
+    if record.get("started"):
+        parts.append(f"started {esc(when(record['started']))}")
+    if record.get("ended"):
+        duration = took(record.get("started"), record["ended"])
+        parts.append(f"ended {esc(when(record['ended']))}" + (f" ({esc(duration)})" if duration else ""))
+    return " &middot; ".join(parts)
+
+
+# A sweep's own files that its page links to, when they are there.
+SWEEP_FILES = ("sweep.json", "best.yaml")
+
+
+def render_sweep(sweep: SweepData, link_base: str | None = None) -> str:
+    """The HTML report of a sweep: metric against each parameter, every trial's curve, parallel coordinates, the table.
+
+    Links to the sweep's files and its trials' reports are relative, or under `link_base` for a page written elsewhere.
+    """
+    metric = sweep.metric
     params_spec = sweep.spec.get("parameters") or {}
     params = list(dict.fromkeys([*params_spec, *(k for t in sweep.trials for k in t.get("config", {}))]))
     scored = [t for t in sweep.trials if _finite(t.get("best_metric"))]
-    best = (max if mode == "max" else min)(scored, key=lambda t: t["best_metric"]) if scored else None
+    best = _ranked(sweep)[0] if scored else None
     figures = []
     for param in params:
         rows = [t for t in scored if param in t["config"]]
         if rows:
             figures.append(_param_figure(param, rows, params_spec.get(param), metric, best))
-    figures.append(_trials_figure(sweep))
+    figures.append(_trials_figure(sweep, params))
     if scored and params:
         figures.append(_parallel_figure(sweep, params, scored, best))
     figures = [f for f in figures if f]
 
     record = sweep.record
-    rank = sorted(
-        sweep.trials,
-        key=lambda t: (
-            (0, -t["best_metric"] if mode == "max" else t["best_metric"]) if _finite(t.get("best_metric")) else (1, 0)
-        ),
-    )
-    from orchestrator.sweep.export import spread_text  # the end-of-sweep table's words for it, not a second format
-
-    folds = (record.get("spec") or {}).get("cv_folds")
-    rows = []
-    for i, t in enumerate(rank, 1):
-        scores = [t.get("metric"), t.get("best_metric")]
-        if folds:  # scored by cross-validation: the folds' mean and, next to it, its spread
-            scores = [t.get("best_metric"), spread_text(t) or None]
-        rows.append(
-            [i, t["trial_id"], Status(t.get("status")), *(t["config"].get(p) for p in params), *scores, t.get("steps")]
-        )
-    score_heads = [f"{metric} (last)", f"{metric} (best)"]
-    if folds:
-        score_heads = [f"{metric} ({folds}-fold mean)", "std [95% CI]"]
-    table = _table(rows, ["#", "trial", "status", *params, *score_heads, "steps"])
+    rows, heads = _trial_rows(sweep, params, link_base)
     facts = [
         ("status", record.get("status")),
         ("trials", len(sweep.trials)),
         (f"best {metric}", best["best_metric"] if best else None),
-        ("best trial", best["trial_id"] if best else None),
+        ("best trial", trial_label(best["config"], params) if best else None),
         ("wall (s)", (record.get("result") or {}).get("wall_s")),
     ]
-    body = [_facts(facts), "<h2>Trials</h2>", table]
-    body.append("<h2>Figures</h2>")
+    body = [_facts(facts), _files([Link((n,), n, link_base) for n in SWEEP_FILES if n in sweep.files])]
+    body += ["<h2>Trials</h2>", _table(rows, heads), "<h2>Figures</h2>"]
     body.append(
         '<div class="grid">' + "".join(figures) + "</div>"
         if figures
         else '<p class="note">No trial has reported the metric yet.</p>'
     )
-    body.append("<h2>Search</h2>" + _kv_table(sweep.spec))
-    body.append("<h2>Base job</h2>" + _kv_table(record.get("job") or {}))
-    subtitle = f"{_status(record.get('status'))} &middot; <code>{esc(redact(sweep.uri))}</code> &middot; metric {esc(metric)} ({esc(mode)}) &middot; started {esc(str(record.get('started')))}"
-    return _page(f"Sweep {record.get('sweep') or sweep.uri.rsplit('/', 1)[-1]}", subtitle, "".join(body))
+    body.append("<h2>Search</h2>" + _kv_table(_pruned(sweep.spec)))
+    body.append("<h2>Base job</h2>" + _kv_table(_pruned(record.get("job") or {})))
+    return _page(f"Sweep {record.get('sweep') or sweep.uri.rsplit('/', 1)[-1]}", _sweep_subtitle(sweep), "".join(body))
