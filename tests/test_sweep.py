@@ -315,9 +315,10 @@ def test_build_sweep_submission_runs_the_sweep_command_on_the_cluster(tmp_path):
 
     job = load_sweep(LR_SWEEP, ["checkpoint.storage=/shared/runs"])
     submission = build_sweep_submission(job, ["checkpoint.storage=/shared/runs"])
+    # Its table in the job's logs, its result on one line that `orchestrator logs` leaves out.
     assert (
         submission["entrypoint"]
-        == "python -m orchestrator sweep sweep_digits_lr.yaml checkpoint.storage=/shared/runs --address auto --json"
+        == "python -m orchestrator sweep sweep_digits_lr.yaml checkpoint.storage=/shared/runs --address auto --result-line"
     )
     assert submission["runtime_env"]["working_dir"] == str(ROOT / "jobs")
     assert submission["metadata"]["orchestrator_run"] == "digits-lr"
@@ -404,3 +405,51 @@ def test_the_sweeps_callback_usage_tag_counts_as_rays_own_does():
         [],
     ):
         assert callback_counts(callbacks) == dict(_count_callbacks(callbacks))
+
+
+# ----------------------------------------------------------------------------------------------
+# The end of a sweep: trials ranked by their best value, as the report ranks them
+
+
+class TuneResult:
+    """What the sweep reads of one of Tune's results (`ray.tune.Result`): its directory, last metrics, config, error."""
+
+    def __init__(self, path: Path, metrics: dict, config: dict):
+        self.path, self.metrics, self.config, self.error = str(path), metrics, config, None
+
+
+def test_trials_are_ranked_by_their_best_value_and_the_console_says_the_reports_best(tmp_path):
+    from orchestrator.rundir import RunDir
+    from orchestrator.runrecord import RunRecord, RunStatus
+    from orchestrator.sweep import format_result, load_sweep
+    from orchestrator.sweep.export import collect_trials
+
+    sweep = load_sweep("jobs/sweep_digits_lr.yaml", [f"checkpoint.storage={tmp_path}"])
+    results = []
+    # Trial a peaked at 0.9 and ended at 0.5; trial b ended at its best, 0.7: a is the better trial (its best checkpoint).
+    for trial_id, values, lr in (("a_00000", [0.9, 0.5], 0.1), ("b_00001", [0.6, 0.7], 0.001)):
+        run = RunDir.open(f"{sweep.uri}/{trial_id}")
+        log = run.metrics_log([])
+        for step, value in enumerate(values, 1):
+            log.append({"step": step, "epoch": 0, "split": "val", "val_accuracy": value})
+        record = RunRecord.begin(trial_id, {})
+        record.end(RunStatus.FINISHED, None)
+        record.save(run)
+        results.append(TuneResult(Path(run.root), {"val_accuracy": values[-1], "step": 2}, {"optim.lr": lr}))
+    rows = collect_trials(results, sweep)
+    assert [(r.trial_id, r.metric, r.best_metric) for r in rows] == [("a_00000", 0.5, 0.9), ("b_00001", 0.7, 0.7)]
+    best = {"trial_id": "a_00000", "config": {"optim.lr": 0.1}, "metric": 0.5, "best_metric": 0.9}
+    result = {
+        "status": "finished",
+        "sweep": "digits-lr",
+        "metric": "val_accuracy",
+        "trials": [{**r.__dict__} for r in rows],
+        "total_steps": 4,
+        "wall_s": 1.0,
+        "best": best,
+        "best_job_file": "best.yaml",
+        "report": f"{sweep.uri}/report.html",
+    }
+    _, text = format_result(result)
+    assert "  best val_accuracy 0.9000: a_00000  optim.lr=0.1" in text.splitlines()
+    assert f"  report: {sweep.uri}/report.html" in text.splitlines()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -48,9 +49,12 @@ def val_steps(run_dir: Path) -> list[int]:
 @pytest.mark.slow  # a sweep on Ray, then a run of its best job
 def test_grid_sweep_ranks_its_trials_and_the_best_job_file_runs_as_a_job(tmp_path):
     args = ["sweep", LR_SWEEP, f"checkpoint.storage={tmp_path}", *TINY, "train.epochs=2", grid(1e-4, 1e-2), "--json"]
-    res = orchestrator(*args)
+    (tmp_path / "token").write_text(secrets.token_hex(32))
+    # A token and no RAY_AUTH_MODE: where Ray 2.60 announces, starting Ray, that token authentication is on.
+    res = orchestrator(*args, env={"RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")})
     out = result_of(res)
     assert "trials: " in res.stderr and "| best val_accuracy" in res.stderr  # the live view (stderr under --json)
+    assert "Token authentication" not in res.stderr + res.stdout
     assert [t["config"] for t in out["trials"]] == [
         {"optim.lr": 1e-2},
         {"optim.lr": 1e-4},
@@ -73,6 +77,10 @@ def test_grid_sweep_ranks_its_trials_and_the_best_job_file_runs_as_a_job(tmp_pat
         assert record["status"] == "finished" and record["job"]["optim"]["lr"] == trial["config"]["optim.lr"]
         assert (sweep_dir / trial["trial_id"] / "checkpoint_00000086" / "manifest.json").exists()
     assert json.loads((sweep_dir / "sweep.json").read_text())["status"] == "finished"
+    # Its report, written at its end as a cross-validation's is.
+    assert (
+        out["report"] == str(sweep_dir / "report.html") and "Sweep digits-lr" in (sweep_dir / "report.html").read_text()
+    )
 
     # The best trial written out as a job file: it runs like any job and learns as the trial did.
     assert out["best_job_file"] == str(sweep_dir / "best.yaml")

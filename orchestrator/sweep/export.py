@@ -51,7 +51,10 @@ class TrialRow:
 
 
 def collect_trials(results, sweep: SweepJob) -> list[TrialRow]:
-    """One row per trial from Tune's results, ranked by the sweep's metric (last reported value), best first."""
+    """One row per trial from Tune's results, ranked by the sweep's metric (each trial's best value), best first.
+
+    The best value, not the last: the report ranks by it, and a trial's best checkpoint is the one kept.
+    """
     metric, mode = sweep.sweep.metric, sweep.sweep.mode
     rows = []
     for result in results:
@@ -87,9 +90,9 @@ def collect_trials(results, sweep: SweepJob) -> list[TrialRow]:
         )
 
     def rank(row: TrialRow) -> tuple:
-        if not isinstance(row.metric, (int, float)) or math.isnan(row.metric):
+        if not isinstance(row.best_metric, (int, float)) or math.isnan(row.best_metric):
             return (1, 0.0)
-        return (0, -row.metric if mode == "max" else row.metric)
+        return (0, -row.best_metric if mode == "max" else row.best_metric)
 
     return sorted(rows, key=rank)
 
@@ -183,8 +186,9 @@ def format_result(result: dict[str, Any]) -> tuple[Any, str]:
     if best:
         ranked = next((t for t in result["trials"] if t["trial_id"] == best["trial_id"]), {})
         spread = f" {spread_text(ranked)} over {len(ranked['fold_metrics'])} folds" if spread_text(ranked) else ""
+        value = best.get("best_metric", best["metric"])  # the trial's best, as the report shows it
         lines.append(
-            f"  best {result['metric']} {best['metric']:.4f}{spread}: {best['trial_id']}  {settings_text(best['config'])}"
+            f"  best {result['metric']} {value:.4f}{spread}: {best['trial_id']}  {settings_text(best['config'])}"
         )
         if best.get("checkpoint"):  # a cross-validated trial has k, one per fold: its job file is the result
             lines.append(f"  checkpoint: {best['checkpoint']}")
@@ -193,6 +197,8 @@ def format_result(result: dict[str, Any]) -> tuple[Any, str]:
             lines.append(f"  train it: orchestrator cv {result['best_job_file']} --refit")
         else:
             lines.append(f"  run it: orchestrator run {result['best_job_file']}")
+    if result.get("report"):
+        lines.append(f"  report: {result['report']}")
     return format_trials(result["trials"], result["metric"]), "\n".join(lines)
 
 
@@ -223,7 +229,7 @@ def write_best_job(sweep: SweepJob, best: TrialRow, out: str | None) -> str:
     """Write the best trial's job file (to `out`, else `<sweep>/best.yaml`; a remote sweep also gets a local copy); return where."""
     job = best_job(sweep, best)
     header = (
-        f"# The best trial of sweep {sweep.name} ({best.trial_id}): {sweep.sweep.metric} {best.metric:.4f}\n"
+        f"# The best trial of sweep {sweep.name} ({best.trial_id}): {sweep.sweep.metric} {best.best_metric:.4f}\n"
         f"# settings: {settings_text(best.config)}\n"
         + (
             f"# its {sweep.sweep.cv_folds}-fold mean; train it: orchestrator cv <this file> --refit\n"

@@ -23,7 +23,7 @@ from orchestrator.lease import RunLease
 from orchestrator.preflight import preflight
 from orchestrator.provenance import collect_provenance
 from orchestrator.ray_runtime import resolve_address, start_ray
-from orchestrator.rundir import RUN_RECORD, RunDir
+from orchestrator.rundir import REPORT, RUN_RECORD, RunDir
 from orchestrator.runrecord import RunRecord, RunStatus, summary_from_checkpoints
 from orchestrator.spec import JobSpec
 from orchestrator.sweep.export import TrialRow, collect_trials, write_best_job
@@ -339,7 +339,10 @@ def _finish(
         "metric": sweep.sweep.metric,
         "mode": sweep.sweep.mode,
         "trials": [asdict(r) for r in rows],
-        "best": {k: getattr(best, k) for k in ("trial_id", "config", "metric", "metrics", "checkpoint", "run_uri")}
+        "best": {
+            k: getattr(best, k)
+            for k in ("trial_id", "config", "metric", "best_metric", "metrics", "checkpoint", "run_uri")
+        }
         if best
         else None,
         "best_job_file": best_file,
@@ -348,9 +351,16 @@ def _finish(
         "tracking": tracked,
         "wall_s": round(time.time() - t0, 3),
     }
+    if conclude is None:  # a cross-validation's own report comes with its aggregate (cv.write_cv)
+        result["report"] = home.uri_of(REPORT)
     record = home.read_json(SWEEP_RECORD) or {}
     record.update(status=str(status), ended=datetime.now(timezone.utc).isoformat(), result=result)
     home.write_json(SWEEP_RECORD, record, indent=1)
+    if conclude is None:
+        from orchestrator.launch import write_report_safely  # the report's figures: only once the trials are done
+
+        if write_report_safely(home) is None:
+            result["report"] = None
     if conclude is not None:
         metrics, files = conclude(result)
         if session is not None:
