@@ -162,6 +162,23 @@ def _init_embedded(kwargs: dict[str, Any]) -> None:
             ray.init(**kwargs)
 
 
+# Ray's notice, as it starts or joins a local cluster, that token authentication is on (Ray 2.60's default where a
+# token exists): nothing for a person to act on, and it went to the console of every sweep and cross-validation.
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _WithoutTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TOKEN_NOTICE)
+
+
+def _quiet_token_notice() -> None:
+    """Drop Ray's token-authentication notice (only that one: its warning that authentication is off stays)."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _WithoutTokenNotice) for f in logger.filters):
+        logger.addFilter(_WithoutTokenNotice())
+
+
 def start_ray(address: str | None, log_to_driver: bool = True, prestart: bool = True) -> bool:
     """Attach to Ray at `address`, or start an embedded Ray of this machine's CPUs; True if this call connected (shut it down after).
 
@@ -174,6 +191,7 @@ def start_ray(address: str | None, log_to_driver: bool = True, prestart: bool = 
 
     if ray.is_initialized():
         return False
+    _quiet_token_notice()
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     settings: dict[str, str] = {}
     if address:
