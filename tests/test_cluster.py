@@ -10,13 +10,17 @@ from commands import run_command
 
 import orchestrator.cluster as cluster
 from orchestrator.cluster import (
+    ResultFilter,
     Token,
     build_submission,
     find_token,
+    last_result,
     plan_package,
     redact,
     resolve_address,
+    result_line,
     summary_from_logs,
+    without_results,
 )
 from orchestrator.errors import BadInput
 from orchestrator.spec import build_spec
@@ -307,6 +311,28 @@ def test_summary_from_logs_takes_the_last_run_summary():
     logs = 'noise\n{"not": "a summary"}\n{"run": "r", "status": "finished", "steps": 3}\nWebSocket closed\n'
     assert summary_from_logs(logs) == {"run": "r", "status": "finished", "steps": 3}
     assert summary_from_logs("nothing here\n") is None
+    assert summary_from_logs(f"a\n{result_line({'run': 'm', 'status': 'failed'})}\nb\n") == {
+        "run": "m",
+        "status": "failed",
+    }
+
+
+def test_logs_read_by_a_person_leave_out_result_lines_whole_or_in_chunks():
+    cv = {"cv": "digits-cv", "folds": [{"fold": i, "metrics": {"val_loss": 0.5}} for i in range(40)]}
+    logs = (
+        'sweep digits-cv: 2 trial(s)\n{"not": "a result"}\n'
+        f"{result_line(cv)}\nfinished: cv digits-cv\n"
+        '{"run": "r", "status": "finished"}\n  record: cv.json\n'
+    )
+    shown = 'sweep digits-cv: 2 trial(s)\n{"not": "a result"}\nfinished: cv digits-cv\n  record: cv.json\n'
+    assert without_results(logs) == shown
+    assert last_result(logs, "cv") == cv and last_result(logs, "sweep") is None
+    for size in (1, 7, 100, len(logs)):  # a stream cut anywhere, a result line across chunks included
+        stream = ResultFilter()
+        out = "".join(stream.feed(logs[i : i + size]) for i in range(0, len(logs), size)) + stream.close()
+        assert out == shown, size
+    partial = ResultFilter()
+    assert partial.feed("step 3/10  loss") == "step 3/10  loss"  # a line that cannot be a result is not held back
 
 
 def test_format_status_says_what_to_do_after_a_failure():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -91,7 +92,9 @@ def test_submit_wait_runs_the_job_and_the_verbs_show_it(head, job_dir):
     assert status.returncode == 0 and status.stdout.splitlines()[0].startswith(f"{job_id}  SUCCEEDED  (ran ")
     assert "config.steps=3" in status.stdout and f"run:      loop-ok in {final['storage']}" in status.stdout
     logs = cli(head, "logs", job_id)
-    assert logs.returncode == 0 and '"status": "finished"' in logs.stdout
+    # The run's end as a person reads it; the JSON summary the submitting process read is left out.
+    assert logs.returncode == 0 and "finished: loop-ok  steps 3" in logs.stdout
+    assert not [line for line in logs.stdout.splitlines() if line.startswith("{")], logs.stdout[-2000:]
     listed = cli(head, "list")
     assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
     assert "had already ended (SUCCEEDED)" in cli(head, "stop", job_id).stdout
@@ -219,3 +222,17 @@ def test_a_run_attaches_to_the_ray_already_up_on_this_machine(head, tmp_path):
     assert any("orchestrator" in (j.get("entrypoint") or "") and "attached" in j["entrypoint"] for j in drivers), (
         drivers
     )
+
+
+def test_a_submitted_cv_shows_its_table_once_and_neither_it_nor_its_logs_a_json_blob(head, tmp_path):
+    env = {"RAY_AUTH_TOKEN_PATH": str(head.token_path)}  # no RAY_AUTH_MODE: where Ray announces token authentication
+    args = ["cv", "jobs/cv_digits.yaml", f"checkpoint.storage={tmp_path}", "data.folds=2", "train.epochs=1"]
+    out = cli(head, *args, "--address", head.dashboard_url, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    job_id = re.search(r"submitted (\S+) to", out.stderr).group(1)
+    for shown in (out.stdout, cli(head, "logs", job_id).stdout):
+        assert not [line for line in shown.splitlines() if line.lstrip().startswith(("{", "@orchestrator"))], shown
+        assert shown.count("each fold's best validation value @ its step") == 1, shown  # the table's note, once
+        assert f"record: {tmp_path}/cv-digits-cv/cv.json" in shown and "Token authentication is enabled" not in shown
+    assert "Token authentication is enabled" not in out.stderr
+    assert json.loads((tmp_path / "cv-digits-cv" / "cv.json").read_text())["status"] == "finished"

@@ -96,7 +96,8 @@ def test_a_submitted_cv_runs_orchestrator_cv_on_the_cluster_with_the_jobs_packag
     overrides = ["checkpoint.storage=/shared/runs", "data.folds=3"]
     submission = build_sweep_submission(load_cv(JOB, overrides), overrides, "cv", ("--refit",))
     assert submission["entrypoint"] == (
-        "python -m orchestrator cv cv_digits.yaml checkpoint.storage=/shared/runs data.folds=3 --refit --address auto --json"
+        "python -m orchestrator cv cv_digits.yaml checkpoint.storage=/shared/runs data.folds=3 --refit --address auto "
+        "--result-line"
     )
     assert submission["runtime_env"]["working_dir"] == str(ROOT / "jobs")
     assert submission["metadata"]["orchestrator_run"] == "cv-digits-cv"

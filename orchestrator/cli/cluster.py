@@ -106,15 +106,17 @@ def status(job_id: str, address: str | None, as_json: bool) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
 @friendly_errors
 def logs(job_id: str, address: str | None, follow: bool) -> None:
-    """Print what a submitted job's driver printed (all of it, or as it comes with --follow)."""
-    from orchestrator.cluster import RayJobsBackend
+    """Print what a submitted job's driver printed (all of it, or as it comes with --follow), less its result line."""
+    from orchestrator.cluster import RayJobsBackend, ResultFilter, without_results
 
     backend = RayJobsBackend(address)
     if not follow:
-        click.echo(backend.logs(job_id), nl=False)
+        click.echo(without_results(backend.logs(job_id)), nl=False)
         return
+    shown = ResultFilter()
     for chunk in backend.follow(job_id):
-        click.echo(chunk, nl=False)
+        click.echo(shown.feed(chunk), nl=False)
+    click.echo(shown.close(), nl=False)
 
 
 @main.command()

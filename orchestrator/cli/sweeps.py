@@ -9,6 +9,16 @@ import click
 from orchestrator.cli import console, friendly_errors, job_file_argument, main, overrides_argument, print_json
 from orchestrator.errors import BadInput
 
+# How a sweep or cv submitted to a cluster hands its result back: its human output, then one result line (hidden option:
+# the submission's entrypoint passes it; `orchestrator logs` leaves the line out).
+result_line_option = click.option("--result-line", "result_line", is_flag=True, hidden=True)
+
+
+def print_result_line(result: dict) -> None:
+    from orchestrator.cluster.show import result_line
+
+    click.echo(result_line(result))
+
 
 @main.command()
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
@@ -34,6 +44,7 @@ from orchestrator.errors import BadInput
     is_flag=True,
     help="End with one JSON object (trials, best, best_job_file) on the last line of stdout.",
 )
+@result_line_option
 @friendly_errors
 def sweep(
     sweep_file: str,
@@ -43,6 +54,7 @@ def sweep(
     best_out: str | None,
     verbose: bool,
     as_json: bool,
+    result_line: bool,
 ) -> None:
     """Sweep hyper-parameters of a job with Ray Tune (its `sweep` section); rerun to continue an interrupted sweep."""
     from orchestrator.runrecord import RunStatus
@@ -61,10 +73,12 @@ def sweep(
         result = run_sweep(job, address=address, best_out=best_out, quiet=as_json, verbose=verbose)
     if as_json:
         print_json(result)
-    else:
+    elif not is_dashboard_address(address):  # a submitted sweep's table came with its logs
         table, text = format_result(result)
         console().print(table)
         click.echo(text)
+    if result_line:
+        print_result_line(result)
     if result.get("status") != RunStatus.FINISHED:
         sys.exit(1)
 
@@ -94,6 +108,7 @@ def sweep(
     is_flag=True,
     help="End with one JSON object (cv.json: folds, metrics) on the last line of stdout.",
 )
+@result_line_option
 @friendly_errors
 def cv(
     job_file: str,
@@ -103,6 +118,7 @@ def cv(
     refit: bool,
     verbose: bool,
     as_json: bool,
+    result_line: bool,
 ) -> None:
     """K-fold cross-validation of a job (data.folds folds, in parallel): each fold's best, mean, std, 95% CI; rerun to continue."""
     from orchestrator.cv import format_cv, load_cv, run_cv
@@ -124,10 +140,12 @@ def cv(
         result = run_cv(job, address=address, quiet=as_json, verbose=verbose, refit=refit)
     if as_json:
         print_json(result)
-    else:
+    elif not is_dashboard_address(address):  # a submitted cross-validation's table came with its logs
         table, text = format_cv(result)
         console().print(table)
         click.echo(text)
+    if result_line:
+        print_result_line(result)
     refit_status = (result.get("refit") or {}).get("status", RunStatus.FINISHED)
     if result.get("status") != RunStatus.FINISHED or refit_status != RunStatus.FINISHED:
         sys.exit(1)

@@ -34,7 +34,17 @@ from orchestrator.cluster.package import (
     literal_pattern,
     plan_package,
 )
-from orchestrator.cluster.show import follow_to_end, format_jobs, format_status, summary_from_logs
+from orchestrator.cluster.show import (
+    RESULT_MARKER,
+    ResultFilter,
+    follow_to_end,
+    format_jobs,
+    format_status,
+    last_result,
+    result_line,
+    summary_from_logs,
+    without_results,
+)
 from orchestrator.cluster.submission import build_submission, check_user_code, new_submission_id, prepare_submission
 
 __all__ = [
@@ -42,6 +52,7 @@ __all__ = [
     "DEFAULT_EXCLUDES",
     "MAX_FILE_BYTES",
     "MAX_PACKAGE_BYTES",
+    "RESULT_MARKER",
     "METADATA_JOB_FILE",
     "METADATA_RUN",
     "METADATA_STORAGE",
@@ -50,6 +61,7 @@ __all__ = [
     "TERMINAL",
     "PackagePlan",
     "RayJobsBackend",
+    "ResultFilter",
     "Token",
     "build_submission",
     "check_user_code",
@@ -59,11 +71,14 @@ __all__ = [
     "format_jobs",
     "format_status",
     "job_to_dict",
+    "last_result",
     "literal_pattern",
     "new_submission_id",
     "plan_package",
     "prepare_submission",
     "redact",
     "resolve_address",
+    "result_line",
     "summary_from_logs",
+    "without_results",
 ]

@@ -11,33 +11,87 @@ from typing import Any
 from orchestrator.cluster.backend import TERMINAL, RayJobsBackend
 from orchestrator.errors import BadInput, RunFailed
 
+# A submitted command's result for the program that follows it (`--result-line`): one line, which the logs a person
+# reads leave out, as they leave out a result printed as a bare JSON line (`--json`, older submissions).
+RESULT_MARKER = "@orchestrator-result "
+
+
+def result_line(result: dict[str, Any]) -> str:
+    """The line that carries a command's result (a run summary, a sweep's or a cross-validation's result) in its logs."""
+    return RESULT_MARKER + json.dumps(result, default=str)
+
+
+def _result_of(line: str) -> dict[str, Any] | None:
+    """The result a log line carries (a marker line, or a bare JSON line of a run, sweep or cv result), or None."""
+    line = line.strip()
+    if line.startswith(RESULT_MARKER.strip()):
+        line = line[len(RESULT_MARKER.strip()) :].strip()
+    elif not (line.startswith("{") and line.endswith("}")):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(obj, dict) and (("run" in obj and "status" in obj) or "sweep" in obj or "cv" in obj):
+        return obj
+    return None
+
+
+def last_result(logs: str, key: str) -> dict[str, Any] | None:
+    """The last result in a job's logs that has `key` (run, sweep, cv)."""
+    for line in reversed(logs.splitlines()):
+        obj = _result_of(line)
+        if obj is not None and key in obj:
+            return obj
+    return None
+
+
+def without_results(text: str) -> str:
+    """A job's logs as a person reads them: the result lines (kilobytes of JSON) left out."""
+    return "".join(line for line in text.splitlines(keepends=True) if _result_of(line) is None)
+
+
+class ResultFilter:
+    """`without_results` for logs that arrive in chunks: a line that may be a result is held until it is whole."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def feed(self, chunk: str) -> str:
+        *whole, self.pending = (self.pending + chunk).split("\n")
+        shown = without_results("".join(line + "\n" for line in whole))
+        start = self.pending.lstrip()
+        if not (start.startswith(("{", RESULT_MARKER)) or RESULT_MARKER.startswith(start)):
+            shown, self.pending = shown + self.pending, ""  # a partial line that cannot be a result: shown at once
+        return shown
+
+    def close(self) -> str:
+        rest, self.pending = self.pending, ""
+        return without_results(rest)
+
 
 def follow_to_end(backend: RayJobsBackend, job_id: str, out=None) -> dict[str, Any]:
-    """Stream a job's output to `out` until it ends; return its final status (polling if the stream drops)."""
+    """Stream a job's output to `out` (its result lines left out) until it ends; return its final status (polling if the
+    stream drops)."""
     out = out or sys.stdout
+    shown = ResultFilter()
     try:
         for chunk in backend.follow(job_id):
-            out.write(chunk)
+            out.write(shown.feed(chunk))
             out.flush()
     except (BadInput, RunFailed):
         raise
     except Exception as exc:  # the log stream is a convenience: fall back to polling the status
         print(f"log stream ended ({type(exc).__name__}); waiting for the job to finish", file=sys.stderr)
+    out.write(shown.close())
+    out.flush()
     return backend.wait(job_id)
 
 
 def summary_from_logs(logs: str) -> dict[str, Any] | None:
-    """The run summary the entrypoint printed (`orchestrator run --json`): the last JSON object line of the logs."""
-    for line in reversed(logs.splitlines()):
-        line = line.strip()
-        if line.startswith("{") and line.endswith("}"):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and "run" in obj and "status" in obj:
-                return obj
-    return None
+    """The run summary the entrypoint printed (`orchestrator run --json`): the last result line of the logs."""
+    obj = last_result(logs, "run")
+    return obj if obj is not None and "status" in obj else None
 
 
 def _when(ts: float | None) -> str:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cluster import METADATA_RUN, RayJobsBackend, build_submission, follow_to_end
+from orchestrator.cluster import METADATA_RUN, RayJobsBackend, build_submission, follow_to_end, last_result
 from orchestrator.errors import BadInput, RunFailed
 from orchestrator.sweep.load import SweepJob
 
@@ -41,7 +40,8 @@ def build_sweep_submission(
         *flags,
         "--address",
         "auto",
-        "--json",
+        # Its table in the logs for a person, its result on one line for this process (which `logs` leaves out).
+        "--result-line",
     ]
     submission["entrypoint"] = " ".join(shlex.quote(w) for w in words)
     submission["metadata"][METADATA_RUN] = sweep.name
@@ -51,9 +51,10 @@ def build_sweep_submission(
 def submit_sweep(
     sweep: SweepJob, overrides: list[str], address: str, out=None, command: str = "sweep", flags: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """Submit the sweep to the cluster, stream its output (the live view) to `out`, return its result; RunFailed if the job fails.
+    """Submit the sweep to the cluster, stream its output (the live view, the table) to `out`, return its result; RunFailed
+    if the job fails.
 
-    The result is the last JSON line the entrypoint printed with a `sweep` key (a cross-validation's: `cv`).
+    The result is the last result line the entrypoint printed with a `sweep` key (a cross-validation's: `cv`).
     """
     backend = RayJobsBackend(address)
     submission = build_sweep_submission(sweep, overrides, command, flags)
@@ -61,11 +62,7 @@ def submit_sweep(
     job_id = backend.submit(submission)
     print(f"submitted {job_id} to {backend.address}", file=sys.stderr, flush=True)
     final = follow_to_end(backend, job_id, out=out or sys.stderr)
-    result = None
-    for line in reversed(backend.logs(job_id).splitlines()):
-        if line.startswith("{") and f'"{command}"' in line:
-            result = json.loads(line)
-            break
+    result = last_result(backend.logs(job_id), command)
     if final["status"] != "SUCCEEDED" or result is None:
         raise RunFailed(f"{job_id} {final['status']}" + (f": {final.get('message')}" if final.get("message") else ""))
     return {**result, "submission_id": job_id, "address": backend.address}
