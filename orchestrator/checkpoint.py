@@ -162,6 +162,13 @@ def commit_checkpoint(
         for (name, data), digest in zip(files.items(), results[: len(files)], strict=True)
     }
     manifest = CheckpointManifest(step=step, epoch=epoch, metrics=metrics, files=entries, train=train or {})
+    write_manifest(fs, path, manifest)
+    return path
+
+
+def write_manifest(fs, path: str, manifest: CheckpointManifest) -> None:
+    """Commit the checkpoint at `path`, whose files are all written: its manifest, whole or not at all."""
+    manifest_path = storage.join(path, MANIFEST)
     if storage.split_uri(path)[0] == "file" and "file" in _protocols(fs):
         # On a local disk a crash mid-write would leave a torn manifest: write aside, then rename.
         tmp = manifest_path + ".tmp"
@@ -169,7 +176,6 @@ def commit_checkpoint(
         fs.mv(tmp, manifest_path)
     else:
         storage.write_bytes(fs, manifest_path, manifest.to_json())  # an object PUT is atomic
-    return path
 
 
 def _protocols(fs) -> tuple:

@@ -147,7 +147,8 @@ def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
     record.save(run)
 
     existing = ckpt.list_checkpoints(run.fs, run.root, uri_prefix=run.uri)
-    resumed_from = existing[-1].uri if existing and not spec.entrypoint else None
+    # A bring-your-own loop resumes too: Ray hands it the newest checkpoint, which orchestrator.byo committed.
+    resumed_from = existing[-1].uri if existing else None
     console.message(f"run {run.name} -> {run.uri}" + (f" (resuming from {resumed_from})" if resumed_from else ""))
     if not plan.local_mode:
         console.status("starting Ray" if not plan.address else f"connecting to Ray at {plan.address}")
@@ -209,16 +210,10 @@ def _fit_and_summarize(
         one_node=one_node,
     )
     if spec.entrypoint:
-        # A bring-your-own loop reports to Ray and checkpoints through Ray's storage: its result is all there is.
-        summary = RunSummary(
-            run=run.name,
-            run_uri=run.uri,
-            status=RunStatus(status),
-            steps=None,
-            epochs=None,
-            metrics=dict(result.metrics or {}) if result else {},
-            checkpoint=result.checkpoint.path if result and result.checkpoint else None,
-        )
+        # A bring-your-own loop's reports were recorded as its steps, metrics and checkpoints (orchestrator.byo).
+        from orchestrator.byo import summary_of_reports
+
+        summary = summary_of_reports(run, RunStatus(status))
     else:
         summary = summary_from_checkpoints(run, RunStatus(status))
     summary.report, summary.error, summary.wall_s = run.uri_of(REPORT), error, round(time.time() - plan.t0, 3)
@@ -267,12 +262,14 @@ def write_report_safely(run: RunDir) -> str | None:
 
 def format_summary(summary: RunSummary) -> str:
     """The human-readable end of a run."""
-    lines = [
-        f"{summary.status}: {summary.run}  steps {summary.steps}  epochs {summary.epochs}  wall {summary.wall_s:.1f}s"
-    ]
+    counts = "".join(
+        f"  {name} {n}" for name, n in (("steps", summary.steps), ("epochs", summary.epochs)) if n is not None
+    )
+    lines = [f"{summary.status}: {summary.run}{counts}  wall {summary.wall_s:.1f}s"]
     shown = "  ".join(f"{k} {v:.4f}" for k, v in (summary.metrics or {}).items() if isinstance(v, float))
-    if shown:
-        lines.append(f"  last validation: {shown}")
+    if shown:  # a bring-your-own loop's are what it reported, whatever they are
+        validated = all(k.startswith("val_") for k in summary.metrics)
+        lines.append(f"  last {'validation' if validated else 'reported'}: {shown}")
     best = summary.best
     if best is not None and best.value is not None:
         kept = f" ({best.checkpoint})" if best.checkpoint else " (checkpoint not kept)"

@@ -199,7 +199,8 @@ def summary_from_checkpoints(run: RunDir, status: RunStatus) -> RunSummary:
     summary = RunSummary(run=run.name, run_uri=run.uri, status=status, test=test_summary(run))
     found = ckpt.list_checkpoints(run.fs, run.root, uri_prefix=run.uri)
     for info in reversed(found):
-        train = info.manifest.train or _counters_from_state(run, info)
+        # The built-in loop's counters (a bring-your-own loop's checkpoint records only the step it reported).
+        train = info.manifest.train if "step" in info.manifest.train else _counters_from_state(run, info)
         if train is not None:
             break
     else:

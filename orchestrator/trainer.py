@@ -15,7 +15,6 @@ from typing import Any
 
 from orchestrator.console import RunConsole, marker_progress
 from orchestrator.failure import Action, TaskException, decide, one_line
-from orchestrator.hooks import import_hook
 from orchestrator.provenance import device_facts
 from orchestrator.ray_runtime import train_environment
 from orchestrator.runrecord import RunStatus
@@ -149,9 +148,10 @@ class OneTaskRun:
 
 
 def user_loop_worker(config: dict[str, Any]) -> None:
-    """Bring-your-own loop: import the user's train_loop_per_worker on the worker and call it."""
-    fn = import_hook(config["entrypoint"], config.get("base_dir"), "entrypoint")
-    fn(config["user_config"])
+    """Bring-your-own loop: the user's train_loop_per_worker on the worker, its reports recorded as the run's steps."""
+    from orchestrator.byo import run_own_loop
+
+    run_own_loop(config)
 
 
 def ray_datasets(spec: JobSpec, base_dir: str | None) -> dict[str, Any]:
@@ -204,9 +204,13 @@ def build_trainer_kwargs(
         resources_per_worker=resources if num_workers != 0 else None,
     )
     if spec.entrypoint:
+        from orchestrator.byo import own_loop_config
+
         loop, loop_config = (
             user_loop_worker,
-            {"entrypoint": spec.entrypoint, "base_dir": base_dir, "user_config": dict(spec.config)},
+            own_loop_config(
+                spec.entrypoint, dict(spec.config), base_dir, run_uri, spec.checkpoint.endpoint_url, worker_events
+            ),
         )
         storage_path = spec.checkpoint.storage  # a user loop checkpoints through Ray's own storage
     else:

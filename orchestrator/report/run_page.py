@@ -371,7 +371,13 @@ def _reported_figures(train: list[dict[str, Any]]) -> list[str]:
         x, y = _series(train, key)
         figures.append(
             _line_figure(
-                x, y, f"Reported {key}", key, f"{key} as the loop reported it, by step.", PALETTE[(i + 3) % 10]
+                x,
+                y,
+                f"Reported {key}",
+                key,
+                f"{key} as the loop reported it, by step.",
+                PALETTE[(i + 3) % 10],
+                marker="o",
             )
         )
     return figures
