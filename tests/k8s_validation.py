@@ -142,6 +142,11 @@ def kuberay_errors(obj: dict[str, Any]) -> list[str]:
             errors.append(f"RayJob/{name}: backoffLimit must be >= 0")
         if spec.get("submissionMode") == "SidecarMode" and (selector or spec.get("submitterPodTemplate")):
             errors.append(f"RayJob/{name}: SidecarMode takes neither a clusterSelector nor a submitterPodTemplate")
+        if spec.get("suspend") and not spec.get("shutdownAfterJobFinishes"):
+            errors.append(f"RayJob/{name}: a RayJob with shutdownAfterJobFinishes false cannot be suspended")
+        if spec.get("suspend") and selector:
+            errors.append(f"RayJob/{name}: a RayJob on an existing cluster (clusterSelector) cannot be suspended")
+        errors += _kueue_errors(obj)
         yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
     if cluster:
         if (cluster.get("authOptions") or {}).get("mode") == "token":
@@ -161,6 +166,34 @@ def kuberay_errors(obj: dict[str, Any]) -> list[str]:
         for g in cluster.get("workerGroupSpecs") or []:
             if not (g.get("minReplicas", 0) <= g.get("replicas", 0) <= g.get("maxReplicas", 2**31 - 1)):
                 errors.append(f"{kind}/{name} {g['groupName']}: replicas outside [minReplicas, maxReplicas]")
+    return errors
+
+
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+
+
+def _kueue_errors(obj: dict[str, Any]) -> list[str]:
+    """What Kueue requires of a RayJob it queues (kueue.sigs.k8s.io/docs/tasks/run/rayjobs, "Limitations")."""
+    queue = (obj["metadata"].get("labels") or {}).get(KUEUE_QUEUE)
+    if queue is None:
+        return []
+    name, spec = obj["metadata"]["name"], obj["spec"]
+    cluster = spec.get("rayClusterSpec") or {}
+    errors = []
+    if spec.get("clusterSelector") or not cluster:
+        errors.append(f"RayJob/{name}: Kueue cannot queue a RayJob on an existing RayCluster")
+    if not spec.get("shutdownAfterJobFinishes"):
+        errors.append(f"RayJob/{name}: Kueue needs shutdownAfterJobFinishes: true")
+    if cluster.get("enableInTreeAutoscaling"):
+        errors.append(f"RayJob/{name}: Kueue reserves the whole cluster: enableInTreeAutoscaling must be false")
+    if len(cluster.get("workerGroupSpecs") or []) > 7:
+        errors.append(f"RayJob/{name}: Kueue takes at most 8 pod sets (7 worker groups)")
+    if spec.get("suspend") is not True:
+        errors.append(f"RayJob/{name}: a queued RayJob is created suspended, to start only once Kueue admits it")
+    for role, template in pod_templates(obj):
+        for container in template["spec"]["containers"]:
+            if not (container.get("resources") or {}).get("requests"):
+                errors.append(f"RayJob/{name} {role}: Kueue counts requests; {container['name']} has none")
     return errors
 
 

@@ -46,12 +46,27 @@ def test_render_prints_what_render_manifests_returns():
     assert list(yaml.safe_load_all(done.stdout)) == expected
 
 
-def test_render_with_cluster_and_a_local_storage_warning():
-    done = cli("render", str(ROOT / "jobs" / "digits_mlp.yaml"), "checkpoint.storage=runs", "--cluster", "orchestrator")
+def test_render_with_cluster_and_a_queue():
+    done = cli("render", str(JOB), "--cluster", "orchestrator")
     assert done.returncode == 0, done.stderr
     rayjob = list(yaml.safe_load_all(done.stdout))[-1]
     assert rayjob["spec"]["clusterSelector"] == {"ray.io/cluster": "orchestrator"}
-    assert done.stderr.startswith("warning: checkpoint.storage: runs is a path inside the pods")
+    done = cli("render", str(JOB), "--queue", "team-a", "--service-account", "ml-team")
+    assert done.returncode == 0, done.stderr
+    spec = load_spec(JOB)
+    assert list(yaml.safe_load_all(done.stdout)) == k8s.render_manifests(
+        spec, k8s.job_file_text(spec), queue="team-a", service_account="ml-team"
+    )
+
+
+def test_a_local_checkpoint_storage_is_refused_before_kubectl_as_submit_refuses_it(tmp_path):
+    for command in ("render", "apply"):
+        done = cli(command, str(ROOT / "jobs" / "digits_mlp.yaml"), env={"PATH": str(tmp_path)})  # no kubectl
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.splitlines() == [
+            "error: checkpoint.storage: runs is a path inside the pods, so the checkpoints would die with them and a "
+            "restarted job could not resume; use s3://bucket/prefix (or another store every pod reaches) on Kubernetes"
+        ]
 
 
 @pytest.mark.parametrize(
@@ -62,6 +77,7 @@ def test_render_with_cluster_and_a_local_storage_warning():
         (["--image", "orchestrator"], "error: --image orchestrator: pin a version tag"),
         (["--namespace", "Team_A"], "error: --namespace Team_A: must be lowercase"),
         (["--cluster", "9lives"], "error: --cluster 9lives: a RayCluster name"),
+        (["--queue", "team-a", "--cluster", "orchestrator"], "error: --queue team-a: Kueue admits a RayJob"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):

@@ -35,6 +35,10 @@ EXTRA_RENDERS = {
     # `orchestrator k8s render --cv`: the folds side by side, on a cluster of their own or on a long-lived one.
     "cv": (["data.folds=3", "scaling.num_workers=2"], {"command": "cv", "refit": True}),
     "cv-on-cluster": (["data.folds=3"], {"command": "cv", "cluster": "orchestrator"}),
+    # Through Kueue: labelled and suspended; and the pods as an existing ServiceAccount (none rendered).
+    "queued": (["scaling.num_workers=2"], {"queue": "team-a"}),
+    "cv-queued": (["data.folds=3"], {"command": "cv", "queue": "team-a"}),
+    "service-account": ([], {"service_account": "orchestrator"}),
 }
 
 
@@ -62,7 +66,8 @@ def manifest_set(name: str) -> tuple:
     for path in JOB_FILES:
         for variant, options in RENDER_VARIANTS.items():
             if name == f"render-{path.parent.name}-{path.stem}-{variant}":
-                spec = load_spec(path)
+                # On Kubernetes checkpoints go to a store that outlives the pods (a local path is refused).
+                spec = load_spec(path, [] if "s3://" in path.read_text() else ["checkpoint.storage=s3://runs/prefix"])
                 return tuple(k8s.render_manifests(spec, k8s.job_file_text(spec), **options))
     raise KeyError(name)
 
@@ -101,6 +106,18 @@ def test_the_validators_reject_what_an_api_server_would():
     both = copy.deepcopy(rayjob)
     both["spec"]["clusterSelector"] = {"ray.io/cluster": "x"}
     assert any("exactly one" in e for e in kuberay_errors(both))
+    # Kueue's requirements of a queued RayJob, each one: a cluster of its own, shut down, fixed size, suspended.
+    queued = next(o for o in objects_of("render-queued") if o["kind"] == "RayJob")
+    assert kuberay_errors(queued) == []
+    for change, error in (
+        (lambda s: s.pop("suspend"), "created suspended"),
+        (lambda s: s.update(shutdownAfterJobFinishes=False, ttlSecondsAfterFinished=0), "shutdownAfterJobFinishes"),
+        (lambda s: s["rayClusterSpec"].update(enableInTreeAutoscaling=True), "enableInTreeAutoscaling"),
+        (lambda s: s.update(clusterSelector={"ray.io/cluster": "x"}), "existing"),
+    ):
+        wrong = copy.deepcopy(queued)
+        change(wrong["spec"])
+        assert any(error in e for e in kuberay_errors(wrong)), error
     netpol = next(o for o in objects_of("overlay-cpu") if o["kind"] == "NetworkPolicy")
     netpol["spec"]["ingress"][0]["from"][0]["podselector"] = {}
     assert validate_object(netpol)
@@ -108,7 +125,8 @@ def test_the_validators_reject_what_an_api_server_would():
 
 @pytest.mark.parametrize("name", SET_NAMES)
 def test_every_pod_is_hardened(name):
-    pods = list(all_pod_specs(objects_of(name)))
+    objects = objects_of(name)
+    pods = list(all_pod_specs(objects))
     assert pods
     for where, template in pods:
         pod = template["spec"]
@@ -117,7 +135,8 @@ def test_every_pod_is_hardened(name):
         }, where
         assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), where
         assert all("hostPath" not in v for v in pod.get("volumes", [])), where
-        assert pod["serviceAccountName"] == k8s.SERVICE_ACCOUNT, where
+        accounts = {o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"}
+        assert pod["serviceAccountName"] in accounts or name == "render-service-account", where
         long_lived_head = where.startswith("RayCluster/") and where.endswith(" head")
         assert pod["automountServiceAccountToken"] is long_lived_head, where
         tmp = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
@@ -143,16 +162,16 @@ def test_every_pod_is_hardened(name):
 
 
 @pytest.mark.parametrize("name", SET_NAMES)
-def test_references_resolve_and_the_base_covers_every_pod(name, base_objects):
+def test_references_resolve_and_a_network_policy_covers_every_pod(name, base_objects):
     objects = objects_of(name)
-    # A rendered job is applied into a namespace prepared from k8s/base (its ServiceAccount, NetworkPolicy).
-    universe = (
-        objects
-        if name.startswith("overlay")
-        else objects + [o for o in base_objects if o["kind"] in ("ServiceAccount", "NetworkPolicy")]
+    # A rendered job brings what its pods need (its ServiceAccount, NetworkPolicy, ConfigMap): applied alone into an
+    # existing namespace, nothing it names is missing. Only an account it was told to use (--service-account) is not
+    # its own: the base's here.
+    universe = objects + (
+        [o for o in base_objects if o["kind"] == "ServiceAccount"] if name == "render-service-account" else []
     )
     present = {(o["kind"], o["metadata"]["name"]) for o in universe}
-    policy = next(o for o in universe if o["kind"] == "NetworkPolicy")
+    policies = [o for o in universe if o["kind"] == "NetworkPolicy"]
     for where, template in all_pod_specs(objects):
         pod = template["spec"]
         assert ("ServiceAccount", pod["serviceAccountName"]) in present, where
@@ -167,7 +186,7 @@ def test_references_resolve_and_the_base_covers_every_pod(name, base_objects):
                 if ref:
                     assert ref.get("optional") or ("ConfigMap", ref["name"]) in present, where
         labels = template["metadata"]["labels"]
-        assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items(), (
+        assert any(p["spec"]["podSelector"]["matchLabels"].items() <= labels.items() for p in policies), (
             f"{where} escapes the NetworkPolicy"
         )
     if name.startswith("overlay"):
@@ -213,8 +232,9 @@ def test_samples_under_k8s_are_what_the_code_renders():
             # Names carry a hash of the full job file, which grows when JobSpec gains a field:
             # compare the job semantically and everything else with the name abstracted.
             got_name, want_name = actual[-1]["metadata"]["name"], expected[-1]["metadata"]["name"]
-            assert build_spec(yaml.safe_load(actual[0]["data"][k8s.JOB_FILE])) == build_spec(
-                yaml.safe_load(expected[0]["data"][k8s.JOB_FILE])
+            job_files = [next(o for o in objects if o["kind"] == "ConfigMap")["data"] for objects in (actual, expected)]
+            assert build_spec(yaml.safe_load(job_files[0][k8s.JOB_FILE])) == build_spec(
+                yaml.safe_load(job_files[1][k8s.JOB_FILE])
             ), path
             for o in actual + expected:
                 o.get("data", {}).pop(k8s.JOB_FILE, None)

@@ -7,6 +7,8 @@ import shlex
 
 import pytest
 import yaml
+from k8s_samples import ROOT
+from k8s_validation import pod_templates
 
 from orchestrator import __version__, k8s
 from orchestrator.errors import BadInput
@@ -26,8 +28,9 @@ def render(overrides=(), **options):
 
 
 def split(manifests):
-    assert [m["kind"] for m in manifests] == ["ConfigMap", "RayJob"]
-    return manifests[0], manifests[1]
+    """The ConfigMap and the RayJob of a render (after the job's own ServiceAccount and NetworkPolicy)."""
+    assert [m["kind"] for m in manifests] == ["ServiceAccount", "NetworkPolicy", "ConfigMap", "RayJob"]
+    return manifests[2], manifests[3]
 
 
 def test_worker_group_is_sized_from_scaling():
@@ -149,8 +152,12 @@ def test_names_are_valid_stable_and_unique_per_job():
     _, b = render()
     _, c = render(["optim.lr=0.5"])
     assert [m["metadata"]["name"] for m in a] == [m["metadata"]["name"] for m in b]
-    assert a[0]["metadata"]["name"] != c[0]["metadata"]["name"] and a[1]["metadata"]["name"] != c[1]["metadata"]["name"]
-    assert a[0]["metadata"]["name"] == a[1]["metadata"]["name"] + "-job"
+    assert all(x["metadata"]["name"] != y["metadata"]["name"] for x, y in zip(a, c, strict=True))
+    configmap, rayjob = split(a)
+    assert configmap["metadata"]["name"] == rayjob["metadata"]["name"] + "-job"
+    # The job's ServiceAccount and NetworkPolicy carry the RayJob's name: one job's objects, deleted by its label.
+    assert {m["metadata"]["name"] for m in a[:2]} == {rayjob["metadata"]["name"]}
+    assert {m["metadata"]["labels"]["app.kubernetes.io/instance"] for m in a} == {rayjob["metadata"]["name"]}
     for name in ("Digits_MLP.v2", "2024-run", "x" * 100, "A"):
         spec = build_spec({**BASE, "name": name})
         rayjob = split(k8s.render_manifests(spec))[1]
@@ -215,11 +222,79 @@ def test_no_secret_reaches_the_manifests(monkeypatch):
     assert volume["secret"] == {"secretName": k8s.S3_SECRET, "optional": True, "defaultMode": 0o440}
 
 
-def test_storage_warnings_name_what_will_not_survive():
-    spec = build_spec({**BASE, "checkpoint": {"storage": "runs"}})
+def test_storage_warnings_name_what_may_not_exist_in_the_image():
+    spec = build_spec(
+        {
+            **BASE,
+            "data": {
+                "name": "parquet",
+                "path": "data/*.parquet",
+                "task": "regression",
+                "features": ["x"],
+                "label": "y",
+            },
+        }
+    )
     (line,) = k8s.storage_warnings(spec)
-    assert line.startswith("checkpoint.storage: runs")
+    assert line.startswith("data.path: data/*.parquet must exist inside the image")
     assert k8s.storage_warnings(build_spec(BASE)) == []
+
+
+@pytest.mark.parametrize("where", ["runs", "/shared/runs", "file:///shared/runs"])
+def test_a_local_checkpoint_storage_is_refused_as_it_would_die_with_the_pods(where):
+    with pytest.raises(BadInput, match=rf"^checkpoint.storage: {where} is a path inside the pods"):
+        render([f"checkpoint.storage={where}"])
+
+
+def test_the_rendered_set_brings_the_service_account_and_network_policy_its_pods_need():
+    _, out = render(["scaling.num_workers=2"])
+    account, policy = out[0], out[1]
+    name = split(out)[1]["metadata"]["name"]
+    assert account == {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": "orchestrator", "labels": k8s.labels(name, "service-account")},
+        "automountServiceAccountToken": False,
+    }
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/instance": name}}
+    pods = [pod for _, pod in pod_templates(split(out)[1])]
+    assert len(pods) == 3 and all(p["spec"]["serviceAccountName"] == name for p in pods)
+    # The namespace's own policy (k8s/base) and the job's say the same.
+    base = yaml.safe_load((ROOT / "k8s" / "base" / "networkpolicy.yaml").read_text())
+    assert policy["spec"]["ingress"] == base["spec"]["ingress"] and policy["spec"]["policyTypes"] == ["Ingress"]
+    # An existing ServiceAccount instead (one with an IAM role for the bucket): the pods run as it, none is rendered.
+    _, out = render(service_account="ml-team.s3")
+    assert [m["kind"] for m in out] == ["NetworkPolicy", "ConfigMap", "RayJob"]
+    assert {p["spec"]["serviceAccountName"] for _, p in pod_templates(out[-1])} == {"ml-team.s3"}
+    with pytest.raises(BadInput, match="^--service-account Team_A: not a ServiceAccount name"):
+        render(service_account="Team_A")
+
+
+def test_queue_hands_the_rayjob_to_kueue_suspended_with_what_kueue_requires():
+    _, plain = render(["scaling.num_workers=2"])
+    _, queued = render(["scaling.num_workers=2"], queue="team-a")
+    rayjob = split(queued)[1]
+    assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    spec = rayjob["spec"]
+    # Kueue admits a RayJob with a cluster of its own, deleted when it finishes, of a fixed size; created suspended.
+    assert spec["suspend"] is True and spec["shutdownAfterJobFinishes"] is True and "clusterSelector" not in spec
+    assert (
+        spec["rayClusterSpec"]["enableInTreeAutoscaling"] is False
+        and len(spec["rayClusterSpec"]["workerGroupSpecs"]) <= 7
+    )
+    for template in (t for _, t in pod_templates(rayjob)):
+        for container in template["spec"]["containers"]:
+            assert container["resources"]["requests"], "Kueue counts each pod's requests against the queue's quota"
+    # The same job queued is another job (its own name); apart from the queue, the same RayJob.
+    name, queued_name = split(plain)[1]["metadata"]["name"], rayjob["metadata"]["name"]
+    assert name != queued_name
+    same = list(yaml.safe_load_all(k8s.dump_manifests(queued).replace(queued_name, name)))
+    del same[-1]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"], same[-1]["spec"]["suspend"]
+    assert same == plain
+    with pytest.raises(BadInput, match="^--queue team-a: Kueue admits a RayJob with a Ray cluster of its own"):
+        render(queue="team-a", cluster="orchestrator")
+    with pytest.raises(BadInput, match="^--queue Team_A: a LocalQueue name"):
+        render(queue="Team_A")
 
 
 def test_dump_is_yaml_that_reads_back_and_keeps_the_job_file_readable():

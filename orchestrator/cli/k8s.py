@@ -58,6 +58,18 @@ def k8s_options(fn: Callable) -> Callable:
             is_flag=True,
             help="With --cv: then train once on all non-test data (as `orchestrator cv --refit`).",
         ),
+        click.option(
+            "--queue",
+            default=None,
+            help="Queue the RayJob in this Kueue LocalQueue: labelled kueue.x-k8s.io/queue-name, created suspended until "
+            "Kueue admits it (needs a cluster of its own: not with --cluster).",
+        ),
+        click.option(
+            "--service-account",
+            default=None,
+            help="Run the pods as this existing ServiceAccount (e.g. one with an IAM role for the bucket) "
+            "[default: one of the job's own, rendered with it].",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -82,7 +94,7 @@ def _render_k8s(job_file: str, overrides: tuple[str, ...], **options: Any) -> li
 @k8s_options
 @friendly_errors
 def k8s_render(job_file: str, overrides: tuple[str, ...], **options: Any) -> None:
-    """Print the ConfigMap and RayJob of a job (with overrides) as YAML."""
+    """Print what a job (with overrides) needs on Kubernetes as YAML: ServiceAccount, NetworkPolicy, ConfigMap, RayJob."""
     from orchestrator.k8s import dump_manifests
 
     click.echo(dump_manifests(_render_k8s(job_file, overrides, **options)), nl=False)

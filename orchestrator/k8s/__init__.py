@@ -4,8 +4,8 @@ that runs on a long-lived `RayCluster`, then hand the manifests to kubectl.
 Render, then act: `render_manifests` and `render_raycluster` are pure functions returning plain dicts;
 `apply_manifests` is the only step with side effects. This package imports neither torch nor ray.
 
-checks: what the user typed; pods: the Ray pods and cluster spec; manifests: the RayJob, its ConfigMap and
-the RayCluster, as YAML; apply: kubectl.
+checks: what the user typed; pods: the Ray pods, the cluster spec and who may reach them; manifests: the RayJob
+with what it needs (its ServiceAccount, NetworkPolicy and ConfigMap), the RayCluster, as YAML; apply: kubectl.
 """
 
 from orchestrator.k8s.apply import (
@@ -23,6 +23,9 @@ from orchestrator.k8s.checks import (
     check_cluster_name,
     check_image,
     check_namespace,
+    check_queue,
+    check_service_account,
+    check_storage,
     default_image,
     parse_memory_mi,
     storage_warnings,
@@ -34,6 +37,7 @@ from orchestrator.k8s.manifests import (
     DEFAULT_TTL_SECONDS,
     ENTRYPOINT,
     INT32_MAX,
+    KUEUE_QUEUE_LABEL,
     MAX_CONFIGMAP_BYTES,
     MAX_RAYJOB_NAME,
     dump_manifests,
@@ -67,6 +71,7 @@ from orchestrator.k8s.pods import (
     memory_quantity,
     pod_security_context,
     ray_cluster_spec,
+    ray_ingress_rules,
     ray_pod_template,
     ray_probe,
     ray_volume_mounts,
@@ -96,6 +101,7 @@ __all__ = [
     "IMAGE_NAME",
     "IMAGE_TAG",
     "INT32_MAX",
+    "KUEUE_QUEUE_LABEL",
     "JOB_DIR",
     "JOB_FILE",
     "MAX_CONFIGMAP_BYTES",
@@ -113,6 +119,9 @@ __all__ = [
     "check_cluster_name",
     "check_image",
     "check_namespace",
+    "check_queue",
+    "check_service_account",
+    "check_storage",
     "container_security_context",
     "cpu_quantity",
     "default_image",
@@ -126,6 +135,7 @@ __all__ = [
     "parse_memory_mi",
     "pod_security_context",
     "ray_cluster_spec",
+    "ray_ingress_rules",
     "ray_pod_template",
     "ray_probe",
     "ray_volume_mounts",

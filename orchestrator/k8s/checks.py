@@ -11,6 +11,7 @@ from orchestrator.errors import BadInput
 from orchestrator.spec import JobSpec
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_NAME = re.compile(rf"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*$")
@@ -65,6 +66,38 @@ def check_cluster_name(cluster: str) -> str:
     return cluster
 
 
+def check_queue(queue: str, cluster: str | None) -> str:
+    """A Kueue LocalQueue name for `--queue`: a label value, and a job with a Ray cluster of its own (Kueue admits that)."""
+    if not DNS1123_LABEL.match(queue):
+        raise BadInput(
+            f"--queue {queue}: a LocalQueue name is lowercase letters, digits and '-', at most 63, starting and ending "
+            "with a letter or digit"
+        )
+    if cluster is not None:
+        raise BadInput(
+            f"--queue {queue}: Kueue admits a RayJob with a Ray cluster of its own, not one on the RayCluster "
+            f"{cluster}; leave out --cluster"
+        )
+    return queue
+
+
+def check_service_account(name: str) -> str:
+    """An existing ServiceAccount for `--service-account` (a DNS-1123 subdomain)."""
+    if not DNS1123_SUBDOMAIN.match(name):
+        raise BadInput(f"--service-account {name}: not a ServiceAccount name (lowercase letters, digits, '-' and '.')")
+    return name
+
+
+def check_storage(spec: JobSpec) -> None:
+    """Checkpoints on Kubernetes go to a store that outlives the pods: a local path (inside a pod) is refused."""
+    where = spec.checkpoint.storage
+    if "://" not in where or where.startswith("file://"):
+        raise BadInput(
+            f"checkpoint.storage: {where} is a path inside the pods, so the checkpoints would die with them and a "
+            "restarted job could not resume; use s3://bucket/prefix (or another store every pod reaches) on Kubernetes"
+        )
+
+
 def parse_memory_mi(quantity: str, what: str = "--worker-memory") -> int:
     """A Kubernetes memory quantity (`8Gi`, `512Mi`, `4G`) in MiB."""
     m = QUANTITY.match(quantity.strip())
@@ -88,13 +121,9 @@ def parse_memory_mi(quantity: str, what: str = "--worker-memory") -> int:
 
 
 def storage_warnings(spec: JobSpec) -> list[str]:
-    """What in the job will not survive or not exist on Kubernetes, one line each (the render still goes on)."""
+    """What in the job may not exist on Kubernetes, one line each (the render still goes on; `check_storage` refuses
+    what cannot survive there)."""
     out = []
-    if "://" not in spec.checkpoint.storage or spec.checkpoint.storage.startswith("file://"):
-        out.append(
-            f"checkpoint.storage: {spec.checkpoint.storage} is a path inside the pods: checkpoints die with the cluster and workers "
-            "on other pods cannot share them; use s3://bucket/prefix (or another shared store) on Kubernetes"
-        )
     if spec.data.path and "://" not in spec.data.path:
         out.append(f"data.path: {spec.data.path} must exist inside the image (or use s3://...)")
     if spec.model.init_from and "://" not in spec.model.init_from:

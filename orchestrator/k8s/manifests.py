@@ -16,6 +16,9 @@ from orchestrator.k8s.checks import (
     check_cluster_name,
     check_image,
     check_namespace,
+    check_queue,
+    check_service_account,
+    check_storage,
     default_image,
     parse_memory_mi,
     storage_warnings,
@@ -28,6 +31,7 @@ from orchestrator.k8s.pods import (
     container_security_context,
     labels,
     ray_cluster_spec,
+    ray_ingress_rules,
     ray_pod_template,
     submitter_pod_template,
 )
@@ -44,6 +48,8 @@ DEFAULT_TTL_SECONDS = 600
 DEFAULT_DEADLINE_SECONDS = 7 * 24 * 3600
 MAX_RAYJOB_NAME = 47  # KubeRay's limit: the cluster and service names it derives must stay <= 63
 INT32_MAX = 2**31 - 1
+# Kueue queues a RayJob that carries this label (the LocalQueue's name) and that is created suspended.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
 def job_file_text(spec: JobSpec) -> str:
@@ -71,6 +77,8 @@ def _check_render(
     deadline_seconds: int,
     command: str,
     refit: bool,
+    queue: str | None,
+    service_account: str | None,
 ) -> str:
     """BadInput in one line for what cannot render; the checked image."""
     if command not in COMMANDS:
@@ -79,6 +87,11 @@ def _check_render(
         raise BadInput("data.folds: cv needs the number of folds, e.g. `data.folds=5`")
     if refit and command != "cv":
         raise BadInput("--refit: follows a cross-validation; add --cv")
+    check_storage(spec)
+    if queue is not None:
+        check_queue(queue, cluster)
+    if service_account is not None:
+        check_service_account(service_account)
     size = len(text.encode())
     if size > MAX_CONFIGMAP_BYTES:
         raise BadInput(
@@ -99,11 +112,18 @@ def _check_render(
 
 
 def _job_identity(
-    spec: JobSpec, text: str, image: str, cluster: str | None, worker_memory: str | None, command: str, refit: bool
+    spec: JobSpec,
+    text: str,
+    image: str,
+    cluster: str | None,
+    worker_memory: str | None,
+    command: str,
+    refit: bool,
+    placement: str = "",
 ) -> tuple[str, str, str]:
     """(RayJob name, run name, entrypoint) of the job: the name a hash of everything that makes it this job."""
     # Same job, image and target: same names, so a second apply is a no-op rather than a second job.
-    fingerprint = "\n".join([text, image, cluster or "", worker_memory or ""])
+    fingerprint = "\n".join([text, image, cluster or "", worker_memory or ""]) + placement
     run_name = spec.name
     entrypoint = ENTRYPOINT
     if command == "cv":
@@ -126,13 +146,16 @@ def _rayjob_spec(
     ttl_seconds: int,
     deadline_seconds: int,
     command: str,
+    service_account: str,
 ) -> dict[str, Any]:
     """The RayJob's spec: the submitter pod, retries and deadline, and its own cluster or a selector of `cluster`."""
     job_spec: dict[str, Any] = {
         "entrypoint": entrypoint,
         "runtimeEnvYAML": yaml.safe_dump({"working_dir": JOB_DIR}, sort_keys=False),
         "submissionMode": "K8sJobMode",
-        "submitterPodTemplate": submitter_pod_template(instance=name, image=image, configmap=configmap),
+        "submitterPodTemplate": submitter_pod_template(
+            instance=name, image=image, configmap=configmap, service_account=service_account
+        ),
         # A retry is a new Ray job (a new cluster unless --cluster); the run resumes from its last checkpoint.
         "backoffLimit": spec.failure.max_failures if spec.failure.max_failures >= 0 else INT32_MAX,
         "activeDeadlineSeconds": deadline_seconds,
@@ -147,6 +170,7 @@ def _rayjob_spec(
                 image=image,
                 worker_memory=worker_memory,
                 side_by_side=(spec.data.folds or 1) if command == "cv" else 1,
+                service_account=service_account,
             ),
         )
     else:
@@ -167,16 +191,34 @@ def render_manifests(
     deadline_seconds: int = DEFAULT_DEADLINE_SECONDS,
     command: str = "run",
     refit: bool = False,
+    queue: str | None = None,
+    service_account: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The ConfigMap holding the resolved job file and the RayJob that runs it (on its own cluster, or on `cluster`).
+    """Everything the job needs in a namespace, applied together: its ServiceAccount (unless `service_account` names an
+    existing one), the NetworkPolicy in front of its pods, the ConfigMap holding the resolved job file, and the RayJob
+    that runs it (on its own cluster, or on `cluster`).
 
     `command` cv runs the job's k-fold cross-validation (`orchestrator cv`, `--refit` with `refit`) instead of one run.
+    `queue` hands the RayJob to Kueue's LocalQueue of that name: labelled, and created suspended until Kueue admits it.
     """
     text = job_yaml_text if job_yaml_text is not None else job_file_text(spec)
     image = _check_render(
-        spec, text, image, namespace, cluster, worker_memory, ttl_seconds, deadline_seconds, command, refit
+        spec,
+        text,
+        image,
+        namespace,
+        cluster,
+        worker_memory,
+        ttl_seconds,
+        deadline_seconds,
+        command,
+        refit,
+        queue,
+        service_account,
     )
-    name, run_name, entrypoint = _job_identity(spec, text, image, cluster, worker_memory, command, refit)
+    placement = f"\nqueue {queue}" if queue else ""
+    placement += f"\nservice account {service_account}" if service_account else ""
+    name, run_name, entrypoint = _job_identity(spec, text, image, cluster, worker_memory, command, refit, placement)
     configmap = f"{name}-job"
     annotations = {
         "orchestrator/run-name": run_name,
@@ -193,33 +235,73 @@ def render_manifests(
         ttl_seconds=ttl_seconds,
         deadline_seconds=deadline_seconds,
         command=command,
+        service_account=service_account or name,
     )
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {
-                "name": configmap,
-                "namespace": namespace,
-                "labels": labels(name, "job-file"),
-                "annotations": dict(annotations),
-            },
-            # Immutable: a changed job gets a new name, so a running job never sees its file change.
-            "immutable": True,
-            "data": {JOB_FILE: text},
-        },
-        {
-            "apiVersion": "ray.io/v1",
-            "kind": "RayJob",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "labels": labels(name, "ray-job"),
-                "annotations": dict(annotations),
-            },
-            "spec": job_spec,
-        },
+    owned = [] if service_account else [_service_account(name, namespace)]
+    return owned + [
+        _network_policy(name, namespace),
+        _configmap(name, namespace, configmap, text, annotations),
+        _rayjob(name, namespace, job_spec, annotations, queue),
     ]
+
+
+def _configmap(name: str, namespace: str, configmap: str, text: str, annotations: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap,
+            "namespace": namespace,
+            "labels": labels(name, "job-file"),
+            "annotations": dict(annotations),
+        },
+        # Immutable: a changed job gets a new name, so a running job never sees its file change.
+        "immutable": True,
+        "data": {JOB_FILE: text},
+    }
+
+
+def _rayjob(
+    name: str, namespace: str, job_spec: dict[str, Any], annotations: dict[str, str], queue: str | None
+) -> dict[str, Any]:
+    rayjob_labels = labels(name, "ray-job")
+    if queue:
+        # Kueue's requirements of a RayJob (kueue.sigs.k8s.io, "Run a RayJob"): the label, a cluster of its own that is
+        # deleted when the job finishes, no in-tree autoscaling (it reserves the cluster's whole size); suspended, so
+        # that no pod starts before Kueue admits it. A preempted job is suspended again: its cluster goes, and on
+        # readmission a new one resumes the run from its last checkpoint.
+        rayjob_labels[KUEUE_QUEUE_LABEL] = queue
+        job_spec = {**job_spec, "suspend": True}
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": name, "namespace": namespace, "labels": rayjob_labels, "annotations": dict(annotations)},
+        "spec": job_spec,
+    }
+
+
+def _service_account(name: str, namespace: str) -> dict[str, Any]:
+    """The job's own identity: its pods get no API token (they need none); deleted with the job's other objects."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name, "service-account")},
+        "automountServiceAccountToken": False,
+    }
+
+
+def _network_policy(name: str, namespace: str) -> dict[str, Any]:
+    """Ingress to the job's pods: the rules of k8s/base/networkpolicy.yaml, so that a namespace without it is covered."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels(name, "network-policy")},
+        "spec": {
+            "podSelector": {"matchLabels": {"app.kubernetes.io/instance": name}},
+            "policyTypes": ["Ingress"],
+            "ingress": ray_ingress_rules(),
+        },
+    }
 
 
 def render_raycluster(

@@ -138,6 +138,7 @@ def ray_pod_template(
     gpus: int,
     head: bool,
     service_account_token: bool = False,
+    service_account: str = SERVICE_ACCOUNT,
 ) -> dict[str, Any]:
     """The pod of a Ray head or worker: hardened, sized, with Ray's probes and writable volumes."""
     container: dict[str, Any] = {
@@ -159,7 +160,7 @@ def ray_pod_template(
     container["readinessProbe"] = ray_probe(HEALTH_PATH, AGENT_PORT, liveness=False)
     container["livenessProbe"] = ray_probe(HEALTH_PATH, AGENT_PORT, liveness=True)
     spec: dict[str, Any] = {
-        "serviceAccountName": SERVICE_ACCOUNT,
+        "serviceAccountName": service_account,
         "automountServiceAccountToken": service_account_token,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
@@ -172,13 +173,15 @@ def ray_pod_template(
     return {"metadata": {"labels": labels(instance, component)}, "spec": spec}
 
 
-def submitter_pod_template(*, instance: str, image: str, configmap: str) -> dict[str, Any]:
+def submitter_pod_template(
+    *, instance: str, image: str, configmap: str, service_account: str = SERVICE_ACCOUNT
+) -> dict[str, Any]:
     """The pod that runs `ray job submit` (KubeRay fills in the command): it mounts the job file to upload it."""
     return {
         "metadata": {"labels": labels(instance, "ray-job-submitter")},
         "spec": {
             "restartPolicy": "Never",
-            "serviceAccountName": SERVICE_ACCOUNT,
+            "serviceAccountName": service_account,
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
             "securityContext": pod_security_context(),
@@ -217,7 +220,13 @@ def worker_size(spec: JobSpec, worker_memory: str | None) -> tuple[int, int, int
 
 
 def ray_cluster_spec(
-    spec: JobSpec, *, instance: str, image: str, worker_memory: str | None, side_by_side: int = 1
+    spec: JobSpec,
+    *,
+    instance: str,
+    image: str,
+    worker_memory: str | None,
+    side_by_side: int = 1,
+    service_account: str = SERVICE_ACCOUNT,
 ) -> dict[str, Any]:
     """A RayClusterSpec sized from `scaling`: one worker pod per Ray Train worker, the head runs only the driver.
 
@@ -254,6 +263,7 @@ def ray_cluster_spec(
                 memory_mib=head_mib,
                 gpus=head_gpus,
                 head=True,
+                service_account=service_account,
             ),
         },
     }
@@ -276,7 +286,34 @@ def ray_cluster_spec(
                     memory_mib=mib,
                     gpus=gpus,
                     head=False,
+                    service_account=service_account,
                 ),
             }
         ]
     return cluster
+
+
+# Who may reach Ray's pods (the same rules as k8s/base/networkpolicy.yaml, for the pods `selector` picks): pods of the
+# orchestrator any port (raylets, object transfer and torch.distributed use ports chosen at run time), every pod of the
+# namespace the GCS, dashboard and client ports, the KubeRay operator the dashboard. Egress stays open (object stores).
+KUBERAY_NAMESPACE = "kuberay-system"
+
+
+def ray_ingress_rules() -> list[dict[str, Any]]:
+    """The ingress rules of the NetworkPolicy in front of Ray pods."""
+    return [
+        {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "orchestrator"}}}]},
+        {
+            "from": [{"podSelector": {}}],
+            "ports": [{"protocol": "TCP", "port": port} for port in (GCS_PORT, DASHBOARD_PORT, CLIENT_PORT)],
+        },
+        {
+            "from": [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": KUBERAY_NAMESPACE}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+                }
+            ],
+            "ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}],
+        },
+    ]
