@@ -18,12 +18,13 @@ from orchestrator import k8s  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 
 K8S = ROOT / "k8s"
-OVERLAYS = ("cpu", "gpu", "s3")
-# Render options of each overlay's example job (the cpu and s3 overlays are for small test clusters).
+OVERLAYS = ("cpu", "gpu", "s3", "kueue")
+# Render options of each overlay's example job (the cpu, s3 and kueue overlays are for small test clusters).
 OVERLAY_OPTIONS: dict[str, dict[str, Any]] = {
     "cpu": {"worker_memory": "2Gi"},
     "gpu": {},
     "s3": {"worker_memory": "2Gi"},
+    "kueue": {"worker_memory": "2Gi", "queue": "user-queue"},
 }
 HEADER = "# Rendered by orchestrator.k8s ({what}); regenerate with `python tests/k8s_samples.py`, do not edit.\n"
 
@@ -46,6 +47,7 @@ def write_samples() -> list[Path]:
             "render_raycluster()"
             if path.name == "raycluster.yaml"
             else f"orchestrator k8s render {path.parent.relative_to(ROOT)}/job.yaml"
+            + "".join(f" --{k.replace('_', '-')} {v}" for k, v in OVERLAY_OPTIONS[path.parent.name].items())
         )
         path.write_text(k8s.dump_manifests(objects, header=HEADER.format(what=what)))
         written.append(path)

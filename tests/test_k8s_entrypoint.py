@@ -84,8 +84,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_rendered_rayjob_trains_when_submitted_as_kuberay_submits_it(tmp_path):
-    runs = tmp_path / "runs"
+def test_rendered_rayjob_trains_when_submitted_as_kuberay_submits_it(tmp_path, s3_server, bucket):
+    # Checkpoints to S3 (a real S3 server here), as on Kubernetes, where a local path is refused.
+    runs = f"s3://{bucket}/runs"
     render = subprocess.run(
         [
             sys.executable,
@@ -104,7 +105,8 @@ def test_rendered_rayjob_trains_when_submitted_as_kuberay_submits_it(tmp_path):
         cwd=ROOT,
     )
     assert render.returncode == 0, render.stderr
-    configmap, rayjob = yaml.safe_load_all(render.stdout)
+    rendered = {o["kind"]: o for o in yaml.safe_load_all(render.stdout)}
+    configmap, rayjob = rendered["ConfigMap"], rendered["RayJob"]
     spec = rayjob["spec"]
 
     # Where the submitter pod sees the job file, and where the runtime env uploads it from.
@@ -168,5 +170,5 @@ def test_rendered_rayjob_trains_when_submitted_as_kuberay_submits_it(tmp_path):
     summary = summaries[-1]
     assert summary["status"] == "finished"
     assert summary["steps"] == 5
-    assert summary["run_uri"] == str(runs / "digits-mlp-k8s")
-    assert (runs / "digits-mlp-k8s" / "run.json").is_file()
+    assert summary["run_uri"] == f"{runs}/digits-mlp-k8s"
+    s3_server.client().head_object(Bucket=bucket, Key="runs/digits-mlp-k8s/run.json")  # raises if it is not there
