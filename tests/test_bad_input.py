@@ -143,7 +143,7 @@ def test_validate_refuses_bad_input_in_one_line(tmp_path):
 def test_k8s_render_refuses_a_configmap_over_the_kubernetes_limit(tmp_path):
     # 200 KB written once and aliased six times: under the file and alias caps, over 1 MiB rendered.
     blob = "x" * 200_000
-    job = f"name: wide\nconfig:\n  a: &a '{blob}'\n  b: [*a, *a, *a, *a, *a, *a]\n"
+    job = f"name: wide\nconfig:\n  a: &a '{blob}'\n  b: [*a, *a, *a, *a, *a, *a]\ncheckpoint:\n  storage: s3://b/runs\n"
     (tmp_path / "wide.yaml").write_text(job)
     (result,) = run_many([["k8s", "render", str(tmp_path / "wide.yaml")]], tmp_path)
     assert_one_line(result, "over the 1032192 a Kubernetes ConfigMap holds")
