@@ -11,7 +11,8 @@ length of the loop, each worker's `ray.train.report` is wrapped (before the user
   `orchestrator checkpoints` lists it and the summary names it;
 - an entry of metrics.jsonl (val_* keys as a validation, the rest as training metrics) and a progress line.
 
-The summary counts what the loop reported: its steps, and its epochs as the distinct `epoch` values it reported.
+The summary counts what the loop reported: its steps, and its epochs as the distinct `epoch` values it reported. A loop
+that names its checkpoint directories itself (`checkpoint_dir_name`) keeps its names, and those are not committed.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def _file_digests(directory: str) -> dict[str, dict[str, Any]]:
 
 
 class ReportRecorder:
-    """One worker's view of the loop's reports: the step count on every rank, the run's records on rank 0."""
+    """One worker's part in the loop's reports: rank 0 numbers the steps (every rank stores its checkpoint part under
+    the name rank 0 gives) and keeps the run's records; a barrier after each report when there are several ranks."""
 
     def __init__(self, config: dict[str, Any]):
         import ray.train

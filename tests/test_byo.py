@@ -13,8 +13,8 @@ from commands import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A plain Ray Train loop as a user has one: it resumes from Ray's checkpoint, reports an epoch at a time with a
-# checkpoint, and its first attempt dies after its second report.
+# A plain Ray Train loop as a user has one, on two workers: it resumes from Ray's checkpoint and reports an epoch at a
+# time with a checkpoint (rank 0 its state, rank 1 a part of its own); its first attempt dies after its second report.
 LOOP = """
 import json
 import os
@@ -24,6 +24,7 @@ import ray.train
 
 
 def train(config):
+    rank = ray.train.get_context().get_world_rank()
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -31,7 +32,7 @@ def train(config):
             start = json.load(open(os.path.join(d, "state.json")))["epoch"] + 1
     for epoch in range(start, config["epochs"]):
         with tempfile.TemporaryDirectory() as tmp:
-            json.dump({"epoch": epoch}, open(os.path.join(tmp, "state.json"), "w"))
+            json.dump({"epoch": epoch}, open(os.path.join(tmp, "state.json" if rank == 0 else f"part-{rank}.json"), "w"))
             metrics = {"epoch": epoch, "loss": 1.0 / (epoch + 1), "accuracy": epoch / 4}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         if epoch == 1 and not os.path.exists(config["flag"]):
@@ -44,14 +45,14 @@ def orchestrator(*args, cwd=ROOT, timeout=400):
     return run_command([sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=dict(os.environ), timeout=timeout)
 
 
-@pytest.mark.slow  # two attempts of a Ray Train run: a minute on two busy cores
+@pytest.mark.slow  # two attempts of a two-worker Ray Train run: a minute or two on two busy cores
 def test_a_bring_your_own_loop_reports_steps_metrics_and_checkpoints_and_resumes_from_them(tmp_path):
     (tmp_path / "resumable_loop.py").write_text(LOOP)
     storage = tmp_path / "runs"
     (tmp_path / "job.yaml").write_text(
         "name: own\nentrypoint: resumable_loop:train\n"
         f"config: {{epochs: 4, flag: {tmp_path / 'flag'}}}\n"
-        "scaling: {num_workers: 1}\nfailure: {max_failures: 1, retry_exceptions: true}\n"
+        "scaling: {num_workers: 2}\nfailure: {max_failures: 1, retry_exceptions: true}\n"
         f"checkpoint: {{storage: {storage}}}\n"
     )
     res = orchestrator("run", str(tmp_path / "job.yaml"))
@@ -83,7 +84,7 @@ def test_a_bring_your_own_loop_reports_steps_metrics_and_checkpoints_and_resumes
     assert [(c["step"], c["epoch"], c["metrics"]["accuracy"]) for c in found] == [(i + 1, i, i / 4) for i in range(4)]
     assert found[-1]["uri"] == f"{run}/checkpoint_00000004" and all(c["size"] > 0 for c in found)
     manifest = json.loads((run / "checkpoint_00000002" / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"state.json"}
+    assert set(manifest["files"]) == {"state.json", "part-1.json"}  # both ranks' parts, committed once both are stored
 
     # Its metrics in metrics.jsonl, each step once (the second attempt went on from the checkpoint of step 2),
     # and in the report.
