@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import queue
 import re
 import threading
@@ -398,15 +397,28 @@ def load_weights(uri: str, endpoint_url: str | None = None) -> dict:
         raise BadInput(str(exc)) from None
 
 
-def export_weights(checkpoint_uri: str, out: str) -> int:
-    """Copy a checkpoint's verified weights to a local safetensors file; return its size."""
-    fs, info = resolve_checkpoint(checkpoint_uri)
-    try:
-        data = read_verified(fs, info, [WEIGHTS])[WEIGHTS]
-    except ValueError as exc:
-        raise BadInput(str(exc)) from None
-    tmp = f"{out}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, out)
-    return len(data)
+def with_metadata(data: bytes, metadata: dict[str, str]) -> tuple[bytes, memoryview]:
+    """A safetensors file's new header (its `__metadata__` updated) and its unchanged tensor bytes, to write in turn.
+
+    The tensors' offsets count from the end of the header, so a new header leaves them valid; it is padded with
+    spaces to keep the tensors 8-byte aligned, as safetensors writes them.
+    """
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = {**header.get("__metadata__", {}), **metadata}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head, memoryview(data)[8 + length :]
+
+
+def export_weights(fs, info: CheckpointInfo, path: str, metadata: dict[str, str] | None = None) -> int:
+    """Write a checkpoint's verified weights to the local file `path` as one safetensors file; return its size.
+
+    `metadata` goes into the file's header (strings only). ValueError when the weights do not match the manifest.
+    """
+    data = read_verified(fs, info, [WEIGHTS])[WEIGHTS]
+    head, tensors = with_metadata(data, metadata or {})
+    with open(path, "wb") as fh:
+        fh.write(head)
+        fh.write(tensors)
+    return len(head) + len(tensors)

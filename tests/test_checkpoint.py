@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from orchestrator import checkpoint as ckpt
@@ -153,11 +154,15 @@ def test_export_and_load_weights(run_store, tmp_path):
     uri, fs, root = run_store
     ckpt.commit_checkpoint(fs, root, 7, 1, files_for(7), {})
     out = tmp_path / "out.safetensors"
-    ckpt.export_weights(uri, str(out))  # a run URI exports its latest checkpoint
+    _, info = ckpt.resolve_checkpoint(uri)  # a run URI resolves to its latest checkpoint
+    size = ckpt.export_weights(fs, info, str(out), {"step": "7"})
+    assert size == out.stat().st_size
     assert torch.equal(load_file(str(out))["w"], torch.full((4, 4), 7.0))
+    with safe_open(str(out), "pt") as exported:  # the header's metadata, read as any safetensors reader does
+        assert exported.metadata() == {"step": "7"}
     assert torch.equal(ckpt.load_weights(f"{uri}/checkpoint_00000007")["w"], torch.full((4, 4), 7.0))
     with pytest.raises(BadInput, match="no committed checkpoint"):
-        ckpt.export_weights(f"{uri}-missing", str(out))
+        ckpt.resolve_checkpoint(f"{uri}-missing")
 
 
 def test_load_weights_from_plain_files(tmp_path):

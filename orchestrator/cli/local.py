@@ -111,12 +111,33 @@ def checkpoints(run_uri: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("checkpoint_uri")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the weights (safetensors).")
+@click.argument("uri")
+@click.option(
+    "--out", required=True, metavar="FILE", help="The local file to write (safetensors); never one inside a run."
+)
+@click.option(
+    "--checkpoint",
+    "choice",
+    default=None,
+    metavar="best|latest|STEP",
+    help="Which checkpoint of the run at URI [default: best, the one the run's summary names and its test split "
+    "was evaluated on].",
+)
+@click.option("--force", is_flag=True, help="Replace --out if it exists [default: refuse].")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written (file, step, header) as JSON.")
 @friendly_errors
-def export(checkpoint_uri: str, out: str) -> None:
-    """Copy a checkpoint's weights out as one safetensors file."""
-    from orchestrator.checkpoint import export_weights
+def export(uri: str, out: str, choice: str | None, force: bool, as_json: bool) -> None:
+    """Write the weights of a run's best checkpoint (or another, or the checkpoint at URI) to one safetensors file."""
+    from orchestrator.export import export_checkpoint, parse_choice
 
-    size = export_weights(checkpoint_uri, out)
-    click.echo(f"wrote {out} ({size / 1e6:.2f} MB)")
+    done = export_checkpoint(uri, out, parse_choice(choice), force=force)
+    if as_json:
+        print_json(done)
+        return
+    best = done["best"]
+    why = done["chosen"]
+    if best and best.get("metric") and isinstance(best.get("value"), (int, float)):
+        why += f", {best['metric']} {best['value']:.4g}"
+    click.echo(
+        f"wrote {done['out']}: step {done['step']} ({why}) of {done['checkpoint']}, {done['bytes'] / 1e6:.2f} MB"
+    )

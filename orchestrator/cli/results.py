@@ -16,14 +16,15 @@ from orchestrator.storage import redact
     default=None,
     help="Write the report to this local file [default: <URI>/report.html].",
 )
+@click.option("--force", is_flag=True, help="Replace --out if it exists [default: refuse].")
 @click.option("--endpoint-url", default=None, help="S3-compatible endpoint of the URI [default: $AWS_ENDPOINT_URL].")
 @click.option("--json", "as_json", is_flag=True, help='Print {"report": where it went} as JSON.')
 @friendly_errors
-def report(uri: str, out: str | None, endpoint_url: str | None, as_json: bool) -> None:
+def report(uri: str, out: str | None, force: bool, endpoint_url: str | None, as_json: bool) -> None:
     """Write the offline HTML report (plots, settings, provenance) of a run or a sweep."""
     from orchestrator.report import write_report
 
-    where = write_report(uri, out=out, endpoint_url=endpoint_url)
+    where = write_report(uri, out=out, endpoint_url=endpoint_url, force=force)
     if as_json:
         print_json({"report": where})
     else:

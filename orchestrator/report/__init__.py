@@ -21,9 +21,7 @@ What lives where:
 
 from __future__ import annotations
 
-import os
-
-from orchestrator import storage
+from orchestrator import outfile, storage
 from orchestrator.errors import BadInput
 from orchestrator.report.cv_page import render_cv
 from orchestrator.report.html import link_base
@@ -82,17 +80,14 @@ def render(uri: str, endpoint_url: str | None = None, inside: bool = True) -> st
     return render_run(load_run(uri, endpoint_url), base)
 
 
-def write_report(uri: str, out: str | None = None, endpoint_url: str | None = None) -> str:
-    """Write the report of a run or sweep to `out` (a local file) or to `<uri>/report.html`; return where it went."""
-    page = render(uri, endpoint_url, inside=not out).encode()
+def write_report(uri: str, out: str | None = None, endpoint_url: str | None = None, force: bool = False) -> str:
+    """Write the report of a run or sweep to `out` (a local file, checked as `export`'s is: an existing one only with
+    `force`) or to `<uri>/report.html`; return where it went."""
     if out:
-        folder = os.path.dirname(os.path.abspath(out))
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{out}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(page)
-        os.replace(tmp, out)
-        return os.path.abspath(out)
+        target = outfile.check_target(out, force)  # before the page is rendered: a refused target costs nothing
+        outfile.write_target(target, render(uri, endpoint_url, inside=False).encode(), force)
+        return target
+    page = render(uri, endpoint_url).encode()
     home = _open(uri, endpoint_url)
     storage.write_bytes(home.fs, home.path(REPORT), page)
     return home.uri_of(REPORT)
