@@ -84,7 +84,7 @@ def command(case: str, storage: str, overrides: list[str]) -> list[str]:
     if case in ("plain", "raytrain"):
         return [sys.executable, PLAIN if case == "plain" else RAYTRAIN, "--job", JOB, *common]
     store = f"checkpoint.storage={storage}"
-    where = [] if case in ATTACHED else ["--address", "local"]
+    where = [] if case in ATTACHED else ["--ray-address", "local"]
     if case == "local":
         return [*ORCH, "run", JOB, "scaling.num_workers=0", *common, store, "--fresh", "--json"]
     if case in ("worker", "worker_up"):

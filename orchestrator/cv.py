@@ -126,7 +126,7 @@ def run_cv(
 def submit_cv(
     path: str, overrides: list[str], address: str, fresh: bool = False, refit: bool = False, out=None
 ) -> dict[str, Any]:
-    """Submit the cross-validation to a cluster's Jobs API (`orchestrator cv ... --address auto` there), follow it, return cv.json's content.
+    """Submit the cross-validation to a cluster's Jobs API (`orchestrator cv ... --ray-address auto` there), follow it, return cv.json's content.
 
     Everything is checked here first (the job, the package, the cluster and its token); a fresh name is decided here,
     once, as a `name` override, so that the cluster does not pick another one.

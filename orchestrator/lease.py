@@ -3,7 +3,7 @@
 Two `orchestrator run` of one job at once (two terminals, a resubmission while the first driver
 lives) would both train and both write checkpoints into one directory. The driver takes the
 lease before it reads or writes anything there; a second driver refuses with one line naming
-the holder, or waits for it (`--wait`).
+the holder, or waits for it (`run --wait-for-lease`).
 
 - Local directories: `fcntl.flock` on `<run>/.lease`, held on an open file. The kernel drops the
   lock when the process dies however it dies, so a crashed run never blocks a rerun; the file
@@ -92,7 +92,7 @@ class LeaseHeld(BadInput):
         who = holder.describe() if holder else "a process that has not written its name yet"
         super().__init__(
             f"{storage.redact(uri)}: already in use by another run ({who}); "
-            "wait for it with --wait, or use --fresh for a new run"
+            "wait for it with --wait-for-lease, or use --fresh for a new run"
         )
         self.holder = holder
 

@@ -209,7 +209,7 @@ def start_ray(address: str | None, log_to_driver: bool = True, prestart: bool = 
             else:
                 _init_embedded(kwargs)
     except ConnectionError as exc:
-        raise BadInput(f"--address {address}: cannot connect to Ray ({exc})") from None
+        raise BadInput(f"--ray-address {address}: cannot connect to Ray ({exc})") from None
     return True
 
 

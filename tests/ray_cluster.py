@@ -116,8 +116,8 @@ class RayNode:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_"))}
         env.update(self.cluster.server_env())
         env[MARKER] = self.marker
-        # The cluster's `python` is this virtualenv's, as with `ray start` from an activated venv.
-        env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+        # The cluster's `python` is this virtualenv's, as with `ray start` from an activated venv (or another's).
+        env["PATH"] = self.cluster.python_bin + os.pathsep + env.get("PATH", "")
         # gloo (DDP on CPU) would otherwise pick the interface of the host name, off loopback.
         env["GLOO_SOCKET_IFNAME"] = "lo"
         # Ray processes that look for "the" local cluster (Ray Train's placement-group cleaner does)
@@ -153,8 +153,10 @@ class RayNode:
 class RayCluster:
     """A head and any number of worker nodes on 127.0.0.1, with token authentication on."""
 
-    def __init__(self, head_cpus: int = 1, env: dict[str, str] | None = None):
+    def __init__(self, head_cpus: int = 1, env: dict[str, str] | None = None, python_bin: str | None = None):
+        """`python_bin`: the directory of the `python` a job's entrypoint finds on the nodes' PATH (this venv's)."""
         self.extra_env = dict(env or {})
+        self.python_bin = python_bin or VENV_BIN
         self.root = Path(tempfile.mkdtemp(prefix="orc-ray-", dir="/tmp"))
         self.marker = self.root.name
         self.token_path = self.root / "auth_token"

@@ -342,9 +342,11 @@ def test_a_tracking_uri_with_credentials_from_the_environment_is_stored_and_show
 def test_the_command_line_kept_in_run_json_is_redacted(monkeypatch):
     from orchestrator.runrecord import RunRecord
 
-    monkeypatch.setattr(sys, "argv", ["orchestrator", "run", "j.yaml", "--address", f"ray://bob:{SECRET}@head:10001"])
+    monkeypatch.setattr(
+        sys, "argv", ["orchestrator", "run", "j.yaml", "--ray-address", f"ray://bob:{SECRET}@head:10001"]
+    )
     record = RunRecord.begin("r", {})
-    assert record.command == ["orchestrator", "run", "j.yaml", "--address", "ray://head:10001"]
+    assert record.command == ["orchestrator", "run", "j.yaml", "--ray-address", "ray://head:10001"]
 
 
 def test_runs_shows_names_as_written_not_as_markup(tmp_path):

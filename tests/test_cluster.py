@@ -125,7 +125,7 @@ def test_build_submission_golden(tmp_path):
     job_dir = str((tmp_path / "proj").resolve())
     assert sub == {
         "submission_id": "demo-abc123",
-        "entrypoint": "python -m orchestrator run job.yaml 'config.msg=hello world' train.epochs=2 --address auto --json",
+        "entrypoint": "python -m orchestrator run job.yaml 'config.msg=hello world' train.epochs=2 --ray-address auto --json",
         "runtime_env": {
             "working_dir": job_dir,
             "excludes": list(cluster.DEFAULT_EXCLUDES) + ["/data/big.bin"],
@@ -394,5 +394,5 @@ def test_submit_missing_user_code_exits_2(tmp_path):
 def test_fresh_submission_asks_the_run_for_a_new_name(tmp_path):
     job = make_job_dir(tmp_path / "p", "/shared/runs")
     spec = build_spec({"checkpoint": {"storage": "/shared/runs"}})
-    assert build_submission(spec, job, fresh=True)["entrypoint"].endswith("--address auto --json --fresh")
+    assert build_submission(spec, job, fresh=True)["entrypoint"].endswith("--ray-address auto --json --fresh")
     assert "--fresh" not in build_submission(spec, job)["entrypoint"]

@@ -79,7 +79,7 @@ def wait_for(predicate, timeout=120, every=0.5):
 
 
 def test_submit_wait_runs_the_job_and_the_verbs_show_it(head, job_dir):
-    out = cli(head, "submit", str(job_dir / "loop.yaml"), "name=loop-ok", "config.steps=3", "--wait", "--json")
+    out = cli(head, "submit", str(job_dir / "loop.yaml"), "name=loop-ok", "config.steps=3", "--follow", "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     final = json.loads(out.stdout.splitlines()[-1])
     job_id = final["submission_id"]
@@ -119,7 +119,12 @@ def test_submit_prints_the_id_and_stop_stops_it(head, job_dir):
 def test_submit_wait_exits_1_when_the_job_fails_and_follow_streams_to_the_end(head, job_dir):
     # Storage the cluster cannot write: this machine does not probe it, the run on the cluster fails its preflight.
     out = cli(
-        head, "submit", str(job_dir / "loop.yaml"), "name=loop-fail", "checkpoint.storage=/proc/no-runs-here", "--wait"
+        head,
+        "submit",
+        str(job_dir / "loop.yaml"),
+        "name=loop-fail",
+        "checkpoint.storage=/proc/no-runs-here",
+        "--follow",
     )
     assert out.returncode == 1
     assert "error: " in out.stdout and "/proc/no-runs-here" in out.stdout  # the job's own output, followed
@@ -236,3 +241,64 @@ def test_a_submitted_cv_shows_its_table_once_and_neither_it_nor_its_logs_a_json_
         assert f"record: {tmp_path}/cv-digits-cv/cv.json" in shown and "Token authentication is enabled" not in shown
     assert "Token authentication is enabled" not in out.stderr
     assert json.loads((tmp_path / "cv-digits-cv" / "cv.json").read_text())["status"] == "finished"
+
+
+def checks_of(out) -> dict[str, tuple[str, str]]:
+    """`orchestrator doctor`'s lines: check name -> (status, detail)."""
+    return {line[6:22].strip(): (line[:5].strip(), line[23:]) for line in out.stdout.splitlines()}
+
+
+def test_doctor_checks_the_cluster_by_a_probe_job_its_python_runs(head, job_dir):
+    out = cli(head, "doctor", str(job_dir / "loop.yaml"), "--address", head.dashboard_url)
+    assert out.returncode == 0, out.stdout + out.stderr
+    checks = checks_of(out)
+    for name in ("python", "packages", "torch", "ray", "cluster", "cluster ray", "cluster python", "cluster packages"):
+        assert checks[name][0] == "ok", (name, out.stdout)
+    assert checks["cluster"][1].startswith(f"{head.dashboard_url} answers, token from RAY_AUTH_TOKEN_PATH")
+    assert checks["cluster python"][1] == f"{sys.version.split()[0]} at {sys.executable}, as here"
+    assert checks["cluster GPUs"] == ("note", "0 in the cluster")
+    assert checks["storage"][0] == "ok"  # the job's storage, a local path: writable here, and there (one machine)
+    # The probe is a job like any: listed, with its own id, succeeded.
+    probes = [
+        j
+        for j in json.loads(cli(head, "list", "--json").stdout)
+        if j["submission_id"].startswith("orchestrator-doctor-")
+    ]
+    assert probes and all(p["status"] == "SUCCEEDED" for p in probes)
+
+    wrong = cli(head, "doctor", "--address", head.dashboard_url, env={"RAY_AUTH_TOKEN": "not-the-token"})
+    assert wrong.returncode == 1
+    assert checks_of(wrong)["cluster"] == (
+        "FAIL",
+        f"{head.dashboard_url}: the cluster rejected the token from RAY_AUTH_TOKEN: it is not this cluster's token (compare with `ray get-auth-token` on the head node)",
+    )
+
+
+def test_a_job_id_can_be_chosen_and_jobs_are_found_by_their_run_name(head, job_dir):
+    out = cli(
+        head, "submit", str(job_dir / "loop.yaml"), "name=named-run", "--job-id", "my-named-job", "--follow", "--json"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.splitlines()[-1])["submission_id"] == "my-named-job"
+    again = cli(head, "submit", str(job_dir / "loop.yaml"), "name=named-run", "--job-id", "my-named-job")
+    assert again.returncode == 2 and again.stderr.strip() == (
+        f"error: --job-id my-named-job: {head.dashboard_url} already has a job with this id; choose another"
+    )
+    status = cli(head, "status", "named-run")  # the run's name, not the job's id
+    assert status.returncode == 0 and status.stdout.startswith("my-named-job  SUCCEEDED"), status.stderr
+    assert status.stderr.strip() == "named-run: the run's newest job is my-named-job"
+    logs = cli(head, "logs", "named-run")
+    assert logs.returncode == 0 and "run named-run -> " in logs.stdout
+    assert cli(head, "stop", "named-run").stdout.strip() == "my-named-job had already ended (SUCCEEDED)"
+    missing = cli(head, "status", "no-such-run")
+    assert missing.returncode == 2 and missing.stderr.strip().startswith(
+        f"error: no-such-run: no job with this id or run name on {head.dashboard_url}"
+    )
+
+
+def test_run_at_an_address_submits_follows_and_ends_with_the_runs_summary(head, job_dir):
+    out = cli(head, "run", str(job_dir / "loop.yaml"), "name=loop-run-at", "--address", head.dashboard_url, "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.splitlines()[-1])
+    assert summary["run"] == "loop-run-at" and summary["status"] == "finished", summary
+    assert out.stderr.startswith("submitted loop-run-at-") and "Running entrypoint" in out.stderr

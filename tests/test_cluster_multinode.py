@@ -92,7 +92,7 @@ def cli(cluster, *args, timeout=400):
 
 def submit(cluster, project, *overrides, wait=False):
     root, _ = project
-    out = cli(cluster, "submit", str(root / "job.yaml"), *overrides, *(["--wait", "--json"] if wait else ["--json"]))
+    out = cli(cluster, "submit", str(root / "job.yaml"), *overrides, *(["--follow", "--json"] if wait else ["--json"]))
     assert out.returncode in (0, 1), out.stderr[-3000:]
     return json.loads(out.stdout.splitlines()[-1]), out
 

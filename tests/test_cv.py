@@ -75,7 +75,10 @@ def test_the_t_table_is_students_t_and_the_aggregate_is_mean_std_and_interval():
         (["data.folds=200"], "error: data.folds: 200 is more than the smallest class has examples outside the test"),
         # A dashboard address submits the cross-validation: checked, and refused here, when no cluster answers there.
         (["--address", "http://127.0.0.1:1"], "error: --address http://127.0.0.1:1: no Ray dashboard answers there"),
-        (["--address", "http://127.0.0.1:1", "--verbose"], "error: --verbose applies to a cross-validation run from"),
+        (
+            ["--address", "http://127.0.0.1:1", "--verbose"],
+            "error: --verbose and --ray-address apply to a cross-validation run from",
+        ),
         (
             ["data={name: synthetic, task: regression, folds: 3, stratify: true}"],
             "error: data.stratify: stratified folds need class labels, and regression data has none",
@@ -96,7 +99,7 @@ def test_a_submitted_cv_runs_orchestrator_cv_on_the_cluster_with_the_jobs_packag
     overrides = ["checkpoint.storage=/shared/runs", "data.folds=3"]
     submission = build_sweep_submission(load_cv(JOB, overrides), overrides, "cv", ("--refit",))
     assert submission["entrypoint"] == (
-        "python -m orchestrator cv cv_digits.yaml checkpoint.storage=/shared/runs data.folds=3 --refit --address auto "
+        "python -m orchestrator cv cv_digits.yaml checkpoint.storage=/shared/runs data.folds=3 --refit --ray-address auto "
         "--result-line"
     )
     assert submission["runtime_env"]["working_dir"] == str(ROOT / "jobs")

@@ -179,3 +179,29 @@ def test_report_out_is_checked_as_export_out_is(trained, tmp_path):
     assert out.read_text() == "mine"
     forced = orchestrator("report", str(run), "--out", str(out), "--force")
     assert forced.returncode == 0 and out.read_text().startswith("<!DOCTYPE html>"), forced.stderr
+
+
+def test_checkpoints_and_export_read_s3_at_the_endpoint_given(trained, s3_server, bucket, tmp_path):
+    """--endpoint-url wherever storage is read: with no AWS_ENDPOINT_URL, the option is what finds the server."""
+    run, _ = trained
+    client = s3_server.client()
+    for path in run.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"runs/digits-mlp/{path.relative_to(run)}")
+    uri = f"s3://{bucket}/runs/digits-mlp"
+    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
+    endpoint = ["--endpoint-url", s3_server.endpoint]
+    listed = run_command(
+        [sys.executable, "-m", "orchestrator", "checkpoints", uri, *endpoint, "--json"], cwd=ROOT, env=env, timeout=120
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert [c["step"] for c in json.loads(listed.stdout)] == [10, 20, 30]
+    out = tmp_path / "m.safetensors"
+    exported = run_command(
+        [sys.executable, "-m", "orchestrator", "export", uri, "--out", str(out), *endpoint],
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert exported.returncode == 0 and "step 10 (the best, val_loss" in exported.stdout, exported.stderr
+    assert same_weights(load_file(str(out)), weights_at(run, 10))

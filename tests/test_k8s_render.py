@@ -101,7 +101,7 @@ def test_configmap_holds_the_resolved_job_and_the_entrypoint_runs_it_from_the_wo
     spec_ = rayjob["spec"]
     argv = shlex.split(spec_["entrypoint"])
     assert argv[:4] == ["python", "-m", "orchestrator", "run"] and argv[4] == k8s.JOB_FILE
-    assert "--json" in argv and argv[argv.index("--address") + 1] == "auto"
+    assert "--json" in argv and argv[argv.index("--ray-address") + 1] == "auto"
     # The submitter mounts the ConfigMap where the runtime env uploads the working_dir from.
     working_dir = yaml.safe_load(spec_["runtimeEnvYAML"])["working_dir"]
     submitter = spec_["submitterPodTemplate"]["spec"]
@@ -324,7 +324,7 @@ def test_a_cross_validation_runs_orchestrator_cv_with_a_worker_pod_set_per_fold(
     assert yaml.safe_load(configmap["data"][k8s.JOB_FILE]) == spec.to_dict()
     argv = shlex.split(rayjob["spec"]["entrypoint"])
     assert argv[:5] == ["python", "-m", "orchestrator", "cv", k8s.JOB_FILE]
-    assert argv[argv.index("--address") + 1] == "auto" and "--json" in argv and "--refit" in argv
+    assert argv[argv.index("--ray-address") + 1] == "auto" and "--json" in argv and "--refit" in argv
     assert rayjob["metadata"]["annotations"]["orchestrator/run-name"] == "digits-mlp-cv"
     # A run and a cv of one job are two jobs: neither apply may replace the other.
     assert rayjob["metadata"]["name"].startswith("digits-mlp-cv-")

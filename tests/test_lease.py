@@ -137,7 +137,7 @@ def test_run_with_wait_waits_for_the_holder_then_runs(tmp_path):
     run = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "run", "jobs/digits_mlp.yaml", f"checkpoint.storage={tmp_path}/runs"]
         + TINY
-        + ["--wait", "--json"],
+        + ["--wait-for-lease", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -318,7 +318,7 @@ def test_build_sweep_submission_runs_the_sweep_command_on_the_cluster(tmp_path):
     # Its table in the job's logs, its result on one line that `orchestrator logs` leaves out.
     assert (
         submission["entrypoint"]
-        == "python -m orchestrator sweep sweep_digits_lr.yaml checkpoint.storage=/shared/runs --address auto --result-line"
+        == "python -m orchestrator sweep sweep_digits_lr.yaml checkpoint.storage=/shared/runs --ray-address auto --result-line"
     )
     assert submission["runtime_env"]["working_dir"] == str(ROOT / "jobs")
     assert submission["metadata"]["orchestrator_run"] == "digits-lr"

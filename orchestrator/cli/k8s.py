@@ -7,10 +7,16 @@ from typing import Any
 
 import click
 
-from orchestrator.cli import CONTEXT, friendly_errors, job_file_argument, main, overrides_argument
+from orchestrator.cli import CONTEXT, epilog, friendly_errors, job_file_argument, main, overrides_argument
 
 
-@main.group(context_settings=CONTEXT)
+@main.group(
+    context_settings=CONTEXT,
+    epilog=epilog(
+        "orchestrator k8s render jobs/digits_mlp.yaml checkpoint.storage=s3://bucket/runs",
+        "orchestrator k8s apply jobs/digits_mlp.yaml checkpoint.storage=s3://bucket/runs",
+    ),
+)
 def k8s() -> None:
     """Kubernetes through KubeRay: render a job (or its cross-validation) as a RayJob, or apply it with kubectl."""
 
@@ -24,10 +30,13 @@ def k8s_options(fn: Callable) -> Callable:
             help="Job image, pinned to a tag or digest [default: orchestrator:<version>, -gpu for GPU jobs].",
         ),
         click.option(
-            "--namespace", default="orchestrator", show_default=True, help="Namespace of the ConfigMap and RayJob."
+            "--namespace", default="orchestrator", help="Namespace of the ConfigMap and RayJob [default: orchestrator]."
         ),
         click.option(
-            "--cluster", default=None, help="Run on this existing RayCluster instead of a new cluster per job."
+            "--cluster",
+            default=None,
+            metavar="NAME",
+            help="Run on this existing RayCluster [default: a new RayCluster for the job, deleted --ttl seconds after it].",
         ),
         click.option(
             "--worker-memory",
@@ -88,7 +97,14 @@ def _render_k8s(job_file: str, overrides: tuple[str, ...], **options: Any) -> li
     return manifests
 
 
-@k8s.command("render")
+@k8s.command(
+    "render",
+    epilog=epilog(
+        "orchestrator k8s render jobs/digits_mlp.yaml checkpoint.storage=s3://bucket/runs > rayjob.yaml",
+        "orchestrator k8s render jobs/cv_digits.yaml --cv --refit --namespace ml",
+        overrides=True,
+    ),
+)
 @job_file_argument
 @overrides_argument
 @k8s_options
@@ -100,7 +116,14 @@ def k8s_render(job_file: str, overrides: tuple[str, ...], **options: Any) -> Non
     click.echo(dump_manifests(_render_k8s(job_file, overrides, **options)), nl=False)
 
 
-@k8s.command("apply")
+@k8s.command(
+    "apply",
+    epilog=epilog(
+        "orchestrator k8s apply jobs/digits_mlp.yaml checkpoint.storage=s3://bucket/runs",
+        "orchestrator k8s apply jobs/digits_mlp.yaml --cluster shared-raycluster --namespace ml",
+        overrides=True,
+    ),
+)
 @job_file_argument
 @overrides_argument
 @k8s_options

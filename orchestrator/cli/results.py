@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.cli import console, friendly_errors, main, plain_cells, print_json
+from orchestrator.cli import console, endpoint_option, epilog, friendly_errors, main, plain_cells, print_json
 from orchestrator.storage import redact
 
 
-@main.command()
+@main.command(
+    epilog=epilog(
+        "orchestrator report runs/digits-mlp                       # writes runs/digits-mlp/report.html",
+        "orchestrator report runs/digits-asha --out sweep.html --force",
+    )
+)
 @click.argument("uri")
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False),
     default=None,
-    help="Write the report to this local file [default: <URI>/report.html].",
+    metavar="FILE",
+    help="Write the report to this local file instead, never one inside a run [default: <URI>/report.html].",
 )
 @click.option("--force", is_flag=True, help="Replace --out if it exists [default: refuse].")
-@click.option("--endpoint-url", default=None, help="S3-compatible endpoint of the URI [default: $AWS_ENDPOINT_URL].")
+@endpoint_option
 @click.option("--json", "as_json", is_flag=True, help='Print {"report": where it went} as JSON.')
 @friendly_errors
 def report(uri: str, out: str | None, force: bool, endpoint_url: str | None, as_json: bool) -> None:
-    """Write the offline HTML report (plots, settings, provenance) of a run or a sweep."""
+    """Write the offline HTML report (plots, settings, provenance) of a run, a sweep or a cross-validation."""
     from orchestrator.report import write_report
 
     where = write_report(uri, out=out, endpoint_url=endpoint_url, force=force)
@@ -31,15 +36,16 @@ def report(uri: str, out: str | None, force: bool, endpoint_url: str | None, as_
         click.echo(f"wrote {redact(where)}")
 
 
-@main.command()
-@click.argument("storage_uri", required=False, default="runs", metavar="[STORAGE]")
-@click.option(
-    "--endpoint-url", default=None, help="S3-compatible endpoint of the storage [default: $AWS_ENDPOINT_URL]."
+@main.command(
+    epilog=epilog("orchestrator runs", "orchestrator runs s3://bucket/runs --endpoint-url http://minio:9000 --json")
+    + "\n\nSTORAGE is a job's checkpoint.storage: a local directory or s3://bucket/prefix [default: runs]."
 )
+@click.argument("storage_uri", required=False, default="runs", metavar="[STORAGE]")
+@endpoint_option
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON.")
 @friendly_errors
 def runs(storage_uri: str, endpoint_url: str | None, as_json: bool) -> None:
-    """List the runs and sweeps under a storage (default: runs), newest first."""
+    """List the runs, sweeps and cross-validations under a storage, newest first."""
     from orchestrator.report import list_runs
 
     found = list_runs(storage_uri, endpoint_url)

@@ -6,7 +6,17 @@ import sys
 
 import click
 
-from orchestrator.cli import console, friendly_errors, job_file_argument, main, overrides_argument, print_json
+from orchestrator.cli import (
+    console,
+    dashboard_address_option,
+    epilog,
+    friendly_errors,
+    job_file_argument,
+    main,
+    overrides_argument,
+    print_json,
+    ray_address_option,
+)
 from orchestrator.errors import BadInput
 
 # How a sweep or cv submitted to a cluster hands its result back: its human output, then one result line (hidden option:
@@ -20,16 +30,18 @@ def print_result_line(result: dict) -> None:
     click.echo(result_line(result))
 
 
-@main.command()
+@main.command(
+    epilog=epilog(
+        "orchestrator sweep jobs/sweep_digits_asha.yaml",
+        "orchestrator sweep jobs/sweep_digits_lr.yaml sweep.num_samples=4 --json",
+        "orchestrator sweep jobs/sweep_digits_asha.yaml --address http://HOST:8265     # on a cluster, followed here",
+        overrides=True,
+    )
+)
 @click.argument("sweep_file", type=click.Path(dir_okay=False))
 @overrides_argument
-@click.option(
-    "--address",
-    envvar="ORCHESTRATOR_RAY_ADDRESS",
-    default=None,
-    help="A cluster's dashboard (http://HOST:8265): submit the sweep there through the Jobs API and follow it; "
-    "or Ray itself (auto, HOST:PORT): run the trials there from this process.",
-)
+@dashboard_address_option("the sweep")
+@ray_address_option
 @click.option("--fresh", is_flag=True, help="Start a new sweep under a new name instead of continuing this one.")
 @click.option(
     "--best-out",
@@ -50,6 +62,7 @@ def sweep(
     sweep_file: str,
     overrides: tuple[str, ...],
     address: str | None,
+    ray_address: str | None,
     fresh: bool,
     best_out: str | None,
     verbose: bool,
@@ -58,22 +71,26 @@ def sweep(
 ) -> None:
     """Sweep hyper-parameters of a job with Ray Tune (its `sweep` section); rerun to continue an interrupted sweep."""
     from orchestrator.runrecord import RunStatus
-    from orchestrator.sweep import format_result, is_dashboard_address, load_sweep, run_sweep, submit_sweep
+    from orchestrator.sweep import format_result, load_sweep, run_sweep, submit_sweep
 
     job = load_sweep(sweep_file, list(overrides), fresh=fresh)
-    if is_dashboard_address(address):
-        if best_out or verbose:
+    if address is not None:
+        if best_out or verbose or ray_address:
             raise BadInput(
-                "--best-out and --verbose apply to a sweep run from here; a submitted sweep writes <sweep>/best.yaml on its storage"
+                "--best-out, --verbose and --ray-address apply to a sweep run from here; a submitted sweep writes "
+                "<sweep>/best.yaml on its storage"
             )
         # A fresh name is decided here, once: the cluster must not pick another one.
         pinned = list(overrides) + ([f"sweep.name={job.name}"] if fresh else [])
         result = submit_sweep(job, pinned, address, out=sys.stderr if as_json else sys.stdout)
     else:
-        result = run_sweep(job, address=address, best_out=best_out, quiet=as_json, verbose=verbose)
+        from orchestrator.environment import require_packages
+
+        require_packages()
+        result = run_sweep(job, address=ray_address, best_out=best_out, quiet=as_json, verbose=verbose)
     if as_json:
         print_json(result)
-    elif not is_dashboard_address(address):  # a submitted sweep's table came with its logs
+    elif address is None:  # a submitted sweep's table came with its logs
         table, text = format_result(result)
         console().print(table)
         click.echo(text)
@@ -83,16 +100,18 @@ def sweep(
         sys.exit(1)
 
 
-@main.command()
+@main.command(
+    epilog=epilog(
+        "orchestrator cv jobs/cv_digits.yaml",
+        "orchestrator cv jobs/digits_mlp.yaml data.folds=5 --refit",
+        "orchestrator cv jobs/cv_digits.yaml --address http://HOST:8265     # on a cluster, followed here",
+        overrides=True,
+    )
+)
 @job_file_argument
 @overrides_argument
-@click.option(
-    "--address",
-    envvar="ORCHESTRATOR_RAY_ADDRESS",
-    default=None,
-    help="A cluster's dashboard (http://HOST:8265): submit the cross-validation there through the Jobs API and follow it; "
-    "or Ray itself (auto, HOST:PORT): run the folds there from this process [default: a Ray already up on this machine, else a new embedded one].",
-)
+@dashboard_address_option("the cross-validation")
+@ray_address_option
 @click.option(
     "--fresh", is_flag=True, help="Start a new cross-validation under a new name instead of continuing this one."
 )
@@ -114,6 +133,7 @@ def cv(
     job_file: str,
     overrides: tuple[str, ...],
     address: str | None,
+    ray_address: str | None,
     fresh: bool,
     refit: bool,
     verbose: bool,
@@ -123,24 +143,27 @@ def cv(
     """K-fold cross-validation of a job (data.folds folds, in parallel): each fold's best, mean, std, 95% CI; rerun to continue."""
     from orchestrator.cv import format_cv, load_cv, run_cv
     from orchestrator.runrecord import RunStatus
-    from orchestrator.sweep import is_dashboard_address
 
-    if is_dashboard_address(address):
+    if address is not None:
         from orchestrator.cv import submit_cv
 
-        if verbose:
+        if verbose or ray_address:
             raise BadInput(
-                "--verbose applies to a cross-validation run from here; `orchestrator logs` shows a submitted one's"
+                "--verbose and --ray-address apply to a cross-validation run from here; `orchestrator logs` shows a "
+                "submitted one's"
             )
         result = submit_cv(
             job_file, list(overrides), address, fresh=fresh, refit=refit, out=sys.stderr if as_json else sys.stdout
         )
     else:
+        from orchestrator.environment import require_packages
+
+        require_packages()
         job = load_cv(job_file, list(overrides), fresh=fresh)
-        result = run_cv(job, address=address, quiet=as_json, verbose=verbose, refit=refit)
+        result = run_cv(job, address=ray_address, quiet=as_json, verbose=verbose, refit=refit)
     if as_json:
         print_json(result)
-    elif not is_dashboard_address(address):  # a submitted cross-validation's table came with its logs
+    elif address is None:  # a submitted cross-validation's table came with its logs
         table, text = format_cv(result)
         console().print(table)
         click.echo(text)

@@ -3,7 +3,7 @@
 Render, then act: `build_submission` turns a JobSpec and its directory into the Jobs API request
 (entrypoint, runtime environment, metadata); `RayJobsBackend` is the thin client that sends it.
 The entrypoint re-runs the original job file with the same overrides (`python -m orchestrator run
-FILE k=v ... --address auto`) from the job file's directory, so user code and relative data paths
+FILE k=v ... --ray-address auto`) from the job file's directory, so user code and relative data paths
 resolve on the cluster exactly as they do on the laptop.
 
 package: what of the job's directory ships; submission: the request and its checks; backend: the
@@ -17,6 +17,7 @@ from orchestrator.cluster.backend import (
     METADATA_STORAGE,
     SUBMISSION_ID_RE,
     TERMINAL,
+    NoSuchJob,
     RayJobsBackend,
     Token,
     default_token_path,
@@ -37,6 +38,7 @@ from orchestrator.cluster.package import (
 from orchestrator.cluster.show import (
     RESULT_MARKER,
     ResultFilter,
+    failure_reason,
     follow_to_end,
     format_jobs,
     format_status,
@@ -59,6 +61,7 @@ __all__ = [
     "SECRET_PATTERNS",
     "SUBMISSION_ID_RE",
     "TERMINAL",
+    "NoSuchJob",
     "PackagePlan",
     "RayJobsBackend",
     "ResultFilter",
@@ -66,6 +69,7 @@ __all__ = [
     "build_submission",
     "check_user_code",
     "default_token_path",
+    "failure_reason",
     "find_token",
     "follow_to_end",
     "format_jobs",

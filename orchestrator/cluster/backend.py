@@ -33,6 +33,10 @@ SUBMISSION_ID_RE = re.compile(r"^[^\s/?#]{1,200}$")
 # Address and token
 
 
+class NoSuchJob(BadInput):
+    """The cluster has no job by that id (exit 2, like any input that names nothing)."""
+
+
 def resolve_address(address: str | None, env: dict[str, str] | None = None) -> str:
     """The dashboard URL: --address, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS, with http:// and the port filled in."""
     env = os.environ if env is None else env
@@ -217,9 +221,11 @@ class RayJobsBackend:
         except Exception as exc:
             text = redact(str(exc), self.token)
             if "status code 404" in text or "does not exist" in text:
-                raise BadInput(
+                raise NoSuchJob(
                     f"{what}: no such job on {self.address}; `orchestrator list --address {self.address}` shows the jobs"
                 ) from None
+            if "already exists" in text:
+                raise BadInput(f"{what}: {self.address} already has a job with this id; choose another") from None
             if type(exc).__name__ == "AuthenticationError":
                 raise BadInput(f"{self.address}: {text.splitlines()[0]}") from None
             raise RunFailed(f"{what}: {text.strip().splitlines()[0] if text.strip() else type(exc).__name__}") from None
@@ -232,6 +238,20 @@ class RayJobsBackend:
         except (ValueError, KeyError, TypeError):
             return None
         return sum(1 for n in nodes if n.get("state") == "ALIVE")
+
+    def total_resources(self) -> dict[str, float]:
+        """CPU, GPU, memory, ... summed over the cluster's alive nodes; empty when the state API does not say."""
+        r = self._get("/api/v0/nodes?limit=10000&detail=true")
+        try:
+            nodes = r.json()["data"]["result"]["result"]
+        except (ValueError, KeyError, TypeError):
+            return {}
+        total: dict[str, float] = {}
+        for node in nodes:
+            if node.get("state") == "ALIVE":
+                for name, amount in (node.get("resources_total") or {}).items():
+                    total[name] = total.get(name, 0) + amount
+        return total
 
     # -- the verbs ----------------------------------------------------------------------------
 
@@ -259,6 +279,28 @@ class RayJobsBackend:
         """One job as plain data: id, status, message, times, entrypoint, run name."""
         self._job_id(job_id)
         return job_to_dict(self._call(job_id, self.client.get_job_info, job_id))
+
+    def find(self, job_or_run: str) -> dict[str, Any]:
+        """The job with this submission id, else the newest job of the run of this name; NoSuchJob if neither."""
+        try:
+            return self.status(job_or_run)
+        except NoSuchJob:
+            pass
+        of_run = [j for j in self.list() if j.get("run") == job_or_run]  # newest first
+        if not of_run:
+            raise NoSuchJob(
+                f"{job_or_run}: no job with this id or run name on {self.address}; "
+                f"`orchestrator list --address {self.address}` shows the jobs"
+            )
+        return of_run[0]
+
+    def exists(self, job_id: str) -> bool:
+        """Whether the cluster has a job with this submission id."""
+        try:
+            self.status(job_id)
+        except NoSuchJob:
+            return False
+        return True
 
     def logs(self, job_id: str) -> str:
         """Everything the job's driver has printed so far."""

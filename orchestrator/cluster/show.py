@@ -107,8 +107,16 @@ def _duration(job: dict[str, Any]) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def format_status(job: dict[str, Any]) -> str:
-    """A job as a person reads it: what, how it stands, since when, why it ended, what to do next."""
+def failure_reason(job: dict[str, Any], logs: str | None = None) -> str | None:
+    """Why a job failed when it is not the run's own doing: the cluster's Python lacks a package (the line the
+    entrypoint printed, orchestrator.environment); None when the logs do not say so."""
+    from orchestrator.environment import find_missing_package
+
+    return find_missing_package("\n".join([job.get("message") or "", logs or ""]))
+
+
+def format_status(job: dict[str, Any], reason: str | None = None) -> str:
+    """A job as a person reads it: what, how it stands, since when, why it ended (`reason`, when known), what to do next."""
     lines = [
         f"{job['submission_id']}  {job['status']}  ({'ran' if job.get('end_time') else 'running for'} {_duration(job)})"
     ]
@@ -121,8 +129,15 @@ def format_status(job: dict[str, Any]) -> str:
     if job.get("message"):
         message = job["message"].strip().splitlines()
         lines.append(f"  message:  {message[0]}" + (" ..." if len(message) > 1 else ""))
+    if reason:
+        lines.append(f"  why:      {reason}")
     lines.append(f"  command:  {job.get('entrypoint')}")
-    if job["status"] == "FAILED" and job.get("run"):
+    if job["status"] == "FAILED" and reason:
+        lines.append(
+            "  next:     install what is missing in the cluster's Python (`orchestrator doctor --address URL` checks it); "
+            "until then a resubmission fails the same way"
+        )
+    elif job["status"] == "FAILED" and job.get("run"):
         lines.append(
             f"  next:     `orchestrator logs {job['submission_id']}` shows why; submitting the job again resumes run {job['run']} from its last checkpoint"
         )

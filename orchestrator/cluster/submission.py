@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.cluster.backend import METADATA_JOB_FILE, METADATA_RUN, METADATA_STORAGE, RayJobsBackend
+from orchestrator.cluster.backend import (
+    METADATA_JOB_FILE,
+    METADATA_RUN,
+    METADATA_STORAGE,
+    SUBMISSION_ID_RE,
+    RayJobsBackend,
+)
 from orchestrator.cluster.package import (
     DEFAULT_EXCLUDES,
     MAX_FILE_BYTES,
@@ -141,7 +147,7 @@ def build_submission(
     patterns = _package_patterns(spec, job_dir, excludes)
     plan = plan_package(job_dir, patterns, max_file_bytes, includes)
     _check_package(spec, job_path, plan, max_package_bytes, max_file_bytes)
-    words = ["python", "-m", "orchestrator", "run", job_path.name, *overrides, "--address", "auto", "--json"] + (
+    words = ["python", "-m", "orchestrator", "run", job_path.name, *overrides, "--ray-address", "auto", "--json"] + (
         ["--fresh"] if fresh else []
     )
     return {
@@ -179,9 +185,14 @@ def check_user_code(spec: JobSpec, job_dir: str | Path) -> None:
 def prepare_submission(job_file: str, overrides: list[str], backend: RayJobsBackend, **options: Any) -> dict[str, Any]:
     """Validate everything a submission needs (file, package, user code, cluster, token) and render it; submits nothing."""
     spec = load_spec(job_file, overrides)
+    job_id = options.get("submission_id")
+    if job_id is not None and not SUBMISSION_ID_RE.match(job_id):
+        raise BadInput(f"--job-id {job_id!r}: a job id is 1 to 200 characters without spaces, '/', '?' or '#'")
     submission = build_submission(spec, job_file, overrides, **options)
     check_user_code(spec, Path(job_file).resolve().parent)
     backend.check()
+    if job_id is not None and backend.exists(job_id):
+        raise BadInput(f"--job-id {job_id}: {backend.address} already has a job with this id; choose another")
     if storage.split_uri(spec.checkpoint.storage)[0] == "file":
         nodes = backend.alive_nodes()
         if nodes and nodes > 1:

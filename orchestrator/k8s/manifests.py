@@ -40,8 +40,8 @@ from orchestrator.spec import JobSpec, load_spec
 DEFAULT_NAMESPACE = "orchestrator"
 # Kubernetes refuses a ConfigMap over 1 MiB (its whole object); leave room for the metadata.
 MAX_CONFIGMAP_BYTES = 1024 * 1024 - 16 * 1024
-# RAY_ADDRESS is set by Ray's job supervisor; `--address auto` makes the driver attach to it.
-ENTRYPOINT = f"python -m orchestrator run {JOB_FILE} --address auto --json"
+# RAY_ADDRESS is set by Ray's job supervisor; `--ray-address auto` makes the driver attach to it.
+ENTRYPOINT = f"python -m orchestrator run {JOB_FILE} --ray-address auto --json"
 # The commands a RayJob can run on the job file: one run, or its k-fold cross-validation (`orchestrator cv`).
 COMMANDS = ("run", "cv")
 DEFAULT_TTL_SECONDS = 600
@@ -130,7 +130,7 @@ def _job_identity(
         # A run and a cv of the same job are different jobs: their own names (a run's stay as they were).
         fingerprint += f"\ncv{' --refit' if refit else ''}"
         run_name = f"{spec.name}-cv"  # where the cluster's `orchestrator cv` keeps it (cv.load_cv)
-        entrypoint = f"python -m orchestrator cv {JOB_FILE} --address auto --json" + (" --refit" if refit else "")
+        entrypoint = f"python -m orchestrator cv {JOB_FILE} --ray-address auto --json" + (" --refit" if refit else "")
     return job_resource_name(spec, fingerprint, run_name), run_name, entrypoint
 
 

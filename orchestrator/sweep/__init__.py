@@ -16,7 +16,7 @@ from orchestrator.sweep.load import SweepJob, load_sweep, trial_spec
 from orchestrator.sweep.run import run_sweep
 from orchestrator.sweep.schedulers import build_scheduler, build_search, trial_resources
 from orchestrator.sweep.space import build_param_space
-from orchestrator.sweep.submit import build_sweep_submission, is_dashboard_address, submit_sweep
+from orchestrator.sweep.submit import build_sweep_submission, submit_sweep
 
 __all__ = [
     "SweepJob",
@@ -25,7 +25,6 @@ __all__ = [
     "build_search",
     "build_sweep_submission",
     "format_result",
-    "is_dashboard_address",
     "load_sweep",
     "run_sweep",
     "submit_sweep",

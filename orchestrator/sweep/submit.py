@@ -12,11 +12,6 @@ from orchestrator.errors import BadInput, RunFailed
 from orchestrator.sweep.load import SweepJob
 
 
-def is_dashboard_address(address: str | None) -> bool:
-    """Whether --address names a cluster's dashboard (submit through the Jobs API) rather than Ray itself (attach)."""
-    return bool(address) and address.startswith(("http://", "https://"))
-
-
 def build_sweep_submission(
     sweep: SweepJob, overrides: list[str] | tuple[str, ...] = (), command: str = "sweep", flags: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -38,7 +33,7 @@ def build_sweep_submission(
         sweep_path.name,
         *overrides,
         *flags,
-        "--address",
+        "--ray-address",
         "auto",
         # Its table in the logs for a person, its result on one line for this process (which `logs` leaves out).
         "--result-line",
