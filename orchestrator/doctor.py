@@ -38,7 +38,7 @@ class Check:
     detail: str
 
     def line(self) -> str:
-        return f"{self.status:<5} {self.name:<16} {self.detail}"
+        return f"{self.status:<5} {self.name:<21} {self.detail}"  # at least two spaces after a name
 
 
 def requirements() -> dict[str, str]:
@@ -192,10 +192,13 @@ def job_checks(spec, gpus: int | None, where: str = "here") -> list[Check]:
         checks.append(Check("storage", OK, f"{storage.redact(uri)} is writable from this machine"))
     if spec.scaling.use_gpu:
         need = max(1, spec.scaling.max_workers) * (spec.scaling.gpus_per_worker or 1)
-        if gpus is not None and gpus < need:
-            checks.append(Check("job GPUs", FAIL, f"scaling.use_gpu: the job needs {need:g} GPUs, {where} has {gpus}"))
-        else:
-            checks.append(Check("job GPUs", OK, f"the job needs {need:g} GPUs, {where} has {gpus}"))
+        said = f"the job needs {need:g} GPU{'' if need == 1 else 's'}, {where} has {gpus}"
+        if gpus is None or gpus >= need:
+            checks.append(Check("job GPUs", OK, said))
+        elif where == "here":
+            checks.append(Check("job GPUs", FAIL, f"scaling.use_gpu: {said}"))
+        else:  # an autoscaling cluster starts GPU nodes when a job asks for them
+            checks.append(Check("job GPUs", NOTE, f"scaling.use_gpu: {said} now (unless it adds GPU nodes on demand)"))
     return checks
 
 
@@ -224,11 +227,20 @@ def cluster_checks(address: str | None, spec=None, here: dict[str, Any] | None =
             _minor(probe["python"]),
             _minor(here["python"]),
             FAIL,
-            "Ray needs the same Python minor version on both sides",
+            "attaching from here (--ray-address) needs the same Python minor version",
             f"{probe['python']} at {probe['executable']}",
         )
     )
     checks.append(packages_check("cluster packages", probe["versions"], requirements(), probe["executable"]))
+    installed = probe["versions"].get("orchestrator")
+    checks.append(
+        Check(
+            "cluster orchestrator",
+            OK if installed == __version__ else NOTE,
+            f"submit ships this copy ({__version__}) with each job; the cluster has "
+            + (f"{installed} installed" if installed else "none installed"),
+        )
+    )
     if probe["versions"].get("torch"):
         checks.append(_same("cluster torch", probe["versions"]["torch"], here["versions"].get("torch"), NOTE, ""))
     resources = backend.total_resources()
@@ -268,7 +280,7 @@ def run_probe(backend, spec=None, timeout: float = PROBE_TIMEOUT_S) -> dict[str,
     paths = []
     if spec is not None and storage.split_uri(spec.checkpoint.storage)[0] == "file":
         paths.append(storage.split_uri(spec.checkpoint.storage)[1])
-    asked = json.dumps({"distributions": list(requirements()), "paths": paths})
+    asked = json.dumps({"distributions": [*requirements(), "orchestrator"], "paths": paths})
     job_id = f"orchestrator-doctor-{secrets.token_hex(3)}"
     backend.submit(
         {

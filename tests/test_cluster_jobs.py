@@ -245,7 +245,8 @@ def test_a_submitted_cv_shows_its_table_once_and_neither_it_nor_its_logs_a_json_
 
 def checks_of(out) -> dict[str, tuple[str, str]]:
     """`orchestrator doctor`'s lines: check name -> (status, detail)."""
-    return {line[6:22].strip(): (line[:5].strip(), line[23:]) for line in out.stdout.splitlines()}
+    found = [re.match(r"^(\S+) +(.+?)  +(.*)$", line) for line in out.stdout.splitlines()]
+    return {m[2]: (m[1], m[3]) for m in found}
 
 
 def test_doctor_checks_the_cluster_by_a_probe_job_its_python_runs(head, job_dir):
@@ -257,6 +258,10 @@ def test_doctor_checks_the_cluster_by_a_probe_job_its_python_runs(head, job_dir)
     assert checks["cluster"][1].startswith(f"{head.dashboard_url} answers, token from RAY_AUTH_TOKEN_PATH")
     assert checks["cluster python"][1] == f"{sys.version.split()[0]} at {sys.executable}, as here"
     assert checks["cluster GPUs"] == ("note", "0 in the cluster")
+    assert checks["cluster orchestrator"] == (
+        "ok",
+        "submit ships this copy (0.1.0) with each job; the cluster has 0.1.0 installed",
+    )
     assert checks["storage"][0] == "ok"  # the job's storage, a local path: writable here, and there (one machine)
     # The probe is a job like any: listed, with its own id, succeeded.
     probes = [

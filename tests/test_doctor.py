@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def doctor(*args, env=None, timeout=300):
 
 
 def checks_of(out) -> dict[str, tuple[str, str]]:
-    return {line[6:22].strip(): (line[:5].strip(), line[23:]) for line in out.stdout.splitlines()}
+    found = [re.match(r"^(\S+) +(.+?)  +(.*)$", line) for line in out.stdout.splitlines()]
+    return {m[2]: (m[1], m[3]) for m in found}
 
 
 def test_doctor_checks_this_machine_one_line_each(tmp_path):
@@ -42,7 +44,7 @@ def test_doctor_checks_this_machine_one_line_each(tmp_path):
     assert checks["GPUs"]["status"] in ("ok", "note") and checks["Ray token"]["status"] == "note"
     plain = doctor(env={"RAY_AUTH_TOKEN": "t0ken", "HOME": str(tmp_path)})
     assert checks_of(plain)["Ray token"] == ("ok", "token from RAY_AUTH_TOKEN") and "t0ken" not in plain.stdout
-    assert all(len(line) > 23 for line in plain.stdout.splitlines())
+    assert all(re.match(r"^(ok|note|FAIL) +\S.*?  +\S", line) for line in plain.stdout.splitlines()), plain.stdout
 
 
 def test_doctor_with_a_job_checks_its_storage_and_its_gpus_and_fails_on_either(tmp_path):
@@ -60,7 +62,7 @@ def test_doctor_with_a_job_checks_its_storage_and_its_gpus_and_fails_on_either(t
     gpus = doctor(str(job), f"checkpoint.storage={tmp_path / 'runs'}", "scaling.use_gpu=true")
     if checks_of(gpus)["GPUs"][0] == "note":  # a machine without GPUs (this one; a GPU machine has them)
         assert gpus.returncode == 1
-        assert checks_of(gpus)["job GPUs"] == ("FAIL", "scaling.use_gpu: the job needs 1 GPUs, here has 0")
+        assert checks_of(gpus)["job GPUs"] == ("FAIL", "scaling.use_gpu: the job needs 1 GPU, here has 0")
     bad_input = doctor(str(job), "train.epochs=0")
     assert bad_input.returncode == 2 and bad_input.stderr.startswith("error: train.epochs:")
 
