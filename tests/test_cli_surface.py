@@ -14,7 +14,7 @@ import pytest
 from commands import run_command
 from python_envs import python_without
 
-from orchestrator.cli import OVERRIDES_HELP, SECTIONS, main
+from orchestrator.cli.common import OVERRIDES_HELP, SECTIONS, main
 from orchestrator.environment import REQUIRED_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from orchestrator.cli import (
+from orchestrator.cli.common import (
     console,
     epilog,
     friendly_errors,

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from orchestrator.cli import epilog, friendly_errors, main, overrides_argument, print_json
+from orchestrator.cli.common import epilog, friendly_errors, main, overrides_argument, print_json
 
 
 @main.command(

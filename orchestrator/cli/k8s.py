@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from orchestrator.cli import CONTEXT, epilog, friendly_errors, job_file_argument, main, overrides_argument
+from orchestrator.cli.common import CONTEXT, epilog, friendly_errors, job_file_argument, main, overrides_argument
 
 
 @main.group(

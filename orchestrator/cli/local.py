@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from orchestrator.cli import (
+from orchestrator.cli.common import (
     console,
     dashboard_address_option,
     endpoint_option,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.cli import console, endpoint_option, epilog, friendly_errors, main, plain_cells, print_json
+from orchestrator.cli.common import console, endpoint_option, epilog, friendly_errors, main, plain_cells, print_json
 from orchestrator.storage import redact
 
 
