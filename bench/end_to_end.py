@@ -13,7 +13,7 @@ Everything is written under a temporary checkpoint.storage, never into runs/.
 
 The `worker_up`, `fifo_up` and `asha_up` cases run the same commands while a local Ray is already up
 (`ray start --head`, as docs/cluster.md suggests for repeated runs): the benchmark starts it before them and
-stops it after, in each round, and that start is not timed. The other cases pass `--address local`, so
+stops it after, in each round, and that start is not timed. The other cases pass `--ray-address local`, so
 they always start their own embedded Ray.
 
 Usage: python bench/end_to_end.py [--repeat N] [--only plain,local,worker,fifo,asha,...] [--json] [KEY=VALUE ...]
