@@ -21,11 +21,11 @@ sweep's submission with `orchestrator cv` as its entrypoint); `orchestrator k8s 
 from __future__ import annotations
 
 import copy
-import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from orchestrator.aggregate import aggregate, fold_metrics, is_number, metric_mode
 from orchestrator.errors import BadInput
 from orchestrator.rundir import REPORT, RunDir, run_uri_for
 from orchestrator.runrecord import RunRecord, RunStatus
@@ -34,24 +34,6 @@ from orchestrator.sweep.load import SweepJob
 
 CV_RECORD = "cv.json"
 FOLD_FIELD = "data.fold"
-
-# Two-sided 95% quantiles of Student's t (0.975) for 1..30 degrees of freedom: k-fold with k <= 31 needs no scipy.
-T_975 = (
-    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
-    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
-    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
-)  # fmt: skip
-
-
-def t_quantile_975(df: int) -> float:
-    """Student's t 0.975 quantile with `df` degrees of freedom (the half-width factor of a two-sided 95% interval)."""
-    if df < 1:
-        raise ValueError("a t quantile needs at least one degree of freedom")
-    if df <= len(T_975):
-        return T_975[df - 1]
-    from scipy.stats import t  # scikit-learn's dependency; only past the table
-
-    return float(t.ppf(0.975, df))
 
 
 def load_cv(path: str, overrides: list[str] | None = None, fresh: bool = False) -> SweepJob:
@@ -114,7 +96,7 @@ def run_cv(
         done["cv"] = {**write_cv(cv, result), "already_finished": True}
     out = done["cv"]
     if refit and out["status"] == RunStatus.FINISHED:
-        from orchestrator.launch import write_report_safely
+        from orchestrator.report import write_report_safely
 
         out["refit"] = run_refit(cv, out, address, quiet)
         home = RunDir.open(cv.uri, cv.endpoint)
@@ -186,36 +168,8 @@ def run_refit(cv: SweepJob, cv_result: dict[str, Any], address: str | None, quie
         "steps": summary.steps,
         # The result of the cross-validation as a model: the refit's last checkpoint, the one evaluated on the test split.
         "checkpoint": (test.checkpoint if test else None) or summary.checkpoint,
-        "test": {k: v for k, v in (test.metrics if test else {}).items() if _number(v)},
+        "test": {k: v for k, v in (test.metrics if test else {}).items() if is_number(v)},
     }
-
-
-def fold_metrics(run: RunDir) -> dict[str, dict[str, Any]]:
-    """Each validation metric of a fold run: its best value over the run's validations (metrics.jsonl) and the step it came at."""
-    best: dict[str, dict[str, Any]] = {}
-    for entry in run.read_metrics():
-        if entry.get("split") != "val":
-            continue
-        for key, value in entry.items():
-            mode = _mode(key)
-            if not key.startswith("val_") or not _number(value) or mode is None:
-                continue
-            held = best.get(key)
-            if held is None or (value > held["best"] if mode == "max" else value < held["best"]):
-                best[key] = {"best": float(value), "step": entry.get("step"), "epoch": entry.get("epoch")}
-    return best
-
-
-def aggregate(values: list[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation and the 95% confidence interval of the mean (Student's t over the folds)."""
-    n = len(values)
-    mean = sum(values) / n
-    out: dict[str, Any] = {"n": n, "mean": mean, "std": None, "ci95": None, "values": values}
-    if n >= 2:
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-        half = t_quantile_975(n - 1) * std / math.sqrt(n)
-        out.update(std=std, ci95=[mean - half, mean + half])
-    return out
 
 
 def summarize_folds(cv: SweepJob, sweep_result: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +189,7 @@ def summarize_folds(cv: SweepJob, sweep_result: dict[str, Any]) -> dict[str, Any
                 "steps": summary.steps if summary else None,
                 "checkpoint": summary.checkpoint if summary else None,
                 "metrics": fold_metrics(run) if record else {},
-                "test": {k: v for k, v in test.items() if _number(v)},
+                "test": {k: v for k, v in test.items() if is_number(v)},
             }
         )
     names = sorted({k for f in folds for k in f["metrics"]})
@@ -244,7 +198,7 @@ def summarize_folds(cv: SweepJob, sweep_result: dict[str, Any]) -> dict[str, Any
         scored = [f for f in folds if name in f["metrics"]]
         metrics[name] = {
             **aggregate([f["metrics"][name]["best"] for f in scored]),
-            "mode": _mode(name),
+            "mode": metric_mode(name),
             "best_step": aggregate([float(f["metrics"][name]["step"]) for f in scored])["mean"],
         }
     test_names = sorted({k for f in folds for k in f["test"]})
@@ -271,7 +225,7 @@ def summarize_folds(cv: SweepJob, sweep_result: dict[str, Any]) -> dict[str, Any
 
 def write_cv(cv: SweepJob, sweep_result: dict[str, Any]) -> dict[str, Any]:
     """Aggregate the folds and write cv.json, then its report (`<cv>/report.html`); return cv.json's content."""
-    from orchestrator.launch import write_report_safely  # the report's figures: only once the folds are done
+    from orchestrator.report import write_report_safely  # the report's figures: only once the folds are done
 
     home = RunDir.open(cv.uri, cv.endpoint)
     out = {**summarize_folds(cv, sweep_result), "report": home.uri_of(REPORT)}
@@ -290,7 +244,7 @@ def tracked_metrics(cv_result: dict[str, Any]) -> dict[str, float]:
             if agg["std"] is not None:
                 out[f"cv_{name}_std"] = agg["std"]
                 out[f"cv_{name}_ci95_low"], out[f"cv_{name}_ci95_high"] = agg["ci95"]
-    return {k: float(v) for k, v in out.items() if _number(v)}
+    return {k: float(v) for k, v in out.items() if is_number(v)}
 
 
 def format_cv(result: dict[str, Any]):
@@ -310,7 +264,7 @@ def format_cv(result: dict[str, Any]):
         table.add_row(name, *cells, *_summary_cells(agg))
     lines = [
         f"{result['status']}: cv {result['cv']}  {result['folds_count']} folds  {result['total_steps']} steps"
-        + (f"  wall {result['wall_s']:.1f}s" if _number(result.get("wall_s")) else ""),
+        + (f"  wall {result['wall_s']:.1f}s" if is_number(result.get("wall_s")) else ""),
         "  val_*: each fold's best validation value @ its step; test_*: each fold's best checkpoint on the test split",
         f"  record: {result['cv_uri']}/{CV_RECORD}",
         *([f"  report: {result['report']}"] if result.get("report") else []),
@@ -335,16 +289,3 @@ def _summary_cells(agg: dict[str, Any]) -> list[str]:
         return [f"{agg['mean']:.4f}", "-", "-"]
     low, high = agg["ci95"]
     return [f"{agg['mean']:.4f}", f"{agg['std']:.4f}", f"[{low:.4f}, {high:.4f}]"]
-
-
-def _mode(metric: str) -> str | None:
-    from orchestrator.metrics import default_mode  # metrics imports torch: not while a cv file is only checked
-
-    try:
-        return default_mode(metric)
-    except ValueError:  # a metric with no direction (a user's): nothing is its best
-        return None
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

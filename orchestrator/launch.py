@@ -23,7 +23,7 @@ from orchestrator.lease import RunLease
 from orchestrator.preflight import preflight
 from orchestrator.provenance import add_placement, collect_provenance
 from orchestrator.ray_runtime import has_one_node, resolve_address, start_ray
-from orchestrator.report import write_report
+from orchestrator.report import write_report_safely
 from orchestrator.rundir import LOG_FILE, REPORT, RUN_RECORD, RunDir, run_uri_for
 from orchestrator.runrecord import RunRecord, RunStatus, RunSummary, summary_from_checkpoints
 from orchestrator.spec import JobSpec
@@ -244,20 +244,6 @@ def _upload_log(local: str, run: RunDir) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.remove(local)
-
-
-def write_report_safely(run: RunDir) -> str | None:
-    """Write `<run>/report.html`; a report that cannot be made is a warning, not a failed run."""
-    try:
-        return write_report(run.uri, endpoint_url=run.endpoint_url)
-    except Exception as exc:
-        log.warning(
-            "report: could not write %s (%s: %s)",
-            run.uri_of(REPORT),
-            type(exc).__name__,
-            str(exc).splitlines()[0] if str(exc) else "",
-        )
-        return None
 
 
 def format_summary(summary: RunSummary) -> str:

@@ -19,7 +19,7 @@ from commands import run_command
 from ray_cluster import MARKER, kill_marked, pids_with_marker
 from test_report import CHROMIUM, open_in_browser
 
-from orchestrator.cv import T_975, aggregate, t_quantile_975
+from orchestrator.aggregate import T_975, aggregate, t_quantile_975
 
 # One xdist worker for the module: its tests share a finished cross-validation and the MLflow server.
 pytestmark = pytest.mark.xdist_group("mlflow")

@@ -254,7 +254,7 @@ def test_a_sweep_scored_by_cross_validation_ranks_its_trials_by_the_mean_of_thei
 
     from rich.console import Console
 
-    from orchestrator.cv import t_quantile_975
+    from orchestrator.aggregate import t_quantile_975
     from orchestrator.report import write_report
     from orchestrator.sweep import format_result
 

@@ -21,6 +21,8 @@ What lives where:
 
 from __future__ import annotations
 
+import logging
+
 from orchestrator import outfile, storage
 from orchestrator.errors import BadInput
 from orchestrator.report.cv_page import render_cv
@@ -40,7 +42,9 @@ from orchestrator.report.read import (
 )
 from orchestrator.report.run_page import render_run
 from orchestrator.report.sweep_page import render_sweep
-from orchestrator.rundir import METRICS, REPORT, RUN_RECORD, TEST_RECORD
+from orchestrator.rundir import METRICS, REPORT, RUN_RECORD, TEST_RECORD, RunDir
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CV_RECORD",
@@ -61,6 +65,7 @@ __all__ = [
     "render_run",
     "render_sweep",
     "write_report",
+    "write_report_safely",
 ]
 
 
@@ -91,3 +96,17 @@ def write_report(uri: str, out: str | None = None, endpoint_url: str | None = No
     home = _open(uri, endpoint_url)
     storage.write_bytes(home.fs, home.path(REPORT), page)
     return home.uri_of(REPORT)
+
+
+def write_report_safely(run: RunDir) -> str | None:
+    """Write `<run>/report.html` at the end of a run, sweep or cv; a report that cannot be made is a warning, not a failure."""
+    try:
+        return write_report(run.uri, endpoint_url=run.endpoint_url)
+    except Exception as exc:
+        log.warning(
+            "report: could not write %s (%s: %s)",
+            run.uri_of(REPORT),
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
+        return None

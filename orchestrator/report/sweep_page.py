@@ -10,6 +10,7 @@ import json
 import math
 from typing import Any
 
+from orchestrator.aggregate import spread_text  # the end-of-sweep table's words for it, not a second format
 from orchestrator.report import charts
 from orchestrator.report.html import (
     PALETTE,
@@ -220,8 +221,6 @@ def _parallel_figure(
 def _trial_rows(sweep: SweepData, params: list[str], link_base: str | None) -> tuple[list[list[Any]], list[str]]:
     """The table of trials, best first: rank, trial (linked to its report), status, settings, scores, steps."""
     metric = sweep.metric
-    from orchestrator.sweep.export import spread_text  # the end-of-sweep table's words for it, not a second format
-
     folds = (sweep.record.get("spec") or {}).get("cv_folds")
     rows = []
     for i, t in enumerate(_ranked(sweep), 1):

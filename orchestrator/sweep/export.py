@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from orchestrator import storage
+from orchestrator.aggregate import aggregate, fold_metrics, fold_runs, spread_text
 from orchestrator.rundir import RunDir
 from orchestrator.runrecord import RunRecord, RunStatus
 from orchestrator.spec import JobSpec, apply_overrides
@@ -100,9 +101,6 @@ def collect_trials(results, sweep: SweepJob) -> list[TrialRow]:
 def cross_validated_row(sweep: SweepJob, trial_id: str, result) -> TrialRow:
     """A trial scored by k-fold cross-validation, from its fold runs' own records: the mean, std and 95% CI of the
     folds' best values of the metric (a trial is scored only when every fold has one), the folds' steps summed."""
-    from orchestrator.cv import aggregate, fold_metrics
-    from orchestrator.sweep.trial import fold_runs
-
     metric = sweep.sweep.metric
     bests: list[float | None] = []
     statuses, steps = [], 0
@@ -129,15 +127,6 @@ def cross_validated_row(sweep: SweepJob, trial_id: str, result) -> TrialRow:
         metric_ci95=agg["ci95"] if agg else None,
         fold_metrics=bests,
     )
-
-
-def spread_text(row: dict[str, Any]) -> str:
-    """A cross-validated trial's spread over its folds: `± std [95% CI]`; empty for a trial of one split."""
-    if not isinstance(row.get("metric_std"), (int, float)):
-        return ""
-    low, high = row.get("metric_ci95") or (None, None)
-    interval = f" [{low:.4f}, {high:.4f}]" if isinstance(low, (int, float)) else ""
-    return f"± {row['metric_std']:.4f}{interval}"
 
 
 def format_trials(rows: list[dict[str, Any]], metric: str):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import storage
+from orchestrator.aggregate import fold_runs
 from orchestrator.errors import BadInput
 from orchestrator.lease import RunLease
 from orchestrator.preflight import preflight
@@ -30,7 +31,7 @@ from orchestrator.sweep.export import TrialRow, collect_trials, write_best_job
 from orchestrator.sweep.load import SweepJob
 from orchestrator.sweep.schedulers import build_scheduler, build_search, trial_resources
 from orchestrator.sweep.space import build_param_space
-from orchestrator.sweep.trial import TrialPlan, fold_runs, trial_dir_name, trial_trainable
+from orchestrator.sweep.trial import TrialPlan, trial_dir_name, trial_trainable
 from orchestrator.tracking import TrackingSession, mlflow_tracking_uri
 
 SWEEP_RECORD = "sweep.json"
@@ -357,7 +358,7 @@ def _finish(
     record.update(status=str(status), ended=datetime.now(timezone.utc).isoformat(), result=result)
     home.write_json(SWEEP_RECORD, record, indent=1)
     if conclude is None:
-        from orchestrator.launch import write_report_safely  # the report's figures: only once the trials are done
+        from orchestrator.report import write_report_safely  # the report's figures: only once the trials are done
 
         if write_report_safely(home) is None:
             result["report"] = None

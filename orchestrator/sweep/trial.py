@@ -21,6 +21,7 @@ import yaml
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
+from orchestrator.aggregate import aggregate, fold_metrics, fold_runs
 from orchestrator.data import check_data
 from orchestrator.provenance import add_placement, collect_provenance
 from orchestrator.rundir import RUN_RECORD, RunDir
@@ -100,16 +101,9 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     train_trial_run(config, plan, trial_id, spec, run, previous, exploited_from)
 
 
-def fold_runs(trial_uri: str, folds: int) -> list[str]:
-    """The fold runs of a trial scored by cross-validation: `<sweep>/<trial id>/fold-<i>`."""
-    return [f"{trial_uri}/fold-{i}" for i in range(folds)]
-
-
 def run_fold_trial(config: dict[str, Any], plan: TrialPlan, trial_id: str) -> dict[str, Any]:
     """A trial scored by k-fold cross-validation: each fold a run in `<trial>/fold-<i>`, one after another (a finished
     fold is kept, an interrupted one resumes); the result Tune ranks by is the folds' mean best validation values."""
-    from orchestrator.cv import aggregate, fold_metrics
-
     assert plan.cv_folds
     folds, steps = [], 0
     for i, uri in enumerate(fold_runs(f"{plan.sweep_uri}/{trial_id}", plan.cv_folds)):
