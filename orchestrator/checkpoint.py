@@ -23,6 +23,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
+from orchestrator.lease import LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,15 @@ def commit_checkpoint(
     files: dict[str, bytes],
     metrics: dict[str, Any],
     train: dict[str, Any] | None = None,
+    guard: Callable[[], None] | None = None,
 ) -> str:
-    """Write the files of a checkpoint, then its manifest last (with the loop's `train` counters); return the checkpoint path."""
+    """Write the files of a checkpoint, then its manifest last (with the loop's `train` counters); return the checkpoint path.
+
+    `guard` (the run's lease check) runs before the first write and again before the manifest: when it raises,
+    nothing (or nothing visible) is committed.
+    """
+    if guard is not None:
+        guard()
     path = storage.join(run_root, checkpoint_dir_name(step))
     manifest_path = storage.join(path, MANIFEST)
     # A leftover manifest at this step (a checkpoint skipped as corrupt) must not vouch for new files.
@@ -161,6 +169,8 @@ def commit_checkpoint(
         for (name, data), digest in zip(files.items(), results[: len(files)], strict=True)
     }
     manifest = CheckpointManifest(step=step, epoch=epoch, metrics=metrics, files=entries, train=train or {})
+    if guard is not None:
+        guard()
     write_manifest(fs, path, manifest)
     return path
 
@@ -273,8 +283,16 @@ def delete_checkpoints(fs, checkpoints: list[CheckpointInfo]) -> list[str]:
 class CheckpointWriter:
     """Serializes and commits snapshots on a background thread (or inline when not async)."""
 
-    def __init__(self, fs, run_root: str, asynchronous: bool = True, after_commit: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        fs,
+        run_root: str,
+        asynchronous: bool = True,
+        after_commit: Callable[[str], None] | None = None,
+        guard: Callable[[], None] | None = None,
+    ):
         self.fs = fs
+        self.guard = guard
         self.run_root = run_root
         self.asynchronous = asynchronous
         self.after_commit = after_commit
@@ -303,6 +321,8 @@ class CheckpointWriter:
     def _raise_pending_error(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, LeaseLost):
+                raise err  # not an upload that failed: the run must stop, and say why
             raise RuntimeError(f"checkpoint upload failed: {err}") from err
 
     def save(
@@ -320,7 +340,7 @@ class CheckpointWriter:
         """
 
         def job() -> None:
-            path = commit_checkpoint(self.fs, self.run_root, step, epoch, build_files(), metrics, train)
+            path = commit_checkpoint(self.fs, self.run_root, step, epoch, build_files(), metrics, train, self.guard)
             self.last_committed = path
             if self.after_commit:
                 self.after_commit(path)

@@ -15,6 +15,12 @@ the holder, or waits for it (`run --wait-for-lease`).
   it saw, so of two runs taking over at once exactly one wins. Its age is measured on the
   server's clock alone (the object's Last-Modified against the response's Date), so clock skew
   between machines does not matter.
+
+A lease can be lost: a driver stalled past its ttl (paused, cut off) finds on waking that another run took
+over. Two things then keep it from writing beside the new holder. The renewal thread, on its first refused
+renewal, calls the lease's `on_lost` (the driver interrupts its run there). And every checkpoint commit, in
+whatever process or node the loop runs, checks the lease's token in storage before it writes (`check_token`):
+a run whose token is gone commits nothing and ends with `LeaseLost`.
 """
 
 from __future__ import annotations
@@ -97,6 +103,28 @@ class LeaseHeld(BadInput):
         self.holder = holder
 
 
+class LeaseLost(Exception):
+    """This run's lease is someone else's now: nothing more may be written into the run directory."""
+
+    def __init__(self, uri: str, holder: str):
+        super().__init__(uri, holder)
+        self.uri, self.holder = uri, holder
+
+    def __str__(self) -> str:
+        return f"lost the lease on {storage.redact(self.uri)} to another run ({self.holder}); it wrote nothing more"
+
+
+def check_token(lease_uri: str, token: str, endpoint_url: str | None = None) -> None:
+    """Raise LeaseLost unless the lease object at `lease_uri` still names `token` (the writer's check before a commit)."""
+    fs, path = storage.open_storage(lease_uri, endpoint_url)
+    try:
+        holder = Holder.parse(storage.read_bytes(fs, path))
+    except FileNotFoundError:
+        holder = None
+    if holder is None or holder.token != token:
+        raise LeaseLost(lease_uri.rsplit("/", 1)[0], holder.describe() if holder else "none holds it now")
+
+
 class RunLease:
     """The lease on one run directory; `acquire` then `release` (or use it as a context manager)."""
 
@@ -106,6 +134,7 @@ class RunLease:
         self.local = storage.split_uri(uri)[0] == "file"
         self.holder: Holder | None = None
         self.lost = False  # an object-store lease that someone took over while we lived (we could not renew)
+        self.on_lost: Callable[[str], None] | None = None  # told who holds it now, once, from the renewal thread
         self._fd: int | None = None
         self._etag: str | None = None
         self._stop = threading.Event()
@@ -114,6 +143,15 @@ class RunLease:
     @classmethod
     def for_run(cls, run, ttl_s: float = DEFAULT_TTL_S) -> RunLease:
         return cls(run.fs, run.root, run.uri, ttl_s)
+
+    @property
+    def object_uri(self) -> str:
+        """The lease object's URI (the run's `.lease`)."""
+        return f"{self.uri.rstrip('/')}/{LEASE_FILE}"
+
+    def token_ref(self) -> dict[str, Any] | None:
+        """What a loop anywhere needs to check this lease before a commit (`check_token`): picklable plain data."""
+        return {"uri": self.object_uri, "token": self.holder.token} if self.holder else None
 
     def __enter__(self) -> RunLease:
         return self.acquire()
@@ -264,12 +302,22 @@ class RunLease:
                 )
                 self._etag = put["ETag"]
             except Exception as exc:
-                if _precondition_failed(exc):
-                    # Renewals failed for a whole ttl and another run took the lease: say so loudly once.
-                    self.lost = True
-                    log.error("lost the lease on %s to another run", storage.redact(self.uri))
+                if _precondition_failed(exc) or _code(exc) in ("NoSuchKey", "404"):
+                    # Renewals failed for a whole ttl and another run took the lease (and may have ended since).
+                    self._lose(client)
                     return
                 log.warning("could not renew the lease on %s (%s)", storage.redact(self.uri), _code(exc))
+
+    def _lose(self, client) -> None:
+        self.lost = True
+        try:
+            holder = Holder.parse(client.get_object(Bucket=self._bucket, Key=self._key)["Body"].read())
+            who = holder.describe() if holder else "another run"
+        except Exception:  # gone, or unreadable: the loss is what matters
+            who = "another run"
+        log.error("lost the lease on %s to %s", storage.redact(self.uri), who)
+        if self.on_lost is not None:
+            self.on_lost(who)
 
 
 def _code(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ import yaml
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
+from orchestrator.lease import check_token
 from orchestrator.loop.context import LoopContext
 from orchestrator.loop.early_stopping import watched_metric
 from orchestrator.loop.evaluate import all_gather
@@ -31,8 +32,11 @@ class Checkpointer:
 
     def __init__(self, run: RunDir, spec: JobSpec, ctx: LoopContext, parts: Parts):
         self.run, self.spec, self.ctx, self.parts = run, spec, ctx, parts
+        self.guard = _lease_guard(ctx.lease, spec.checkpoint.endpoint_url) if ctx.is_main else None
         self.writer = (
-            ckpt.CheckpointWriter(run.fs, run.root, asynchronous=spec.checkpoint.async_) if ctx.is_main else None
+            ckpt.CheckpointWriter(run.fs, run.root, asynchronous=spec.checkpoint.async_, guard=self.guard)
+            if ctx.is_main
+            else None
         )
 
     def restore(self, say: Callable[[str], None]) -> tuple[TrainState, str | None]:
@@ -117,10 +121,15 @@ class Checkpointer:
         )
 
     def close(self) -> str | None:
-        """Wait for the last upload to commit; the URI of the newest committed checkpoint (rank 0), else None."""
+        """Wait for the last upload to commit; the URI of the newest committed checkpoint (rank 0), else None.
+
+        LeaseLost when another run has taken the run directory: then no more is written (metrics, test record).
+        """
         if self.writer is None:
             return None
         self.writer.close()
+        if self.guard is not None:
+            self.guard()
         if self.writer.last_committed:
             return storage.to_uri(self.run.fs, self.writer.last_committed)
         latest = ckpt.list_checkpoints(self.run.fs, self.run.root)
@@ -131,6 +140,13 @@ class Checkpointer:
         if self.writer is not None:
             with contextlib.suppress(Exception):
                 self.writer.close()
+
+
+def _lease_guard(lease: dict[str, Any] | None, endpoint_url: str | None) -> Callable[[], None] | None:
+    """The check before each commit that the run still holds its lease (lease.check_token), where it has one."""
+    if not lease:
+        return None
+    return lambda: check_token(lease["uri"], lease["token"], endpoint_url)
 
 
 def _cpu_copy(obj: Any) -> Any:

@@ -35,6 +35,8 @@ class LoopContext:
     progress: Callable[[Event], None] | None = None
     # Whether whoever runs the loop wants it to end now (a Tune scheduler that stopped the trial at a report).
     should_stop: Callable[[], bool] = lambda: False
+    # The run's lease as the driver holds it ({"uri", "token"}, lease.RunLease.token_ref): checked before each commit.
+    lease: dict[str, Any] | None = None
     # data.engine=ray: this rank's shard of the train split (anything with `iter_torch_batches`), made by whoever runs the loop.
     train_shard: Any = None
 
