@@ -28,6 +28,7 @@ from typing import Any
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
 from orchestrator.console import marker_progress
+from orchestrator.lease import check_token
 from orchestrator.rundir import RunDir
 from orchestrator.runrecord import RunStatus, RunSummary, test_summary
 
@@ -110,6 +111,8 @@ class ReportRecorder:
             # A resumed loop reports again from its checkpoint's step: the steps after it are written anew.
             kept = [e for e in self.run.read_metrics() if isinstance(e.get("step"), int) and e["step"] <= self.step]
             self.metrics_log = self.run.metrics_log(kept)
+        lease = config.get("lease")  # the run's lease (lease.RunLease.token_ref): checked before rank 0 writes
+        self.guard = (lambda: check_token(lease["uri"], lease["token"], config.get("endpoint_url"))) if lease else None
         self.emit: Callable[[dict[str, Any]], None] = (
             marker_progress() if config.get("events") else (lambda event: print(event["text"], flush=True))
         )
@@ -154,6 +157,8 @@ class ReportRecorder:
         self, metrics: dict[str, Any], name: str | None, local: dict | None, options: dict[str, Any], source: str | None
     ) -> None:
         """Rank 0, after Ray took the report: commit its checkpoint, append its metrics, say it."""
+        if self.guard is not None:
+            self.guard()  # LeaseLost: another run holds the directory now, and nothing more is written there
         epoch = metrics.get("epoch") if isinstance(metrics.get("epoch"), int) else None
         scalars = _scalars(metrics)
         committed = None

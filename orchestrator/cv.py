@@ -68,6 +68,8 @@ def load_cv(path: str, overrides: list[str] | None = None, fresh: bool = False) 
         uri=run_uri_for(spec, name),
         job_file=str(path),
         base_dir=str(Path(path).resolve().parent),
+        kind="cross-validation",
+        name_field="name",
     )
 
 
@@ -78,13 +80,8 @@ def run_cv(
 
     With `refit`, a finished cross-validation is followed by one run on all the non-test data (`refit_job`).
     """
-    from orchestrator.sweep.run import SWEEP_RECORD, run_sweep
+    from orchestrator.sweep.run import run_sweep
 
-    record = RunDir.open(cv.uri, cv.endpoint).read_json(SWEEP_RECORD)
-    if (
-        record and record.get("fingerprint") != cv.fingerprint()
-    ):  # said in cv's words before the sweep says it in its own
-        raise BadInput(f"name: {cv.uri} holds a cross-validation with other settings; use --fresh or another name")
     done: dict[str, Any] = {}
 
     def conclude(result: dict[str, Any]) -> tuple[dict[str, float], list[str]]:

@@ -15,3 +15,10 @@ class RunFailed(Exception):
     """A run that started and then failed: exit 1 with the reason."""
 
     exit_code = 1
+
+
+class StopRequested(BaseException):
+    """Whoever runs the loop asked it to end at this step (a sweep's scheduler stopped the trial): not an error.
+
+    A BaseException, as SystemExit is: no `except Exception` on the way out takes it for a failure.
+    """

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from orchestrator.lease import LeaseLost
 from orchestrator.spec import FailureSpec
 
 # Messages of errors that a dying peer, a lost connection or a storage outage leave in a healthy
@@ -61,8 +62,19 @@ class NonFiniteLoss(RuntimeError):
         return type(self), (self.step, self.value)
 
 
+class JobExited(Exception):
+    """The job's own code called `sys.exit(n)` or `os._exit(n)` in the loop (executor.exits_as_errors): a failed run."""
+
+    def __init__(self, code: int, how: str):
+        super().__init__(code, how)
+        self.code, self.how = code, how
+
+    def __str__(self) -> str:
+        return f"the job's code called {self.how}({self.code})"
+
+
 class TaskException(Exception):
-    """The loop's exception as a run in one task raises it (trainer.one_task_worker), with its traceback as text:
+    """The loop's exception as a run in one task raises it (executor.one_task_worker), with its traceback as text:
     pickling, which takes it to the driver, keeps no traceback. Ray Train's UserExceptionWithTraceback, for a task."""
 
     def __init__(self, exc: BaseException, traceback_str: str):
@@ -100,7 +112,7 @@ def _user_exception(error: BaseException) -> BaseException | None:
     if type(error).__name__ in ("UserExceptionWithTraceback", "TaskException"):
         return getattr(error, "_base_exc", None) or error
     if _task_error(error):
-        return _user_exception(error.cause)  # a plain task's exception (a run in one task, trainer.OneTaskRun)
+        return _user_exception(error.cause)  # a plain task's exception (the task executor: executor.run_in_task)
     if type(error).__module__.startswith("ray."):
         return None  # an actor that died, a health check, a scheduling error: Ray's own
     return error  # local mode: the loop's exception, raised as is
@@ -131,6 +143,10 @@ def decide(error: BaseException, failures: int, config: FailureSpec) -> Decision
     """RETRY or FAIL after a failed attempt; `failures` counts the retries already spent."""
     errors = _worker_errors(error)
     users = [(e, u) for e in errors if (u := _user_exception(e)) is not None]
+    final = next((u for _, u in users if isinstance(u, (LeaseLost, JobExited))), None)
+    if final is not None:  # it would only happen again (an exit), or must not (another run holds the directory)
+        wrapper = next(w for w, u in users if u is final)
+        return Decision(Action.FAIL, str(final), _traceback_of(wrapper) if isinstance(final, JobExited) else None)
     nonfinite = next((u for _, u in users if isinstance(u, NonFiniteLoss)), None)
     if nonfinite is not None:
         return Decision(Action.FAIL, one_line(nonfinite))
@@ -151,3 +167,15 @@ def decide(error: BaseException, failures: int, config: FailureSpec) -> Decision
             Action.RETRY, f"{one_line(exc)}; restart {budget} (failure.retry_exceptions)", _traceback_of(wrapper)
         )
     return Decision(Action.FAIL, one_line(exc), _traceback_of(wrapper))
+
+
+def job_exit_code(error: BaseException) -> int | None:
+    """The code of a job's own `sys.exit`/`os._exit` that ended a fit (JobExited in any executor's wrapping), else None."""
+    seen = error
+    while seen is not None:
+        for e in _worker_errors(seen):
+            user = _user_exception(e)
+            if isinstance(user, JobExited):
+                return user.code
+        seen = seen.__cause__
+    return None

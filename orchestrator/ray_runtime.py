@@ -213,13 +213,6 @@ def start_ray(address: str | None, log_to_driver: bool = True, prestart: bool = 
     return True
 
 
-def has_one_node() -> bool:
-    """Whether the Ray this process is connected to has one live node (an embedded Ray, a `ray start --head` alone)."""
-    import ray
-
-    return sum(1 for node in ray.nodes() if node.get("Alive")) == 1
-
-
 def stop_ray() -> None:
     """`ray.shutdown()`, less the second it spends on an embedded Ray's autoscaler monitor.
 

@@ -1,9 +1,11 @@
 """run.json, the one record of a run: what ran, its status through its life, and how it ended.
 
 A run's record is created `running` when the run starts (`RunRecord.begin`), and ended once
-(`RunRecord.end`): `finished`, `failed`, or `stopped` (a sweep's scheduler ended the trial). A
-record still `running` after its process is gone was cut off (a killed driver); the next attempt
-of the same run writes a new record with `attempts` counted on. This module is the only writer.
+(`RunRecord.end`): `finished`; `failed` (the summary's `error` says why); `interrupted` (a signal:
+Ctrl-C, SIGTERM; a rerun resumes); or `stopped` (`orchestrator stop`, or a sweep's scheduler ended the
+trial). A record still `running` after its process is gone was cut off (a killed driver); the next
+attempt of the same run writes a new record with `attempts` counted on. This module is the only writer
+(the run session, orchestrator.session, decides what it says).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class RunStatus(str, Enum):
     RUNNING = "running"
     FINISHED = "finished"
     FAILED = "failed"
-    STOPPED = "stopped"  # a sweep's scheduler ended the trial at a report
+    STOPPED = "stopped"  # `orchestrator stop`, or a sweep's scheduler ended the trial at a report
+    INTERRUPTED = "interrupted"  # a signal (Ctrl-C, SIGTERM): a rerun resumes
 
     def __str__(self) -> str:
         return self.value
@@ -73,7 +76,9 @@ class RunSummary:
     resumed_from: str | None = None
     report: str | None = None
     wall_s: float | None = None
-    error: str | None = None
+    error: str | None = None  # why it failed, was interrupted or stopped
+    signal: str | None = None  # interrupted: the signal's name (SIGINT, SIGTERM)
+    exit_code: int | None = None  # failed by the job's own sys.exit(n) / os._exit(n): n
     already_finished: bool = False
     # [epoch, batch] of each resume that took the rest of an epoch from a new pass (data.engine=ray).
     redrawn: list[list[int]] = field(default_factory=list)
@@ -81,8 +86,8 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["status"] = str(self.status)
-        for optional in ("error", "already_finished", "redrawn"):
-            if not out[optional]:
+        for optional in ("error", "signal", "exit_code", "already_finished", "redrawn"):
+            if out[optional] is None or out[optional] is False or out[optional] == []:
                 del out[optional]
         return out
 
@@ -124,6 +129,12 @@ class RunRecord:
     config: dict[str, Any] | None = None
     resumed_from: str | None = None
     exploited_from: str | None = None
+    # The run's identity (spec.identity): the fingerprint of the settings that change its result.
+    fingerprint: str | None = None
+    # Where its loop ran and by which rule (executor.choose_executor).
+    executor: dict[str, Any] | None = None
+    # Each `--extend`: from which step, and the horizon before and after.
+    extended: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def begin(cls, run: str, job: dict[str, Any], previous: RunRecord | None = None, **details: Any) -> RunRecord:
@@ -145,6 +156,18 @@ class RunRecord:
     @property
     def finished(self) -> bool:
         return self.status == RunStatus.FINISHED
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The settings of this run that change its result (spec.identity), read from its resolved job."""
+        from orchestrator.spec import JobSpec
+        from orchestrator.spec.identity import settings_of
+
+        try:  # through the job's model: a field added since this run was recorded reads as its default
+            job = JobSpec.model_validate(self.job).to_dict()
+        except ValueError:
+            job = self.job
+        return settings_of(job)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

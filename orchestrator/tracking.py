@@ -465,7 +465,7 @@ class TrackingSession:
     ) -> None:
         """Final metrics, hyper-parameters and artifacts ((artifact folder or "", storage URI of a file)); failures are warnings.
 
-        `status` is the run's (finished, stopped by a sweep's scheduler, failed): MLflow's FINISHED for the first two, else FAILED.
+        `status` is the run's (finished, stopped, interrupted, failed): MLflow's FINISHED for the first two, KILLED, FAILED.
         `metrics` are logged beside the summary's (a cross-validation's aggregate, which has no summary of its own).
         """
         final = {**final_metrics(summary), **(metrics or {})}
@@ -514,7 +514,12 @@ class TrackingSession:
         # A trial that a scheduler stopped ended as planned; the tag tells it from one that trained to its end.
         client.set_tag(self.mlflow_run_id, "orchestrator.status", str(status))
         client.set_terminated(
-            self.mlflow_run_id, "FINISHED" if status in (RunStatus.FINISHED, RunStatus.STOPPED) else "FAILED"
+            self.mlflow_run_id,
+            "FINISHED"
+            if status in (RunStatus.FINISHED, RunStatus.STOPPED)
+            else "KILLED"
+            if status == RunStatus.INTERRUPTED
+            else "FAILED",
         )
 
 

@@ -190,7 +190,8 @@ def test_the_table_and_a_rerun_of_a_finished_cv(finished_cv):
         assert json.loads((storage / "cv-digits-cv" / f"fold-{i}" / "run.json").read_text())["attempts"] == 1
     changed = orchestrator(*args, "model.hidden=32", timeout=200)  # another job under the same name: refused
     assert changed.returncode == 2 and changed.stderr.strip() == (
-        f"error: name: {storage}/cv-digits-cv holds a cross-validation with other settings; use --fresh or another name"
+        f"error: {storage}/cv-digits-cv: holds a finished cross-validation with other settings: model.hidden 16 -> 32; "
+        "use --fresh for a new cross-validation, or another name"
     )
 
     from orchestrator.report import list_runs

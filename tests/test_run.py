@@ -279,7 +279,7 @@ def test_sigkilled_ray_worker_is_restarted_and_ends_with_identical_weights(tmp_p
         text=True,
     )
     wait_for_checkpoint(tmp_path / "digits-mlp", proc)
-    # The run's one worker is a plain Ray task (trainer.runs_in_one_task): Ray titles its process after the function.
+    # The run's one worker is a plain Ray task (the task executor): Ray titles its process after the function.
     workers = [p for p in descendants(proc.pid) if "ray::one_task_worker" in cmdline(p)]
     assert workers, "no Ray worker process running the loop found"
     for pid in workers:

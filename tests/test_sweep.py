@@ -190,21 +190,19 @@ def test_a_sweep_file_can_name_its_job_file(tmp_path):
         load_sweep(str(tmp_path / "s2.yaml"))
 
 
-def test_the_same_sweep_has_the_same_fingerprint(tmp_path):
+def test_the_same_sweep_has_the_same_identity(tmp_path):
+    from orchestrator.spec.identity import changes
     from orchestrator.sweep import load_sweep
 
+    def changed(*overrides: str) -> list[str]:
+        other = load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}", *overrides])
+        return [path for path, _, _ in changes(base.settings(), other.settings())]
+
     base = load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}"])
-    assert (
-        load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}", "sweep.max_concurrent_trials=1"]).fingerprint()
-        == base.fingerprint()
-    )
-    assert (
-        load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}", "sweep.num_samples=2"]).fingerprint()
-        != base.fingerprint()
-    )
-    assert (
-        load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}", "train.epochs=3"]).fingerprint() != base.fingerprint()
-    )
+    assert changed("sweep.max_concurrent_trials=1") == []  # how many at once: the same sweep
+    assert changed("tracking.tensorboard.log_dir=tb") == []  # where it is watched: the same sweep
+    assert changed("sweep.num_samples=2") == ["sweep.num_samples"]
+    assert changed("train.epochs=3") == ["train.epochs"]
     assert load_sweep(LR_SWEEP, [f"checkpoint.storage={tmp_path}"], fresh=True).name.startswith("digits-lr-")
 
 

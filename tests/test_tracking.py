@@ -55,7 +55,7 @@ def history_of(run_dir: Path) -> list[dict]:
 
 @pytest.mark.xdist_group("mlflow")  # the MLflow server starts once, in the worker that runs every test of it
 def test_run_feeds_mlflow_and_tensorboard_and_records_its_provenance(mlflow_server, tmp_path):
-    # Local mode: Ray Train runs train_worker in this process, so rank 0's tracker is the one a Ray worker opens.
+    # Local mode: the loop runs in this process (the driver executor), with the tracker rank 0 opens anywhere.
     out = summary_of(
         orchestrator(
             "run",

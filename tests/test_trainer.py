@@ -7,8 +7,9 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
+from orchestrator.executor import Executor, choose_executor
 from orchestrator.spec import build_spec
-from orchestrator.trainer import lean_trainer_class, runs_in_one_task
+from orchestrator.trainer import lean_trainer_class
 
 
 def _loop(config):  # never run: the callbacks are decided when the trainer is built
@@ -87,15 +88,18 @@ def test_the_autoscaling_coordinator_is_left_out_only_for_a_fixed_size_run_on_an
 
 
 @pytest.mark.parametrize(
-    "overrides, one_node, one_task",
+    "overrides, in_sweep, executor",
     [
-        ([], True, True),  # the default job on a Ray of one node: one worker, nothing for Ray Train to coordinate
-        ([], False, False),  # a cluster of several nodes: Ray Train places the worker and watches its node
-        (["scaling.num_workers=2"], True, False),  # a group to form and a collective to join
-        (["scaling.num_workers=[1,2]"], True, False),  # elastic: Ray Train resizes the group
-        (["entrypoint=mymod:train_loop"], True, False),  # a user's loop calls ray.train itself
+        ([], False, Executor.TASK),  # the default job: one worker, nothing for Ray Train to coordinate, on any cluster
+        (["scaling.num_workers=0"], False, Executor.DRIVER),  # local mode: the loop in the driver
+        (["scaling.num_workers=2"], False, Executor.GROUP),  # a group to form and a collective to join
+        (["scaling.num_workers=[1,2]"], False, Executor.GROUP),  # elastic: Ray Train resizes the group
+        (["entrypoint=mymod:train_loop"], False, Executor.GROUP),  # a user's loop calls ray.train itself
+        (["entrypoint=mymod:train_loop", "scaling.num_workers=0"], False, Executor.DRIVER),  # Ray Train's local mode
+        ([], True, Executor.DRIVER),  # a sweep trial of one worker: in the trial's process
+        (["scaling.num_workers=2"], True, Executor.GROUP),
     ],
 )
-def test_only_a_fixed_single_worker_run_on_a_ray_of_one_node_runs_in_one_task(overrides, one_node, one_task):
+def test_the_executor_is_chosen_by_the_job_alone(overrides, in_sweep, executor):
     spec = build_spec({"name": "t", "data": {"name": "digits"}, "scaling": {"num_workers": 1}}, overrides)
-    assert runs_in_one_task(spec, one_node) is one_task
+    assert choose_executor(spec, in_sweep=in_sweep) is executor

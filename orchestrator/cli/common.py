@@ -179,9 +179,10 @@ class OneLineErrors(click.Group):
             message = redact(" ".join(exc.format_message().split()))
             click.echo(f"error: {message}{where}", err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:
             click.echo("aborted", err=True)
-            sys.exit(1)
+            # Ctrl-C before a run began (click turns KeyboardInterrupt into Abort): the shell's convention, 128 + SIGINT.
+            sys.exit(130 if isinstance(exc.__context__, KeyboardInterrupt) else 1)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The commands by section (SECTIONS), each with its whole first sentence: nothing cut off with `...`."""

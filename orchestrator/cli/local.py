@@ -94,6 +94,11 @@ def validate(job_file: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @ray_address_option
 @dashboard_address_option("the run")
 @click.option("--fresh", is_flag=True, help="Start a new run under a new name instead of resuming this one.")
+@click.option(
+    "--extend",
+    is_flag=True,
+    help="Train a run on for a longer horizon (more train.epochs or train.max_steps), from its last checkpoint.",
+)
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON summary on the last line of stdout.")
 @click.option(
     "--verbose", is_flag=True, help="Show Ray's and the workers' own output too (it is always in <run>/run.log)."
@@ -112,17 +117,23 @@ def run(
     ray_address: str | None,
     address: str | None,
     fresh: bool,
+    extend: bool,
     as_json: bool,
     verbose: bool,
     wait_for_lease: bool,
 ) -> None:
-    """Train a job: in this process (an embedded Ray, or the Ray at --ray-address), or submitted to --address."""
+    """Train a job: in this process (an embedded Ray, or the Ray at --ray-address), or submitted to --address.
+
+    A rerun of the same job resumes it (or says it is done); one with settings that change the result is refused.
+    Exit codes: 0 finished, 1 failed, 2 bad input, 130 Ctrl-C and 143 SIGTERM (recorded as interrupted).
+    """
     if address is not None:
         from orchestrator.cli.cluster import submit_and_follow
 
-        if ray_address or verbose or wait_for_lease:
+        if ray_address or verbose or wait_for_lease or extend:
             raise BadInput(
-                "--ray-address, --verbose and --wait-for-lease apply to a run from this process, not to one at --address"
+                "--ray-address, --verbose, --wait-for-lease and --extend apply to a run from this process, "
+                "not to one at --address"
             )
         submit_and_follow(job_file, overrides, address, fresh=fresh, as_json=as_json, summary_only=True)
         return
@@ -131,8 +142,11 @@ def run(
     require_packages()
     from orchestrator.console import RunConsole, prepare_ray_output
     from orchestrator.launch import run_job
-    from orchestrator.runrecord import RunStatus
+    from orchestrator.session import exit_code_of
     from orchestrator.spec import load_spec
+
+    if fresh and extend:
+        raise BadInput("--extend continues this run; --fresh starts a new one: use one of them")
 
     spec = load_spec(job_file, list(overrides))
     prepare_ray_output()
@@ -149,11 +163,13 @@ def run(
         console=console,
         capture=True,
         wait=wait_for_lease,
+        extend=extend,
     )
     if as_json:
         print_json(summary.to_dict())
-    if summary.status == RunStatus.FAILED:
-        sys.exit(1)
+    code = exit_code_of(summary)
+    if code:
+        sys.exit(code)
 
 
 @main.command(

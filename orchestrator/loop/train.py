@@ -8,6 +8,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from orchestrator.errors import StopRequested
 from orchestrator.loop.cadence import Cadence
 from orchestrator.loop.checkpointer import Checkpointer
 from orchestrator.loop.context import LoopContext
@@ -128,7 +129,7 @@ class _Loop:
                 self.window.steps += 1
                 self.after_step(last_of_epoch)
                 if ctx.should_stop():
-                    raise SystemExit(0)  # as Tune ends a trial it stops: run_training commits the upload in flight
+                    raise StopRequested()  # run_training commits the upload in flight on its way out
                 if self.cadence.over(state):
                     break
             else:

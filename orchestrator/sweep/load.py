@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from orchestrator.errors import BadInput
 from orchestrator.rundir import run_uri_for
 from orchestrator.spec import JobSpec, ParamSpec, SpecError, SweepSpec, apply_overrides, build_spec, read_job_file
+from orchestrator.spec.identity import sweep_settings_of
 from orchestrator.sweep.schedulers import default_max_t
 
 
@@ -30,13 +31,22 @@ class SweepJob:
     uri: str  # <checkpoint.storage>/<name>, absolute for local storage
     job_file: str
     base_dir: str  # where user code and relative data paths resolve: the job file's directory
+    kind: str = "sweep"  # what it is called in a refusal: sweep, or cross-validation
+    name_field: str = "sweep.name"  # the field that names its directory
+    lease: dict[str, Any] | None = (
+        None  # while it runs: its lease (RunLease.token_ref), which its trials' commits check
+    )
 
     @property
     def endpoint(self) -> str | None:
         return self.spec.checkpoint.endpoint_url
 
+    def settings(self) -> dict[str, Any]:
+        """Its identity (spec.identity): the base job's settings that change a result, and the search's."""
+        return sweep_settings_of(self.spec.to_dict(), self.sweep.model_dump(mode="json"))
+
     def fingerprint(self) -> str:
-        """What makes two sweeps the same sweep: the job and the search (not how many run at once)."""
+        """The fingerprint sweep.json kept before settings were kept field by field: the raw job and the search."""
         search = self.sweep.model_dump(mode="json", exclude={"max_concurrent_trials"})
         if search.get("cv_folds") is None:
             search.pop("cv_folds", None)  # the sweeps from before the field: the same fingerprint as they had

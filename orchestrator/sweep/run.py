@@ -7,6 +7,7 @@ state in `tune/` (what a rerun of an interrupted sweep restores), `sweep.json` (
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -26,7 +27,9 @@ from orchestrator.provenance import collect_provenance
 from orchestrator.ray_runtime import resolve_address, start_ray
 from orchestrator.rundir import REPORT, RUN_RECORD, RunDir
 from orchestrator.runrecord import RunRecord, RunStatus, summary_from_checkpoints
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, build_spec
+from orchestrator.spec.identity import changes, refusal, sweep_settings_of
+from orchestrator.spec.identity import fingerprint as settings_fingerprint
 from orchestrator.sweep.export import TrialRow, collect_trials, write_best_job
 from orchestrator.sweep.load import SweepJob
 from orchestrator.sweep.schedulers import build_scheduler, build_search, trial_resources
@@ -105,9 +108,34 @@ def run_sweep(
     # One lease for the whole sweep: its trials' directories live under the sweep's, and only this driver starts them.
     lease = RunLease.for_run(home, sweep.spec.checkpoint.lease_ttl_s).acquire()
     try:
-        return _run_leased(sweep, home, address, data_info, best_out, say, verbose, t0, name_by, conclude)
+        check_identity(sweep, home.read_json(SWEEP_RECORD))
+        leased = dataclasses.replace(sweep, lease=lease.token_ref())
+        return _run_leased(leased, home, address, data_info, best_out, say, verbose, t0, name_by, conclude)
     finally:
         lease.release()
+
+
+def check_identity(sweep: SweepJob, record: dict[str, Any] | None) -> None:
+    """The rerun rule of runs (spec.identity), for a sweep or a cross-validation: other settings are refused, naming each."""
+    if not record:
+        return
+    if "settings" not in record and record.get("fingerprint") == sweep.fingerprint():
+        return  # recorded before settings were kept field by field, and the same
+    recorded = _recorded_settings(record)
+    found = changes(recorded, sweep.settings()) if recorded is not None else []
+    if recorded is None or found:
+        finished = record.get("status") == RunStatus.FINISHED
+        raise refusal(sweep.uri, sweep.kind, finished, found, sweep.name_field, None)
+
+
+def _recorded_settings(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The identity a sweep.json holds; for one written before it kept it, read again from its job and search."""
+    if "settings" in record:
+        return record["settings"]
+    try:
+        return sweep_settings_of(build_spec(record["job"]).to_dict(), record["spec"])
+    except (BadInput, KeyError, TypeError, ValueError):
+        return None
 
 
 def _run_leased(
@@ -124,8 +152,6 @@ def _run_leased(
 ) -> dict[str, Any]:
     """The rest of `run_sweep`, with the sweep directory's lease held."""
     record = home.read_json(SWEEP_RECORD)
-    if record and record.get("fingerprint") != sweep.fingerprint():
-        raise BadInput(f"sweep.name: {sweep.uri} holds a sweep with other settings; use --fresh or another sweep.name")
     if record and record.get("status") == RunStatus.FINISHED:
         say(f"{sweep.uri}: already finished; nothing to do (use --fresh for a new sweep)")
         return {**record["result"], "already_finished": True, "wall_s": round(time.time() - t0, 3)}
@@ -166,6 +192,7 @@ def _run_leased(
             embedded_ray=connected and not address,
             name_by=name_by,
             cv_folds=sweep.sweep.cv_folds,
+            lease=sweep.lease,
         )
         results, resumed = _fit(sweep, home, plan, record, say, prov, tracked)
     except Exception:
@@ -242,7 +269,8 @@ def _fit(
             "sweep": sweep.name,
             "status": str(RunStatus.RUNNING),
             "started": datetime.now(timezone.utc).isoformat(),
-            "fingerprint": sweep.fingerprint(),
+            "fingerprint": settings_fingerprint(sweep.settings()),
+            "settings": sweep.settings(),
             "job_file": sweep.job_file,
             "job": sweep.job,
             "spec": s.model_dump(mode="json"),

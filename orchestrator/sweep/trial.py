@@ -23,12 +23,12 @@ from orchestrator import checkpoint as ckpt
 from orchestrator import storage
 from orchestrator.aggregate import aggregate, fold_metrics, fold_runs
 from orchestrator.data import check_data
-from orchestrator.provenance import add_placement, collect_provenance
+from orchestrator.executor import DriverHooks, Executor, GroupHooks, choose_executor
 from orchestrator.rundir import RUN_RECORD, RunDir
-from orchestrator.runrecord import RunRecord, RunStatus, summary_from_checkpoints
+from orchestrator.runrecord import RunRecord, RunStatus
+from orchestrator.session import RunPlan, RunSession, TrialOf
 from orchestrator.spec import JobSpec, ParamSpec
 from orchestrator.sweep.load import _plain, trial_spec
-from orchestrator.tracking import TrackingSession, create_tracker
 
 POINTER = "pointer.json"  # a PBT Tune checkpoint: which run's checkpoint a trial stood at
 TRIAL_END_TIMEOUT_S = 60  # how long a trial's process waits for a stopped trial to record its end
@@ -54,6 +54,7 @@ class TrialPlan:
     decides_at_reports: bool = False  # the scheduler (ASHA, PBT) may stop or pause a trial at any report
     name_by: str | None = None  # a field that names each trial's directory (cv: data.fold -> fold-0), else its trial id
     cv_folds: int | None = None  # sweep.cv_folds: each trial trains these folds one after another, scored by their mean
+    lease: dict[str, Any] | None = None  # the sweep's lease (RunLease.token_ref): every trial's commits check it
 
 
 def trial_dir_name(trial_id: str, config: dict[str, Any], name_by: str | None) -> str:
@@ -137,62 +138,62 @@ def train_trial_run(
     exploited_from: str | None,
     to_tune: bool = True,
 ) -> None:
-    """Train one run of a trial (the trial's own, or one of its folds) to its end, recording it in run.json and its trackers.
+    """Train one run of a trial (the trial's own, or one of its folds) to its end: a run session like any run's.
 
     With `to_tune` false nothing reaches Tune from the loop: the caller reports the trial's result itself.
+    SystemExit when the scheduler stopped the trial (as Tune ends a trial it stops); RuntimeError when it failed.
     """
-    existing = ckpt.list_checkpoints(run.fs, run.root, uri_prefix=run.uri)
-    in_process = spec.scaling.max_workers <= 1
     fingerprint = plan.data_fingerprint
     if any(path.startswith("data.") for path in config):
         fingerprint = check_data(spec, plan.base_dir).fingerprint  # this trial reads other data than the base job
-    prov = collect_provenance(spec, plan.base_dir, fingerprint, hosts=1 if in_process else None)
-    session = TrackingSession.start(
+    executor = choose_executor(spec, in_sweep=True)
+    run_plan = RunPlan(
         spec,
-        run.uri,
-        spec.name,
-        prov,
-        previous=previous.tracking if previous else None,
-        parent_run_id=plan.parent_run_id,
-    )
-    record = RunRecord.begin(
-        trial_id,
-        spec.to_dict(),
-        previous,
-        sweep=plan.sweep_name,
+        run,
+        executor,
+        plan.base_dir,
         job_file=plan.job_file,
-        provenance=prov,
-        tracking=session.to_record(),
-        config={k: _plain(v) for k, v in config.items()},
-        resumed_from=existing[-1].uri if existing else None,
-        exploited_from=exploited_from,
+        address=None if plan.embedded_ray else "auto",
+        previous=previous,
+        data_fingerprint=fingerprint,
+        lease=plan.lease,
+        trial=TrialOf(
+            plan.sweep_name,
+            trial_id,
+            {k: _plain(v) for k, v in config.items()},
+            parent_run_id=plan.parent_run_id,
+            exploited_from=exploited_from,
+        ),
     )
-    record.save(run)
-    status = RunStatus.FAILED
-    tracker = create_tracker(session.worker_config(), plan.endpoint) if in_process else None
-    try:
-        if in_process:
-            reporter = (
-                TrialReporter(run.uri, plan.endpoint, plan.pbt, wait=plan.decides_at_reports)
-                if to_tune
-                else Unreported()
-            )
-            _train_in_trial(spec, run.uri, plan, reporter, tracker)
-        else:
-            add_placement(
-                prov, _train_with_ray_train(spec, run.uri, plan, trial_id, session.worker_config(), to_tune=to_tune)
-            )
-        status = RunStatus.FINISHED
-    except SystemExit:
-        status = RunStatus.STOPPED  # the scheduler ended this trial at a report
-        raise
-    finally:
-        summary = summary_from_checkpoints(run, status)
-        record.end(status, summary)
-        record.save(run)
-        if tracker is not None:
-            tracker.close()
-        session.finish(spec, status, summary, [("", run.uri_of(RUN_RECORD))])
+    session = RunSession(run_plan, say=lambda line: print(line, flush=True))
+    session.begin()
+    loop_config = session.loop_config()
+
+    def reporting() -> DriverHooks:  # each attempt its own reporter: a closed one would stop the next at once
+        reporter = TrialReporter(run.uri, plan.endpoint, plan.pbt, wait=plan.decides_at_reports) if to_tune else None
+        reporter = reporter or Unreported()
+        return DriverHooks(
+            report=reporter, should_stop=reporter.stopped, log=None if plan.verbose else _silent, close=reporter.close
+        )
+
+    group = GroupHooks(
+        embedded=plan.embedded_ray,
+        in_sweep=True,
+        callbacks=[_tune_report_callback()] if to_tune and executor == Executor.GROUP else [],
+        run_name=f"{plan.sweep_name}-{trial_id.replace('/', '-')}-{int(time.time())}",
+    )
+    summary = session.end(session.host(lambda: session.execute(loop_config, driver=reporting, group=group)))
+    session.finish(summary, [("", run.uri_of(RUN_RECORD))])
+    if summary.status == RunStatus.STOPPED:
+        raise SystemExit(0)  # as Tune itself ends a trial it stops at a report
+    if summary.status != RunStatus.FINISHED:
+        raise RuntimeError(summary.error or f"the trial's run {summary.status}")
+
+
+def _tune_report_callback():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return TuneReportCallback()
 
 
 def trial_trainable(plan: TrialPlan):
@@ -221,64 +222,6 @@ def trial_trainable(plan: TrialPlan):
 
 def _silent(msg: str) -> None:
     """A trial's progress lines, unless --verbose: they would drown the sweep's live view."""
-
-
-def _train_in_trial(spec: JobSpec, run_uri: str, plan: TrialPlan, reporter: TrialReporter, track=None) -> None:
-    """One worker: the loop in the trial's own process, reporting straight to Tune (no Ray Train actors to start)."""
-    import torch
-
-    from orchestrator.loop import LoopContext, run_training
-
-    device = torch.device("cuda", 0) if spec.scaling.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    ctx = LoopContext(
-        run_uri=run_uri,
-        device=device,
-        report=reporter,
-        base_dir=plan.base_dir,
-        track=track,
-        should_stop=reporter.stopped,
-        **({} if plan.verbose else {"log": _silent}),
-    )
-    try:
-        run_training(spec, ctx)
-    except BaseException:
-        reporter.close(flush=False)
-        raise
-    reporter.close()
-
-
-def _train_with_ray_train(
-    spec: JobSpec,
-    run_uri: str,
-    plan: TrialPlan,
-    trial_id: str,
-    tracking_config: dict[str, Any] | None,
-    to_tune: bool = True,
-) -> dict[str, Any]:
-    """Several workers: a full Ray Train run whose reports reach Tune through TuneReportCallback; returns its last metrics."""
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestrator.ray_runtime import train_environment
-    from orchestrator.trainer import build_trainer_kwargs, fit_with_decisions, lean_trainer_class
-
-    ray_storage = os.path.join(tempfile.gettempdir(), "orchestrator-ray")
-    kwargs = build_trainer_kwargs(
-        spec,
-        run_uri,
-        plan.base_dir,
-        ray_storage,
-        f"{plan.sweep_name}-{trial_id.replace('/', '-')}-{int(time.time())}",
-        tracking_config,
-    )
-    if to_tune:
-        kwargs["run_config"] = dataclasses.replace(kwargs["run_config"], callbacks=[TuneReportCallback()])
-    trainer_class = lean_trainer_class(
-        TorchTrainer, embedded=plan.embedded_ray, own_loop=not spec.entrypoint, in_sweep=True
-    )
-    with train_environment(embedded=plan.embedded_ray):
-        result = fit_with_decisions(lambda: trainer_class(**kwargs), spec, lambda line: print(line, flush=True))
-    return dict(result.metrics or {})
 
 
 class Unreported:
