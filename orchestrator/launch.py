@@ -92,11 +92,11 @@ def run_job(
         with RunSignals() as signals:
             lease.on_lost = signals.lost_lease
             if not capture:
-                return _run(plan, console, worker_events=False)
+                return _run(plan, console, signals, worker_events=False)
             local_log, uploaded_log = _log_file(run)
             try:
                 with console.capture(local_log):
-                    return _run(plan, console, worker_events=True)
+                    return _run(plan, console, signals, worker_events=True)
             finally:
                 if uploaded_log and not lease.lost:
                     _upload_log(local_log, run)
@@ -120,10 +120,10 @@ def _already_finished(rerun: Rerun, run: RunDir, t0: float, console: RunConsole)
     return done
 
 
-def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
+def _run(plan: RunPlan, console: RunConsole, signals: RunSignals, worker_events: bool) -> RunSummary:
     """The run itself, once its input is known good: the session's begin, Ray, the executor, end; then report, trackers."""
     spec, run = plan.spec, plan.run
-    session = RunSession(plan, say=console.message, log_only=console.log_only)
+    session = RunSession(plan, say=console.message, log_only=console.log_only, signals=signals)
     session.begin()
     resumed = f" (resuming from {session.resumed_from})" if session.resumed_from else ""
     console.message(f"run {run.name} -> {run.uri}{resumed}")
@@ -139,6 +139,7 @@ def _run(plan: RunPlan, console: RunConsole, worker_events: bool) -> RunSummary:
             # Ray Train's actors all carry a runtime environment (ray_runtime.train_environment): none would take a
             # prestarted worker; the task executor's task starts on one.
             connected = start_ray(plan.address, prestart=plan.executor == Executor.TASK)
+            signals.claim()  # ray.init's own SIGTERM handler would end the process without a word
             console.status(f"starting {spec.scaling.max_workers} worker(s)")
         ray_name = f"{run.name}-{int(plan.t0)}" if not spec.entrypoint else run.name
         hooks = GroupHooks(embedded=connected and not plan.address, run_name=ray_name)

@@ -315,9 +315,10 @@ class RunLease:
             who = holder.describe() if holder else "another run"
         except Exception:  # gone, or unreadable: the loss is what matters
             who = "another run"
-        log.error("lost the lease on %s to %s", storage.redact(self.uri), who)
-        if self.on_lost is not None:
-            self.on_lost(who)
+        if self.on_lost is None:
+            log.error("lost the lease on %s to %s", storage.redact(self.uri), who)
+            return
+        self.on_lost(who)  # its holder stops the run, and says so
 
 
 def _code(exc: BaseException) -> str:

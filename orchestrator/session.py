@@ -73,6 +73,9 @@ class RunSignals:
     def __init__(self) -> None:
         self.active = threading.current_thread() is threading.main_thread()
         self.raised = False
+        self.signum: int | None = (
+            None  # the signal that interrupted the run (Ray may re-raise it as a KeyboardInterrupt)
+        )
         self.lost_to: str | None = None
         self._saved: dict[int, Any] = {}
 
@@ -82,6 +85,12 @@ class RunSignals:
                 self._saved[sig] = signal.signal(sig, self._handle)
         return self
 
+    def claim(self) -> None:
+        """Take the signals back from whatever installed its own handlers since (ray.init's SIGTERM: sys.exit)."""
+        if self.active and self._saved:
+            for sig in self._saved:
+                signal.signal(sig, self._handle)
+
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)
@@ -90,7 +99,7 @@ class RunSignals:
     def _handle(self, signum: int, frame) -> None:
         if self.raised:
             return
-        self.raised = True
+        self.raised, self.signum = True, signum
         raise Interrupted(signum, self.lost_to)
 
     def lost_lease(self, holder: str) -> None:
@@ -214,8 +223,14 @@ class Ending:
 class RunSession:
     """One run's life (see the module's drawing): begin, host, end, finish. `say` is for one-line decisions."""
 
-    def __init__(self, plan: RunPlan, say: Callable[[str], None], log_only: Callable[[str], None] | None = None):
-        self.plan, self.say, self.log_only = plan, say, log_only
+    def __init__(
+        self,
+        plan: RunPlan,
+        say: Callable[[str], None],
+        log_only: Callable[[str], None] | None = None,
+        signals: RunSignals | None = None,
+    ):
+        self.plan, self.say, self.log_only, self.signals = plan, say, log_only, signals
         self.provenance: dict[str, Any] = {}
         self.tracking: TrackingSession | None = None
         self.record: RunRecord | None = None
@@ -293,12 +308,16 @@ class RunSession:
         """Run `work` (the executor's attempts) and say how it ended; every way out is a state, none escapes."""
         try:
             return Ending(RunStatus.FINISHED, outcome=work())
-        except (StopRequested, SystemExit):  # a sweep's scheduler stopped the trial at a report
+        except StopRequested:
             return Ending(RunStatus.STOPPED, error="stopped by the sweep's scheduler")
-        except Interrupted as exc:
-            return self._interrupted(exc.signum, exc.lost_to)
-        except KeyboardInterrupt:
-            return self._interrupted(signal.SIGINT, None)
+        except SystemExit:
+            if self.plan.trial is None:
+                raise
+            return Ending(RunStatus.STOPPED, error="stopped by the sweep's scheduler")  # Tune's way of ending a trial
+        except KeyboardInterrupt as exc:  # Interrupted, or what Ray's waits make of it: the signals know which
+            seen = self.signals
+            signum = seen.signum if seen and seen.signum else getattr(exc, "signum", signal.SIGINT)
+            return self._interrupted(signum, seen.lost_to if seen else getattr(exc, "lost_to", None))
         except LeaseLost as exc:
             return Ending(RunStatus.FAILED, error=str(exc), lost=True)
         except RunFailedForGood as exc:
@@ -332,7 +351,7 @@ class RunSession:
             summary = summary_from_checkpoints(run, ending.status)
         summary.error, summary.signal, summary.exit_code = ending.error, ending.signal, ending.exit_code
         summary.resumed_from = self.resumed_from
-        summary.wall_s, summary.report = round(time.time() - plan.t0, 3), report
+        summary.wall_s, summary.report = round(time.time() - plan.t0, 3), None if ending.lost else report
         add_placement(self.provenance, outcome.placement)
         self.lost = ending.lost
         if self.record is not None and not ending.lost:

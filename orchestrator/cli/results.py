@@ -66,7 +66,7 @@ def runs(storage_uri: str, endpoint_url: str | None, as_json: bool) -> None:
             *plain_cells(
                 r["name"],
                 r["kind"],
-                r.get("status") or "-",
+                (r.get("status") or "-") + (f" ({r['hint']})" if r.get("hint") else ""),
                 started,
                 r["steps"] if r.get("steps") is not None else "-",
                 best,

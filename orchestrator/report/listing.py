@@ -9,6 +9,8 @@ from orchestrator import storage
 from orchestrator.errors import BadInput
 from orchestrator.report.read import CV_RECORD, RUN_RECORD, SWEEP_RECORD, _child_dirs, _finite, _guarded, _open
 
+RESUMES = "rerun resumes"  # what an interrupted run's row says: the same command again continues it
+
 
 def list_runs(storage_uri: str, endpoint_url: str | None = None) -> list[dict[str, Any]]:
     """The runs and sweeps directly under a storage, newest first: status, steps, best metric, wall time."""
@@ -34,6 +36,7 @@ def list_runs(storage_uri: str, endpoint_url: str | None = None) -> list[dict[st
                     "best_metric": best.get("metric"),
                     "best_value": best.get("value"),
                     "wall_s": _wall(run, summary.get("wall_s")),
+                    **({"hint": RESUMES} if run.get("status") == "interrupted" else {}),
                 }
             )
             continue
