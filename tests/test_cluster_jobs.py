@@ -112,8 +112,12 @@ def test_submit_prints_the_id_and_stop_stops_it(head, job_dir):
     assert driver and Path(f"/proc/{driver}").exists()
     stopped = cli(head, "stop", job_id, "--wait")
     assert stopped.returncode == 0 and stopped.stdout.strip() == f"{job_id} STOPPED"
-    assert json.loads(cli(head, "status", job_id, "--json").stdout)["status"] == "STOPPED"
+    shown = json.loads(cli(head, "status", job_id, "--json").stdout)
+    assert shown["status"] == "STOPPED"
     wait_for(lambda: not Path(f"/proc/{driver}").exists(), timeout=30)  # the driver (on this machine) is gone
+    # The driver had the Jobs API's SIGTERM to record it: the run says it was stopped, not `running` for ever.
+    record = json.loads((Path(shown["storage"]) / "loop-stop" / "run.json").read_text())
+    assert record["status"] == "stopped" and "orchestrator stop" in record["summary"]["error"], record
 
 
 def test_submit_wait_exits_1_when_the_job_fails_and_follow_streams_to_the_end(head, job_dir):
