@@ -178,9 +178,10 @@ def check_rerun(previous: RunRecord | None, spec: JobSpec, uri: str, extend: boo
             raise refusal(uri, "run", previous.finished, found, "name", steps if only_horizon_grew(found) else None)
         return Rerun(previous, done=previous.finished)
     if not found:
-        epochs = spec.train.epochs
+        t = spec.train
         raise BadInput(
-            f"--extend: {uri} already runs to train.epochs {epochs}; name a longer one, e.g. train.epochs={epochs * 2}"
+            f"--extend: {uri} already runs to train.epochs {t.epochs}, train.max_steps {t.max_steps}; "
+            f"name a longer horizon, e.g. train.epochs={t.epochs * 2}"
         )
     if not only_horizon_grew(found):
         raise refusal(uri, "run", previous.finished, found, "name", None)

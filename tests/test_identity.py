@@ -82,3 +82,37 @@ def test_only_a_longer_horizon_can_be_extended(overrides, grew):
     before = settings_of(job("train.epochs=10", "train.max_steps=100"))
     after = settings_of(job("train.epochs=10", "train.max_steps=100", *overrides))
     assert only_horizon_grew(changes(before, after)) is grew
+
+
+# ----------------------------------------------------------------------------------------------
+# The rerun rule (session.check_rerun) on records
+
+
+def recorded(status: str = "finished", stopped_early: bool = False, *overrides: str):
+    from orchestrator.runrecord import RunRecord, RunStatus, RunSummary
+
+    summary = RunSummary(run="t", run_uri="/r/t", status=RunStatus(status), steps=40, stopped_early=stopped_early)
+    return RunRecord(run="t", status=RunStatus(status), started="", job=job(*overrides), summary=summary)
+
+
+def test_the_rerun_rule():
+    from orchestrator.errors import BadInput
+    from orchestrator.session import check_rerun
+
+    spec = build_spec({"name": "t", "data": {"name": "digits"}})
+    assert check_rerun(None, spec, "/r/t").previous is None
+    assert check_rerun(recorded(), spec, "/r/t").done
+    assert not check_rerun(recorded("interrupted"), spec, "/r/t").done  # resumes
+    longer = build_spec({"name": "t", "data": {"name": "digits"}}, ["train.epochs=20"])
+    extended = check_rerun(recorded(), longer, "/r/t", extend=True).extension
+    assert extended == {"from_step": 40, "changes": {"train.epochs": [10, 20]}}
+    for previous, new, extend, words in [
+        (None, spec, True, "--extend: /r/t holds no run to extend"),
+        (recorded(), spec, True, "--extend: /r/t already runs to train.epochs 10"),
+        (recorded(), longer, False, "train.epochs 10 -> 20; use --fresh for a new run, or another name, or --extend"),
+        (recorded("failed"), longer, False, "holds an unfinished run with other settings: train.epochs 10 -> 20"),
+        (recorded("finished", True), longer, True, "stopped early at step 40"),
+    ]:
+        with pytest.raises(BadInput) as refused:
+            check_rerun(previous, new, "/r/t", extend=extend)
+        assert words in refused.value.lines[0]
