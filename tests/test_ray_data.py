@@ -227,7 +227,7 @@ def test_the_diabetes_job_on_two_workers_stopped_mid_epoch_resumes_redrawn_and_l
     record = json.loads(record_path.read_text())
     record["status"] = "failed"
     record_path.write_text(json.dumps(record))
-    resumed = run_job("jobs/diabetes_parquet.yaml", *common)
+    resumed = run_job("jobs/diabetes_parquet.yaml", *common, "--extend")  # no max_steps now: a longer horizon
     # 319 train rows: 159 a worker, 5 batches of 32 an epoch, as the native reader counts them.
     assert resumed["resumed_from"].endswith("checkpoint_00000003") and resumed["steps"] == 5 * 5
     assert resumed["epochs"] == 5 and resumed["redrawn"] == [[0, 3]]

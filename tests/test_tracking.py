@@ -152,7 +152,7 @@ def test_sqlite_uri_on_the_command_line_turns_mlflow_on_and_a_resumed_run_contin
     first = json.loads(record_path.read_text())
     record = dict(first, status="failed")  # as after a crash: the rerun resumes
     record_path.write_text(json.dumps(record))
-    summary_of(orchestrator(*args, "train.max_steps=20", cwd=tmp_path))
+    summary_of(orchestrator(*args, "train.max_steps=20", "--extend", cwd=tmp_path))  # a longer horizon: named
     second = json.loads(record_path.read_text())
     run_id = first["tracking"]["mlflow"]["run_id"]
     assert second["tracking"]["mlflow"]["run_id"] == run_id and second["attempts"] == 2
