@@ -203,9 +203,9 @@ def test_a_run_that_lost_its_lease_stops_within_a_lease_period_and_commits_nothi
     continued = time.monotonic()
     out, err = first.communicate(timeout=120)
     stopped_after = time.monotonic() - continued
-    assert second.poll() is None, "the second run ended before the first was tested: make it longer"
-    assert first.returncode == 1, out[-3000:] + err[-3000:]
     assert stopped_after < ttl, f"the first run stopped {stopped_after:.1f} s after it went on"
+    assert first.returncode == 1, out[-3000:] + err[-3000:]
+    assert second.poll() is None, "the second run ended before the first was tested: make it longer"
     assert manifests(s3_server, bucket) == committed  # nothing committed (nor rewritten) after it lost the lease
     lost = [line for line in out.splitlines() if "lost the lease" in line]
     assert len(lost) == 1 and lost[0].startswith("  error: lost the lease on ") and f"pid {second.pid}" in lost[0], out
