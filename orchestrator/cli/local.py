@@ -130,11 +130,12 @@ def run(
     if address is not None:
         from orchestrator.cli.cluster import submit_and_follow
 
-        if ray_address or verbose or wait_for_lease or extend:
+        if ray_address or verbose or wait_for_lease:
             raise BadInput(
-                "--ray-address, --verbose, --wait-for-lease and --extend apply to a run from this process, "
-                "not to one at --address"
+                "--ray-address, --verbose and --wait-for-lease apply to a run from this process, not to one at --address"
             )
+        if extend:
+            raise BadInput("--extend applies to a run from this process, not to one at --address")
         submit_and_follow(job_file, overrides, address, fresh=fresh, as_json=as_json, summary_only=True)
         return
     from orchestrator.environment import require_packages
