@@ -121,6 +121,43 @@ VALIDATE_CASES = [
     ("ok.yaml", b"name: ok\n", ["optim.lr"], "optim.lr: an override must look like dotted.key=value"),
     ("ok.yaml", b"name: ok\n", ["optim.lrr=1"], "optim.lrr: unknown field (did you mean 'lr'?)"),
     ("ok.yaml", b"name: ok\n", ["--no-such-flag"], "No such option '--no-such-flag'"),
+    # PyYAML composes recursively and Python caps int() at 4300 digits: both were tracebacks.
+    (
+        "deep.yaml",
+        b"name: d\nconfig: " + b"[" * 5000 + b"]" * 5000 + b"\n",
+        [],
+        "deep.yaml: line 2 is not valid YAML (nested more",
+    ),
+    (
+        "deepmap.yaml",
+        b"name: d\nconfig: " + b"{a: " * 3000 + b"1" + b"}" * 3000,
+        [],
+        "line 2 is not valid YAML (nested more",
+    ),
+    (
+        "bigint.yaml",
+        b"name: d\ntrain: {epochs: " + b"9" * 5000 + b"}\n",
+        [],
+        "bigint.yaml: line 2 is not valid YAML (an integer of 5000 digits",
+    ),
+    ("ok.yaml", b"name: ok\n", ["optim[0].lr=1"], "optim[0].lr: 'optim[0]' is not a key"),
+    ("ok.yaml", b"name: ok\n", ["config." + "a." * 3000 + "b=1"], "an override key nested more than 50 levels deep"),
+    ("brackets.yaml", b'name: b\n"a[b]": 1\n', [], "a[b]: unknown field"),
+    ("newline.yaml", b'name: "ab\\n"\n', [], "name: must be letters, digits"),
+    (
+        "ok.yaml",
+        b"name: ok\n",
+        ["checkpoint.storage=s3:/bucket/x"],
+        "checkpoint.storage: 's3:/bucket/x': a scheme is followed by '://' (did you mean 's3://bucket/x'?)",
+    ),
+    ("ok.yaml", b"name: ok\n", ["checkpoint.storage=s3://"], "checkpoint.storage: 's3://' names no bucket"),
+    (
+        "ok.yaml",
+        b"name: ok\n",
+        ["data.path=file:/d/x.parquet"],
+        "data.path: 'file:/d/x.parquet': a scheme is followed by '://' (did you mean 'file:///d/x.parquet'?)",
+    ),
+    ("ok.yaml", b"name: ok\n", ["checkpoint.endpoint_url=http://"], "checkpoint.endpoint_url: 'http://' names no host"),
 ]
 
 

@@ -26,7 +26,7 @@ METADATA_JOB_FILE = "orchestrator_job_file"
 METADATA_STORAGE = "orchestrator_storage"
 # Ray's ids (raysubmit_...), ours (run name + suffix) or a user's: never empty, no spaces, no slashes (a slash
 # would address another endpoint of the Jobs API).
-SUBMISSION_ID_RE = re.compile(r"^[^\s/?#]{1,200}$")
+SUBMISSION_ID_RE = re.compile(r"^[^\s/?#]{1,200}\Z")
 
 
 # ----------------------------------------------------------------------------------------------

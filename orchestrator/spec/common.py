@@ -10,15 +10,15 @@ from orchestrator.errors import BadInput
 from orchestrator.storage import redact
 
 # A user hook: `package.module:function`, importable from the job file's directory.
-HOOK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+HOOK_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 BUILTIN_MODELS = ("mlp", "cnn", "resnet", "gpt")
 BUILTIN_DATA = ("digits", "synthetic", "parquet")
 CLASSIFICATION_METRICS = ("loss", "accuracy", "f1", "roc_auc", "confusion_matrix")
 REGRESSION_METRICS = ("loss", "mse", "mae", "r2")
 LM_METRICS = ("loss", "perplexity")
 ALL_METRICS = tuple(dict.fromkeys(CLASSIFICATION_METRICS + REGRESSION_METRICS + LM_METRICS))
-FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\Z")
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\Z")
 # Job files are a few KB; a cap keeps a wrong path (a data file, a binary) from being parsed at all.
 MAX_JOB_FILE_BYTES = 1 << 20
 # Seeds go to numpy's legacy seeding too, which takes 0..2**32-1.
@@ -29,6 +29,10 @@ MLFLOW_SCHEMES = ("http", "https", "file", "sqlite", "databricks")
 
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)")
+# `s3:/bucket/x`, `s3:bucket`: a scheme without its `//` would otherwise be a local directory named `s3:`.
+_MISTYPED_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(?!//)")
+# Schemes whose URI means nothing without a bucket or host after the `//`.
+_NEEDS_HOST = ("s3", "s3a", "http", "https")
 _QUERY_SECRET_RE = re.compile(r"(?i)[?&][^=&#]*(token|key|secret|password|passwd|signature|credential)[^=&#]*=")
 
 
@@ -40,6 +44,15 @@ def check_uri(value: str, schemes: tuple[str, ...], local: bool, what: str) -> s
     """
     m = _SCHEME_RE.match(value)
     if m is None:
+        typo = _MISTYPED_SCHEME_RE.match(value)
+        rest = value[typo.end() :] if typo else ""
+        if typo and (typo.group(1).lower() in schemes or rest.startswith("/") or not local):
+            root = "/" if typo.group(1).lower() == "file" else ""
+            fixed = f"{typo.group(1)}://{root}{rest.lstrip('/')}"
+            raise ValueError(
+                f"{redact(value)!r}: a scheme is followed by '://' (did you mean {redact(fixed)!r}?)"
+                + (f"; write ./{redact(value)} for a local directory" if local else "")
+            )
         if local:
             return value
         raise ValueError(f"{redact(value)!r} is not a URI; use {' or '.join(s + '://' for s in schemes)}")
@@ -48,6 +61,10 @@ def check_uri(value: str, schemes: tuple[str, ...], local: bool, what: str) -> s
         allowed = ", ".join(f"{s}://" for s in schemes)
         raise ValueError(
             f"{redact(value)!r}: unsupported scheme {scheme!r} for {what}; use {'a local path, ' if local else ''}{allowed}"
+        )
+    if scheme in _NEEDS_HOST and not netloc:
+        raise ValueError(
+            f"{redact(value)!r} names no {'bucket' if scheme.startswith('s3') else 'host'} after {scheme}://"
         )
     if "@" in netloc or _QUERY_SECRET_RE.search(value):
         raise ValueError(f"{redact(value)!r}: credentials do not belong in a job file; they come from the environment")

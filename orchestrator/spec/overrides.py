@@ -11,7 +11,10 @@ from pydantic import BaseModel, ValidationError
 
 from orchestrator.spec.common import FLOAT_RE, SpecError, _suggest
 from orchestrator.spec.job import JobSpec
-from orchestrator.spec.yamlparse import parse_yaml
+from orchestrator.spec.yamlparse import MAX_DEPTH, parse_yaml
+
+# One part of a dotted key: a field, an option or a list index (`optim.betas.0`), never `a[0]` or `a b`.
+_KEY_PART_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -19,6 +22,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise SpecError([f"{text}: an override must look like dotted.key=value"])
+    if key.count(".") >= MAX_DEPTH:
+        raise SpecError([f"{key[:40]}...: an override key nested more than {MAX_DEPTH} levels deep"])
+    bad = next((part for part in key.split(".") if not _KEY_PART_RE.fullmatch(part)), None)
+    if bad is not None:
+        raise SpecError(
+            [
+                f"{key}: {bad!r} is not a key; an override key is dotted names (letters, digits, '_', '-'), e.g. optim.lr=3e-4"
+            ]
+        )
     try:
         value = parse_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -66,7 +78,10 @@ def format_errors(err: ValidationError) -> list[str]:
     """One line per problem, each starting with the dotted field path."""
     lines = []
     for e in err.errors():
+        # pydantic names a union's member in the location (`function-after[...]`, `tuple[int, int]`): not a field.
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+        if e["type"] == "extra_forbidden" and e["loc"] and loc[-1:] != e["loc"][-1:]:
+            loc = (*loc, e["loc"][-1])  # an unknown key that looks like such a member is still the key
         path = ".".join(str(p) for p in loc) or "(job)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":

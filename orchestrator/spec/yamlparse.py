@@ -1,4 +1,4 @@
-"""Strict YAML: no duplicate keys, no recursive or exploding aliases."""
+"""Strict YAML: no duplicate keys, no recursive or exploding aliases, no runaway nesting or numbers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ import yaml
 # Anchors and aliases are fine for reuse, but a few KB of nested aliases ("billion laughs") expand
 # into gigabytes once the job is dumped (run.json, a ConfigMap): cap the expanded node count.
 MAX_EXPANDED_NODES = 100_000
+# PyYAML composes and constructs recursively: a few KB of `[[[[...` exhaust the interpreter's stack.
+# A job is a handful of levels deep; config and options may nest a few more.
+MAX_DEPTH = 50
+# Python refuses to turn more than 4300 digits into an int (and json.dumps the other way); no field
+# or option needs more than a few dozen.
+MAX_INT_DIGITS = 100
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -31,6 +37,29 @@ class _StrictLoader(yaml.SafeLoader):
                     )
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+    def compose_node(self, parent, index):
+        depth = getattr(self, "_depth", 0)
+        if depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark
+            )
+        self._depth = depth + 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth = depth
+
+    def construct_yaml_int(self, node):
+        digits = sum(ch.isdigit() for ch in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {digits} digits; at most {MAX_INT_DIGITS} fit", node.start_mark
+            )
+        return super().construct_yaml_int(node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 
 
 def _expanded_size(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:

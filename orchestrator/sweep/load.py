@@ -82,7 +82,10 @@ def read_sweep_file(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     job_path = (Path(path).resolve().parent / ref).resolve()
     if not job_path.is_file():
         raise SpecError([f"{path}: job: {ref}: no such job file"])
-    return _deep_merge(read_job_file(job_path), {k: v for k, v in raw.items() if k != "job"}), str(job_path.parent)
+    job = read_job_file(job_path)
+    if not isinstance(job, dict):
+        raise SpecError([f"{path}: job: {ref}: the job file must be a mapping of sections"])
+    return _deep_merge(job, {k: v for k, v in raw.items() if k != "job"}), str(job_path.parent)
 
 
 def _override_text(path: str, value: Any) -> str:
