@@ -46,7 +46,7 @@ def check_uri(value: str, schemes: tuple[str, ...], local: bool, what: str) -> s
     if m is None:
         typo = _MISTYPED_SCHEME_RE.match(value)
         rest = value[typo.end() :] if typo else ""
-        if typo and (typo.group(1).lower() in schemes or rest.startswith("/") or not local):
+        if typo and (typo.group(1).lower() in schemes or rest.startswith("/")):
             root = "/" if typo.group(1).lower() == "file" else ""
             fixed = f"{typo.group(1)}://{root}{rest.lstrip('/')}"
             raise ValueError(
