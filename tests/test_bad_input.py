@@ -396,3 +396,65 @@ def test_runs_shows_names_as_written_not_as_markup(tmp_path):
     assert result["code"] == 0, result
     out = result["stdout"]
     assert "[red]x" in out and "[link=x]y" in out and "[bold]finished" in out, out
+
+
+# ----------------------------------------------------------------------------------------------
+# Secrets in free-form fields: refused when the job is read, so that none reaches what a run stores or
+# renders (run.json, report.html, each checkpoint's job.yaml, the ConfigMap, MLflow params, a sweep's records)
+
+
+FREE_FORM_SECRETS = [
+    (f"config.db_url=postgres://alice:{SECRET}@db/x", "config.db_url: 'postgres://db/x': credentials do not belong"),
+    (f"data.options.url=https://h/x?token={SECRET}", "data.options.url: 'https://h/x?token=***': credentials do not"),
+    (f"model.options.password={SECRET}", "model.options.password: holds a secret (its key 'password' names one)"),
+    ("config.note=key AKIAIOSFODNN7EXAMPLE here", "config.note: holds an AWS access key id"),
+    (f"config.servers=[a, 'https://bob:{SECRET}@h']", "config.servers.1: 'https://h': credentials do not belong"),
+]
+
+
+def test_secrets_in_free_form_fields_are_refused_by_every_command_that_would_store_or_render_them(tiny_job, tmp_path):
+    job, storage = tiny_job
+    (tmp_path / "sweep.yaml").write_text(
+        "job: tiny.yaml\nsweep: {parameters: {optim.lr: {type: loguniform, low: 0.001, high: 0.1}}, num_samples: 2}\n"
+    )
+    address = ["--address", "http://127.0.0.1:9"]  # nothing listens: a case that got past the check would say so
+    commands = [
+        ["run", str(job)],
+        ["k8s", "render", str(job)],
+        ["submit", str(job), *address],
+        ["sweep", str(tmp_path / "sweep.yaml")],
+        ["cv", str(job), "data.folds=2"],
+        ["validate", str(job)],
+    ]
+    cases = [[*command, override] for override, _ in FREE_FORM_SECRETS for command in commands]
+    results = run_many(cases, tmp_path, timeout=300)
+    for i, result in enumerate(results):
+        assert_one_line(result, FREE_FORM_SECRETS[i // len(commands)][1])
+        assert result["stdout"] == "", result  # no manifest rendered, no run started
+    assert not storage.exists(), list(storage.rglob("*"))
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()] == []
+
+
+@pytest.mark.parametrize(
+    "key, value, verdict",
+    [
+        ("password", "hunter2", "a secret (its key 'password' names one)"),
+        ("dbPassword", "x", "a secret (its key 'dbPassword' names one)"),
+        ("api_token", "Zf3D0LXCM3EIMbgJpUNnkRtOfOueHznB", "a secret (a random-looking value of 'api_token')"),
+        ("note", "-----BEGIN OPENSSH PRIVATE KEY-----", "a private key"),
+        ("note", "ghp_" + "a1B2" * 9, "a GitHub token"),
+        # Look-alikes that are not secrets: names of variables and files holding them, tokenizers, special tokens.
+        ("password_env", "DB_PASSWORD", None),
+        ("password_file", "/run/secrets/db", None),
+        ("secret_url", "https://vault/v1/db", None),
+        ("tokenizer", "gpt2", None),
+        ("token", "gpt2-medium", None),
+        ("pad_token", "<|endoftext|>", None),
+        ("key", "label", None),
+        ("max_tokens", "1024", None),
+    ],
+)
+def test_what_counts_as_a_secret_in_a_job_value(key, value, verdict):
+    from orchestrator.secret_rules import secret_in_value
+
+    assert secret_in_value(key, value) == verdict

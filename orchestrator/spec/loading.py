@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from orchestrator.secret_rules import secrets_in_job
 from orchestrator.spec.common import MAX_JOB_FILE_BYTES, SpecError
 from orchestrator.spec.job import JobSpec
 from orchestrator.spec.overrides import apply_overrides, format_errors
@@ -22,6 +23,11 @@ def build_spec(raw: Any, overrides: list[str] | None = None) -> JobSpec:
     if not isinstance(raw, dict):
         raise SpecError(["(job): the job file must be a mapping of sections"])
     raw = apply_overrides(raw, overrides or [])
+    # Whatever a job holds is stored and shown (run.json, reports, job.yaml, ConfigMaps, MLflow params): a
+    # secret in it is refused here, once, rather than redacted at each of those.
+    secrets = secrets_in_job(raw)
+    if secrets:
+        raise SpecError(secrets)
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as err:
