@@ -307,6 +307,86 @@ def test_ray_zips_exactly_what_the_plan_ships(tmp_path):
     assert len(files) == sub["package"]["files"]
 
 
+# Secret files by name (each with a marker no zip may hold), by contents under innocent names, and links to both.
+SECRET_FILES = {
+    ".env": "DB_PASSWORD=pw-MARK01",
+    "prod.env": "TOKEN=MARK02",
+    ".s3cfg": "[default]\nsecret_key = MARK03",
+    ".boto": "[Credentials]\nMARK04",
+    "secrets.toml": "db = 'MARK05'",
+    "terraform.tfstate": '{"outputs": "MARK06"}',
+    ".vault-token": "s.MARK07",
+    ".htpasswd": "alice:$apr1$MARK08",
+    "ID_RSA": "MARK09",
+    ".bash_history": "mysql -p MARK10",
+    "service-account.json": '{"project_id": "MARK11"}',
+    "sub/.ssh/id_ed25519": "MARK12",
+    # innocent names, secret contents
+    "notes/setup.md": "-----BEGIN RSA PRIVATE KEY-----\nMARK13\n-----END RSA PRIVATE KEY-----\n",
+    "gcp.json": '{"type": "service_account", "client_email": "MARK14"}',
+    "settings.ini": "[api]\napi_token = Zf3D0LXCM3EIMbgJpUNnkRtOfOueHznB  # MARK15\n",
+    "conf.py": 'ACCESS = "AKIAIOSFODNN7EXAMPLE"  # MARK16\n',
+}
+# Links inside the directory to secrets: Ray's zip follows them, so the contents would go out under these names.
+SECRET_LINKS = {"innocent.txt": ".env", "deploy_key": "sub/.ssh/id_ed25519", "readme.md": "notes/setup.md"}
+# Names and contents that only look like secrets: they ship.
+LOOK_ALIKES = {
+    "environment.py": 'import os\nTOKEN_VAR = "HF_TOKEN"\npassword = os.environ["DB_PASSWORD"]\n',
+    "tokenizer.json": '{"pad_token": "<pad>", "eos_token": "</s>"}',
+    "keys.py": 'KEYS = ["label", "weight"]\n',
+    "monkey.txt": "not a key",
+    ".env.example": "DB_PASSWORD=\n",
+    "secret_santa.md": "who gives to whom",
+    "env.yaml": "python: 3.11\n",
+    "tokens/vocab.txt": "a\nb\n",
+}
+
+
+def test_the_zip_ray_uploads_holds_no_secret_by_name_contents_or_link(tmp_path):
+    """Ray's own packaging of the job directory, with the submission's excludes: no secret, whichever way it hides."""
+    from zipfile import ZipFile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    job = make_job_dir(tmp_path / "p", "/shared/runs")
+    root = tmp_path / "p"
+    for rel, text in {**SECRET_FILES, **LOOK_ALIKES}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    for link, target in SECRET_LINKS.items():
+        (root / link).symlink_to(root / target)
+    (root / "helper_link.py").symlink_to(root / "lib" / "helper.py")  # a link to a plain file still ships
+    spec = build_spec({"name": "demo", "entrypoint": "demo_loop:train", "checkpoint": {"storage": "/shared/runs"}})
+    sub = build_submission(spec, job, max_file_bytes=1000)
+    zipped = tmp_path / "pkg.zip"
+    create_package(str(root), zipped, include_gitignore=True, excludes=sub["runtime_env"]["excludes"])
+    with ZipFile(zipped) as z:
+        files = {n for n in z.namelist() if not n.endswith("/")}
+        contents = b"".join(z.read(n) for n in files)
+    assert [m for m in (f"MARK{i:02}".encode() for i in range(1, 17)) if m in contents] == []
+    shipped = {"job.yaml", "demo_loop.py", "data/small.csv", "lib/helper.py", ".rayignore", "helper_link.py"}
+    assert files == shipped | set(LOOK_ALIKES)
+    assert set(sub["package"]["withheld"]) == {".env", "prod.env", ".s3cfg", ".boto", "secrets.toml"} | {
+        "terraform.tfstate",
+        ".vault-token",
+        ".htpasswd",
+        "ID_RSA",
+        ".bash_history",
+        "service-account.json",
+        "sub/.ssh",
+    } | {"notes/setup.md", "gcp.json", "settings.ini", "conf.py"} | set(SECRET_LINKS)
+    warnings = "\n".join(sub["warnings"])
+    assert (
+        "not shipped: innocent.txt (a link to .env, which looks like a secret); --include 'innocent.txt' ships it"
+        in warnings
+    )
+    assert "not shipped: notes/setup.md (holds a private key); --include 'notes/setup.md' ships it" in warnings
+    assert "not shipped: conf.py (holds an AWS access key id)" in warnings
+    # The user decides: what --include names ships.
+    again = build_submission(spec, job, max_file_bytes=1000, includes=["innocent.txt", "conf.py"])
+    assert not {"innocent.txt", "conf.py"} & set(again["package"]["withheld"])
+
+
 def test_summary_from_logs_takes_the_last_run_summary():
     logs = 'noise\n{"not": "a summary"}\n{"run": "r", "status": "finished", "steps": 3}\nWebSocket closed\n'
     assert summary_from_logs(logs) == {"run": "r", "status": "finished", "steps": 3}

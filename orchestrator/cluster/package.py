@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.secret_rules import secret_in_text
+
 # Never worth shipping: version control, environments, caches, run outputs and weights.
 DEFAULT_EXCLUDES = (
     ".git/",
@@ -35,11 +37,19 @@ DEFAULT_EXCLUDES = (
     "*.ckpt",
 )
 # Never shipped to a cluster unless `--include` names them: credentials and keys that sit in a project
-# directory (gitignored, but Ray's zip would still take an untracked file that no ignore file names).
+# directory (gitignored, but Ray's zip would still take an untracked file that no ignore file names). The
+# file names of gitrob's and the secret scanners' signatures; matched in lower case (`ID_RSA` too). A file
+# of any name is withheld as well when its contents hold a secret (`orchestrator.secret_rules`).
 SECRET_PATTERNS = (
+    # environment files, but not their templates
     ".env",
     ".env.*",
+    "*.env",
+    "!.env.example",
+    "!.env.sample",
+    "!.env.template",
     ".envrc",
+    # tools' credential directories and files
     ".aws/",
     ".ssh/",
     ".gnupg/",
@@ -47,28 +57,60 @@ SECRET_PATTERNS = (
     ".docker/",
     ".azure/",
     ".config/gcloud/",
+    ".password-store/",
     ".netrc",
     "_netrc",
     ".pgpass",
+    ".my.cnf",
     ".git-credentials",
     ".npmrc",
     ".pypirc",
+    ".s3cfg",
+    ".boto",
+    ".dockercfg",
+    ".vault-token",
+    ".htpasswd",
+    "credentials",
+    "credentials.*",
+    "*.kubeconfig",
+    "kubeconfig",
+    "auth_token",
+    "secret.*",
+    "secrets.*",
+    "*service-account*.json",
+    "*service_account*.json",
+    # keys and key stores
     "*.pem",
     "*.key",
     "*.p12",
     "*.pfx",
+    "*.pkcs12",
     "*.jks",
     "*.keystore",
+    "*.keytab",
+    "*.kdbx",
+    "*.ppk",
+    "*.ovpn",
     "id_rsa*",
     "id_dsa*",
     "id_ecdsa*",
     "id_ed25519*",
-    "credentials",
-    "credentials.json",
-    "*.kubeconfig",
-    "kubeconfig",
-    "auth_token",
+    "*_rsa",
+    "*_dsa",
+    "*_ecdsa",
+    "*_ed25519",
+    # infrastructure state, which holds every secret it created
+    "*.tfstate",
+    "*.tfstate.backup",
+    "*.tfvars",
+    ".terraformrc",
+    "terraform.rc",
+    # shell and database histories: passwords typed on command lines
+    "*_history",
+    ".histfile",
 )
+# Contents are read this far for secrets (a key or an .env is a few KB; a data file's head is enough).
+MAX_SCAN_BYTES = 1 << 20
 MAX_PACKAGE_BYTES = 100 * 1000 * 1000
 # A bigger single file is left out of the package (Ray warns at 10 MiB): data belongs on storage the cluster reads.
 MAX_FILE_BYTES = 10 * 1024 * 1024
@@ -108,6 +150,14 @@ class PackagePlan:
     excluded: set[str] = field(default_factory=set)
     # Paths never shipped though nothing excluded them: secret-looking files and links out of the directory.
     withheld: list[tuple[str, str]] = field(default_factory=list)
+    secrets: set[str] = field(default_factory=set)  # of the withheld, those `--include` would ship
+
+    def withhold(self, rel: str, reason: str, secret: bool = False) -> None:
+        """Leave a path out of the package, saying why; a secret ships only when `--include` names it."""
+        self.withheld.append((rel, reason))
+        self.excluded.add(rel)
+        if secret:
+            self.secrets.add(rel)
 
     def ships(self, rel: str) -> bool:
         """Whether a path relative to the root is in the package."""
@@ -152,26 +202,29 @@ def plan_package(
             if excluded_spec.match_file(probe) or _ignored(probe, ignores):
                 plan.excluded.add(rel)
                 continue
-            if secret_spec.match_file(probe) and not include_spec.match_file(probe):
-                plan.withheld.append((rel, "looks like a secret"))
-                plan.excluded.add(rel)
+            included = include_spec.match_file(probe)
+            if secret_spec.match_file(probe.lower()) and not included:
+                plan.withhold(rel, "looks like a secret", secret=True)
                 continue
             if entry.is_symlink():
                 reason = _link_problem(Path(entry.path), real_root)
                 if reason:
-                    plan.withheld.append((rel, reason))
-                    plan.excluded.add(rel)
+                    plan.withhold(rel, reason)
                     continue
             if is_dir:
                 stack.append((Path(entry.path), rel, ignores))
                 continue
             try:
-                size = entry.stat().st_size
+                size = entry.stat().st_size  # through a link: what Ray's zip would read
             except OSError:
                 continue
             if size > max_file_bytes:
                 plan.left_out.append((rel, size))
                 plan.excluded.add(rel)
+                continue
+            reason = None if included else _secret_inside(Path(entry.path), real_root, secret_spec)
+            if reason:
+                plan.withhold(rel, reason, secret=True)
                 continue
             plan.files += 1
             plan.bytes += size
@@ -201,6 +254,25 @@ def _link_problem(link: Path, real_root: Path) -> str | None:
     if target.is_dir():
         return "a link to a directory (it could loop)"
     return None
+
+
+def _secret_inside(path: Path, real_root: Path, secret_spec) -> str | None:
+    """Why a file (or the file a link inside the root names) holds a secret, or None.
+
+    A link is judged by its target too: `innocent.txt -> .env` would ship the .env's contents under an
+    innocent name, since Ray's zip follows links.
+    """
+    if path.is_symlink():
+        target = Path(os.path.realpath(path)).relative_to(real_root).as_posix()
+        if secret_spec.match_file(target.lower()):
+            return f"a link to {target}, which looks like a secret"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(MAX_SCAN_BYTES)
+    except OSError:
+        return None
+    found = secret_in_text(head.decode("utf-8", errors="replace"))
+    return f"holds {found}" if found else None
 
 
 def _mb(n: int) -> str:

@@ -106,7 +106,7 @@ def _package_warnings(plan: PackagePlan, max_file_bytes: int) -> list[str]:
         for rel, size in plan.left_out
     ]
     warnings += [
-        f"not shipped: {rel} ({reason})" + (f"; --include '{rel}' ships it" if reason == "looks like a secret" else "")
+        f"not shipped: {rel} ({reason})" + (f"; --include '{rel}' ships it" if rel in plan.secrets else "")
         for rel, reason in plan.withheld
     ]
     return warnings
