@@ -158,6 +158,13 @@ VALIDATE_CASES = [
         "data.path: 'file:/d/x.parquet': a scheme is followed by '://' (did you mean 'file:///d/x.parquet'?)",
     ),
     ("ok.yaml", b"name: ok\n", ["checkpoint.endpoint_url=http://"], "checkpoint.endpoint_url: 'http://' names no host"),
+    # Early stopping without validation data never fires: it trained to the end, silently.
+    (
+        "ok.yaml",
+        b"name: ok\nearly_stopping: {patience: 2}\n",
+        ["validation.split=0"],
+        "validation.split: 0 leaves no validation data, and early_stopping.metric watches val_loss",
+    ),
 ]
 
 

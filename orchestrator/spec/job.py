@@ -114,6 +114,14 @@ class JobSpec(Section):
                 raise ValueError(
                     f"{field_path}: {metric!r} is not a validation metric of this job{_suggest(metric, names)}; use one of {', '.join(names)}"
                 )
+        if self.validation.split == 0 and self.data.folds is None:
+            # No validation split, no validation metric: what watches one would wait for ever, silently.
+            for field_path, metric in watched:
+                if metric is not None:
+                    raise ValueError(
+                        f"validation.split: 0 leaves no validation data, and {field_path} watches {metric}; "
+                        "give validation.split a fraction (e.g. 0.2) or leave that out"
+                    )
         if (
             self.early_stopping
             and self.checkpoint.best_metric
