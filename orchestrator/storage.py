@@ -274,10 +274,15 @@ def preflight(uri: str, endpoint_url: str | None = None, timeout_s: float | None
     """
     deadline = min(float(timeout_s or DEFAULT_TIMEOUT_S), PREFLIGHT_TIMEOUT_S)
     fs, root = open_storage(uri, endpoint_url, deadline)
+    if split_uri(uri)[0] == "file":
+        # A local root not made yet is made by the run's first write: the probe goes to the nearest directory
+        # that exists, so that a run refused later (by preflight, or a lease) leaves nothing behind.
+        while not os.path.lexists(root) and os.path.dirname(root) != root:
+            root = os.path.dirname(root)
+        if not os.path.isdir(root):
+            raise BadInput(f"{redact(uri)}: {root} is a file, not a directory")
     probe = join(root, f".orchestrator-probe-{uuid.uuid4().hex}")
     try:
-        if split_uri(uri)[0] == "file":
-            fs.makedirs(root, exist_ok=True)  # on object stores this would create buckets: never
         call(fs, "pipe_file", probe, b"probe")
         call(fs, "rm_file", probe)
     except StorageError as exc:  # the probe's own name means nothing to the user

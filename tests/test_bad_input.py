@@ -243,7 +243,7 @@ def test_run_refuses_what_preflight_finds_before_writing(tiny_job, tmp_path):
     assert_one_line(results[1], "model.freeze: 'nope.*' matches no parameter")
     assert_one_line(results[2], "train.max_steps: Input should be greater than or equal to 1")
     assert_one_line(results[3], "optim: the model has no trainable parameters")
-    assert not (storage / "tiny").exists(), list(storage.rglob("*"))
+    assert not storage.exists(), list(storage.rglob("*"))  # not even the storage's own directory
 
 
 def test_preflight_checks_the_model_without_building_an_optimizer(tmp_path):
