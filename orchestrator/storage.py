@@ -12,6 +12,7 @@ import os
 import posixpath
 import random
 import re
+import stat
 import threading
 import time
 import uuid
@@ -55,6 +56,22 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 
 DEFAULT_TIMEOUT_S = 300.0
+# A command a person waits on (checkpoints, runs, report, export) gives up sooner, in one line: a healthy
+# storage answers in well under a second, and minutes of retries there only look like a hang.
+INTERACTIVE_TIMEOUT_S = 10.0
+# What an operation without a deadline of its own gets, and whether each retry says so (a run's log wants
+# every retry; an interactive command only its one line at the end): see `use_interactive_deadline`.
+_default_timeout_s = DEFAULT_TIMEOUT_S
+_interactive = False
+
+
+def use_interactive_deadline(timeout_s: float = INTERACTIVE_TIMEOUT_S) -> None:
+    """For the rest of this process: storage operations without a deadline of their own give up after `timeout_s`
+    with one line, and retry without a line each."""
+    global _default_timeout_s, _interactive
+    _default_timeout_s, _interactive = float(timeout_s), True
+
+
 # One request may not wait longer than this for a first byte even under a long deadline: a healthy
 # S3 answers in well under a second, so a silent socket is a dead one and the next attempt may heal.
 MAX_READ_TIMEOUT_S = 60.0
@@ -66,7 +83,7 @@ def open_storage(uri: str, endpoint_url: str | None = None, timeout_s: float | N
     if redact(uri) != uri:
         # Nothing here reads credentials from a URI: they would only end up in paths, logs and records.
         raise BadInput(f"{redact(uri)}: credentials do not belong in a storage URI; they come from the environment")
-    deadline = float(timeout_s or DEFAULT_TIMEOUT_S)
+    deadline = float(timeout_s or _default_timeout_s)
     protocol, path = split_uri(uri)
     if protocol == "file":
         from fsspec.implementations.local import LocalFileSystem
@@ -114,7 +131,7 @@ def open_storage(uri: str, endpoint_url: str | None = None, timeout_s: float | N
 
 def timeout_of(fs) -> float:
     """The deadline of one operation on a filesystem from `open_storage` (the default for any other)."""
-    return float(getattr(fs, "orchestrator_timeout_s", DEFAULT_TIMEOUT_S))
+    return float(getattr(fs, "orchestrator_timeout_s", _default_timeout_s))
 
 
 def to_uri(fs, path: str) -> str:
@@ -307,7 +324,7 @@ def with_retries(
     reader decides what absence means); what is still failing at the deadline raises StorageError
     naming the URI, the operation and the last reason.
     """
-    deadline = float(timeout_s or DEFAULT_TIMEOUT_S)
+    deadline = float(timeout_s or _default_timeout_s)
     shown = redact(uri) if uri else what
     start = time.monotonic()
     delay = first_delay
@@ -328,13 +345,17 @@ def with_retries(
             # Jittered: many workers that lost the same endpoint do not all come back in step.
             sleep = random.uniform(delay / 2, delay)
             if elapsed + sleep >= deadline:
+                past = "" if _interactive else f", past checkpoint.upload_timeout_s={deadline:g}"
                 raise StorageError(
                     shown,
-                    f"{what} still failing after {elapsed:.1f} s and {attempt} attempt(s), "
-                    f"past checkpoint.upload_timeout_s={deadline:g} ({_scrub(verdict.reason)})",
+                    f"{what} still failing after {elapsed:.1f} s and {attempt} attempt(s){past} ({_scrub(verdict.reason)})",
                     transient=True,
                 ) from exc
-            log.warning("%s %s failed (%s), retry %d in %.1fs", what, shown, verdict.reason, attempt, sleep)
+            log.log(
+                logging.DEBUG if _interactive else logging.WARNING,
+                "%s %s failed (%s), retry %d in %.1fs",
+                *(what, shown, verdict.reason, attempt, sleep),
+            )
             time.sleep(sleep)
             delay = min(delay * 2, max_delay)
 
@@ -401,12 +422,29 @@ def _is_s3(fs) -> bool:
 
 def read_bytes(fs, path: str) -> bytes:
     """Read a whole small object (one request), retrying transient failures."""
+    _check_readable(fs, path)
     return call(fs, "cat_file", path, **_ranges(fs, concurrency=1))
 
 
 def read_large(fs, path: str) -> bytes:
     """Read a whole object, a large one as parallel ranged reads, retrying transient failures."""
+    _check_readable(fs, path)
     return call(fs, "cat_file", path, **_ranges(fs))
+
+
+def _check_readable(fs, path: str) -> None:
+    """StorageError for a local path that is a FIFO, socket or device: reading one waits for a writer for ever."""
+    if _is_local(fs):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return  # the read says what is wrong (not found, denied), as before
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise StorageError(to_uri(fs, path), "not a regular file (a FIFO, socket or device)")
+
+
+def _is_local(fs) -> bool:
+    return any(p in ("file", "local") for p in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)))
 
 
 def write_bytes(fs, path: str, data: bytes, transfers=None) -> None:

@@ -23,11 +23,11 @@ SECRET = "hunter2-s3cr3t"
 # Runs every command line given as JSON in one interpreter, through click's standalone main (the one
 # `orchestrator` runs), and prints what each wrote and its exit code.
 HARNESS = r"""
-import contextlib, io, json, sys, traceback
+import contextlib, io, json, sys, time, traceback
 from orchestrator.cli import main
 results = []
 for args in json.loads(sys.argv[1]):
-    out, err, code = io.StringIO(), io.StringIO(), 0
+    out, err, code, start = io.StringIO(), io.StringIO(), 0, time.monotonic()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             main(args, prog_name="orchestrator")
@@ -36,7 +36,8 @@ for args in json.loads(sys.argv[1]):
         except BaseException:
             traceback.print_exc()
             code = -1
-    results.append({"args": args, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+    seconds = time.monotonic() - start
+    results.append({"args": args, "code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "seconds": seconds})
 print(json.dumps(results))
 """
 
@@ -47,13 +48,15 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path / "home")}
 
 
-def run_many(cases: list[list[str]], tmp_path: Path, timeout: int = 120) -> list[dict]:
+def run_many(
+    cases: list[list[str]], tmp_path: Path, timeout: int = 120, env: dict[str, str] | None = None
+) -> list[dict]:
     proc = subprocess.run(
         [sys.executable, "-c", HARNESS, json.dumps(cases)],
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=clean_env(tmp_path),
+        env={**clean_env(tmp_path), **(env or {})},
         timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -465,3 +468,89 @@ def test_what_counts_as_a_secret_in_a_job_value(key, value, verdict):
     from orchestrator.secret_rules import secret_in_value
 
     assert secret_in_value(key, value) == verdict
+
+
+# ----------------------------------------------------------------------------------------------
+# Read commands: what a storage holds may be odd (a malformed record, a FIFO), and the storage may not answer
+
+
+def test_runs_lists_an_unreadable_record_as_such_and_shows_the_others(tmp_path):
+    storage = tmp_path / "runs"
+    good = {"run": "good", "status": "finished", "started": "2026-01-01T00:00:00", "job": {}}
+    for name, text in [("good", json.dumps(good)), ("torn", '{"run": "torn", "sta'), ("list", "[1, 2]")]:
+        (storage / name).mkdir(parents=True)
+        (storage / name / "run.json").write_text(text)
+    (storage / "fifo").mkdir()
+    os.mkfifo(storage / "fifo" / "run.json")  # reading it would wait for a writer for ever
+    (storage / "sweep").mkdir()
+    (storage / "sweep" / "sweep.json").write_bytes(b"\xff\xfe")
+    (result,) = run_many([["runs", str(storage), "--json"]], tmp_path, timeout=60)
+    assert result["code"] == 0 and result["stderr"] == "", result
+    rows = {r["name"]: r for r in json.loads(result["stdout"].splitlines()[-1])}
+    assert rows["good"]["status"] == "finished"
+    assert rows["torn"]["status"] == "unreadable (run.json: not JSON (JSONDecodeError))"
+    assert rows["list"]["status"] == "unreadable (run.json: not a run record)"
+    assert rows["fifo"]["status"] == "unreadable (run.json: not a regular file (a FIFO, socket or device))"
+    assert rows["sweep"]["status"] == "unreadable (sweep.json: not JSON (JSONDecodeError))"
+
+
+def test_fifos_where_files_belong_are_one_line_not_a_hang(tiny_job, tmp_path):
+    job, storage = tiny_job
+    os.mkfifo(tmp_path / "data.parquet")
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "folder" / "part-0.parquet")
+    os.mkfifo(tmp_path / "fifo.yaml")
+    (storage / "tiny").mkdir(parents=True)
+    os.mkfifo(storage / "tiny" / "run.json")
+    parquet = ["data.name=parquet", "data.task=classification", "data.features=[a]", "data.label=y"]
+    results = run_many(
+        [
+            ["run", str(job), *parquet, f"data.path={tmp_path / 'data.parquet'}"],
+            ["run", str(job), *parquet, f"data.path={tmp_path / 'folder'}"],
+            ["validate", str(tmp_path / "fifo.yaml")],
+            ["report", str(storage / "tiny"), "--out", str(tmp_path / "r.html")],
+        ],
+        tmp_path,
+        timeout=120,
+    )
+    assert_one_line(
+        results[0], f"data.path: {tmp_path / 'data.parquet'}: not a regular file (a FIFO, socket or device)"
+    )
+    assert_one_line(results[1], f"data.path: {tmp_path / 'folder' / 'part-0.parquet'}: not a regular file")
+    assert_one_line(results[2], "fifo.yaml: not a regular file (a FIFO, socket or device)")
+    assert_one_line(results[3], f"{storage / 'tiny' / 'run.json'}: not a regular file")
+    assert sorted(p.name for p in storage.rglob("*")) == ["run.json", "tiny"]
+
+
+def test_export_into_a_directory_that_does_not_exist_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "no" / "such" / "w.safetensors"
+    (result,) = run_many([["export", str(tmp_path / "run" / "checkpoint_1"), "--out", str(out)]], tmp_path)
+    assert_one_line(result, f"--out: {out.parent}: no such directory")
+    assert not (tmp_path / "no").exists()
+
+
+def test_read_commands_against_an_endpoint_that_does_not_answer_give_up_in_seconds_in_one_line(tmp_path):
+    from ports import free_port
+
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "AWS_ACCESS_KEY_ID": "a",
+        "AWS_SECRET_ACCESS_KEY": "b",
+    }
+    results = run_many(
+        [
+            ["checkpoints", "s3://bucket/run"],
+            ["runs", "s3://bucket"],
+            ["report", "s3://bucket/run"],
+            ["export", "s3://bucket/run/checkpoint_1", "--out", str(tmp_path / "w.safetensors")],
+        ],
+        tmp_path,
+        timeout=180,
+        env=env,
+    )
+    for result in results:
+        # One line, no line per retry (each was a line; the listing retried for five minutes).
+        assert_one_line(result, "cannot reach the storage endpoint")
+        assert "s3://bucket" in result["stderr"] and "upload_timeout_s" not in result["stderr"]
+        assert result["seconds"] < 20, result
+    assert not (tmp_path / "w.safetensors").exists()

@@ -186,8 +186,9 @@ def run(
 def checkpoints(run_uri: str, endpoint_url: str | None, as_json: bool) -> None:
     """List the committed checkpoints of a run (step, metrics, size, URI), oldest first."""
     from orchestrator.checkpoint import list_checkpoints
-    from orchestrator.storage import open_storage
+    from orchestrator.storage import open_storage, use_interactive_deadline
 
+    use_interactive_deadline()
     fs, root = open_storage(run_uri, endpoint_url)
     found = list_checkpoints(fs, root, uri_prefix=run_uri)
     if as_json:
@@ -234,6 +235,9 @@ def export(uri: str, out: str, choice: str | None, force: bool, endpoint_url: st
     settings.
     """
     from orchestrator.export import export_checkpoint, parse_choice
+    from orchestrator.storage import use_interactive_deadline
+
+    use_interactive_deadline()
 
     done = export_checkpoint(uri, out, parse_choice(choice), force=force, endpoint_url=endpoint_url)
     if as_json:

@@ -28,7 +28,9 @@ from orchestrator.storage import redact
 def report(uri: str, out: str | None, force: bool, endpoint_url: str | None, as_json: bool) -> None:
     """Write the offline HTML report (plots, settings, provenance) of a run, a sweep or a cross-validation."""
     from orchestrator.report import write_report
+    from orchestrator.storage import use_interactive_deadline
 
+    use_interactive_deadline()
     where = write_report(uri, out=out, endpoint_url=endpoint_url, force=force)
     if as_json:
         print_json({"report": where})
@@ -47,7 +49,9 @@ def report(uri: str, out: str | None, force: bool, endpoint_url: str | None, as_
 def runs(storage_uri: str, endpoint_url: str | None, as_json: bool) -> None:
     """List the runs, sweeps and cross-validations under a storage, newest first."""
     from orchestrator.report import list_runs
+    from orchestrator.storage import use_interactive_deadline
 
+    use_interactive_deadline()
     found = list_runs(storage_uri, endpoint_url)
     if as_json:
         print_json(found)

@@ -55,6 +55,10 @@ def list_parquet_files(uri: str, endpoint_url: str | None = None) -> tuple[Any, 
             files = [fs.info(root)]
         else:
             raise BadInput(f"data.path: {uri}: no such file")
+        # A FIFO, socket or device ("other" locally): reading one would wait for a writer for ever.
+        odd = next((i for i in files if i.get("type") not in ("file", None)), None)
+        if odd is not None:
+            raise BadInput(f"data.path: {_display(fs, odd['name'])}: not a regular file (a FIFO, socket or device)")
     except BadInput:
         raise
     except FileNotFoundError:

@@ -38,6 +38,8 @@ def read_job_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML job file into a dict, or raise SpecError naming the file."""
     p = Path(path)
     if not p.is_file():
+        if p.exists() and not p.is_dir():
+            raise SpecError([f"{path}: not a regular file (a FIFO, socket or device)"])
         raise SpecError([f"{path}: no such job file"])
     size = p.stat().st_size
     if size > MAX_JOB_FILE_BYTES:
