@@ -231,6 +231,13 @@ def expected_output_shape(info: DataInfo, batch: int) -> tuple[int, ...]:
 def check_model(spec: JobSpec, info: DataInfo, base_dir: str | Path | None = None) -> int:
     """Preflight: build the model and run two dummy examples through it; return its parameter count or raise BadInput."""
     model = build_model(spec, info, base_dir)
+    check_outputs(model, spec, info)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_outputs(model: nn.Module, spec: JobSpec, info: DataInfo) -> None:
+    """Run two dummy examples through a built model: BadInput unless its output has the task's shape (a class count
+    the data does not have would train, and score, without a word)."""
     dtype = torch.long if info.task == "lm" else torch.float32
     x = torch.zeros((2,) + tuple(info.input_shape), dtype=dtype)
     model.eval()
@@ -246,4 +253,3 @@ def check_model(spec: JobSpec, info: DataInfo, base_dir: str | Path | None = Non
     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if got != want:
         raise BadInput(f"model.name: {spec.model.name} gives output {got} for a batch of 2; {info.task} needs {want}")
-    return sum(p.numel() for p in model.parameters())

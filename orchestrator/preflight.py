@@ -32,8 +32,8 @@ def preflight(spec: JobSpec, base_dir: str | None, address: str | None) -> DataI
         tracking.preflight(spec)
         return None
     info = check_data(spec, base_dir)
-    check_model(spec, info, base_dir)
-    check_init_from(spec)
+    model = check_model(spec, info, base_dir)
+    check_init_from(spec, model)
     tracking.preflight(spec)
     return info
 
@@ -64,9 +64,9 @@ def check_resources(spec: JobSpec) -> None:
             )
 
 
-def check_model(spec: JobSpec, info: DataInfo, base_dir: str | None) -> None:
-    """The model builds for the data's shapes; every freeze pattern matches; something is left to train; the schedule
-    fits the run.
+def check_model(spec: JobSpec, info: DataInfo, base_dir: str | None):
+    """The model builds for the data's shapes and gives the task's output; every freeze pattern matches; something
+    is left to train; the schedule fits the run. Returns the model.
 
     Cheap on the driver (a model is built, no data is loaded), and every failure here would otherwise
     surface only after the workers started and run.json was written. No optimizer is built: its arguments
@@ -74,7 +74,7 @@ def check_model(spec: JobSpec, info: DataInfo, base_dir: str | None) -> None:
     one imports torch's compiler machinery (torch._dynamo, about 2.4 s on two cores), which the worker
     that trains imports again.
     """
-    from orchestrator.models import build_model  # torch: after the checks that need none
+    from orchestrator.models import build_model, check_outputs  # torch: after the checks that need none
     from orchestrator.optim import check_schedule
 
     try:
@@ -83,6 +83,7 @@ def check_model(spec: JobSpec, info: DataInfo, base_dir: str | None) -> None:
         raise
     except Exception as exc:
         raise BadInput(f"model: cannot build {spec.model.name!r} for this data ({type(exc).__name__}: {exc})") from None
+    check_outputs(model, spec, info)
     names = [name for name, _ in model.named_parameters()]
     for pattern in spec.model.freeze:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
@@ -98,6 +99,7 @@ def check_model(spec: JobSpec, info: DataInfo, base_dir: str | None) -> None:
         check_schedule(spec.schedule, estimated_total_steps(spec, info))
     except Exception as exc:
         raise BadInput(f"schedule: {_one_line(exc)}") from None
+    return model
 
 
 def estimated_total_steps(spec: JobSpec, info: DataInfo) -> int:
@@ -113,7 +115,22 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def check_init_from(spec: JobSpec) -> None:
-    """`model.init_from` names weights that can be read."""
-    if spec.model.init_from:
-        load_weights(spec.model.init_from, spec.checkpoint.endpoint_url)
+def check_init_from(spec: JobSpec, model) -> None:
+    """`model.init_from` names weights that can be read, some of which fit the model (by name and shape).
+
+    None fitting is a run that would train from scratch while saying it started from those weights.
+    """
+    if not spec.model.init_from:
+        return
+    weights = load_weights(spec.model.init_from, spec.checkpoint.endpoint_url)
+    own = model.state_dict()
+    if not any(k in own and tuple(own[k].shape) == tuple(getattr(v, "shape", ())) for k, v in weights.items()):
+        ours, theirs = sorted(own), sorted(weights)
+        raise BadInput(
+            f"model.init_from: none of the {len(theirs)} tensors of {spec.model.init_from} fits {spec.model.name} by name "
+            f"and shape (they are: {_some(theirs)}; the model's are: {_some(ours)})"
+        )
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "") if names else "none"

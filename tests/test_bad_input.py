@@ -249,6 +249,52 @@ def test_run_refuses_what_preflight_finds_before_writing(tiny_job, tmp_path):
     assert not storage.exists(), list(storage.rglob("*"))  # not even the storage's own directory
 
 
+def test_run_refuses_weights_that_fit_nothing_and_a_model_whose_outputs_are_not_the_classes(tiny_job, tmp_path):
+    """Both trained to exit 0 before: from scratch while saying "initialised 0 tensors", and 7 logits scored for 2 classes."""
+    import torch
+    from safetensors.torch import save_file
+
+    job, storage = tiny_job
+    save_file({"encoder.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
+    (tmp_path / "wide.py").write_text("import torch.nn as nn\ndef make():\n    return nn.Linear(4, 7)\n")
+    results = run_many(
+        [
+            ["run", str(job), f"model.init_from={tmp_path / 'other.safetensors'}"],
+            ["run", str(job), "model.name=wide:make"],
+        ],
+        tmp_path,
+        timeout=300,
+    )
+    assert_one_line(
+        results[0],
+        f"model.init_from: none of the 1 tensors of {tmp_path / 'other.safetensors'} fits mlp by name and shape "
+        "(they are: encoder.weight; the model's are: net.1.bias, net.1.weight, net.4.bias, net.4.weight)",
+    )
+    assert_one_line(
+        results[1], "model.name: wide:make gives output (2, 7) for a batch of 2; classification needs (2, 2)"
+    )
+    assert not storage.exists(), list(storage.rglob("*"))
+
+
+def test_the_loop_says_how_much_of_init_from_fitted_and_refuses_none(tmp_path):
+    import torch
+
+    from orchestrator.loop.parts import apply_init_and_freeze
+    from orchestrator.spec import build_spec
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    torch.save({"0.weight": torch.ones(3, 4), "0.bias": torch.ones(3), "2.weight": torch.ones(9, 9)}, tmp_path / "w.pt")
+    said = []
+    apply_init_and_freeze(model, build_spec({"model": {"init_from": str(tmp_path / "w.pt")}}), said.append)
+    assert said == [
+        f"initialised 2 of the model's 4 tensors from {tmp_path / 'w.pt'} (skipped 1 of another shape or name)"
+    ]
+    assert torch.equal(model[0].weight, torch.ones(3, 4))
+    torch.save({"x": torch.ones(1)}, tmp_path / "none.pt")
+    with pytest.raises(ValueError, match="model.init_from: no tensor of .*none.pt fits the model by name and shape"):
+        apply_init_and_freeze(model, build_spec({"model": {"init_from": str(tmp_path / "none.pt")}}), said.append)
+
+
 def test_preflight_checks_the_model_without_building_an_optimizer(tmp_path):
     # An optimizer's first build imports torch's compiler machinery (seconds); the worker that trains pays it anyway.
     code = (

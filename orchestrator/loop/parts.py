@@ -64,9 +64,11 @@ def apply_init_and_freeze(model: torch.nn.Module, spec: JobSpec, say: Callable[[
         own = model.state_dict()
         usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
         skipped = sorted(set(weights) - set(usable))
+        if not usable:  # preflight says so first; weights that changed since would train from scratch, silently
+            raise ValueError(f"model.init_from: no tensor of {spec.model.init_from} fits the model by name and shape")
         model.load_state_dict(usable, strict=False)
         say(
-            f"initialised {len(usable)} tensors from {spec.model.init_from}"
+            f"initialised {len(usable)} of the model's {len(own)} tensors from {spec.model.init_from}"
             + (f" (skipped {len(skipped)} of another shape or name)" if skipped else "")
         )
     if spec.model.freeze:
