@@ -22,3 +22,8 @@ class StopRequested(BaseException):
 
     A BaseException, as SystemExit is: no `except Exception` on the way out takes it for a failure.
     """
+
+
+class DataError(ValueError):
+    """Data that cannot train, found as it is read (a missing or non-finite value, a page that does not decode),
+    naming the file, row group and column: the same data would fail a restart the same way, so it is never retried."""

@@ -2,8 +2,9 @@
 
 A worker or node that dies (killed, out of memory, node lost, a peer's collective broken by it) is
 retried from the last committed checkpoint, up to `failure.max_failures`. An exception raised by the
-job's own code (a bug in a model or data hook, a shape mismatch, a non-finite loss) would only happen
-again: it fails the run at once, unless `failure.retry_exceptions` says to retry those too.
+job's own code (a bug in a model or data hook, a shape mismatch) would only happen again: it fails the run
+at once, unless `failure.retry_exceptions` says to retry those too. A non-finite loss and bad data
+(`DataError`) fail it at once whatever that says.
 
 Ray Train's own policy retries both alike, so the fit runs with Ray's worker-group retries off and
 `trainer.fit` asks `decide` after each failed attempt. This module imports neither torch nor ray at
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from orchestrator.errors import DataError
 from orchestrator.lease import LeaseLost
 from orchestrator.spec import FailureSpec
 
@@ -147,9 +149,11 @@ def decide(error: BaseException, failures: int, config: FailureSpec) -> Decision
     if final is not None:  # it would only happen again (an exit), or must not (another run holds the directory)
         wrapper = next(w for w, u in users if u is final)
         return Decision(Action.FAIL, str(final), _traceback_of(wrapper) if isinstance(final, JobExited) else None)
-    nonfinite = next((u for _, u in users if isinstance(u, NonFiniteLoss)), None)
-    if nonfinite is not None:
-        return Decision(Action.FAIL, one_line(nonfinite))
+    # The data's fault, or the loss's: the same data fails a restart the same way, retry_exceptions or not (a
+    # corrupt Parquet page raises OSError, which read as a lost connection, and was retried to the budget).
+    deterministic = next((u for _, u in users if isinstance(u, (NonFiniteLoss, DataError))), None)
+    if deterministic is not None:
+        return Decision(Action.FAIL, one_line(deterministic))
     died = [e for e in errors if _user_exception(e) is None]
     code = [(e, u) for e, u in users if not _infrastructure(u)]
     limit = config.max_failures

@@ -600,3 +600,100 @@ def test_read_commands_against_an_endpoint_that_does_not_answer_give_up_in_secon
         assert "s3://bucket" in result["stderr"] and "upload_timeout_s" not in result["stderr"]
         assert result["seconds"] < 20, result
     assert not (tmp_path / "w.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data that cannot train: named by file, row group and column, before training or where it is read; never retried
+
+
+def write_parquet_cases(folder: Path) -> dict[str, Path]:
+    """Parquet files of 400 rows in row groups of 100, each wrong in one way."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    a, y = np.linspace(0, 1, 400), np.arange(400) % 2
+    files = {name: folder / f"{name}.parquet" for name in ("null_label", "nan_feature", "null_unstated", "corrupt")}
+    pq.write_table(
+        pa.table({"a": a, "y": pa.array([None, *y[1:]], pa.int64())}), files["null_label"], row_group_size=100
+    )
+    pq.write_table(
+        pa.table({"a": np.where(np.arange(400) == 250, np.nan, a), "y": y}), files["nan_feature"], row_group_size=100
+    )
+    # Without statistics in the footer, a missing value shows only when its row group is read.
+    unstated = pa.table({"a": pa.array([*a[:300], None, *a[301:]]), "y": y})
+    pq.write_table(unstated, files["null_unstated"], row_group_size=100, write_statistics=False)
+    pq.write_table(pa.table({"a": a, "y": y}), files["corrupt"], row_group_size=100)
+    data = bytearray(files["corrupt"].read_bytes())
+    start = pq.read_metadata(files["corrupt"]).row_group(1).column(0).data_page_offset
+    data[start + 8 : start + 200] = bytes(b ^ 0x5A for b in data[start + 8 : start + 200])  # its page header and values
+    files["corrupt"].write_bytes(bytes(data))
+    return files
+
+
+def parquet_job(folder: Path, name: str, path: Path, workers: int = 0) -> Path:
+    job = folder / f"{name}.yaml"
+    job.write_text(
+        f"name: {name}\n"
+        f"data: {{name: parquet, path: {path}, task: classification, features: [a], label: y}}\n"
+        f"train: {{epochs: 1, batch_size: 16}}\nscaling: {{num_workers: {workers}}}\n"
+        f"failure: {{max_failures: 3}}\ncheckpoint: {{storage: {folder / 'runs'}}}\n"
+    )
+    return job
+
+
+def run_to_failure(job: Path, tmp_path: Path) -> dict:
+    """`orchestrator run` as a user runs it (a run that starts needs real file descriptors: not the harness)."""
+    proc = run_command(
+        [sys.executable, "-m", "orchestrator", "run", str(job)], cwd=tmp_path, env=clean_env(tmp_path), timeout=300
+    )
+    return {"args": [str(job)], "code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def assert_failed_on_data(result: dict, fragment: str, run_dir: Path) -> None:
+    """Exit 1 after one attempt, the one error line naming the file, row group and column."""
+    assert result["code"] == 1, result
+    assert "Traceback" not in result["stderr"] + result["stdout"]
+    errors = [line.strip() for line in (result["stderr"] + result["stdout"]).splitlines() if "error: " in line]
+    assert len(errors) == 1 and fragment in errors[0] and "restart" not in errors[0], errors
+    assert json.loads((run_dir / "run.json").read_text())["attempts"] == 1
+
+
+def test_missing_values_in_a_parquet_footer_are_refused_before_anything_starts(tmp_path):
+    files = write_parquet_cases(tmp_path)
+    (result,) = run_many([["run", str(parquet_job(tmp_path, "null_label", files["null_label"]))]], tmp_path)
+    assert_one_line(
+        result, f"data.label: column 'y' of {files['null_label']} has 1 missing value(s) in row group 0; every example"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_non_finite_and_missing_values_and_corrupt_pages_are_named_where_read_and_not_retried(tmp_path):
+    files = write_parquet_cases(tmp_path)
+    runs = tmp_path / "runs"
+    for name, fragment in [
+        (
+            "nan_feature",
+            f"data.features: column 'a' of {files['nan_feature']} has 1 value(s) that are NaN or infinite in row group 2",
+        ),
+        (
+            "null_unstated",
+            f"data.features: column 'a' of {files['null_unstated']} has 1 missing value(s) in row group 3",
+        ),
+        ("corrupt", f"data.path: {files['corrupt']}: row group 1, column 'a' cannot be decoded"),
+    ]:
+        result = run_to_failure(parquet_job(tmp_path, name, files[name]), tmp_path)
+        assert_failed_on_data(result, f"DataError: {fragment}", runs / name)
+
+
+@pytest.mark.slow
+def test_a_corrupt_page_on_a_ray_worker_fails_the_run_once_not_as_a_dead_worker(tmp_path):
+    """A Ray worker's OSError from a page that does not decode was taken for a lost connection and retried 3 times."""
+    files = write_parquet_cases(tmp_path)
+    result = run_to_failure(parquet_job(tmp_path, "corrupt", files["corrupt"], workers=1), tmp_path)
+    assert_failed_on_data(
+        result,
+        f"DataError: data.path: {files['corrupt']}: row group 1, column 'a' cannot be decoded",
+        tmp_path / "runs" / "corrupt",
+    )

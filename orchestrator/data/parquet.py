@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from orchestrator.data.checks import check_footer_nulls, column_values, read_row_group
 from orchestrator.data.info import DataInfo, _check_classes, _num_windows, _windows
 from orchestrator.data.sources import BatchSource, Legs, _cat, _check_position
 from orchestrator.data.splits import _SALT_ORDER, SPLITS, TEST, TRAIN, VAL, _rng, _split_args, hashed_splits
@@ -120,6 +121,9 @@ class _ParquetTable:
                     f"data.path: {_display(self.fs, name)}: not a readable parquet file ({_one_line(exc)})"
                 ) from None
             self._check_schema(name, self.metas[-1])
+            fields = [("data.tokens", self.tokens)] if self.task == "lm" else [("data.label", self.label)]
+            fields += [("data.features", c) for c in self.features if self.task != "lm"]
+            check_footer_nulls(self.metas[-1], _display(self.fs, name), fields, self._column_index)
         groups = [
             (fi, gi, m.row_group(gi).num_rows) for fi, m in enumerate(self.metas) for gi in range(m.num_row_groups)
         ]
@@ -225,14 +229,8 @@ class _ParquetTable:
         return [_num_windows(int(values * s), self.seq_len) for s in share]
 
     def _read(self, g: int, columns: list[str]):
-        import pyarrow.parquet as pq  # imported here to keep start-up light
-
         fi, gi = (int(v) for v in self.groups[g])
-        # No read-ahead cache in the file (s3fs's default fetches up to 50 MB past each read: the rest
-        # of the file, for one row group); pre_buffer coalesces the row group's column chunks into
-        # few ranged requests, so what moves is what is decoded.
-        with self.fs.open(self.files[fi], "rb", cache_type="none") as f:
-            table = pq.ParquetFile(f, metadata=self.metas[fi], pre_buffer=True).read_row_group(gi, columns=columns)
+        table = read_row_group(self.fs, self.files[fi], self.metas[fi], gi, columns, _display(self.fs, self.files[fi]))
         meta = self.metas[fi]
         stored = sum(
             meta.row_group(gi).column(j).total_compressed_size for c in columns for j in self._column_index(meta, c)
@@ -264,10 +262,15 @@ class _ParquetTable:
             w = _windows(self._lm_tokens(codes, split, table), self.seq_len)
             return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
         mask = codes == split
-        labels = table.column(self.label).to_numpy()
+        fi, gi = (int(v) for v in self.groups[g])
+        where = _display(self.fs, self.files[fi])
+        labels = column_values(table, self.label, "data.label", where, gi, finite=self.task == "regression")
         if self.classes is not None:
             mask &= np.isin(labels, self.classes)
-        x = np.stack([np.asarray(table.column(c).to_numpy(), dtype=np.float32) for c in self.features], axis=1)[mask]
+        x = np.stack(
+            [np.asarray(column_values(table, c, "data.features", where, gi, True), np.float32) for c in self.features],
+            axis=1,
+        )[mask]
         y = labels[mask].astype(np.int64 if self.task == "classification" else np.float32)
         return x, y
 
