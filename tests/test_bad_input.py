@@ -187,6 +187,15 @@ def test_validate_refuses_bad_input_in_one_line(tmp_path):
     assert_one_line(results[-1], "is a directory")
 
 
+def test_a_sweep_file_naming_a_job_that_is_not_a_mapping_is_one_line(tmp_path):
+    (tmp_path / "listjob.yaml").write_text("- a\n- b\n")
+    (tmp_path / "sweep.yaml").write_text(
+        "job: listjob.yaml\nsweep: {parameters: {optim.lr: {type: loguniform, low: 0.001, high: 0.1}}}\n"
+    )
+    (result,) = run_many([["sweep", str(tmp_path / "sweep.yaml")]], tmp_path)
+    assert_one_line(result, "sweep.yaml: job: listjob.yaml: the job file must be a mapping of sections")
+
+
 def test_k8s_render_refuses_a_configmap_over_the_kubernetes_limit(tmp_path):
     # 200 KB written once and aliased six times: under the file and alias caps, over 1 MiB rendered.
     blob = "x" * 200_000
