@@ -577,13 +577,6 @@ def test_fifos_where_files_belong_are_one_line_not_a_hang(tiny_job, tmp_path):
     assert sorted(p.name for p in storage.rglob("*")) == ["run.json", "tiny"]
 
 
-def test_export_into_a_directory_that_does_not_exist_is_one_line_and_writes_nothing(tmp_path):
-    out = tmp_path / "no" / "such" / "w.safetensors"
-    (result,) = run_many([["export", str(tmp_path / "run" / "checkpoint_1"), "--out", str(out)]], tmp_path)
-    assert_one_line(result, f"--out: {out.parent}: no such directory")
-    assert not (tmp_path / "no").exists()
-
-
 def test_read_commands_against_an_endpoint_that_does_not_answer_give_up_in_seconds_in_one_line(tmp_path):
     from ports import free_port
 
