@@ -27,7 +27,7 @@ from typing import Any
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
-from orchestrator.console import marker_progress
+from orchestrator.events import Sink
 from orchestrator.lease import check_token
 from orchestrator.rundir import RunDir
 from orchestrator.runrecord import RunStatus, RunSummary, test_summary
@@ -39,9 +39,10 @@ def own_loop_config(
     base_dir: str | None,
     run_uri: str,
     endpoint_url: str | None,
-    events: bool,
+    events: Sink | None,
 ) -> dict[str, Any]:
-    """What each worker of a bring-your-own loop is handed: the loop, its config, and where the run's records go."""
+    """What each worker of a bring-your-own loop is handed: the loop, its config, where the run's records go, and
+    where rank 0's progress events go (see events.py; none: it prints their lines)."""
     return {
         "entrypoint": entrypoint,
         "base_dir": base_dir,
@@ -67,6 +68,9 @@ def run_own_loop(config: dict[str, Any]) -> None:
         fn(config["user_config"])
     finally:
         ray.train.report = original
+        events = config.get("events")
+        if hasattr(events, "flush"):  # the driver takes the mailbox's last events once the fit has returned
+            events.flush()
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float | int]:
@@ -113,8 +117,8 @@ class ReportRecorder:
             self.metrics_log = self.run.metrics_log(kept)
         lease = config.get("lease")  # the run's lease (lease.RunLease.token_ref): checked before rank 0 writes
         self.guard = (lambda: check_token(lease["uri"], lease["token"], config.get("endpoint_url"))) if lease else None
-        self.emit: Callable[[dict[str, Any]], None] = (
-            marker_progress() if config.get("events") else (lambda event: print(event["text"], flush=True))
+        self.emit: Callable[[dict[str, Any]], None] = config.get("events") or (
+            lambda event: print(event["text"], flush=True)
         )
 
     def _resumed(self, checkpoint) -> tuple[int, int | None]:

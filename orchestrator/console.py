@@ -1,10 +1,9 @@
 """What a person sees of a run: one live progress display in a terminal, plain lines otherwise, the full log in a file.
 
 The loop on rank 0 describes its progress as events (`start`, `train`, `val`, `test`, `message`).
-In the driver process they go straight to a `RunConsole`. On a Ray worker they are written to
-stdout as marker lines, which Ray forwards to the driver like any worker output; there the
-console's output capture picks them out. Everything else the process and its workers print (Ray's
-own lines among it) goes to the run's log file, and to the terminal only with --verbose.
+They reach the driver's `RunConsole` on a channel of their own, in order (see events.py), never
+through Ray's log forwarding. Everything else the process and its workers print (Ray's own lines
+among it) goes to the run's log file, and to the terminal only with --verbose.
 
 This module imports neither torch nor ray.
 """
@@ -24,7 +23,8 @@ from typing import IO, Any
 from orchestrator.storage import redact
 
 Event = dict[str, Any]
-# A worker's progress event on its stdout: MARKER followed by the event as JSON, one line.
+# While the console captures this process's output, its own events go through the same pipe as everything
+# printed (so that they keep their place among those lines): MARKER and the event as JSON, one line.
 MARKER = "@orchestrator-event "
 
 # Lines that Ray itself prints: a forwarded worker line `(Name pid=1, ip=...) ...`, Python logging of
@@ -46,11 +46,6 @@ _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def is_ray_line(line: str) -> bool:
     """Whether a line of output was printed by Ray (its processes, its logging, a forwarded worker line)."""
     return bool(_RAY_LINE.match(line))
-
-
-def prepare_ray_output() -> None:
-    """Before Ray is imported: its log deduplication must never fold a worker's progress events into "[repeated Nx]"."""
-    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", re.escape(MARKER.strip()))
 
 
 def clock(seconds: float) -> str:
@@ -93,25 +88,19 @@ def text_progress(log: Callable[[str], None]) -> Callable[[Event], None]:
     return emit
 
 
-def marker_progress(stream: IO[str] | None = None) -> Callable[[Event], None]:
-    """A progress sink for a Ray worker: each event as one marker line on stdout, for the driver's console."""
-
-    def emit(event: Event) -> None:
-        out = stream or sys.stdout
-        # Not print(): Ray Train patches print on workers to also log it.
-        out.write(MARKER + json.dumps(event, default=float) + "\n")
-        out.flush()
-
-    return emit
+def write_marker(stream: IO[str], event: Event) -> None:
+    """An event as one marker line on `stream` (the capture's pipe)."""
+    stream.write(MARKER + json.dumps(event, default=float) + "\n")
+    stream.flush()
 
 
 def parse_marker(line: str) -> Event | None:
-    """The event a marker line carries (Ray may have put a process prefix before it), or None."""
-    at = line.find(MARKER)
-    if at < 0:
+    """The event a marker line carries, or None. Only a whole line of this process's own: a worker's line that
+    Ray forwarded (with its process prefix) is that worker's output, whatever it says."""
+    if not line.startswith(MARKER):
         return None
     try:
-        event = json.loads(line[at + len(MARKER) :])
+        event = json.loads(line[len(MARKER) :])
     except ValueError:
         return None
     return event if isinstance(event, dict) else None
@@ -153,12 +142,12 @@ class RunConsole:
         self.event({"kind": "status", "text": text})
 
     def event(self, event: Event) -> None:
-        """A progress event of the loop (or of a worker, through the capture)."""
+        """A progress event of the loop, in this process or sent by a worker (see events.py); thread-safe."""
         pipe = self._pipe
         if pipe is not None and threading.current_thread() is not self._pump_thread:
             # Through the pipe, so that it lands after whatever this process printed before it.
             with self._pipe_lock:  # not self._lock: the pump takes that one to drain this pipe
-                marker_progress(pipe)(event)
+                write_marker(pipe, event)
             return
         self._handle(event)
 
@@ -250,8 +239,8 @@ class RunConsole:
     def capture(self, log_path: str | None) -> Iterator[None]:
         """Send this process's stdout/stderr (its prints, Ray's forwarded worker lines, C++ logs) through the console.
 
-        Every line goes to `log_path` (appended); worker progress events are picked out; what Ray
-        prints reaches the terminal only with `verbose`. On exit the file descriptors are restored.
+        Every line goes to `log_path` (appended); what Ray prints reaches the terminal only with `verbose`.
+        On exit the file descriptors are restored.
         """
         sys.stdout.flush()
         sys.stderr.flush()

@@ -14,7 +14,8 @@ never from the state of a cluster:
 
 `host_loop` is the one place the loop is hosted, whatever the executor: the context, rank 0's trackers and
 progress events, the lease check before commits, the device (`pick_device`), and a user's `sys.exit` or
-`os._exit` turned into a failure the driver records.
+`os._exit` turned into a failure the driver records. Each executor hands rank 0's progress events to the
+driver's console on a channel of its own (events.py): straight, streamed from the task, or by a mailbox actor.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from orchestrator.console import marker_progress
+from orchestrator.events import Sink, take_events, yield_events
 from orchestrator.failure import JobExited, TaskException
 from orchestrator.provenance import device_facts
 from orchestrator.spec import JobSpec
@@ -132,8 +133,10 @@ def host_loop(
     shard=None,
     should_stop: Callable[[], bool] | None = None,
     log: Callable[[str], None] | None = None,
+    progress: Sink | None = None,
 ):
-    """The job's loop on this rank: rank 0 also tracks and describes its progress; every commit checks the lease."""
+    """The job's loop on this rank: rank 0 also tracks and hands its progress events to `progress` (else prints
+    their lines); every commit checks the lease."""
     from orchestrator.loop import LoopContext, run_training  # torch: on the worker, not where a run is planned
 
     tracker = create_tracker(config.get("tracking"), spec.checkpoint.endpoint_url) if rank == 0 else None
@@ -145,7 +148,7 @@ def host_loop(
         report=report,
         base_dir=config.get("base_dir"),
         track=tracker,
-        progress=marker_progress() if config.get("events") else None,
+        progress=progress,
         train_shard=shard,
         lease=config.get("lease"),
         **({"should_stop": should_stop} if should_stop else {}),
@@ -194,14 +197,18 @@ class DriverHooks:
     close: Callable[[bool], None] | None = None  # after the loop: True when it ended well (a reporter then flushes)
 
 
-def run_in_driver(spec: JobSpec, config: dict[str, Any], hooks: DriverHooks | None = None) -> LoopOutcome:
-    """The loop in this process, rank 0 of 1; a user's loop through Ray Train's local mode (it calls ray.train)."""
+def run_in_driver(
+    spec: JobSpec, config: dict[str, Any], hooks: DriverHooks | None = None, events: Sink | None = None
+) -> LoopOutcome:
+    """The loop in this process, rank 0 of 1, its progress events straight to `events`; a user's loop through Ray
+    Train's local mode (it calls ray.train), in this process too."""
     hooks = hooks or DriverHooks()
     if spec.entrypoint:
         from ray.train.torch import TorchTrainer
 
         from orchestrator.trainer import build_trainer_kwargs
 
+        config = {**config, "events": events} if events else config
         kwargs = build_trainer_kwargs(spec, config, _ray_storage(), hooks.run_name, _loops())
         result = TorchTrainer(**kwargs).fit()
         return _outcome_of(result)
@@ -214,7 +221,9 @@ def run_in_driver(spec: JobSpec, config: dict[str, Any], hooks: DriverHooks | No
             hooks.report(metrics)
 
     try:
-        host_loop(spec, config, 0, 1, pick_device(spec), keep, should_stop=hooks.should_stop, log=hooks.log)
+        host_loop(
+            spec, config, 0, 1, pick_device(spec), keep, should_stop=hooks.should_stop, log=hooks.log, progress=events
+        )
     except BaseException:
         if hooks.close is not None:
             hooks.close(False)
@@ -228,8 +237,14 @@ def run_in_driver(spec: JobSpec, config: dict[str, Any], hooks: DriverHooks | No
 # task: one plain Ray task
 
 
-def one_task_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """The loop as a run's only worker, in a plain Ray task: rank 0 of 1; returns what it last reported."""
+def one_task_worker(config: dict[str, Any], stream_events: bool):
+    """The loop as a run's only worker, in a plain Ray task (a streaming generator): with `stream_events` rank 0's
+    progress events as the loop makes them, then what it last reported (see events.yield_events)."""
+    yield from yield_events(lambda events: _one_task_loop(config, events), stream_events)
+
+
+def _one_task_loop(config: dict[str, Any], events: Sink | None) -> dict[str, Any]:
+    """The loop as rank 0 of 1 in this task; returns what it last reported."""
     spec = JobSpec.model_validate(config["job"])
     device = pick_device(spec)
     # For the run's log (the console keeps a worker's own lines out): where the run's one worker is.
@@ -241,25 +256,26 @@ def one_task_worker(config: dict[str, Any]) -> dict[str, Any]:
         last.update(metrics)
 
     try:
-        host_loop(spec, config, 0, 1, device, report)
+        host_loop(spec, config, 0, 1, device, report, progress=events)
     except Exception as exc:
         raise TaskException(exc, traceback.format_exc()) from None
     return {**last, **_this_host()}
 
 
-def run_in_task(spec: JobSpec, config: dict[str, Any]) -> LoopOutcome:
-    """One attempt of the run as one Ray task: cancelled (forced) when this process is interrupted."""
+def run_in_task(spec: JobSpec, config: dict[str, Any], events: Sink | None = None) -> LoopOutcome:
+    """One attempt of the run as one Ray task, which streams rank 0's progress events to `events` in order, all of
+    them before its result or its error; cancelled (forced) when this process is interrupted."""
     import ray
 
     scaling = spec.scaling
     gpus = (scaling.gpus_per_worker or 1) if scaling.use_gpu else 0
     # No retries of Ray's: `fit_with_decisions` decides, and a new task resumes from the last checkpoint.
-    task = ray.remote(num_cpus=scaling.cpus_per_worker, num_gpus=gpus, max_retries=0)(one_task_worker)
-    ref = task.remote(config)
+    task = ray.remote(num_cpus=scaling.cpus_per_worker, num_gpus=gpus, max_retries=0, num_returns="streaming")
+    generator = task(one_task_worker).remote(config, events is not None)
     try:
-        reported = ray.get(ref)
+        reported = take_events(generator, events or (lambda event: None))
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM, a lost lease (see session): the task stops with the driver
-        ray.cancel(ref, force=True)
+        ray.cancel(generator, force=True)
         raise
     return LoopOutcome(metrics=reported, placement={k: v for k, v in reported.items() if k.startswith("placement_")})
 
@@ -287,7 +303,12 @@ def train_worker(config: dict[str, Any]) -> None:
 
     # data.engine=ray: Ray Train's streaming split of the train dataset `ray_datasets` handed the trainer.
     shard = ray.train.get_dataset_shard("train") if spec.data.engine == "ray" else None
-    host_loop(spec, config, rank, world_size, pick_device(spec, ray_train=True), report, shard)
+    events = config.get("events")  # an events.EventSender to the driver's mailbox
+    try:
+        host_loop(spec, config, rank, world_size, pick_device(spec, ray_train=True), report, shard, progress=events)
+    finally:
+        if hasattr(events, "flush"):  # the driver takes the mailbox's last events once the fit has returned
+            events.flush()
 
 
 @dataclass
@@ -300,8 +321,11 @@ class GroupHooks:
     run_name: str = "run"  # Ray Train's name of the run (its storage of results under a temporary directory)
 
 
-def run_in_group(spec: JobSpec, config: dict[str, Any], hooks: GroupHooks | None = None) -> LoopOutcome:
-    """One attempt of the run as Ray Train's TorchTrainer (our lean one: see trainer.lean_trainer_class)."""
+def run_in_group(
+    spec: JobSpec, config: dict[str, Any], hooks: GroupHooks | None = None, events: Sink | None = None
+) -> LoopOutcome:
+    """One attempt of the run as Ray Train's TorchTrainer (our lean one: see trainer.lean_trainer_class); `events`
+    is what rank 0 sends its progress events to (an events.EventSender: the group is in other processes)."""
     import dataclasses
 
     from ray.train.torch import TorchTrainer
@@ -310,6 +334,7 @@ def run_in_group(spec: JobSpec, config: dict[str, Any], hooks: GroupHooks | None
     from orchestrator.trainer import build_trainer_kwargs, lean_trainer_class, ray_datasets
 
     hooks = hooks or GroupHooks()
+    config = {**config, "events": events} if events else config
     kwargs = build_trainer_kwargs(spec, config, _ray_storage(), hooks.run_name, _loops())
     if hooks.callbacks:
         kwargs["run_config"] = dataclasses.replace(kwargs["run_config"], callbacks=hooks.callbacks)

@@ -123,13 +123,14 @@ def _already_finished(rerun: Rerun, run: RunDir, t0: float, console: RunConsole)
 def _run(plan: RunPlan, console: RunConsole, signals: RunSignals, worker_events: bool) -> RunSummary:
     """The run itself, once its input is known good: the session's begin, Ray, the executor, end; then report, trackers."""
     spec, run = plan.spec, plan.run
-    session = RunSession(plan, say=console.message, log_only=console.log_only, signals=signals)
+    events = console.event if worker_events else None  # rank 0's progress events, on their own channel (events.py)
+    session = RunSession(plan, say=console.message, log_only=console.log_only, signals=signals, events=events)
     session.begin()
     resumed = f" (resuming from {session.resumed_from})" if session.resumed_from else ""
     console.message(f"run {run.name} -> {run.uri}{resumed}")
     if plan.extension:
         console.message(extension_line(plan))
-    config = session.loop_config(worker_events)
+    config = session.loop_config()
     connected = False
 
     def work():

@@ -28,6 +28,7 @@ from typing import Any
 
 from orchestrator import checkpoint as ckpt
 from orchestrator.errors import BadInput, StopRequested
+from orchestrator.events import Sink, actor_channel
 from orchestrator.executor import (
     RULES,
     DriverHooks,
@@ -230,8 +231,10 @@ class RunSession:
         say: Callable[[str], None],
         log_only: Callable[[str], None] | None = None,
         signals: RunSignals | None = None,
+        events: Sink | None = None,
     ):
         self.plan, self.say, self.log_only, self.signals = plan, say, log_only, signals
+        self.events = events  # where rank 0's progress events go (the console); none: the loop prints their lines
         self.provenance: dict[str, Any] = {}
         self.tracking: TrackingSession | None = None
         self.record: RunRecord | None = None
@@ -280,11 +283,11 @@ class RunSession:
         )
         self.record.save(run)
 
-    def loop_config(self, worker_events: bool = False) -> dict[str, Any]:
+    def loop_config(self) -> dict[str, Any]:
         """What the executor hands the loop (trainer.loop_config_of), with the lease to check before commits."""
         plan = self.plan
         tracking = self.tracking.worker_config() if self.tracking else None
-        return loop_config_of(plan.spec, plan.run.uri, plan.base_dir, tracking, worker_events, lease=plan.lease)
+        return loop_config_of(plan.spec, plan.run.uri, plan.base_dir, tracking, lease=plan.lease)
 
     def execute(
         self,
@@ -296,11 +299,16 @@ class RunSession:
 
         `driver` may be a factory: each attempt then gets hooks of its own (a sweep trial's reporter).
         """
-        spec, executor = self.plan.spec, self.plan.executor
+        spec, executor, events = self.plan.spec, self.plan.executor, self.events
         if executor == Executor.DRIVER:
-            attempt = lambda: run_in_driver(spec, config, driver() if callable(driver) else driver)  # noqa: E731
+            attempt = lambda: run_in_driver(spec, config, driver() if callable(driver) else driver, events)  # noqa: E731
         elif executor == Executor.TASK:
-            attempt = lambda: run_in_task(spec, config)  # noqa: E731
+            attempt = lambda: run_in_task(spec, config, events)  # noqa: E731
+        elif events is not None:
+            # A worker group's events come through a mailbox actor, one for all its attempts (see events.py).
+            with actor_channel(events) as sender:
+                attempt = lambda: run_in_group(spec, config, group, sender)  # noqa: E731
+                return fit_with_decisions(attempt, spec, self.say, self.log_only)
         else:
             attempt = lambda: run_in_group(spec, config, group)  # noqa: E731
         return fit_with_decisions(attempt, spec, self.say, self.log_only)

@@ -35,15 +35,14 @@ def loop_config_of(
     run_uri: str,
     base_dir: str | None,
     tracking_config: dict[str, Any] | None,
-    worker_events: bool,
     lease: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What a host of our loop is handed (executor.host_loop): the job, where the run is, trackers, the lease to check."""
+    """What a host of our loop is handed (executor.host_loop): the job, where the run is, trackers, the lease to check.
+
+    Where rank 0's progress events go is the executor's to add (see events.py): none, and it prints their lines."""
     config: dict[str, Any] = {"job": spec.to_dict(), "run_uri": run_uri, "base_dir": base_dir}
     if tracking_config:
         config["tracking"] = tracking_config
-    if worker_events:
-        config["events"] = True
     if lease:
         config["lease"] = lease
     return config
@@ -83,7 +82,7 @@ def build_trainer_kwargs(
             loop_config.get("base_dir"),
             loop_config["run_uri"],
             spec.checkpoint.endpoint_url,
-            bool(loop_config.get("events")),
+            loop_config.get("events"),
         )
         config["lease"] = loop_config.get("lease")
         storage_path = spec.checkpoint.storage  # a user loop checkpoints through Ray's own storage

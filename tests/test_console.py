@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from orchestrator.console import MARKER, RunConsole, format_event, is_ray_line, marker_progress, parse_marker
+from orchestrator.console import MARKER, RunConsole, format_event, is_ray_line, parse_marker, write_marker
 
 RAY_LINES = [
     "\x1b[36m(RayTrainWorker pid=4868)\x1b[0m Reporting training result 11: TrainingReport(checkpoint=None, metrics={'step': 473})",
@@ -38,12 +38,14 @@ def test_other_lines_are_not_rays(line):
     assert not is_ray_line(line)
 
 
-def test_a_marker_survives_rays_prefix_and_round_trips():
+def test_a_marker_round_trips_but_a_workers_forwarded_line_is_no_event():
     out = io.StringIO()
     event = {"kind": "val", "step": 43, "metrics": {"val_loss": 0.25, "val_accuracy": 0.9}}
-    marker_progress(out)(event)
-    line = "\x1b[36m(RayTrainWorker pid=1)\x1b[0m " + out.getvalue().rstrip("\n")
+    write_marker(out, event)
+    line = out.getvalue().rstrip("\n")
     assert parse_marker(line) == event
+    # Events come on their own channel (events.py): what a worker prints, even a marker, is only its output.
+    assert parse_marker("\x1b[36m(RayTrainWorker pid=1)\x1b[0m " + line) is None
     assert parse_marker("no marker here") is None and parse_marker(MARKER + "{not json") is None
 
 
@@ -82,13 +84,13 @@ def test_a_piped_console_prints_plain_lines():
 
 CAPTURED = """
 import os, sys
-from orchestrator.console import RunConsole, marker_progress
+from orchestrator.console import RunConsole
 console = RunConsole(sys.stdout, verbose={verbose})
 with console.capture({log!r}):
     print("2026-12-01 04:36:07,611\\tINFO worker.py:1821 -- Started a local Ray instance.", flush=True)
     os.write(2, b"[2026-12-01 04:40:12,123 E 1 2] core_worker.cc:1: a C++ line\\n")
     print("(RayTrainWorker pid=9) Reporting training result 1: TrainingReport(checkpoint=None)", flush=True)
-    marker_progress()({{"kind": "val", "step": 1, "metrics": {{"val_loss": 0.5}}}})
+    console.event({{"kind": "val", "step": 1, "metrics": {{"val_loss": 0.5}}}})
     print("a warning of the user's own code", file=sys.stderr, flush=True)
     console.message("finished: x")
 print("after the capture")

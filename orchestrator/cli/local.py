@@ -141,7 +141,7 @@ def run(
     from orchestrator.environment import require_packages
 
     require_packages()
-    from orchestrator.console import RunConsole, prepare_ray_output
+    from orchestrator.console import RunConsole
     from orchestrator.launch import run_job
     from orchestrator.session import exit_code_of
     from orchestrator.spec import load_spec
@@ -150,7 +150,6 @@ def run(
         raise BadInput("--extend continues this run; --fresh starts a new one: use one of them")
 
     spec = load_spec(job_file, list(overrides))
-    prepare_ray_output()
     stream = sys.stderr if as_json else sys.stdout
     console = RunConsole(
         stream, live=stream.isatty() and os.environ.get("TERM") != "dumb" and not as_json, verbose=verbose

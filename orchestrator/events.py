@@ -1,0 +1,170 @@
+"""Rank 0's progress events, from wherever the loop runs to the driver's console: in order, and every one of them.
+
+Ray's log forwarding is no channel for them. It tails each worker's log file on a schedule of its own,
+with no order against what the driver prints, and what it has not yet forwarded when the driver
+disconnects is lost: the last steps, the last validation and the test line of a run. So each way of
+running the loop hands its events over on a channel made for it:
+
+- the loop in the driver (local mode): straight to the console;
+- the loop in one Ray task: the task is a streaming generator (`yield_events`), which yields the events
+  as the loop makes them and the loop's result last; the driver takes them in order (`take_events`);
+- Ray Train's worker group: rank 0 sends them to a small actor of the driver's (`actor_channel`), which
+  a thread of the driver empties; rank 0 waits for its last send before its loop returns, so that one
+  more take after the fit gets the rest. The actor asks for no CPU (it never waits for one) and goes by
+  Ray's own connections between nodes (no port of ours to open between machines or pods).
+
+This module imports neither torch nor ray at import time: the actor's process imports only it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+Event = dict[str, Any]
+Sink = Callable[[Event], None]
+
+log = logging.getLogger(__name__)
+
+EVENT, RESULT = "event", "result"
+POLL_S = 0.2  # how often the driver takes the actor's events while the fit runs: the live display's latency
+# How long rank 0 waits for its last event to reach the actor, and the driver for the actor's last events:
+# the actor is on the driver's node and answers in milliseconds; longer means it or its node is gone.
+DELIVERY_TIMEOUT_S = 30
+
+
+def yield_events(work: Callable[[Sink | None], Any], stream: bool) -> Iterator[tuple[str, Any]]:
+    """In a streaming Ray task: run `work(sink)` on a thread, yield (EVENT, event) for each event it sinks, then (RESULT, what it returned).
+
+    Without `stream` the loop gets no sink (it prints its plain lines) and only the result is yielded.
+    An exception of `work` is raised here, in the task's own thread, as a plain task would raise it.
+    """
+    items: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+    def run() -> None:
+        try:
+            sink = (lambda event: items.put((EVENT, event))) if stream else None
+            items.put((RESULT, work(sink)))
+        except BaseException as exc:  # a user's sys.exit too: the task's thread raises it, as a plain task would
+            items.put(("error", exc))
+
+    # The loop runs beside the generator: a generator cannot yield from inside the loop's callbacks.
+    threading.Thread(target=run, name="loop", daemon=True).start()
+    while True:
+        kind, value = items.get()
+        if kind == "error":
+            raise value
+        yield kind, value
+        if kind == RESULT:
+            return
+
+
+def take_events(generator, sink: Sink) -> Any:
+    """In the driver: the result of a streaming task of `yield_events`, each of its events handed to `sink` in order first."""
+    import ray
+
+    result = None
+    for ref in generator:
+        kind, value = ray.get(ref)
+        if kind == EVENT:
+            sink(value)
+        else:
+            result = value
+    return result
+
+
+class EventMailbox:
+    """The actor between rank 0 and the driver: the events sent, in the order they came, until the driver takes them.
+
+    One thread (Ray's default for an actor): the calls of one caller run in the order they were made.
+    """
+
+    def __init__(self) -> None:
+        self._events: list[Event] = []
+
+    def put(self, event: Event) -> None:
+        self._events.append(event)
+
+    def take(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+
+class EventSender:
+    """Rank 0's end of an `actor_channel`: each event sent without waiting; `flush` waits until the last one arrived."""
+
+    def __init__(self, mailbox) -> None:
+        self.mailbox = mailbox
+        self._last = None
+
+    def __call__(self, event: Event) -> None:
+        try:
+            self._last = self.mailbox.put.remote(event)
+        except Exception as exc:  # progress is never a reason to stop training
+            log.warning("a progress event could not be sent to the driver: %s", exc)
+
+    def flush(self) -> None:
+        """Wait until every event sent has reached the mailbox (the calls run in order: the last one says so)."""
+        last, self._last = self._last, None
+        if last is None:
+            return
+        import ray
+
+        try:
+            ray.get(last, timeout=DELIVERY_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("the driver may miss the last progress events: %s", exc)
+
+
+@contextmanager
+def actor_channel(sink: Sink) -> Iterator[EventSender]:
+    """In the driver: a mailbox actor for a Ray Train worker group; its events go to `sink`, in order, until the end.
+
+    Yields the sender to hand rank 0. On leaving, the events still in the mailbox are taken once more
+    (rank 0 flushed them before its loop returned) and the actor is ended.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    mailbox = (
+        ray.remote(EventMailbox)
+        .options(
+            num_cpus=0,
+            max_restarts=0,
+            # Beside the driver: its polls stay on the node; rank 0's sends cross the cluster once, as Ray's own calls.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+        )
+        .remote()
+    )
+    stop = threading.Event()
+
+    def take() -> bool:
+        try:
+            events = ray.get(mailbox.take.remote(), timeout=DELIVERY_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            return True  # the actor's process is still starting (a busy machine): ask again
+        except Exception as exc:  # the actor is gone: the run goes on without its progress lines
+            log.warning("progress events: the mailbox actor is gone (%s)", type(exc).__name__)
+            return False
+        for event in events:
+            sink(event)
+        return True
+
+    def drain() -> None:
+        while not stop.wait(POLL_S) and take():
+            pass
+
+    thread = threading.Thread(target=drain, name="progress-events", daemon=True)
+    thread.start()
+    try:
+        yield EventSender(mailbox)
+    finally:
+        stop.set()
+        thread.join()
+        take()
+        ray.kill(mailbox)
