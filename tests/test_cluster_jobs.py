@@ -1,15 +1,18 @@
 """submit, status, logs, stop and list against a real `ray start --head` with token authentication on."""
 
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from commands import run_command
+from commands import cmdline, run_command
 from ray_cluster import RayCluster
+from run_output import assert_ends_in_order
 
 ROOT = Path(__file__).resolve().parents[1]
 # One xdist worker for the module: its tests share one head node.
@@ -311,3 +314,68 @@ def test_run_at_an_address_submits_follows_and_ends_with_the_runs_summary(head, 
     summary = json.loads(out.stdout.splitlines()[-1])
     assert summary["run"] == "loop-run-at" and summary["status"] == "finished", summary
     assert out.stderr.startswith("submitted loop-run-at-") and "Running entrypoint" in out.stderr
+
+
+@contextlib.contextmanager
+def log_forwarding_paused(head):
+    """The head's log monitor stopped (SIGSTOP), then continued: meanwhile no worker's output reaches a driver.
+
+    Ray forwards what workers print when its log monitor gets to it, or not at all if the driver has gone by
+    then; a run's progress must not depend on it.
+    """
+    monitors = [pid for pid in head.head.pids() if "log_monitor.py" in cmdline(pid)]
+    assert monitors, "no log monitor among the head's processes"
+    for pid in monitors:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in monitors:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_an_attached_two_worker_run_ends_with_its_last_step_validation_and_test_in_order(head, tmp_path):
+    """Rank 0 on a cluster's Ray: its events reach this driver in order, the last ones too, before the summary."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    with log_forwarding_paused(head):
+        out = run_command(
+            [
+                sys.executable,
+                "-m",
+                "orchestrator",
+                "run",
+                "jobs/digits_mlp.yaml",
+                "name=attached-two",
+                "train.epochs=2",
+                "scaling.num_workers=2",
+                f"checkpoint.storage={tmp_path}",
+            ],
+            env={**env, **head.attach_env()},
+            cwd=ROOT,
+            timeout=300,
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 worker(s), 44 steps" in out.stdout
+    assert_ends_in_order(out.stdout, 44)
+    assert_ends_in_order((tmp_path / "attached-two" / "run.log").read_text(), 44)
+
+
+def test_logs_of_a_submitted_run_end_with_its_last_step_validation_and_test_in_order(head, tmp_path):
+    """The driver on the head prints its run's events as they come from the worker: `logs` shows them all, in order."""
+    with log_forwarding_paused(head):
+        out = cli(
+            head,
+            "submit",
+            "jobs/digits_mlp.yaml",
+            "name=submitted",
+            "train.epochs=2",
+            f"checkpoint.storage={tmp_path}",
+            "--follow",
+            "--json",
+        )
+    assert out.returncode == 0, out.stderr[-3000:]
+    job_id = json.loads(out.stdout.splitlines()[-1])["submission_id"]
+    logs = cli(head, "logs", job_id)
+    assert logs.returncode == 0, logs.stderr
+    assert_ends_in_order(logs.stdout, 86)
+    assert_ends_in_order((tmp_path / "submitted" / "run.log").read_text(), 86)

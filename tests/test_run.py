@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from commands import cmdline, descendants, run_command
+from run_output import assert_ends_in_order
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
@@ -294,17 +295,16 @@ def test_sigkilled_ray_worker_is_restarted_and_ends_with_identical_weights(tmp_p
 
 @pytest.mark.slow
 def test_two_ddp_workers_on_embedded_ray(tmp_path):
-    out = summary_of(
-        orchestrator(
-            "run",
-            "jobs/digits_mlp.yaml",
-            "scaling.num_workers=2",
-            "train.epochs=2",
-            "early_stopping=null",
-            f"checkpoint.storage={tmp_path}",
-            "--json",
-        )
+    res = orchestrator(
+        "run",
+        "jobs/digits_mlp.yaml",
+        "scaling.num_workers=2",
+        "train.epochs=2",
+        "early_stopping=null",
+        f"checkpoint.storage={tmp_path}",
+        "--json",
     )
+    out = summary_of(res)
     assert (
         out["status"] == "finished" and out["steps"] == 2 * 22
     )  # 1374 training examples: 687 a rank, 22 batches of 32
@@ -312,6 +312,9 @@ def test_two_ddp_workers_on_embedded_ray(tmp_path):
     _, files = ckpt.restore_latest(fs, root)
     assert len(ckpt.deserialize_state(files["rng.pt"])) == 2
     assert out["metrics"]["val_accuracy"] > 0.8  # 44 steps of DDP: learning, not yet converged
+    # Rank 0's events came through the driver's mailbox actor: all of them, in order, before the summary.
+    assert_ends_in_order(res.stderr, 44)
+    assert_ends_in_order((tmp_path / "digits-mlp" / "run.log").read_text(), 44)
 
 
 @pytest.mark.slow
@@ -373,7 +376,18 @@ def test_the_default_job_piped_shows_plain_progress_and_logs_everything(tmp_path
     )
     log = (tmp_path / "digits-mlp" / "run.log").read_text()
     assert "(one_task_worker pid=" in log and "rank 0 of 1 on " in log  # the worker's own lines are kept, not shown
-    assert "  validation: " in log and "finished: digits-mlp" in log
+    # The worker's events came on their own channel: all of them, in order, before the summary.
+    assert_ends_in_order(res.stdout, 86)
+    assert_ends_in_order(log, 86)
+
+
+def test_local_mode_piped_ends_with_its_last_step_validation_and_test_in_order(tmp_path):
+    res = orchestrator(
+        "run", "jobs/digits_mlp.yaml", "scaling.num_workers=0", "train.max_steps=30", f"checkpoint.storage={tmp_path}"
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_ends_in_order(res.stdout, 30)
+    assert_ends_in_order((tmp_path / "digits-mlp" / "run.log").read_text(), 30)
 
 
 @pytest.mark.slow
