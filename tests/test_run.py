@@ -412,6 +412,13 @@ def test_the_default_job_in_a_terminal_draws_one_progress_display(tmp_path):
     assert_no_ray_lines(screen)
     assert "━" in screen and "86/86" in screen  # the progress bar, finished (2 epochs of 43 steps)
     assert "  validation: " in screen and "finished: digits-mlp" in screen
+    bars = [line for line in screen.splitlines() if "━" in line]
+    assert len(bars) == 1 and "86/86" in bars[0], screen  # one display: none left behind, none drawn anew
+    lines = screen.splitlines()
+    above_summary = lines[: next(i for i, line in enumerate(lines) if line.startswith("finished: "))]
+    # Both validations and the test line, in order, above the summary.
+    shown = [line[:13] for line in above_summary if line.startswith(("  validation:", "  test (step"))]
+    assert shown == ["  validation:", "  validation:", "  test (step "], screen
     assert not any(line.startswith("step ") for line in screen.splitlines())  # the bar replaces the plain step lines
     assert "(one_task_worker pid=" in (tmp_path / "digits-mlp" / "run.log").read_text()
 
