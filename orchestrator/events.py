@@ -13,6 +13,10 @@ running the loop hands its events over on a channel made for it:
   more take after the fit gets the rest. The actor asks for no CPU (it never waits for one) and goes by
   Ray's own connections between nodes (no port of ours to open between machines or pods).
 
+Sweep trials use none of them: the sweep's live view and its ranking come from Tune's results, which
+arrive in order; a trial's own lines are shown only with --verbose, through Ray's log forwarding, as a
+look inside and no more.
+
 This module imports neither torch nor ray at import time: the actor's process imports only it.
 """
 
