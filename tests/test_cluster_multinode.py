@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from commands import run_command
 from ray_cluster import RayCluster
+from run_output import assert_ends_in_order
 
 ROOT = Path(__file__).resolve().parents[1]
 # One xdist worker for the module: its tests share one two-node cluster.
@@ -167,6 +168,8 @@ def test_ddp_across_two_nodes_matches_one_node(cluster, project, tmp_path):
     assert worker_ips(run_log(storage, "mn-ddp")) == {"127.0.0.2", "127.0.0.3"}
     two_nodes, one_node = final["summary"], json.loads(local_out.splitlines()[-1])
     assert two_nodes["steps"] == one_node["steps"] > 0
+    # Rank 0's events crossed to the driver's node through the mailbox actor: every one, in order, before the summary.
+    assert_ends_in_order(run_log(storage, "mn-ddp"), two_nodes["steps"])
     for name in ("val_loss", "val_accuracy"):
         assert two_nodes["metrics"][name] == pytest.approx(one_node["metrics"][name], rel=1e-5, abs=1e-6), name
 
