@@ -10,8 +10,9 @@ running the loop hands its events over on a channel made for it:
   as the loop makes them and the loop's result last; the driver takes them in order (`take_events`);
 - Ray Train's worker group: rank 0 sends them to a small actor of the driver's (`actor_channel`), which
   a thread of the driver empties; rank 0 waits for its last send before its loop returns, so that one
-  more take after the fit gets the rest. The actor asks for no CPU (it never waits for one) and goes by
-  Ray's own connections between nodes (no port of ours to open between machines or pods).
+  more take after the fit gets the rest. The actor lives on the driver's node and asks for no CPU (it
+  never waits for one); rank 0 reaches it by Ray's own connections between nodes (no port of ours to
+  open between machines or pods).
 
 Sweep trials use none of them: the sweep's live view and its ranking come from Tune's results, which
 arrive in order; a trial's own lines are shown only with --verbose, through Ray's log forwarding, as a
@@ -140,8 +141,9 @@ def actor_channel(sink: Sink) -> Iterator[EventSender]:
         .options(
             num_cpus=0,
             max_restarts=0,
-            # Beside the driver: its polls stay on the node; rank 0's sends cross the cluster once, as Ray's own calls.
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+            # On the driver's node, whose fate it shares: a worker node can go (a spot node, a killed pod) while the
+            # run goes on. Not soft: Ray then put a mailbox beside a busy head on another node (seen on a 2-node cluster).
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
         )
         .remote()
     )
