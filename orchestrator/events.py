@@ -152,8 +152,9 @@ def actor_channel(sink: Sink) -> Iterator[EventSender]:
     def take() -> bool:
         try:
             events = ray.get(mailbox.take.remote(), timeout=DELIVERY_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            return True  # the actor's process is still starting (a busy machine): ask again
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+            # The actor's process is still starting, or out of reach for a moment (a busy machine): ask again.
+            return True
         except Exception as exc:  # the actor is gone: the run goes on without its progress lines
             log.warning("progress events: the mailbox actor is gone (%s)", type(exc).__name__)
             return False
