@@ -134,8 +134,7 @@ class RunConsole:
 
     def log_only(self, text: str) -> None:
         """Text for the run's log file only (a traceback): the terminal gets the one-line reason instead."""
-        with self._lock:
-            self._write_log(text)
+        self.event({"kind": "log", "text": text})  # in its place among the events and lines before it
 
     def status(self, text: str) -> None:
         """What the run is doing before its first step (starting Ray, the workers, loading data)."""
@@ -153,6 +152,9 @@ class RunConsole:
 
     def _handle(self, event: Event) -> None:
         with self._lock:
+            if event.get("kind") == "log":
+                self._write_log(event.get("text", ""))
+                return
             text = format_event(event)
             if text is not None:
                 self._write_log(text)

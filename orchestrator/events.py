@@ -8,7 +8,7 @@ running the loop hands its events over on a channel made for it:
 - the loop in the driver (local mode): straight to the console;
 - the loop in one Ray task: the task is a streaming generator (`yield_events`), which yields the events
   as the loop makes them and the loop's result last; the driver takes them in order (`take_events`);
-- Ray Train's worker group: rank 0 sends them to a small actor of the driver's (`actor_channel`), which
+- Ray Train's worker group: rank 0 sends them to a small actor of the driver's (`worker_group_channel`), which
   a thread of the driver empties; rank 0 waits for its last send before its loop returns, so that one
   more take after the fit gets the rest. The actor lives on the driver's node and asks for no CPU (it
   never waits for one); rank 0 reaches it by Ray's own connections between nodes (no port of ours to
@@ -100,7 +100,7 @@ class EventMailbox:
 
 
 class EventSender:
-    """Rank 0's end of an `actor_channel`: each event sent without waiting; `flush` waits until the last one arrived."""
+    """Rank 0's end of a `worker_group_channel`: each event sent without waiting; `flush` waits until the last one arrived."""
 
     def __init__(self, mailbox) -> None:
         self.mailbox = mailbox
@@ -126,12 +126,17 @@ class EventSender:
 
 
 @contextmanager
-def actor_channel(sink: Sink) -> Iterator[EventSender]:
-    """In the driver: a mailbox actor for a Ray Train worker group; its events go to `sink`, in order, until the end.
+def worker_group_channel(sink: Sink | None) -> Iterator[tuple[Sink | None, Callable[[], None]]]:
+    """In the driver, around a Ray Train fit: (what rank 0 is handed for its events, `settle`).
 
-    Yields the sender to hand rank 0. On leaving, the events still in the mailbox are taken once more
-    (rank 0 flushed them before its loop returned) and the actor is ended.
+    `settle` hands `sink` every event sent so far: the driver calls it before it says anything of an attempt's
+    end, which rank 0's last events come before. A mailbox actor: a thread hands its events to `sink` as they
+    come, and on leaving the rest are taken (rank 0 waited for its last send before its loop returned) and the
+    actor is ended. Without a sink, no actor: rank 0 gets nothing (it prints its lines).
     """
+    if sink is None:
+        yield None, lambda: None
+        return
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -147,29 +152,34 @@ def actor_channel(sink: Sink) -> Iterator[EventSender]:
         )
         .remote()
     )
+    taking = threading.Lock()  # one take at a time, delivered whole: the thread's and a settle's never interleave
+    gone: list[str] = []
+
+    def take() -> None:
+        with taking:
+            if gone:
+                return
+            try:
+                events = ray.get(mailbox.take.remote(), timeout=DELIVERY_TIMEOUT_S)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+                return  # the actor's process is still starting, or out of reach for a moment (a busy machine)
+            except Exception as exc:  # the actor is gone: the run goes on without its progress lines
+                gone.append(type(exc).__name__)
+                log.warning("progress events: the mailbox actor is gone (%s)", gone[0])
+                return
+            for event in events:
+                sink(event)
+
     stop = threading.Event()
 
-    def take() -> bool:
-        try:
-            events = ray.get(mailbox.take.remote(), timeout=DELIVERY_TIMEOUT_S)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
-            # The actor's process is still starting, or out of reach for a moment (a busy machine): ask again.
-            return True
-        except Exception as exc:  # the actor is gone: the run goes on without its progress lines
-            log.warning("progress events: the mailbox actor is gone (%s)", type(exc).__name__)
-            return False
-        for event in events:
-            sink(event)
-        return True
-
     def drain() -> None:
-        while not stop.wait(POLL_S) and take():
-            pass
+        while not stop.wait(POLL_S) and not gone:
+            take()
 
     thread = threading.Thread(target=drain, name="progress-events", daemon=True)
     thread.start()
     try:
-        yield EventSender(mailbox)
+        yield EventSender(mailbox), take
     finally:
         stop.set()
         thread.join()

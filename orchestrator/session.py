@@ -28,7 +28,7 @@ from typing import Any
 
 from orchestrator import checkpoint as ckpt
 from orchestrator.errors import BadInput, StopRequested
-from orchestrator.events import Sink, actor_channel
+from orchestrator.events import Sink, worker_group_channel
 from orchestrator.executor import (
     RULES,
     DriverHooks,
@@ -300,18 +300,20 @@ class RunSession:
         `driver` may be a factory: each attempt then gets hooks of its own (a sweep trial's reporter).
         """
         spec, executor, events = self.plan.spec, self.plan.executor, self.events
-        if executor == Executor.DRIVER:
-            attempt = lambda: run_in_driver(spec, config, driver() if callable(driver) else driver, events)  # noqa: E731
-        elif executor == Executor.TASK:
-            attempt = lambda: run_in_task(spec, config, events)  # noqa: E731
-        elif events is not None:
-            # A worker group's events come through a mailbox actor, one for all its attempts (see events.py).
-            with actor_channel(events) as sender:
+        # A worker group's events come through a mailbox actor, one for all its attempts (see events.py); a task's
+        # stream and the driver's own hand theirs over before an attempt's end is known.
+        with worker_group_channel(events if executor == Executor.GROUP else None) as channel:
+            sender, settle = channel
+            if executor == Executor.DRIVER:
+                attempt = lambda: run_in_driver(spec, config, driver() if callable(driver) else driver, events)  # noqa: E731
+            elif executor == Executor.TASK:
+                attempt = lambda: run_in_task(spec, config, events)  # noqa: E731
+            else:
                 attempt = lambda: run_in_group(spec, config, group, sender)  # noqa: E731
-                return fit_with_decisions(attempt, spec, self.say, self.log_only)
-        else:
-            attempt = lambda: run_in_group(spec, config, group)  # noqa: E731
-        return fit_with_decisions(attempt, spec, self.say, self.log_only)
+            say, log_only = self.say, self.log_only
+            # How an attempt ended is said after its last events.
+            settled_log = (lambda text: (settle(), log_only(text))) if log_only else None
+            return fit_with_decisions(attempt, spec, lambda line: (settle(), say(line)), settled_log)
 
     def host(self, work: Callable[[], LoopOutcome]) -> Ending:
         """Run `work` (the executor's attempts) and say how it ended; every way out is a state, none escapes."""

@@ -91,6 +91,7 @@ with console.capture({log!r}):
     os.write(2, b"[2026-12-01 04:40:12,123 E 1 2] core_worker.cc:1: a C++ line\\n")
     print("(RayTrainWorker pid=9) Reporting training result 1: TrainingReport(checkpoint=None)", flush=True)
     console.event({{"kind": "val", "step": 1, "metrics": {{"val_loss": 0.5}}}})
+    console.log_only("Traceback of an attempt that ended")
     print("a warning of the user's own code", file=sys.stderr, flush=True)
     console.message("finished: x")
 print("after the capture")
@@ -121,6 +122,11 @@ def test_capture_keeps_everything_in_the_log_and_shows_only_the_runs_lines(tmp_p
     for fragment in [*ray_lines, "  validation: loss 0.5000", "a warning of the user's own code", "finished: x"]:
         assert fragment in logged
     assert MARKER not in logged and "after the capture" not in logged
+    # Text for the log only keeps its place after the events before it; the terminal never shows it.
+    assert (
+        logged.index("  validation: loss 0.5000") < logged.index("Traceback of an attempt") < logged.index("finished")
+    )
+    assert "Traceback" not in res.stdout
     assert res.stderr == ""
 
 
