@@ -2,17 +2,18 @@
 
 Ray's log forwarding is no channel for them. It tails each worker's log file on a schedule of its own,
 with no order against what the driver prints, and what it has not yet forwarded when the driver
-disconnects is lost: the last steps, the last validation and the test line of a run. So each way of
-running the loop hands its events over on a channel made for it:
+disconnects is lost: the last steps, the last validation and the test line of a run. So each executor
+(executor.py) hands its events over on a channel made for it:
 
-- the loop in the driver (local mode): straight to the console;
-- the loop in one Ray task: the task is a streaming generator (`yield_events`), which yields the events
-  as the loop makes them and the loop's result last; the driver takes them in order (`take_events`);
-- Ray Train's worker group: rank 0 sends them to a small actor of the driver's (`worker_group_channel`), which
-  a thread of the driver empties; rank 0 waits for its last send before its loop returns, so that one
-  more take after the fit gets the rest. The actor lives on the driver's node and asks for no CPU (it
-  never waits for one); rank 0 reaches it by Ray's own connections between nodes (no port of ours to
-  open between machines or pods).
+- `driver`, the loop in the driver's process (local mode): straight to the console;
+- `task`, the loop in one Ray task: the task is a streaming generator (`yield_events`), which yields the
+  events as the loop makes them and the loop's result last; the driver takes them in order (`take_events`);
+- `group`, Ray Train's worker group: rank 0 sends them to a small actor of the driver's
+  (`worker_group_channel`), which a thread of the driver empties; rank 0 waits for its last send before its
+  loop returns, so that one more take after the fit gets the rest, and the driver takes what is there before
+  it says how an attempt ended. The actor lives on the driver's node and asks for no CPU (it never waits for
+  one); rank 0 reaches it by Ray's own connections between nodes (no port of ours to open between machines
+  or pods).
 
 Sweep trials use none of them: the sweep's live view and its ranking come from Tune's results, which
 arrive in order; a trial's own lines are shown only with --verbose, through Ray's log forwarding, as a
