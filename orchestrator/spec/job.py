@@ -138,6 +138,14 @@ class JobSpec(Section):
             raise ValueError(
                 "data.engine: ray streams to Ray Train workers; with scaling.num_workers=0 the loop runs in the driver: use engine native"
             )
+        if self.scaling.strategy == "fsdp" and self.train.precision == "fp16":
+            raise ValueError(
+                "train.precision: fp16 needs a grad scaler over sharded gradients, which fsdp does not have here; use bf16"
+            )
+        if self.scaling.strategy == "fsdp" and self.entrypoint:
+            raise ValueError(
+                "scaling.strategy: fsdp shards the built-in loop's model; a user entrypoint shards its own"
+            )
         if self.data.engine == "ray" and self.entrypoint:
             raise ValueError("data.engine: ray feeds the built-in loop; a user entrypoint reads its own data")
         return self

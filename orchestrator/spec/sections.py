@@ -296,10 +296,30 @@ class EarlyStoppingSpec(Section):
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
 
 
+class FsdpSpec(Section):
+    reshard_after_forward: bool = Field(
+        True,
+        description="Free a block's gathered parameters after its forward and gather them again for backward "
+        "(less memory); false keeps them from forward to backward (one all-gather less per block and step).",
+    )
+    blocks: list[str] = Field(
+        default_factory=list,
+        description="Modules sharded as units before the root: fnmatch patterns of module names (`layers.*`) or class "
+        "names (`TransformerBlock`); empty = the built-in model's blocks (gpt: transformer blocks, resnet: residual "
+        "blocks, mlp: linear layers, cnn: conv layers), the root alone for a user model.",
+    )
+
+
 class ScalingSpec(Section):
     num_workers: int | tuple[int, int] = Field(
         1, description="Training workers (DDP ranks); 0 runs the loop in the driver; [min, max] is elastic."
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every worker holds the whole model, gradients and optimizer state; fsdp: each holds a "
+        "shard of them (FSDP2, gathered per block as it runs) and writes its own shards of each checkpoint.",
+    )
+    fsdp: FsdpSpec = Field(default_factory=FsdpSpec, description="FSDP's options (scaling.strategy=fsdp).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     gpus_per_worker: float | None = Field(None, gt=0, description="GPUs per worker when use_gpu (default 1).")
@@ -313,6 +333,12 @@ class ScalingSpec(Section):
         elif not (1 <= v[0] <= v[1]):
             raise ValueError(f"elastic range [{v[0]}, {v[1]}] needs 1 <= min <= max")
         return v
+
+    @model_validator(mode="after")
+    def _fsdp_options(self) -> ScalingSpec:
+        if self.strategy != "fsdp" and self.fsdp.model_fields_set:
+            raise ValueError("fsdp: its options apply to scaling.strategy=fsdp")
+        return self
 
     @property
     def max_workers(self) -> int:
