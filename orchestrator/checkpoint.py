@@ -51,6 +51,8 @@ class CheckpointManifest:
     format: int = FORMAT_VERSION
     # The loop's counters at this step (best, last validation, timings): what a summary needs, without state.pt.
     train: dict[str, Any] = field(default_factory=dict)
+    # "full": model.safetensors and state.pt hold everything; "sharded": every rank's shards (sharded_checkpoint).
+    layout: str = "full"
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1, sort_keys=True, default=float).encode()
@@ -61,7 +63,7 @@ class CheckpointManifest:
         return cls(
             **{
                 k: raw[k]
-                for k in ("step", "epoch", "metrics", "files", "run_record", "created", "format", "train")
+                for k in ("step", "epoch", "metrics", "files", "run_record", "created", "format", "train", "layout")
                 if k in raw
             }
         )
@@ -412,9 +414,18 @@ def load_weights(uri: str, endpoint_url: str | None = None) -> dict:
         return obj
     fs, info = resolve_checkpoint(uri, endpoint_url)
     try:
-        return deserialize_weights(read_verified(fs, info, [WEIGHTS])[WEIGHTS])
+        return read_model_weights(fs, info)
     except ValueError as exc:
         raise BadInput(str(exc)) from None
+
+
+def read_model_weights(fs, info: CheckpointInfo) -> dict:
+    """The model's whole tensors of a committed checkpoint, full or sharded, checked against its manifest."""
+    if info.manifest.layout == "sharded":
+        from orchestrator.sharded_checkpoint import read_full_weights
+
+        return read_full_weights(fs, info)
+    return deserialize_weights(read_verified(fs, info, [WEIGHTS])[WEIGHTS])
 
 
 def with_metadata(data: bytes, metadata: dict[str, str]) -> tuple[bytes, memoryview]:
@@ -434,8 +445,14 @@ def with_metadata(data: bytes, metadata: dict[str, str]) -> tuple[bytes, memoryv
 def export_weights(fs, info: CheckpointInfo, path: str, metadata: dict[str, str] | None = None) -> int:
     """Write a checkpoint's verified weights to the local file `path` as one safetensors file; return its size.
 
+    A sharded checkpoint's are streamed in a tensor at a time (sharded_checkpoint.export_weights).
+
     `metadata` goes into the file's header (strings only). ValueError when the weights do not match the manifest.
     """
+    if info.manifest.layout == "sharded":
+        from orchestrator.sharded_checkpoint import export_weights as export_sharded
+
+        return export_sharded(fs, info, path, metadata or {})
     data = read_verified(fs, info, [WEIGHTS])[WEIGHTS]
     head, tensors = with_metadata(data, metadata or {})
     with open(path, "wb") as fh:

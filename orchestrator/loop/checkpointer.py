@@ -7,6 +7,7 @@ training thread; serializing, uploading, committing and retention run on the wri
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import storage
@@ -22,9 +24,12 @@ from orchestrator.loop.context import LoopContext
 from orchestrator.loop.early_stopping import watched_metric
 from orchestrator.loop.evaluate import all_gather
 from orchestrator.loop.parts import Parts
+from orchestrator.loop.sharding import load_sharded_state
 from orchestrator.loop.state import TrainState, capture_rng, restore_rng, seed_everything
 from orchestrator.rundir import MetricsLog, RunDir
 from orchestrator.spec import JobSpec
+
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -32,6 +37,7 @@ class Checkpointer:
 
     def __init__(self, run: RunDir, spec: JobSpec, ctx: LoopContext, parts: Parts):
         self.run, self.spec, self.ctx, self.parts = run, spec, ctx, parts
+        self.shard_bytes_read: tuple[int, int] | None = None  # (read, stored) of a sharded checkpoint restored
         self.guard = _lease_guard(ctx.lease, spec.checkpoint.endpoint_url) if ctx.is_main else None
         self.writer = (
             ckpt.CheckpointWriter(run.fs, run.root, asynchronous=spec.checkpoint.async_, guard=self.guard)
@@ -41,18 +47,14 @@ class Checkpointer:
 
     def restore(self, say: Callable[[str], None]) -> tuple[TrainState, str | None]:
         """The state of the newest checkpoint that verifies, loaded into the parts, and its URI; a fresh state and None when there is none."""
-        restored = ckpt.restore_latest(self.run.fs, self.run.root)
+        restored = self._restore_newest()
         if restored is None:
             return TrainState(), None
-        info, files = restored
+        info, saved, rngs = restored
         p, ctx = self.parts, self.ctx
-        p.model.load_state_dict(ckpt.deserialize_weights(files[ckpt.WEIGHTS]))
-        saved = ckpt.deserialize_state(files["state.pt"])
-        p.optimizer.load_state_dict(saved["optimizer"])
         p.schedule.load_state_dict(saved["schedule"])
         p.scaler.load_state_dict(saved["scaler"])
         state = TrainState(**saved["train"])
-        rngs = ckpt.deserialize_state(files["rng.pt"])
         # Same world size: each rank continues its own streams; another size re-derives them from the seed.
         if len(rngs) == ctx.world_size:
             restore_rng(rngs[ctx.rank])
@@ -63,7 +65,11 @@ class Checkpointer:
             if state.batch:
                 state.legs = [*state.legs, [len(rngs), state.batch]]
                 state.batch = 0
-        say(f"resumed from {info.uri} (step {state.step}, epoch {state.epoch}, batch {state.batch})")
+        read = ""
+        if self.shard_bytes_read is not None:
+            got, stored = self.shard_bytes_read
+            read = f"; this rank read {got / 1e6:.3g} of the {stored / 1e6:.3g} MB of tensors in its shards"
+        say(f"resumed from {info.uri} (step {state.step}, epoch {state.epoch}, batch {state.batch}){read}")
         if not p.splits.train.exact_resume and (state.batch or state.legs):
             # The source cannot continue where the epoch stopped: its remaining batches come from a new pass.
             state.redrawn.append([state.epoch, state.batch])
@@ -72,6 +78,33 @@ class Checkpointer:
                 "(data.engine=ray resumes at epoch granularity)"
             )
         return state, info.uri
+
+    def _restore_newest(self) -> tuple[ckpt.CheckpointInfo, dict[str, Any], list] | None:
+        """The newest checkpoint that verifies loaded into the model and optimizer: (info, state.pt, rng.pt); None if none."""
+        for info in reversed(ckpt.list_checkpoints(self.run.fs, self.run.root)):
+            try:
+                return info, *self._load(info)
+            except (ValueError, FileNotFoundError, CheckpointException) as exc:
+                log.warning("skipping checkpoint %s: %s", info.uri, exc)
+        return None
+
+    def _load(self, info: ckpt.CheckpointInfo) -> tuple[dict[str, Any], list]:
+        """A checkpoint's weights and optimizer state into the (whole) model: a full one, or every rank's shards."""
+        p = self.parts
+        if info.manifest.layout == "sharded":
+            files = ckpt.read_verified(self.run.fs, info, ["state.pt", "rng.pt"])
+            self.shard_bytes_read = load_sharded_state(p.model, p.optimizer, self.run.fs, info)
+            saved = ckpt.deserialize_state(files["state.pt"])
+        else:
+            files = ckpt.read_verified(self.run.fs, info)
+            saved = ckpt.deserialize_state(files["state.pt"])
+            self._load_whole(ckpt.deserialize_weights(files[ckpt.WEIGHTS]), saved["optimizer"])
+        return saved, ckpt.deserialize_state(files["rng.pt"])
+
+    def _load_whole(self, weights: dict, optimizer_state: dict) -> None:
+        """A full checkpoint's weights and optimizer state into the whole model."""
+        self.parts.model.load_state_dict(weights)
+        self.parts.optimizer.load_state_dict(optimizer_state)
 
     def save(self, state: TrainState, metrics: dict[str, Any], metrics_log: MetricsLog | None) -> None:
         """Checkpoint this step (every rank calls it): the time the training thread spends here is counted in the state."""

@@ -51,23 +51,32 @@ def evaluate(
     what crosses ranks does not grow with the split or the world size.
     """
     state = SplitState(task, names or spec.metric_names())
-    for out, y, loss_sum, n in _outputs(model, source, spec, ctx, task):
+    for out, y, loss_sum, n in batch_outputs(model, source, spec, ctx, task):
         state.update(out, y, loss_sum, n)
     return state.compute(all_reduce if ctx.world_size > 1 else reduce_locally)
 
 
-def _outputs(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, task: str):
-    # (outputs, targets, summed loss, items) per batch of this rank's shard, the model in eval mode meanwhile.
+def batch_outputs(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopContext, task: str):
+    """(outputs, targets, summed loss, items) per batch of this rank's shard, the model in eval mode meanwhile."""
     model.eval()
     try:
+        x, seen = None, 0
         for x, y in source.batches(0, ctx.rank, ctx.world_size):
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with autocast_for(spec.train.precision, ctx.device):
                 out = model(x)
+            seen += 1
             n = y.numel() if task == "lm" else y.shape[0]
             loss_sum = compute_loss(task, out, y).item() * n
             # Per-token logits of a language model are not needed: perplexity needs only the loss.
             yield (None, None, loss_sum, n) if task == "lm" else (out.float().cpu(), y.cpu(), loss_sum, n)
+        if spec.scaling.strategy == "fsdp" and ctx.world_size > 1:
+            # A sharded forward gathers each block from every rank: a rank with a batch fewer runs one more, unused.
+            for _ in range(source.num_batches(ctx.world_size) - seen):
+                if x is None:
+                    x = next(iter(source.batches(0, 0, ctx.world_size)))[0].to(ctx.device)
+                with autocast_for(spec.train.precision, ctx.device):
+                    model(x)
     finally:
         model.train()
 
@@ -77,7 +86,7 @@ def evaluate_whole(model: torch.nn.Module, source, spec: JobSpec, ctx: LoopConte
     """One process's metrics of a whole split, exact (ROC-AUC by ranks), with its outputs and targets (None for lm or an empty split)."""
     ctx = replace(ctx, rank=0, world_size=1)
     outputs, targets, loss_sum, count = [], [], 0.0, 0
-    for out, y, batch_loss, n in _outputs(model, source, spec, ctx, task):
+    for out, y, batch_loss, n in batch_outputs(model, source, spec, ctx, task):
         loss_sum += batch_loss
         count += n
         if out is not None:
@@ -99,15 +108,27 @@ def evaluate_best_on_test(
         return None
     info = next((c for c in found if c.step == best_step), found[-1])
     model = copy.deepcopy(model)
-    model.load_state_dict(ckpt.deserialize_weights(ckpt.read_verified(run.fs, info, [ckpt.WEIGHTS])[ckpt.WEIGHTS]))
-    names = list(
+    model.load_state_dict(ckpt.read_model_weights(run.fs, info))
+    names = test_metric_names(task)
+    # Rank 0 alone, so the whole split's outputs are here anyway (test.json keeps them for the
+    # report's plots): the exact metrics, ROC-AUC by ranks rather than binned.
+    metrics, out, tgt = evaluate_whole(model, source, spec, ctx, task, names)
+    return write_test_summary(run, spec, task, metrics, out, tgt, info, best_step)
+
+
+def test_metric_names(task: str) -> list[str]:
+    """Every metric of the task: what the test split is measured by."""
+    return list(
         {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS, "lm": LM_METRICS}.get(
             task, ("loss",)
         )
     )
-    # Rank 0 alone, so the whole split's outputs are here anyway (test.json keeps them for the
-    # report's plots): the exact metrics, ROC-AUC by ranks rather than binned.
-    metrics, out, tgt = evaluate_whole(model, source, spec, ctx, task, names)
+
+
+def write_test_summary(
+    run: RunDir, spec: JobSpec, task: str, metrics, out, tgt, info: ckpt.CheckpointInfo, best_step: int | None
+) -> TestSummary:
+    """test.json of the whole split's metrics and outputs (tensors, None for lm), and its summary."""
     checkpoint_uri = storage.to_uri(run.fs, info.path)
     record = build_test_record(
         task,

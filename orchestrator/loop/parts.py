@@ -13,6 +13,7 @@ import torch
 from orchestrator import checkpoint as ckpt
 from orchestrator.data import Splits, load_data
 from orchestrator.loop.context import LoopContext
+from orchestrator.loop.sharding import is_sharded, shard_model
 from orchestrator.models import build_model
 from orchestrator.optim import LRSchedule, build_optimizer, build_schedule
 from orchestrator.spec import JobSpec
@@ -20,7 +21,7 @@ from orchestrator.spec import JobSpec
 
 @dataclass
 class Parts:
-    """The run's data and the objects that train on it (the model unwrapped: no DDP, not compiled)."""
+    """The run's data and the objects that train on it (the model unwrapped: no DDP, not compiled; sharded under fsdp)."""
 
     splits: Splits
     model: torch.nn.Module
@@ -44,6 +45,8 @@ def build_parts(spec: JobSpec, ctx: LoopContext, say: Callable[[str], None]) -> 
     model = build_model(spec, splits.info, base_dir=ctx.base_dir)
     apply_init_and_freeze(model, spec, say)
     model.to(ctx.device)
+    if is_sharded(spec):  # before the optimizer: its parameters are the shards
+        shard_model(model, spec, ctx)
     optimizer = build_optimizer(model, spec.optim)
     batches_per_epoch = splits.train.num_batches(ctx.world_size)
     if batches_per_epoch == 0:
@@ -83,7 +86,9 @@ def apply_init_and_freeze(model: torch.nn.Module, spec: JobSpec, say: Callable[[
 
 
 def wrap_model(model: torch.nn.Module, spec: JobSpec, ctx: LoopContext) -> torch.nn.Module:
-    """The model as the step runs it: DDP across ranks, compiled when `train.compile`."""
+    """The model as the step runs it: DDP across ranks, compiled when `train.compile` (fsdp: sharded and compiled already)."""
+    if is_sharded(spec):
+        return model
     if ctx.distributed:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

@@ -17,6 +17,8 @@ from orchestrator.loop.evaluate import evaluate, evaluate_best_on_test
 from orchestrator.loop.guard import LossGuard
 from orchestrator.loop.parts import Parts, build_parts, wrap_model
 from orchestrator.loop.record import Progress, Recorder, Throughput
+from orchestrator.loop.sharded_checkpointer import ShardedCheckpointer, evaluate_best_on_test_sharded
+from orchestrator.loop.sharding import ensure_process_group, is_sharded
 from orchestrator.loop.state import TrainState, seed_everything
 from orchestrator.loop.step import TrainStep
 from orchestrator.rundir import RunDir
@@ -41,20 +43,25 @@ class LoopResult:
 
 def run_training(spec: JobSpec, ctx: LoopContext) -> LoopResult:
     """Train `spec` on this rank, resuming from the run's latest committed checkpoint."""
-    progress = Progress(ctx)
-    seed_everything(spec.train.seed + ctx.rank)
-    parts = build_parts(spec, ctx, progress.say)
-    run = RunDir.open(ctx.run_uri, spec.checkpoint.endpoint_url, spec.checkpoint.upload_timeout_s)
-    checkpointer = Checkpointer(run, spec, ctx, parts)
-    state, resumed_from = checkpointer.restore(progress.say)
-    loop = _Loop(spec, ctx, parts, wrap_model(parts.model, spec, ctx), state, run, checkpointer, progress)
-    t_start = time.perf_counter()
+    own_group = ensure_process_group(ctx) if is_sharded(spec) else False
     try:
-        loop.train()
-    except BaseException:
-        checkpointer.abandon()
-        raise
-    return loop.finish(resumed_from, time.perf_counter() - t_start)
+        progress = Progress(ctx)
+        seed_everything(spec.train.seed + ctx.rank)
+        parts = build_parts(spec, ctx, progress.say)
+        run = RunDir.open(ctx.run_uri, spec.checkpoint.endpoint_url, spec.checkpoint.upload_timeout_s)
+        checkpointer = (ShardedCheckpointer if is_sharded(spec) else Checkpointer)(run, spec, ctx, parts)
+        state, resumed_from = checkpointer.restore(progress.say)
+        loop = _Loop(spec, ctx, parts, wrap_model(parts.model, spec, ctx), state, run, checkpointer, progress)
+        t_start = time.perf_counter()
+        try:
+            loop.train()
+        except BaseException:
+            checkpointer.abandon()
+            raise
+        return loop.finish(resumed_from, time.perf_counter() - t_start)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
 
 
 class _Loop:
@@ -203,7 +210,11 @@ class _Loop:
         if self.metrics_log is not None:
             self.metrics_log.flush()
         test = None
-        if ctx.is_main:
+        if is_sharded(self.spec):  # every rank holds a shard of the model: all of them evaluate
+            test = evaluate_best_on_test_sharded(
+                self.parts.model, self.parts.splits.test, self.spec, ctx, self.parts.task, self.run, state.best_step
+            )
+        elif ctx.is_main:
             test = evaluate_best_on_test(
                 self.parts.model, self.parts.splits.test, self.spec, ctx, self.parts.task, self.run, state.best_step
             )

@@ -1,0 +1,211 @@
+"""scaling.strategy=fsdp: FSDP2 on CPU/gloo ranks started as real processes, sharded checkpoints, resume and transfer.
+
+The reference for the sharded runs is one process taking the same global batch: two ranks of 64
+examples (strided from one epoch order) see what one process of 128 sees, and both average the
+gradient over them, so parameters agree to float rounding (tolerance 1e-6; measured ~3e-8).
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from ports import free_port
+
+from orchestrator import checkpoint as ckpt
+from orchestrator import storage
+from orchestrator.loop import LoopContext, run_training
+from orchestrator.spec import build_spec
+
+# No dropout or augmentation: the ranks' own RNG streams would make them differ from the reference.
+RAW = {
+    "name": "f",
+    "model": {"name": "mlp", "hidden": 32, "layers": 1, "freeze": ["net.1.bias"]},
+    "data": {"name": "digits"},
+    "optim": {"name": "adamw", "lr": 0.01, "weight_decay": 0.01},
+    "schedule": {"name": "constant", "warmup_steps": 2},  # the LR of a step, whatever max_steps says
+    "train": {"epochs": 2, "batch_size": 64, "seed": 3, "grad_accum_steps": 2, "clip_grad_norm": 0.5},
+    "checkpoint": {"every_n_steps": 3, "every_n_epochs": None, "keep_last": 10},
+}
+FSDP = ["scaling.strategy=fsdp"]
+# 1294 training examples: 11 micro-batches of 64 a rank (of 128 for one process), 6 steps an epoch, 12 in all.
+STEPS = 12
+ATOL = 1e-6
+
+
+def spec_of(storage_root, *overrides):
+    return build_spec(RAW, [f"checkpoint.storage={storage_root}", *overrides])
+
+
+def _rank(rank, world, port, run_uri, storage_root, overrides, kill_at=None):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    if kill_at is not None and rank == 1:
+        _die_while_writing(kill_at)
+    lines = []
+    try:
+        out = run_training(
+            spec_of(storage_root, *overrides),
+            LoopContext(run_uri=run_uri, rank=rank, world_size=world, log=lines.append),
+        )
+        with open(os.path.join(run_uri, f"result{rank}.json"), "w") as fh:
+            json.dump({"steps": out.steps, "metrics": out.metrics, "resumed_from": out.resumed_from, "log": lines}, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def _die_while_writing(step: int) -> None:
+    """This rank is SIGKILLed halfway through writing its shard of the checkpoint at `step`."""
+    from orchestrator import sharded_checkpoint
+
+    write = sharded_checkpoint.storage.write_bytes
+
+    def write_then_die(fs, path, data, transfers=None):
+        if f"checkpoint_{step:08d}/shard_" in path:
+            write(fs, path, data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        write(fs, path, data, transfers)
+
+    sharded_checkpoint.storage.write_bytes = write_then_die
+
+
+def train_ranks(world, run_uri, storage_root, *overrides, kill_at=None):
+    mp.start_processes(
+        _rank,
+        args=(world, free_port(), run_uri, storage_root, [*FSDP, *overrides], kill_at),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
+
+
+def checkpoints(run_uri):
+    fs, root = storage.open_storage(run_uri)
+    return fs, ckpt.list_checkpoints(fs, root)
+
+
+def weights_at(run_uri, step):
+    fs, found = checkpoints(run_uri)
+    return ckpt.read_model_weights(fs, next(c for c in found if c.step == step))
+
+
+def assert_close(a, b, atol=ATOL):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """A two-rank fsdp run of 12 steps, checkpointed every 3."""
+    root = tmp_path_factory.mktemp("fsdp")
+    run_uri = str(root / "straight")
+    os.makedirs(run_uri)
+    train_ranks(2, run_uri, str(root))
+    return run_uri
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same job in one process, each micro-batch the two ranks' together."""
+    root = tmp_path_factory.mktemp("reference")
+    run_uri = str(root / "ref")
+    out = run_training(spec_of(root, "train.batch_size=128"), LoopContext(run_uri=run_uri, log=lambda m: None))
+    return run_uri, out
+
+
+def test_two_sharded_ranks_train_as_one_process_on_their_joint_batch(straight, reference):
+    ref_uri, ref = reference
+    r0, r1 = (json.load(open(os.path.join(straight, f"result{r}.json"))) for r in (0, 1))
+    assert r0["steps"] == r1["steps"] == ref.steps == STEPS
+    assert r0["metrics"] == r1["metrics"]
+    assert r0["metrics"]["val_loss"] == pytest.approx(ref.metrics["val_loss"], rel=1e-5)
+    # Clipping (by the norm of every rank's shards together), accumulation and the frozen bias all hold.
+    for step in (3, 12):
+        assert_close(weights_at(straight, step), weights_at(ref_uri, step))
+    test = json.load(open(os.path.join(straight, "test.json")))
+    ref_test = json.load(open(os.path.join(ref_uri, "test.json")))
+    assert test["metrics"]["test_loss"] == pytest.approx(ref_test["metrics"]["test_loss"], rel=1e-5)
+    assert test["labels"] == ref_test["labels"]  # the ranks' test outputs gathered back in the split's order
+
+
+def test_a_sharded_checkpoint_is_every_ranks_shard_under_one_manifest(straight):
+    fs, found = checkpoints(straight)
+    assert [c.step for c in found] == [3, 6, 9, 12]
+    info = found[-1]
+    assert info.manifest.layout == "sharded"
+    names = set(info.manifest.files)
+    assert names == {"shard_00000.safetensors", "shard_00001.safetensors", "dcp.json", "state.pt", "rng.pt", "job.yaml"}
+    files = ckpt.read_verified(fs, info)  # every file matches its size and sha256
+    from safetensors.torch import load
+
+    rank0, rank1 = load(files["shard_00000.safetensors"]), load(files["shard_00001.safetensors"])
+    # Each rank wrote half of each weight (its FSDP shard): rows 0-15 and 16-31 of the hidden layer.
+    assert rank0["model.net.1.weight@0,0"].shape == rank1["model.net.1.weight@16,0"].shape == (16, 64)
+    assert len(ckpt.deserialize_state(files["rng.pt"])) == 2
+
+
+def test_a_rank_killed_mid_save_leaves_no_checkpoint_and_the_rerun_resumes_bit_for_bit(straight, tmp_path):
+    run_uri = str(tmp_path / "killed")
+    os.makedirs(run_uri)
+    with pytest.raises(mp.ProcessExitedException):
+        train_ranks(2, run_uri, str(tmp_path), kill_at=6)
+    _, found = checkpoints(run_uri)
+    assert [c.step for c in found] == [3]  # checkpoint_6 was being written: no manifest, invisible
+    assert os.path.exists(os.path.join(run_uri, "checkpoint_00000006", "shard_00001.safetensors"))
+
+    train_ranks(2, run_uri, str(tmp_path))
+    result = json.load(open(os.path.join(run_uri, "result0.json")))
+    assert result["resumed_from"].endswith("checkpoint_00000003") and result["steps"] == STEPS
+    again, first = weights_at(run_uri, STEPS), weights_at(straight, STEPS)
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    assert set(os.listdir(os.path.join(run_uri, "checkpoint_00000006"))) >= {"manifest.json", "shard_00001.safetensors"}
+
+
+def _resumed_copy(straight, dest, step):
+    """A copy of the straight run as it stood after `step`: later checkpoints never written."""
+    dest = str(dest)
+    shutil.copytree(straight, dest)
+    for c in checkpoints(dest)[1]:
+        if c.step > step:
+            shutil.rmtree(c.path)
+    return dest
+
+
+def test_two_ranks_resume_on_one_with_the_same_optimizer_state(straight, tmp_path):
+    run_uri = _resumed_copy(straight, tmp_path / "one", 6)
+    lines = []
+    # One process of 128 examples continues the epoch the two ranks of 64 would have: the same batches.
+    out = run_training(
+        spec_of(tmp_path, *FSDP, "train.batch_size=128", "train.max_steps=9"),
+        LoopContext(run_uri=run_uri, log=lines.append),
+    )
+    assert out.resumed_from.endswith("checkpoint_00000006") and out.steps == 9
+    # Adam's moments came along: without them the next three steps would move the weights elsewhere.
+    assert_close(weights_at(run_uri, 9), weights_at(straight, 9))
+    assert read_share(lines) == pytest.approx(1.0, abs=0.02)  # one rank needs all of it, once
+
+
+def read_share(lines):
+    """The share of the checkpoint's stored bytes that the rank saying `lines` read to resume."""
+    said = next(line for line in lines if line.startswith("resumed from"))
+    read, total = re.search(r"this rank read ([\d.e+-]+) of the ([\d.e+-]+) MB of tensors in its shards", said).groups()
+    return float(read) / float(total)
+
+
+@pytest.mark.slow  # four spawned ranks (~35 s on 2 busy cores)
+def test_two_ranks_resume_on_four_each_reading_its_quarter(straight, tmp_path):
+    run_uri = _resumed_copy(straight, tmp_path / "four", 6)
+    train_ranks(4, run_uri, str(tmp_path), "train.batch_size=32", "train.max_steps=9")
+    result = json.load(open(os.path.join(run_uri, "result0.json")))
+    assert result["resumed_from"].endswith("checkpoint_00000006")
+    # A quarter of each weight and of its Adam moments, read by byte ranges (and the few values every rank needs).
+    assert 0.25 <= read_share(result["log"]) <= 0.3
+    assert_close(weights_at(run_uri, 9), weights_at(straight, 9))
