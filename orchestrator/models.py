@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -217,6 +218,31 @@ def _build_user_model(spec: JobSpec, info: DataInfo, base_dir) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise BadInput(f"model.name: {ref!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+# The units FSDP gathers together in a built-in model: a transformer or residual block, a layer.
+BUILTIN_BLOCKS = {"gpt": ["TransformerBlock"], "resnet": ["ResidualBlock"], "mlp": ["Linear"], "cnn": ["Conv2d"]}
+
+
+def block_modules(model: nn.Module, name: str, patterns: list[str]) -> list[nn.Module]:
+    """The model's blocks (scaling.fsdp.blocks: module-name patterns or class names; else the built-in's), outermost first.
+
+    ValueError naming the field when a pattern matches no module.
+    """
+    wanted = patterns or BUILTIN_BLOCKS.get(name, [])
+    chosen: list[tuple[str, nn.Module]] = []
+    matched = set()
+    for module_name, module in model.named_modules():
+        if not module_name:
+            continue  # the root is its own unit, always
+        hit = [p for p in wanted if fnmatch.fnmatchcase(module_name, p) or type(module).__name__ == p]
+        if hit and not any(module_name.startswith(outer + ".") for outer, _ in chosen):
+            chosen.append((module_name, module))
+        matched.update(hit)
+    missing = [p for p in patterns if p not in matched]
+    if missing:
+        raise ValueError(f"scaling.fsdp.blocks: no module of {name} matches {missing}")
+    return [m for _, m in chosen]
 
 
 def expected_output_shape(info: DataInfo, batch: int) -> tuple[int, ...]:

@@ -89,6 +89,13 @@ def check_model(spec: JobSpec, info: DataInfo, base_dir: str | None):
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             raise BadInput(f"model.freeze: {pattern!r} matches no parameter of {spec.model.name} (they are: {shown})")
+    if spec.scaling.strategy == "fsdp":
+        from orchestrator.models import block_modules
+
+        try:
+            block_modules(model, spec.model.name, spec.scaling.fsdp.blocks)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
     frozen = spec.model.freeze
     if not any(
         param.requires_grad and not any(fnmatch.fnmatchcase(name, pattern) for pattern in frozen)

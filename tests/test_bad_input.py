@@ -121,6 +121,20 @@ VALIDATE_CASES = [
         ["scaling.num_workers=0"],
         "data.engine: ray streams to Ray Train workers; with scaling.num_workers=0 the loop runs in the driver",
     ),
+    ("ok.yaml", b"name: ok\n", ["scaling.strategy=zero3"], "scaling.strategy: Input should be 'ddp' or 'fsdp'"),
+    (
+        "ok.yaml",
+        b"name: ok\nscaling: {strategy: fsdp}\n",
+        ["train.precision=fp16"],
+        "train.precision: fp16 needs a grad scaler over sharded gradients, which fsdp does not have here; use bf16",
+    ),
+    ("ok.yaml", b"name: ok\n", ["scaling.fsdp.blocks=[a]"], "scaling.fsdp: its options apply to scaling.strategy=fsdp"),
+    (
+        "ok.yaml",
+        b"name: ok\nentrypoint: m:f\n",
+        ["scaling.strategy=fsdp"],
+        "scaling.strategy: fsdp shards the built-in loop's model; a user entrypoint shards its own",
+    ),
     ("ok.yaml", b"name: ok\n", ["optim.lr"], "optim.lr: an override must look like dotted.key=value"),
     ("ok.yaml", b"name: ok\n", ["optim.lrr=1"], "optim.lrr: unknown field (did you mean 'lr'?)"),
     ("ok.yaml", b"name: ok\n", ["--no-such-flag"], "No such option '--no-such-flag'"),
@@ -247,6 +261,7 @@ def test_run_refuses_what_preflight_finds_before_writing(tiny_job, tmp_path):
             ["run", str(job), "model.freeze=['net.*', 'nope.*']"],
             ["run", str(job), "schedule.name=cosine", "train.max_steps=0"],
             ["run", str(job), "model.freeze=['*']"],
+            ["run", str(job), "scaling.strategy=fsdp", "scaling.fsdp.blocks=['net.1', 'blocks.*']"],
         ],
         tmp_path,
         timeout=300,
@@ -255,6 +270,7 @@ def test_run_refuses_what_preflight_finds_before_writing(tiny_job, tmp_path):
     assert_one_line(results[1], "model.freeze: 'nope.*' matches no parameter")
     assert_one_line(results[2], "train.max_steps: Input should be greater than or equal to 1")
     assert_one_line(results[3], "optim: the model has no trainable parameters")
+    assert_one_line(results[4], "scaling.fsdp.blocks: no module of mlp matches ['blocks.*']")
     assert not storage.exists(), list(storage.rglob("*"))  # not even the storage's own directory
 
 

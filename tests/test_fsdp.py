@@ -10,10 +10,13 @@ import os
 import re
 import shutil
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from commands import run_command
 from ports import free_port
 
 from orchestrator import checkpoint as ckpt
@@ -21,6 +24,7 @@ from orchestrator import storage
 from orchestrator.loop import LoopContext, run_training
 from orchestrator.spec import build_spec
 
+ROOT = Path(__file__).resolve().parents[1]
 # No dropout or augmentation: the ranks' own RNG streams would make them differ from the reference.
 RAW = {
     "name": "f",
@@ -209,3 +213,127 @@ def test_two_ranks_resume_on_four_each_reading_its_quarter(straight, tmp_path):
     # A quarter of each weight and of its Adam moments, read by byte ranges (and the few values every rank needs).
     assert 0.25 <= read_share(result["log"]) <= 0.3
     assert_close(weights_at(run_uri, 9), weights_at(straight, 9))
+
+
+# ----------------------------------------------------------------------------------------------
+# Transfer: export, init_from, and a run that changes strategy between its checkpoints
+
+
+def test_export_streams_a_sharded_checkpoint_into_one_safetensors_file(straight, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "w.safetensors"
+    res = run_command(
+        [sys.executable, "-m", "orchestrator", "export", f"{straight}/checkpoint_00000012", "--out", str(out)],
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    exported, saved = load_file(out), weights_at(straight, 12)
+    assert exported.keys() == saved.keys() == {"net.1.weight", "net.1.bias", "net.4.weight", "net.4.bias"}
+    assert all(torch.equal(exported[k], saved[k]) for k in saved)
+
+
+def test_init_from_takes_the_weights_of_a_sharded_checkpoint(straight, tmp_path):
+    from orchestrator.data import load_data
+    from orchestrator.loop.parts import apply_init_and_freeze
+    from orchestrator.models import build_model
+
+    spec = spec_of(tmp_path, f"model.init_from={straight}/checkpoint_00000012", "model.freeze=[]")
+    model = build_model(spec, load_data(spec).info)
+    said = []
+    apply_init_and_freeze(model, spec, said.append)
+    assert said == [f"initialised 4 tensors from {straight}/checkpoint_00000012"]
+    saved = weights_at(straight, 12)
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+
+
+def test_a_run_moves_from_ddp_to_fsdp_and_back_between_checkpoints(straight, tmp_path):
+    run_uri = str(tmp_path / "moving")
+    one = ["train.batch_size=128"]  # one process on the two ranks' joint batch, as the reference
+
+    def run(*overrides):
+        return run_training(spec_of(tmp_path, *one, *overrides), LoopContext(run_uri=run_uri, log=lambda m: None))
+
+    run("train.max_steps=6")
+    assert checkpoints(run_uri)[1][-1].manifest.layout == "full"
+    # A full checkpoint's weights and Adam state, each rank taking its shard of them...
+    assert run(*FSDP, "train.max_steps=9").resumed_from.endswith("checkpoint_00000006")
+    assert checkpoints(run_uri)[1][-1].manifest.layout == "sharded"
+    assert_close(weights_at(run_uri, 9), weights_at(straight, 9))
+    # ...and a sharded one's, whole, back in a DDP run.
+    assert run("train.max_steps=12").resumed_from.endswith("checkpoint_00000009")
+    assert_close(weights_at(run_uri, 12), weights_at(straight, 12))
+
+
+# ----------------------------------------------------------------------------------------------
+# One rank in this process (a one-rank process group of its own): blocks, precision, the loop's features
+
+
+def _sharded_parts(tmp_path, raw, *overrides):
+    from torch.distributed import destroy_process_group
+
+    from orchestrator.loop.parts import build_parts
+    from orchestrator.loop.sharding import ensure_process_group
+
+    ctx = LoopContext(run_uri=str(tmp_path / "parts"))
+    assert ensure_process_group(ctx)
+    try:
+        parts = build_parts(build_spec(raw, [*FSDP, *overrides]), ctx, lambda m: None)
+        x, _ = next(iter(parts.splits.train.batches(0, 0, 1)))
+        return parts, parts.model(x[:2])
+    finally:
+        destroy_process_group()
+
+
+GPT = {
+    "model": {"name": "gpt", "hidden": 16, "layers": 2, "heads": 2, "context": 8},
+    "data": {"name": "synthetic", "task": "lm", "vocab_size": 16, "seq_len": 8, "samples": 64},
+    "train": {"batch_size": 8},
+}
+IMAGES = {"data": {"name": "digits"}, "train": {"batch_size": 8}}
+
+
+@pytest.mark.parametrize(
+    "raw, overrides, blocks",
+    [
+        (GPT, [], ["", "blocks.0", "blocks.1"]),
+        (GPT, ["scaling.fsdp.blocks=['blocks.1']"], ["", "blocks.1"]),
+        ({**IMAGES, "model": {"name": "resnet", "hidden": 8, "layers": 2}}, [], ["", "blocks.0", "blocks.1"]),
+        ({**IMAGES, "model": {"name": "cnn", "hidden": 8, "layers": 2}}, [], ["", "features.0", "features.4"]),
+        ({**IMAGES, "model": {"name": "mlp", "hidden": 8, "layers": 2}}, [], ["", "net.1", "net.4", "net.7"]),
+    ],
+)
+def test_each_block_of_a_model_is_sharded_on_its_own_then_the_root(tmp_path, raw, overrides, blocks):
+    from torch.distributed.fsdp import FSDPModule
+
+    parts, _ = _sharded_parts(tmp_path, raw, *overrides)
+    assert [name for name, m in parts.model.named_modules() if isinstance(m, FSDPModule)] == blocks
+
+
+def test_bf16_is_fsdps_parameter_dtype_and_a_block_pattern_must_match(tmp_path):
+    _, logits = _sharded_parts(tmp_path, GPT, "train.precision=bf16")
+    assert logits.dtype == torch.bfloat16  # the gathered parameters are cast for compute; the shards stay fp32
+    _, logits = _sharded_parts(tmp_path, GPT)
+    assert logits.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"scaling.fsdp.blocks: no module of gpt matches \['layers.\*'\]"):
+        _sharded_parts(tmp_path, GPT, "scaling.fsdp.blocks=['blocks.*', 'layers.*']")
+
+
+def test_early_stopping_retention_and_the_test_of_the_best_under_fsdp(tmp_path):
+    raw = {**RAW, "early_stopping": {"metric": "val_loss", "patience": 2, "min_delta": 0.15}}
+    common = ["train.batch_size=128", "validation.every_n_steps=1", "checkpoint.every_n_steps=1"]
+    common += ["checkpoint.keep_last=1", "checkpoint.keep_best=1"]
+    outs = {}
+    for strategy in ("ddp", "fsdp"):
+        outs[strategy] = run_training(
+            build_spec(raw, [f"checkpoint.storage={tmp_path}", f"scaling.strategy={strategy}", *common]),
+            LoopContext(run_uri=str(tmp_path / strategy), log=lambda m: None),
+        )
+    ddp, fsdp = outs["ddp"], outs["fsdp"]
+    assert fsdp.stopped_early and fsdp.steps == ddp.steps < STEPS
+    assert fsdp.best.step == ddp.best.step < fsdp.steps
+    assert fsdp.best.value == pytest.approx(ddp.best.value)
+    # The newest and the best are kept; the best is the one tested.
+    assert [c.step for c in checkpoints(str(tmp_path / "fsdp"))[1]] == [fsdp.best.step, fsdp.steps]
+    assert fsdp.test.step == fsdp.best.step
+    assert fsdp.test.metrics["test_loss"] == pytest.approx(ddp.test.metrics["test_loss"], rel=1e-4)

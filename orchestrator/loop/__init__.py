@@ -12,6 +12,8 @@ concern it follows is a part of its own:
 - cadence.py        what follows a step: log, validate, checkpoint, stop
 - early_stopping.py which validation is the best, and when training stops early
 - checkpointer.py   restore the latest checkpoint; snapshot, commit and retention
+- sharding.py       scaling.strategy=fsdp: the model sharded per block (FSDP2); its state in and out of DCP
+- sharded_checkpointer.py  fsdp's checkpoints: every rank saves and restores its own shards; the test of the best
 - record.py         every metrics entry: history, metrics.jsonl, trackers; and rank 0's progress
 - evaluate.py       metrics of a split across ranks; the best checkpoint on the test split
 """

@@ -7,13 +7,14 @@ mixed-precision policy (bf16 parameters in compute, gradients reduced in fp32).
 
 from __future__ import annotations
 
-import fnmatch
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from orchestrator.loop.context import LoopContext
+from orchestrator.models import block_modules
 from orchestrator.spec import JobSpec
 
 
@@ -32,34 +33,6 @@ def ensure_process_group(ctx: LoopContext) -> bool:
     backend = "cpu:gloo,cuda:nccl" if ctx.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
-
-
-def block_modules(model: nn.Module, spec: JobSpec) -> list[nn.Module]:
-    """The modules sharded as units before the root, outermost first; ValueError when a pattern matches nothing."""
-    patterns = spec.scaling.fsdp.blocks or _builtin_blocks(spec.model.name)
-    chosen: list[tuple[str, nn.Module]] = []
-    matched = set()
-    for name, module in model.named_modules():
-        if not name:
-            continue  # the root is sharded last, always
-        hit = [p for p in patterns if fnmatch.fnmatchcase(name, p) or type(module).__name__ == p]
-        if hit and not any(name.startswith(outer + ".") for outer, _ in chosen):
-            chosen.append((name, module))
-        matched.update(hit)
-    missing = [p for p in spec.scaling.fsdp.blocks if p not in matched]
-    if missing:
-        raise ValueError(f"scaling.fsdp.blocks: no module of {spec.model.name} matches {missing}")
-    return [m for _, m in chosen]
-
-
-def _builtin_blocks(name: str) -> list[str]:
-    # The units whose parameters are gathered together: a transformer or residual block, a layer.
-    return {
-        "gpt": ["TransformerBlock"],
-        "resnet": ["ResidualBlock"],
-        "mlp": ["Linear"],
-        "cnn": ["Conv2d"],
-    }.get(name, [])
 
 
 def mixed_precision(precision: str):
@@ -82,7 +55,7 @@ def shard_model(model: nn.Module, spec: JobSpec, ctx: LoopContext) -> nn.Module:
     mesh = init_device_mesh(ctx.device.type, (dist.get_world_size(),))
     policy = mixed_precision(spec.train.precision)
     reshard = spec.scaling.fsdp.reshard_after_forward
-    blocks = block_modules(model, spec)
+    blocks = block_modules(model, spec.model.name, spec.scaling.fsdp.blocks)
     if dist.get_world_size() > 1:
         # Every rank built the model from its own seed: rank 0's weights win, as DDP's construction has it.
         for tensor in [*model.parameters(), *model.buffers()]:
@@ -136,9 +109,16 @@ def load_sharded_state(model: nn.Module, optimizer, fs, info, group=None) -> tup
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     reader = ShardReader(fs, info)
-    dcp.load(
-        state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=group, no_dist=not dist.is_initialized()
-    )
+    with warnings.catch_warnings():
+        # A whole model in one process without a process group reads every piece itself: what DCP warns of is meant.
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(
+            state,
+            storage_reader=reader,
+            planner=SafeLoadPlanner(),
+            process_group=group,
+            no_dist=not dist.is_initialized(),
+        )
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return reader.bytes_read, sum(loc.length for loc in reader.locations.values() if loc.dtype is not None)
 
