@@ -163,7 +163,9 @@ def _run(plan: RunPlan, console: RunConsole, signals: RunSignals, worker_events:
     summary.report = write_report_safely(run)
     if summary.report is None:
         session.save_record()
-    weights = f"{summary.checkpoint}/model.safetensors" if summary.checkpoint and not spec.entrypoint else None
+    # A sharded checkpoint has no one weights file to log (`orchestrator export` writes one).
+    whole = summary.checkpoint and not spec.entrypoint and spec.scaling.strategy != "fsdp"
+    weights = f"{summary.checkpoint}/model.safetensors" if whole else None
     session.finish(summary, [("", summary.report), ("", run.uri_of(RUN_RECORD)), ("model", weights)])
     return summary
 

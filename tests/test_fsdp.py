@@ -337,3 +337,35 @@ def test_early_stopping_retention_and_the_test_of_the_best_under_fsdp(tmp_path):
     assert [c.step for c in checkpoints(str(tmp_path / "fsdp"))[1]] == [fsdp.best.step, fsdp.steps]
     assert fsdp.test.step == fsdp.best.step
     assert fsdp.test.metrics["test_loss"] == pytest.approx(ddp.test.metrics["test_loss"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same job with strategy fsdp through sweeps, cv, submit and Kubernetes
+
+
+def test_sweeps_cv_submit_and_kubernetes_take_a_job_with_strategy_fsdp(tmp_path):
+    import yaml
+
+    from orchestrator import cluster, k8s
+    from orchestrator.cv import load_cv
+    from orchestrator.errors import BadInput
+    from orchestrator.sweep import build_sweep_submission, load_sweep
+
+    jobs = ROOT / "jobs"
+    fsdp = ["checkpoint.storage=/shared/runs", "scaling.strategy=fsdp", "scaling.num_workers=2"]
+    sweep = load_sweep(str(jobs / "sweep_digits_asha.yaml"), fsdp)
+    assert sweep.spec.scaling.strategy == "fsdp" and sweep.job["scaling"]["strategy"] == "fsdp"
+    assert "scaling.strategy=fsdp" in build_sweep_submission(sweep, fsdp)["entrypoint"]
+    cv = load_cv(str(jobs / "cv_digits.yaml"), fsdp)
+    assert cv.spec.scaling.strategy == "fsdp"
+    with pytest.raises(BadInput, match="sweep.scheduler: pbt hands a trial's whole checkpoint to another"):
+        load_sweep(str(jobs / "sweep_digits_lr.yaml"), [*fsdp[:2], "sweep.scheduler.name=pbt"])
+
+    spec = build_spec(yaml.safe_load((jobs / "digits_mlp.yaml").read_text()), fsdp)
+    submission = cluster.build_submission(spec, jobs / "digits_mlp.yaml", fsdp, submission_id="s")
+    assert submission["entrypoint"].endswith("scaling.strategy=fsdp scaling.num_workers=2 --address auto --json")
+    configmap, rayjob = k8s.render_manifests(spec, k8s.job_file_text(spec))
+    job = yaml.safe_load(next(iter(configmap["data"].values())))
+    assert job["scaling"]["strategy"] == "fsdp" and job["scaling"]["fsdp"]["reshard_after_forward"] is True
+    workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == 2

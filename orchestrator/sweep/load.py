@@ -193,6 +193,10 @@ def load_sweep(path: str, overrides: list[str] | None = None, fresh: bool = Fals
         raise BadInput(
             "sweep.scheduler: pbt hands checkpoints between trials inside their processes; use scaling.num_workers 0 or 1"
         )
+    if sweep.scheduler.name == "pbt" and spec.scaling.strategy == "fsdp":
+        raise BadInput(
+            "sweep.scheduler: pbt hands a trial's whole checkpoint to another, and fsdp writes shards; use scaling.strategy ddp"
+        )
     if sweep.scheduler.name == "asha":
         max_t = default_max_t(sweep, spec)
         if sweep.scheduler.grace_period > max_t:
