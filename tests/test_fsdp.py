@@ -45,7 +45,7 @@ def spec_of(storage_root, *overrides):
     return build_spec(RAW, [f"checkpoint.storage={storage_root}", *overrides])
 
 
-def _rank(rank, world, port, run_uri, storage_root, overrides, kill_at=None):
+def _rank(rank, world, port, run_uri, storage_root, out_dir, overrides, kill_at=None):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -59,7 +59,7 @@ def _rank(rank, world, port, run_uri, storage_root, overrides, kill_at=None):
             spec_of(storage_root, *overrides),
             LoopContext(run_uri=run_uri, rank=rank, world_size=world, log=lines.append),
         )
-        with open(os.path.join(run_uri, f"result{rank}.json"), "w") as fh:
+        with open(os.path.join(out_dir, f"result{rank}.json"), "w") as fh:
             json.dump({"steps": out.steps, "metrics": out.metrics, "resumed_from": out.resumed_from, "log": lines}, fh)
     finally:
         dist.destroy_process_group()
@@ -80,10 +80,11 @@ def _die_while_writing(step: int) -> None:
     sharded_checkpoint.storage.write_bytes = write_then_die
 
 
-def train_ranks(world, run_uri, storage_root, *overrides, kill_at=None):
+def train_ranks(world, run_uri, storage_root, *overrides, kill_at=None, out_dir=None):
+    """`world` ranks of the job as spawned processes; each writes result<rank>.json to `out_dir` (default: the run)."""
     mp.start_processes(
         _rank,
-        args=(world, free_port(), run_uri, storage_root, [*FSDP, *overrides], kill_at),
+        args=(world, free_port(), run_uri, storage_root, out_dir or run_uri, [*FSDP, *overrides], kill_at),
         nprocs=world,
         join=True,
         start_method="spawn",
@@ -156,21 +157,26 @@ def test_a_sharded_checkpoint_is_every_ranks_shard_under_one_manifest(straight):
     assert len(ckpt.deserialize_state(files["rng.pt"])) == 2
 
 
-def test_a_rank_killed_mid_save_leaves_no_checkpoint_and_the_rerun_resumes_bit_for_bit(straight, tmp_path):
-    run_uri = str(tmp_path / "killed")
-    os.makedirs(run_uri)
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])  # s3: ~40 s more
+def test_a_rank_killed_mid_save_leaves_no_checkpoint_and_the_rerun_resumes_bit_for_bit(
+    straight, tmp_path, where, request
+):
+    out_dir = str(tmp_path)
+    storage_root = f"s3://{request.getfixturevalue('bucket')}/runs" if where == "s3" else out_dir
+    run_uri = f"{storage_root}/killed"
     with pytest.raises(mp.ProcessExitedException):
-        train_ranks(2, run_uri, str(tmp_path), kill_at=6)
-    _, found = checkpoints(run_uri)
+        train_ranks(2, run_uri, storage_root, kill_at=6, out_dir=out_dir)
+    fs, found = checkpoints(run_uri)
     assert [c.step for c in found] == [3]  # checkpoint_6 was being written: no manifest, invisible
-    assert os.path.exists(os.path.join(run_uri, "checkpoint_00000006", "shard_00001.safetensors"))
+    half_written = storage.join(found[0].path.rsplit("/", 1)[0], "checkpoint_00000006", "shard_00001.safetensors")
+    assert fs.exists(half_written)
 
-    train_ranks(2, run_uri, str(tmp_path))
-    result = json.load(open(os.path.join(run_uri, "result0.json")))
+    train_ranks(2, run_uri, storage_root, out_dir=out_dir)
+    result = json.load(open(os.path.join(out_dir, "result0.json")))
     assert result["resumed_from"].endswith("checkpoint_00000003") and result["steps"] == STEPS
     again, first = weights_at(run_uri, STEPS), weights_at(straight, STEPS)
     assert all(torch.equal(again[k], first[k]) for k in first)
-    assert set(os.listdir(os.path.join(run_uri, "checkpoint_00000006"))) >= {"manifest.json", "shard_00001.safetensors"}
+    assert [c.step for c in checkpoints(run_uri)[1]] == [3, 6, 9, 12]  # the rewritten checkpoint_6 among them
 
 
 def _resumed_copy(straight, dest, step):
@@ -369,3 +375,84 @@ def test_sweeps_cv_submit_and_kubernetes_take_a_job_with_strategy_fsdp(tmp_path)
     assert job["scaling"]["strategy"] == "fsdp" and job["scaling"]["fsdp"]["reshard_after_forward"] is True
     workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Slow: compile, batch norm across ranks, bf16 at two ranks
+
+
+@pytest.mark.slow  # torch.compile of each block on two busy cores (~1-2 min)
+def test_compiled_blocks_train_as_the_eager_ones(tmp_path):
+    raw = {**RAW, "model": {"name": "mlp", "hidden": 32, "layers": 1}}
+    outs = [
+        run_training(
+            build_spec(raw, [f"checkpoint.storage={tmp_path}", *FSDP, "train.max_steps=4", *extra]),
+            LoopContext(run_uri=str(tmp_path / f"c{len(extra)}"), log=lambda m: None),
+        )
+        for extra in ([], ["train.compile=true"])
+    ]
+    assert outs[1].metrics["val_loss"] == pytest.approx(outs[0].metrics["val_loss"], rel=1e-4)
+    # The checkpoint keeps the module's own names: each block was compiled in place.
+    assert weights_at(str(tmp_path / "c1"), 4).keys() == weights_at(str(tmp_path / "c0"), 4).keys()
+
+
+@pytest.mark.slow  # two two-rank runs (~40 s)
+def test_the_checkpoint_keeps_rank_0s_batch_norm_statistics_as_under_ddp(tmp_path):
+    raw = {**RAW, "model": {"name": "resnet", "hidden": 4, "layers": 1}, "train": {**RAW["train"], "batch_size": 16}}
+    for strategy in ("ddp", "fsdp"):
+        mp.start_processes(
+            _resnet_rank, args=(2, free_port(), raw, str(tmp_path), strategy), nprocs=2, join=True, start_method="spawn"
+        )
+    ddp, fsdp = weights_at(str(tmp_path / "ddp"), 6), weights_at(str(tmp_path / "fsdp"), 6)
+    assert any("running_mean" in k for k in fsdp)
+    assert_close(fsdp, ddp, atol=1e-5)  # the checkpoint's statistics are rank 0's
+
+
+def _resnet_rank(rank, world, port, raw, root, strategy):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        spec = build_spec(raw, [f"checkpoint.storage={root}", f"scaling.strategy={strategy}", "train.max_steps=6"])
+        run_training(spec, LoopContext(run_uri=f"{root}/{strategy}", rank=rank, world_size=world, log=lambda m: None))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two two-rank runs of a small GPT (~40 s)
+def test_a_gpt_trains_in_bf16_on_two_sharded_ranks(tmp_path):
+    raw = {
+        **GPT,
+        "name": "g",
+        "data": {**GPT["data"], "samples": 512},
+        "optim": {"name": "adamw", "lr": 0.01},
+        "train": {"batch_size": 16, "epochs": 2},
+    }
+    for precision in ("fp32", "bf16"):
+        out_dir = tmp_path / precision
+        out_dir.mkdir()
+        mp.start_processes(
+            _gpt_rank, args=(2, free_port(), raw, str(out_dir), precision), nprocs=2, join=True, start_method="spawn"
+        )
+    fp32, bf16 = (json.load(open(tmp_path / p / "result0.json")) for p in ("fp32", "bf16"))
+    assert bf16["first_val"] > bf16["val_loss"]  # it learns
+    assert bf16["val_loss"] == pytest.approx(fp32["val_loss"], rel=0.05)
+
+
+def _gpt_rank(rank, world, port, raw, out_dir, precision):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        spec = build_spec(raw, [f"checkpoint.storage={out_dir}", *FSDP, f"train.precision={precision}"])
+        out = run_training(spec, LoopContext(run_uri=f"{out_dir}/g", rank=rank, world_size=world, log=lambda m: None))
+        lines = [json.loads(line) for line in open(f"{out_dir}/g/metrics.jsonl")] if rank == 0 else []
+        first_val = next((e["val_loss"] for e in lines if e.get("split") == "val"), None)
+        with open(os.path.join(out_dir, f"result{rank}.json"), "w") as fh:
+            json.dump({"val_loss": out.metrics["val_loss"], "first_val": first_val}, fh)
+    finally:
+        dist.destroy_process_group()

@@ -70,9 +70,12 @@ class ShardedCheckpointer(Checkpointer):
 
         def job() -> None:
             import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
             writer = shards.ShardWriter(self.run.fs, path, commit)
-            dcp.save(snapshot, storage_writer=writer, process_group=self.group)
+            # What every rank holds alike (batch norm's statistics, step counts) is rank 0's, as a DDP checkpoint has it.
+            planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
+            dcp.save(snapshot, storage_writer=writer, planner=planner, process_group=self.group)
             if self.ctx.is_main:
                 self.last_committed = path
                 retain()

@@ -68,25 +68,7 @@ def shard_model(model: nn.Module, spec: JobSpec, ctx: LoopContext) -> nn.Module:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     # The root's own parameters (embeddings, head) are used last in backward: keep them after forward.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    broadcast_buffers_in_training(model)
     return model
-
-
-def broadcast_buffers_in_training(model: nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm's running statistics) to every rank before each training forward, as DDP does.
-
-    FSDP shards parameters only: without this each rank's statistics would follow its own batches.
-    """
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
-    if not buffers or dist.get_world_size() == 1:
-        return
-
-    def broadcast(module: nn.Module, args) -> None:
-        if module.training:
-            for b in buffers:
-                dist.broadcast(b, src=0)
-
-    model.register_forward_pre_hook(broadcast)
 
 
 # ----------------------------------------------------------------------------------------------
