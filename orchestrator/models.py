@@ -220,8 +220,15 @@ def _build_user_model(spec: JobSpec, info: DataInfo, base_dir) -> nn.Module:
     return model
 
 
-# The units FSDP gathers together in a built-in model: a transformer or residual block, a layer.
-BUILTIN_BLOCKS = {"gpt": ["TransformerBlock"], "resnet": ["ResidualBlock"], "mlp": ["Linear"], "cnn": ["Conv2d"]}
+# The units FSDP gathers together in a built-in model: a transformer or residual block, a layer; a GPT's
+# token embedding and head too (with a large vocabulary they outweigh a block, and the root's parameters
+# stay gathered from its forward to the end of its backward).
+BUILTIN_BLOCKS = {
+    "gpt": ["tok_emb", "TransformerBlock", "head"],
+    "resnet": ["ResidualBlock"],
+    "mlp": ["Linear"],
+    "cnn": ["Conv2d"],
+}
 
 
 def block_modules(model: nn.Module, name: str, patterns: list[str]) -> list[nn.Module]:

@@ -302,7 +302,7 @@ IMAGES = {"data": {"name": "digits"}, "train": {"batch_size": 8}}
 @pytest.mark.parametrize(
     "raw, overrides, blocks",
     [
-        (GPT, [], ["", "blocks.0", "blocks.1"]),
+        (GPT, [], ["", "tok_emb", "blocks.0", "blocks.1", "head"]),
         (GPT, ["scaling.fsdp.blocks=['blocks.1']"], ["", "blocks.1"]),
         ({**IMAGES, "model": {"name": "resnet", "hidden": 8, "layers": 2}}, [], ["", "blocks.0", "blocks.1"]),
         ({**IMAGES, "model": {"name": "cnn", "hidden": 8, "layers": 2}}, [], ["", "features.0", "features.4"]),
