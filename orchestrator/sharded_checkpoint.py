@@ -43,9 +43,14 @@ LAYOUT = "sharded"
 MODEL_PREFIX = "model."
 
 
-def shard_file_name(rank: int) -> str:
-    """The file a rank writes its shards to."""
-    return f"shard_{rank:05d}.safetensors"
+# A rank's pieces go to files of about this size: they upload side by side, and a ranged read of one costs
+# a server that copies the whole object per request (moto does) no more than this.
+SHARD_FILE_BYTES = 64 * 2**20
+
+
+def shard_file_name(rank: int, index: int) -> str:
+    """The `index`-th file of a rank's pieces."""
+    return f"shard_{rank:05d}_{index:03d}.safetensors"
 
 
 @dataclass
@@ -98,39 +103,26 @@ class ShardWriter(StorageWriter):
         return plans
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        from safetensors.torch import save
-
-        tensors: dict[str, torch.Tensor] = {}
-        plain: set[str] = set()  # pieces of plain data (torch.save bytes), kept as uint8
+        pieces = []  # (item, tensor, plain data?): plain data (torch.save bytes) is kept as uint8
         for item in plan.items:
             data = planner.resolve_data(item)
-            if isinstance(data, io.BytesIO):
-                plain.add(_key(item.index))
+            plain = isinstance(data, io.BytesIO)
+            if plain:
                 data = torch.frombuffer(bytearray(data.getbuffer()), dtype=torch.uint8)
-            tensors[_key(item.index)] = data.detach().contiguous()
-        if not tensors:
-            return _done([])
-        name = shard_file_name(self.rank)
-        blob = save(tensors)
-        file_sha = hashlib.sha256(blob).hexdigest()
-        header_len = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8 : 8 + header_len])
+            pieces.append((item, data.detach().to("cpu").contiguous(), plain))
+        files = {shard_file_name(self.rank, i): _file_of(group) for i, group in enumerate(_groups(pieces))}
+        paths = {storage.join(self.path, name): blob for name, (blob, _) in files.items()}
+        # Hashed while they upload, all at once (large ones in parallel parts).
+        digests = storage.concurrently(
+            [lambda blob=blob: hashlib.sha256(blob).hexdigest() for blob, _ in files.values()]
+            + [lambda: storage.write_files(self.fs, paths)],
+            workers=len(files) + 1,
+        )
         results = []
-        for item in plan.items:
-            key = _key(item.index)
-            start, end = (8 + header_len + o for o in header[key]["data_offsets"])
-            location = ShardLocation(
-                file=name,
-                offset=start,
-                length=end - start,
-                sha256=hashlib.sha256(memoryview(blob)[start:end]).hexdigest(),
-                dtype=None if key in plain else str(tensors[key].dtype).removeprefix("torch."),
-                shape=tuple(tensors[key].shape),
-                file_size=len(blob),
-                file_sha256=file_sha,
-            )
-            results.append(WriteResult(index=item.index, size_in_bytes=end - start, storage_data=location))
-        storage.write_bytes(self.fs, storage.join(self.path, name), blob)
+        for (name, (blob, located)), digest in zip(files.items(), digests[: len(files)], strict=True):
+            for item, location in located:
+                location.file, location.file_size, location.file_sha256 = name, len(blob), digest
+                results.append(WriteResult(index=item.index, size_in_bytes=location.length, storage_data=location))
         return _done(results)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -146,6 +138,42 @@ class ShardWriter(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
         return False
+
+
+def _groups(pieces: list) -> list[list]:
+    """The rank's pieces in order, cut into runs of about SHARD_FILE_BYTES (a larger piece alone)."""
+    groups: list[list] = []
+    size = 0
+    for piece in pieces:
+        nbytes = piece[1].numel() * piece[1].element_size()
+        if not groups or size + nbytes > SHARD_FILE_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(piece)
+        size += nbytes
+    return groups
+
+
+def _file_of(group: list) -> tuple[bytes, list]:
+    """One safetensors file of pieces, and where each lies in it (file name and hash filled in by the caller)."""
+    from safetensors.torch import save
+
+    blob = save({_key(item.index): tensor for item, tensor, _ in group})
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + header_len])
+    located = []
+    for item, tensor, plain in group:
+        start, end = (8 + header_len + o for o in header[_key(item.index)]["data_offsets"])
+        location = ShardLocation(
+            file="",
+            offset=start,
+            length=end - start,
+            sha256=hashlib.sha256(memoryview(blob)[start:end]).hexdigest(),
+            dtype=None if plain else str(tensor.dtype).removeprefix("torch."),
+            shape=tuple(tensor.shape),
+        )
+        located.append((item, location))
+    return blob, located
 
 
 def _done(value: Any) -> Future:

@@ -147,11 +147,16 @@ def test_a_sharded_checkpoint_is_every_ranks_shard_under_one_manifest(straight):
     info = found[-1]
     assert info.manifest.layout == "sharded"
     names = set(info.manifest.files)
-    assert names == {"shard_00000.safetensors", "shard_00001.safetensors", "dcp.json", "state.pt", "rng.pt", "job.yaml"}
+    assert names == {"shard_00000_000.safetensors", "shard_00001_000.safetensors"} | {
+        "dcp.json",
+        "state.pt",
+        "rng.pt",
+        "job.yaml",
+    }
     files = ckpt.read_verified(fs, info)  # every file matches its size and sha256
     from safetensors.torch import load
 
-    rank0, rank1 = load(files["shard_00000.safetensors"]), load(files["shard_00001.safetensors"])
+    rank0, rank1 = load(files["shard_00000_000.safetensors"]), load(files["shard_00001_000.safetensors"])
     # Each rank wrote half of each weight (its FSDP shard): rows 0-15 and 16-31 of the hidden layer.
     assert rank0["model.net.1.weight@0,0"].shape == rank1["model.net.1.weight@16,0"].shape == (16, 64)
     assert len(ckpt.deserialize_state(files["rng.pt"])) == 2
@@ -168,7 +173,7 @@ def test_a_rank_killed_mid_save_leaves_no_checkpoint_and_the_rerun_resumes_bit_f
         train_ranks(2, run_uri, storage_root, kill_at=6, out_dir=out_dir)
     fs, found = checkpoints(run_uri)
     assert [c.step for c in found] == [3]  # checkpoint_6 was being written: no manifest, invisible
-    half_written = storage.join(found[0].path.rsplit("/", 1)[0], "checkpoint_00000006", "shard_00001.safetensors")
+    half_written = storage.join(found[0].path.rsplit("/", 1)[0], "checkpoint_00000006", "shard_00001_000.safetensors")
     assert fs.exists(half_written)
 
     train_ranks(2, run_uri, storage_root, out_dir=out_dir)
@@ -177,6 +182,24 @@ def test_a_rank_killed_mid_save_leaves_no_checkpoint_and_the_rerun_resumes_bit_f
     again, first = weights_at(run_uri, STEPS), weights_at(straight, STEPS)
     assert all(torch.equal(again[k], first[k]) for k in first)
     assert [c.step for c in checkpoints(run_uri)[1]] == [3, 6, 9, 12]  # the rewritten checkpoint_6 among them
+
+
+def test_a_ranks_pieces_spread_over_files_of_a_bounded_size(tmp_path, monkeypatch):
+    from orchestrator import sharded_checkpoint
+
+    monkeypatch.setattr(sharded_checkpoint, "SHARD_FILE_BYTES", 8192)  # the hidden layer's weight (8 KB) alone
+    run_uri = str(tmp_path / "files")
+    run = [*FSDP, "train.batch_size=128"]
+    run_training(spec_of(tmp_path, *run, "train.max_steps=3"), LoopContext(run_uri=run_uri, log=lambda m: None))
+    fs, found = checkpoints(run_uri)
+    shards = sorted(n for n in found[-1].manifest.files if n.startswith("shard_"))
+    assert len(shards) > 2 and all(fs.size(f"{found[-1].path}/{n}") < 3 * 8192 for n in shards)
+    out = run_training(spec_of(tmp_path, *run, "train.max_steps=6"), LoopContext(run_uri=run_uri, log=lambda m: None))
+    assert out.resumed_from.endswith("checkpoint_00000003")
+    single = str(tmp_path / "single")
+    monkeypatch.setattr(sharded_checkpoint, "SHARD_FILE_BYTES", 64 * 2**20)
+    run_training(spec_of(tmp_path, *run, "train.max_steps=6"), LoopContext(run_uri=single, log=lambda m: None))
+    assert all(torch.equal(weights_at(run_uri, 6)[k], v) for k, v in weights_at(single, 6).items())
 
 
 def _resumed_copy(straight, dest, step):
