@@ -202,6 +202,19 @@ def test_a_ranks_pieces_spread_over_files_of_a_bounded_size(tmp_path, monkeypatc
     assert all(torch.equal(weights_at(run_uri, 6)[k], v) for k, v in weights_at(single, 6).items())
 
 
+def test_a_corrupt_piece_makes_the_restore_fall_back_to_the_checkpoint_before(tmp_path, caplog):
+    run_uri = str(tmp_path / "corrupt")
+    run = [*FSDP, "train.batch_size=128"]
+    run_training(spec_of(tmp_path, *run, "train.max_steps=6"), LoopContext(run_uri=run_uri, log=lambda m: None))
+    shard = tmp_path / "corrupt" / "checkpoint_00000006" / "shard_00000_000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # a byte of the last piece: the file keeps its size, the manifest its word
+    shard.write_bytes(bytes(data))
+    out = run_training(spec_of(tmp_path, *run, "train.max_steps=9"), LoopContext(run_uri=run_uri, log=lambda m: None))
+    assert out.resumed_from.endswith("checkpoint_00000003")
+    assert "does not match its CRC-32" in caplog.text
+
+
 def _resumed_copy(straight, dest, step):
     """A copy of the straight run as it stood after `step`: later checkpoints never written."""
     dest = str(dest)
