@@ -1,7 +1,7 @@
 """Leaves out the first step's and the model build's time, Ray, and a real S3's bandwidth (a local moto server stands in).
 
 Sharded checkpoints of a GPT of 110M parameters (its weights and AdamW's moments: 1.3 GB) on a local
-S3 server (moto), measured in one run:
+S3 server (moto), then on local disk, measured in one run:
 - the wall time from the save to a committed checkpoint: 2 fsdp ranks each writing their shards,
   against rank 0's full save of the same state under ddp (goal: sharded / full <= 0.6);
 - the time an asynchronous sharded save blocks the training thread, against a step (goal < 5%), and
@@ -137,38 +137,44 @@ def main() -> None:
     print(LEFT_OUT, flush=True)
     proc, endpoint = start_moto()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    figures = {"load_before": os.getloadavg()[0]}
     try:
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
-        figures = run_all(args.layers, endpoint)
+        with tempfile.TemporaryDirectory() as local:
+            for name, root in (("s3", "s3://bench/runs"), ("local", local)):
+                figures[name] = run_all(args.layers, root, endpoint)
     finally:
         proc.terminate()
         proc.wait()
+    figures["load_after"] = os.getloadavg()[0]
     if args.json:
         print(json.dumps(figures))
         return
-    f = figures
-    print(f"GPT of 110M parameters at 12 layers ({args.layers} here), 2 CPU ranks, checkpoints on a local S3 server")
-    print(f"  rank 0's full save (ddp): {f['full_commit_s']:.1f} s to the commit")
-    print(f"  sharded save of 2 ranks:  {f['sharded_commit_s']:.1f} s; sharded / full = {f['ratio']:.3f} (goal <= 0.6)")
-    print(
-        f"  async sharded save: the step blocked {f['blocked_s']:.2f} s = {100 * f['blocked_share']:.1f}% of a "
-        f"{f['step_s']:.1f} s step (goal < 5%); {len(f['steps_during_upload_s'])} step(s) ran during the upload, "
-        f"{f['during_over_step']:.2f}x a step; committed after {f['async_commit_s']:.1f} s"
-    )
-    for world in (1, 4):
-        r = f[f"restore{world}"]
+    print(f"GPT of {args.layers} layers (110M parameters at 12), 2 CPU ranks")
+    for name, what in (("s3", "a local S3 server (moto)"), ("local", "local disk")):
+        f = figures[name]
+        print(f" checkpoints on {what}:")
+        print(f"  rank 0's full save (ddp): {f['full_commit_s']:.1f} s to the commit")
         print(
-            f"  restore on {world} rank(s): {r['wall_s']:.1f} s (slowest rank); tensor bytes read by all ranks / "
-            f"stored = {r['read_over_stored']:.3f}"
+            f"  sharded save of 2 ranks:  {f['sharded_commit_s']:.1f} s; sharded / full = {f['ratio']:.3f} (goal <= 0.6)"
         )
-    print(f"  load {f['load_before']:.2f} before, {os.getloadavg()[0]:.2f} after")
+        print(
+            f"  async sharded save: the step blocked {f['blocked_s']:.2f} s = {100 * f['blocked_share']:.1f}% of a "
+            f"{f['step_s']:.1f} s step (goal < 5%); {len(f['steps_during_upload_s'])} step(s) ran during the "
+            f"upload, {f['during_over_step']:.2f}x a step; committed after {f['async_commit_s']:.1f} s"
+        )
+        for world in (1, 4):
+            r = f[f"restore{world}"]
+            print(
+                f"  restore on {world} rank(s): {r['wall_s']:.1f} s (slowest rank); tensor bytes read by all ranks / "
+                f"stored = {r['read_over_stored']:.3f}"
+            )
+    print(f" load {figures['load_before']:.2f} before, {figures['load_after']:.2f} after")
 
 
-def run_all(layers: int, endpoint: str) -> dict:
-    load_before = os.getloadavg()[0]
-    storage = "s3://bench/runs"
+def run_all(layers: int, storage: str, endpoint: str) -> dict:
     common = [*gpt_job(layers), f"checkpoint.storage={storage}", f"checkpoint.endpoint_url={endpoint}"]
     with tempfile.TemporaryDirectory() as out:
         spawn(_save_rank, 2, [*common, "scaling.strategy=ddp"], f"{storage}/full", out, False)
@@ -196,7 +202,6 @@ def run_all(layers: int, endpoint: str) -> dict:
         "during_over_step": (statistics.mean(during) / sharded["step_s"]) if during else 0.0,
         "async_commit_s": sharded["async_commit_s"],
         **restores,
-        "load_before": load_before,
     }
 
 
