@@ -336,7 +336,8 @@ class ScalingSpec(Section):
 
     @model_validator(mode="after")
     def _fsdp_options(self) -> ScalingSpec:
-        if self.strategy != "fsdp" and self.fsdp.model_fields_set:
+        # Against the defaults, not the fields set: a resolved job (run.json, job.yaml) spells every default out.
+        if self.strategy != "fsdp" and self.fsdp != FsdpSpec():
             raise ValueError("fsdp: its options apply to scaling.strategy=fsdp")
         return self
 
