@@ -273,6 +273,10 @@ def test_export_streams_a_sharded_checkpoint_into_one_safetensors_file(straight,
     exported, saved = load_file(out), weights_at(straight, 12)
     assert exported.keys() == saved.keys() == {"net.1.weight", "net.1.bias", "net.4.weight", "net.4.bias"}
     assert all(torch.equal(exported[k], saved[k]) for k in saved)
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as fh:  # where the weights came from, in the header as for a full checkpoint
+        assert fh.metadata()["step"] == "12" and fh.metadata()["model"] == "mlp"
 
 
 def test_init_from_takes_the_weights_of_a_sharded_checkpoint(straight, tmp_path):
@@ -394,7 +398,7 @@ def test_sweeps_cv_submit_and_kubernetes_take_a_job_with_strategy_fsdp(tmp_path)
     from orchestrator.sweep import build_sweep_submission, load_sweep
 
     jobs = ROOT / "jobs"
-    fsdp = ["checkpoint.storage=/shared/runs", "scaling.strategy=fsdp", "scaling.num_workers=2"]
+    fsdp = ["checkpoint.storage=s3://bucket/runs", "scaling.strategy=fsdp", "scaling.num_workers=2"]
     sweep = load_sweep(str(jobs / "sweep_digits_asha.yaml"), fsdp)
     assert sweep.spec.scaling.strategy == "fsdp" and sweep.job["scaling"]["strategy"] == "fsdp"
     assert "scaling.strategy=fsdp" in build_sweep_submission(sweep, fsdp)["entrypoint"]
@@ -405,8 +409,9 @@ def test_sweeps_cv_submit_and_kubernetes_take_a_job_with_strategy_fsdp(tmp_path)
 
     spec = build_spec(yaml.safe_load((jobs / "digits_mlp.yaml").read_text()), fsdp)
     submission = cluster.build_submission(spec, jobs / "digits_mlp.yaml", fsdp, submission_id="s")
-    assert submission["entrypoint"].endswith("scaling.strategy=fsdp scaling.num_workers=2 --address auto --json")
-    configmap, rayjob = k8s.render_manifests(spec, k8s.job_file_text(spec))
+    assert "digits_mlp.yaml checkpoint.storage=s3://bucket/runs scaling.strategy=fsdp" in submission["entrypoint"]
+    rendered = {m["kind"]: m for m in k8s.render_manifests(spec, k8s.job_file_text(spec))}
+    configmap, rayjob = rendered["ConfigMap"], rendered["RayJob"]
     job = yaml.safe_load(next(iter(configmap["data"].values())))
     assert job["scaling"]["strategy"] == "fsdp" and job["scaling"]["fsdp"]["reshard_after_forward"] is True
     workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]

@@ -305,8 +305,8 @@ class FsdpSpec(Section):
     blocks: list[str] = Field(
         default_factory=list,
         description="Modules sharded as units before the root: fnmatch patterns of module names (`layers.*`) or class "
-        "names (`TransformerBlock`); empty = the built-in model's blocks (gpt: transformer blocks, resnet: residual "
-        "blocks, mlp: linear layers, cnn: conv layers), the root alone for a user model.",
+        "names (`TransformerBlock`); empty = the built-in model's blocks (gpt: token embedding, transformer blocks, head; "
+        "resnet: residual blocks; mlp: linear layers; cnn: conv layers), the root alone for a user model.",
     )
 
 
