@@ -45,7 +45,7 @@ class CheckpointManifest:
     step: int
     epoch: int
     metrics: dict[str, Any]
-    files: dict[str, dict[str, Any]]  # name -> {"size": int, "sha256": str}
+    files: dict[str, dict[str, Any]]  # name -> {"size": int, "sha256": str} (a sharded checkpoint's shards: "crc32")
     run_record: str = "../run.json"
     created: float = field(default_factory=time.time)
     format: int = FORMAT_VERSION
@@ -227,12 +227,21 @@ def read_verified(fs, info: CheckpointInfo, names: list[str] | None = None) -> d
     def fetch(name: str) -> bytes:
         data = storage.read_large(fs, storage.join(info.path, name))
         expected = info.manifest.files[name]
-        if len(data) != expected["size"] or sha256(data) != expected["sha256"]:
+        if len(data) != expected["size"] or not _matches(data, expected):
             raise ValueError(f"{info.uri}/{name}: does not match its manifest (truncated or corrupt)")
         return data
 
     # All files at once (large ones in parallel ranges), each checked as it arrives.
     return dict(zip(names, storage.concurrently([lambda name=name: fetch(name) for name in names]), strict=True))
+
+
+def _matches(data: bytes, expected: dict[str, Any]) -> bool:
+    """Whether a file's bytes have the checksum its manifest entry gives (sha256, or a sharded checkpoint's CRC-32)."""
+    if "crc32" in expected:
+        import zlib
+
+        return zlib.crc32(data) == expected["crc32"]
+    return sha256(data) == expected["sha256"]
 
 
 def restore_latest(fs, run_root: str) -> tuple[CheckpointInfo, dict[str, bytes]] | None:

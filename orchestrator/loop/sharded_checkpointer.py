@@ -57,7 +57,7 @@ class ShardedCheckpointer(Checkpointer):
         rngs = all_gather(capture_rng(), self.ctx.world_size)
         self.wait()  # at most one save in flight
         p = self.parts
-        snapshot = snapshot_state(p.model, p.optimizer)
+        snapshot = snapshot_state(p.model, p.optimizer, copy=self.pool is not None)
         own = self._own_files(state, rngs) if self.ctx.is_main else None
         scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
         step, epoch, counters = state.step, state.epoch, _cpu_copy(state.counters())

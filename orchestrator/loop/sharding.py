@@ -147,12 +147,15 @@ def load_full_state(model: nn.Module, optimizer, weights: dict, optimizer_state:
     set_optimizer_state_dict(model, optimizer, by_name, options=options)
 
 
-def snapshot_state(model: nn.Module, optimizer) -> dict:
-    """This rank's shards of the model and optimizer state, copied to the host: what a background save writes."""
+def snapshot_state(model: nn.Module, optimizer, copy: bool = True) -> dict:
+    """This rank's shards of the model and optimizer state, copied to the host: what a background save writes.
+
+    `copy=False` (a save that returns only once it is committed) hands over the live tensors.
+    """
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.tensor import DTensor
 
-    def copy(obj):
+    def host_copy(obj):
         if isinstance(obj, DTensor):
             local = obj.to_local().detach().to("cpu", copy=True)
             return DTensor.from_local(
@@ -161,10 +164,11 @@ def snapshot_state(model: nn.Module, optimizer) -> dict:
         if isinstance(obj, torch.Tensor):
             return obj.detach().to("cpu", copy=True)
         if isinstance(obj, dict):
-            return {k: copy(v) for k, v in obj.items()}
+            return {k: host_copy(v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            return type(obj)(copy(v) for v in obj)
+            return type(obj)(host_copy(v) for v in obj)
         return obj
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    return copy({"model": model_state, "optim": optim_state})
+    state = {"model": model_state, "optim": optim_state}
+    return host_copy(state) if copy else state
