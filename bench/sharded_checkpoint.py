@@ -99,7 +99,7 @@ def _save_rank(rank, world, port, spec_args, run_uri, out, measure_async):
         asaver.save(state, {}, None)
         result["blocked_s"] = time.perf_counter() - t0
         during = []
-        while asaver.pending is not None and not asaver.pending.done():
+        while _any_rank_uploading(asaver):  # the ranks agree: a step is a collective
             during.append(one_step())
         asaver.close()
         result["async_commit_s"] = time.perf_counter() - t0
@@ -108,6 +108,15 @@ def _save_rank(rank, world, port, spec_args, run_uri, out, measure_async):
     with open(os.path.join(out, f"save-{spec.scaling.strategy}-{rank}.json"), "w") as fh:
         json.dump(result, fh)
     dist.destroy_process_group()
+
+
+def _any_rank_uploading(saver) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    busy = torch.tensor([int(saver.pending is not None and not saver.pending.done())])
+    dist.all_reduce(busy, op=dist.ReduceOp.MAX)
+    return bool(busy.item())
 
 
 def _restore_rank(rank, world, port, spec_args, run_uri, out):
