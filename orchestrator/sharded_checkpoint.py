@@ -80,9 +80,15 @@ class ShardWriter(StorageWriter):
     dcp.json to `commit`, which writes rank 0's own files and the manifest last.
     """
 
-    def __init__(self, fs, path: str, commit: Callable[[dict[str, dict[str, Any]], bytes], None]):
+    def __init__(
+        self,
+        fs,
+        path: str,
+        commit: Callable[[dict[str, dict[str, Any]], bytes], None],
+        guard: Callable[[], None] | None = None,
+    ):
         super().__init__()
-        self.fs, self.path, self.commit = fs, path, commit
+        self.fs, self.path, self.commit, self.guard = fs, path, commit, guard
         self.rank = 0
 
     def reset(self, checkpoint_id=None) -> None:
@@ -95,8 +101,10 @@ class ShardWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        # Before any rank writes (they wait for this plan): nothing of an earlier attempt at this step
-        # stays, its manifest first so that it never vouches for files being replaced.
+        # Before any rank writes (they wait for this plan): the run still holds its lease, and nothing of an
+        # earlier attempt at this step stays, its manifest first so that it never vouches for files being replaced.
+        if self.guard is not None:
+            self.guard()
         manifest = storage.join(self.path, ckpt.MANIFEST)
         if storage.exists(self.fs, manifest):
             storage.call(self.fs, "rm_file", manifest)
@@ -212,14 +220,20 @@ def commit_sharded(
     own_files: dict[str, bytes],
     metrics: dict[str, Any],
     train: dict[str, Any] | None = None,
+    guard: Callable[[], None] | None = None,
 ) -> str:
-    """Rank 0, once every rank's shards are written: dcp.json and its own files, then the manifest listing all."""
+    """Rank 0, once every rank's shards are written: dcp.json and its own files, then the manifest listing all.
+
+    `guard` (the run's lease check) runs again before the manifest: when it raises, nothing is committed.
+    """
     files = {DCP_METADATA: dcp_json, **own_files}
     storage.write_files(fs, {storage.join(path, name): data for name, data in files.items()})
     entries = {name: {"size": len(data), "sha256": ckpt.sha256(data)} for name, data in files.items()}
     manifest = ckpt.CheckpointManifest(
         step=step, epoch=epoch, metrics=metrics, files={**shard_files, **entries}, train=train or {}, layout=LAYOUT
     )
+    if guard is not None:
+        guard()
     ckpt.write_manifest(fs, path, manifest)
     return path
 

@@ -215,6 +215,21 @@ def test_a_corrupt_piece_makes_the_restore_fall_back_to_the_checkpoint_before(tm
     assert "does not match its CRC-32" in caplog.text
 
 
+@pytest.mark.parametrize("asynchronous", ["true", "false"])
+def test_a_sharded_run_whose_lease_is_anothers_commits_nothing(tmp_path, asynchronous):
+    from orchestrator.lease import LeaseLost
+
+    run_uri = str(tmp_path / "taken")
+    os.makedirs(run_uri)
+    holder = {"host": "elsewhere", "pid": 1, "since": "2026-12-06T00:00:00+00:00", "token": "theirs"}
+    (tmp_path / "lease.json").write_text(json.dumps(holder))
+    ctx = LoopContext(run_uri=run_uri, lease={"uri": str(tmp_path / "lease.json"), "token": "ours"}, log=print)
+    with pytest.raises(LeaseLost):
+        spec = spec_of(tmp_path, *FSDP, "train.batch_size=128", "train.max_steps=4", f"checkpoint.async={asynchronous}")
+        run_training(spec, ctx)
+    assert checkpoints(run_uri)[1] == [] and not os.path.exists(os.path.join(run_uri, "checkpoint_00000003"))
+
+
 def _resumed_copy(straight, dest, step):
     """A copy of the straight run as it stood after `step`: later checkpoints never written."""
     dest = str(dest)
@@ -288,7 +303,7 @@ def test_init_from_takes_the_weights_of_a_sharded_checkpoint(straight, tmp_path)
     model = build_model(spec, load_data(spec).info)
     said = []
     apply_init_and_freeze(model, spec, said.append)
-    assert said == [f"initialised 4 tensors from {straight}/checkpoint_00000012"]
+    assert said == [f"initialised 4 of the model's 4 tensors from {straight}/checkpoint_00000012"]
     saved = weights_at(straight, 12)
     assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
 

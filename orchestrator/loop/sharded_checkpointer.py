@@ -18,11 +18,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 
 from orchestrator import checkpoint as ckpt
 from orchestrator import sharded_checkpoint as shards
 from orchestrator import storage
-from orchestrator.loop.checkpointer import Checkpointer, _cpu_copy
+from orchestrator.lease import LeaseLost
+from orchestrator.loop.checkpointer import Checkpointer, _cpu_copy, _lease_guard
 from orchestrator.loop.context import LoopContext
 from orchestrator.loop.evaluate import all_gather, batch_outputs, test_metric_names, write_test_summary
 from orchestrator.loop.parts import Parts
@@ -40,6 +42,7 @@ class ShardedCheckpointer(Checkpointer):
     def __init__(self, run: RunDir, spec: JobSpec, ctx: LoopContext, parts: Parts):
         self.run, self.spec, self.ctx, self.parts = run, spec, ctx, parts
         self.shard_bytes_read: tuple[int, int] | None = None
+        self.guard = _lease_guard(ctx.lease, spec.checkpoint.endpoint_url) if ctx.is_main else None
         self.writer = None
         # Gloo whatever the training backend: the saves' plan and commit run beside the step, on the host.
         self.group = dist.new_group(backend="gloo")
@@ -66,16 +69,24 @@ class ShardedCheckpointer(Checkpointer):
         path = storage.join(self.run.root, ckpt.checkpoint_dir_name(step))
 
         def commit(shard_files: dict[str, dict[str, Any]], dcp_json: bytes) -> None:  # rank 0, all shards written
-            shards.commit_sharded(self.run.fs, path, step, epoch, shard_files, dcp_json, own(), scalars, counters)
+            shards.commit_sharded(
+                self.run.fs, path, step, epoch, shard_files, dcp_json, own(), scalars, counters, self.guard
+            )
 
         def job() -> None:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-            writer = shards.ShardWriter(self.run.fs, path, commit)
+            writer = shards.ShardWriter(self.run.fs, path, commit, self.guard)
             # What every rank holds alike (batch norm's statistics, step counts) is rank 0's, as a DDP checkpoint has it.
             planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
-            dcp.save(snapshot, storage_writer=writer, planner=planner, process_group=self.group)
+            try:
+                dcp.save(snapshot, storage_writer=writer, planner=planner, process_group=self.group)
+            except CheckpointException as exc:
+                lost = _lease_lost(exc)
+                if lost is not None:
+                    raise lost from None  # not an upload that failed: the run must stop, and say why
+                raise
             if self.ctx.is_main:
                 self.last_committed = path
                 retain()
@@ -113,6 +124,8 @@ class ShardedCheckpointer(Checkpointer):
             return
         try:
             pending.result()
+        except LeaseLost:
+            raise
         except Exception as exc:
             raise RuntimeError(f"checkpoint upload failed: {exc}") from exc
 
@@ -126,6 +139,8 @@ class ShardedCheckpointer(Checkpointer):
                 self.pool = None
         if not self.ctx.is_main:
             return None
+        if self.guard is not None:  # LeaseLost when another run has taken the directory: nothing more of ours there
+            self.guard()
         if self.last_committed:
             return storage.to_uri(self.run.fs, self.last_committed)
         latest = ckpt.list_checkpoints(self.run.fs, self.run.root)
@@ -135,6 +150,15 @@ class ShardedCheckpointer(Checkpointer):
         """Whatever ended the loop, the save in flight is committed (or fails) before this rank lets go."""
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _lease_lost(exc: CheckpointException) -> LeaseLost | None:
+    """The LeaseLost that one of DCP's ranks failed with (DCP gathers every rank's failure into one exception)."""
+    for failure in (exc.failures or {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else getattr(failure, "exception", failure)
+        if isinstance(inner, LeaseLost):
+            return inner
+    return None
 
 
 @torch.no_grad()
