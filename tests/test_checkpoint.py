@@ -190,4 +190,8 @@ def test_preflight_errors_name_the_uri_not_the_secret(s3_server, monkeypatch, tm
         storage.preflight("s3://b/runs", endpoint_url="http://127.0.0.1:9", timeout_s=4)
     assert "testing" not in str(err.value)
     storage.preflight(str(tmp_path / "fine"))
-    assert list((tmp_path / "fine").iterdir()) == []  # the probe is removed
+    # The probe went to the nearest directory that exists and is removed; the storage itself is made by the run.
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "made").mkdir()
+    storage.preflight(str(tmp_path / "made"))
+    assert list((tmp_path / "made").iterdir()) == []
