@@ -92,6 +92,10 @@ FIELDS: dict[str, bool] = {
     "scaling.use_gpu": SAME,
     "scaling.cpus_per_worker": SAME,
     "scaling.gpus_per_worker": SAME,
+    # How the same model is laid out across workers: a run's checkpoints resume under either (sharded or whole).
+    "scaling.strategy": SAME,
+    "scaling.fsdp.reshard_after_forward": SAME,  # memory against communication, the same numbers
+    "scaling.fsdp.blocks": SAME,
     "checkpoint.storage": SAME,  # with name, where the run is
     "checkpoint.every_n_steps": SAME,  # a resume continues bit for bit from any step
     "checkpoint.every_n_epochs": SAME,
