@@ -101,7 +101,7 @@ def _render_k8s(job_file: str, overrides: tuple[str, ...], **options: Any) -> li
     "render",
     epilog=epilog(
         "orchestrator k8s render jobs/digits_mlp.yaml checkpoint.storage=s3://bucket/runs > rayjob.yaml",
-        "orchestrator k8s render jobs/cv_digits.yaml --cv --refit --namespace ml",
+        "orchestrator k8s render jobs/cv_digits.yaml checkpoint.storage=s3://bucket/runs --cv --refit --namespace ml",
         overrides=True,
     ),
 )
@@ -120,7 +120,7 @@ def k8s_render(job_file: str, overrides: tuple[str, ...], **options: Any) -> Non
     "apply",
     epilog=epilog(
         "orchestrator k8s apply jobs/digits_mlp.yaml checkpoint.storage=s3://bucket/runs",
-        "orchestrator k8s apply jobs/digits_mlp.yaml --cluster shared-raycluster --namespace ml",
+        "orchestrator k8s apply jobs/digits_mlp.yaml checkpoint.storage=s3://bucket/runs --cluster shared --namespace ml",
         overrides=True,
     ),
 )
