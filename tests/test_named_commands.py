@@ -1,5 +1,6 @@
-"""Every command the docs and the example jobs tell a person to type exists (make targets, scripts, CLI commands),
-and every relative link of the docs points at a file that is there (and at a heading of it, for `#anchor`).
+"""Every command the docs and the example jobs tell a person to type exists (make targets, scripts, CLI commands,
+each option given to a command), every `k8s render|apply` of the docs and the help renders, and every relative link
+of the docs points at a file that is there (and at a heading of it, for `#anchor`).
 
 A comment in a job file once sent people to `make run-examples`, which never existed. What a command
 does is tested where it lives (the scripts in test_data/bench, the CLI everywhere); here: that it is there.
@@ -8,6 +9,7 @@ does is tested where it lives (the scripts in test_data/bench, the CLI everywher
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,85 @@ def test_every_orchestrator_command_named_exists():
         if sub not in known or (sub in groups and subsub not in groups[sub]):
             wrong.append((where, cmd))
     assert wrong == [], wrong
+
+
+def command_lines(text: str) -> list[str]:
+    """`commands`, with a fenced line continued by a trailing backslash joined to the next."""
+    text = re.sub(r"\\\n\s*", " ", text)
+    return commands(text)
+
+
+def wrong_options(text: str) -> list[str]:
+    """The `orchestrator CMD ... --option` lines of a text that name an option CMD does not have (a renamed one
+    included: it is hidden, kept only to refuse it), or give `--address` something other than a dashboard URL."""
+    wrong = []
+    for cmd in command_lines(text):
+        words = cmd.split()
+        if words[:3] == ["python", "-m", "orchestrator"]:
+            words = words[2:]
+        if words[:1] != ["orchestrator"] or len(words) < 2 or words[1] not in main.commands:
+            continue
+        command = main.commands[words[1]]
+        if hasattr(command, "commands") and len(words) > 2 and words[2].split("|")[0] in command.commands:
+            command = command.commands[words[2].split("|")[0]]  # `k8s render|apply`: both take the same options
+        visible = {opt for p in command.params if not getattr(p, "hidden", False) for opt in p.opts + p.secondary_opts}
+        visible |= {"--help", "-h"}
+        for i, word in enumerate(words):
+            option = word.strip("[]").split("=", 1)[0]
+            if option.startswith("-") and option not in visible:
+                wrong.append(cmd)
+            elif (
+                option == "--address"
+                and i + 1 < len(words)
+                and not re.match(r"https?://|URL$", words[i + 1].strip("[]"))
+            ):
+                wrong.append(cmd)
+    return wrong
+
+
+def test_every_option_named_with_a_command_is_one_of_its_options():
+    found = {page.relative_to(ROOT).as_posix(): wrong_options(page.read_text()) for page in PAGES}
+    assert {page: cmds for page, cmds in found.items() if cmds} == {}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "`orchestrator run jobs/x.yaml --wait`",  # renamed: --wait-for-lease
+        "```\norchestrator submit jobs/x.yaml --wait --json   # follows\n```",  # renamed: --follow
+        "```\norchestrator run jobs/x.yaml --address auto\n```",  # --address is a dashboard's URL now
+        "```\norchestrator k8s render jobs/x.yaml \\\n    --nope 1 > job.yaml\n```",
+        "`python -m orchestrator export runs/x --latest`",
+    ],
+)
+def test_a_wrong_option_would_be_caught(bad):
+    assert wrong_options(bad)
+
+
+def k8s_commands() -> list[tuple[str, str]]:
+    """Every `orchestrator k8s render|apply` of a job in jobs/ that the docs and the commands' help examples show."""
+    found = [(page.relative_to(ROOT).as_posix(), c) for page in PAGES for c in command_lines(page.read_text())]
+    for name in ("render", "apply"):
+        examples = [line.split("#", 1)[0].strip() for line in main.commands["k8s"].commands[name].epilog.splitlines()]
+        found += [(f"k8s {name} --help", c) for c in examples]
+    return [(where, c) for where, c in found if re.match(r"orchestrator k8s (render|apply) jobs/", c)]
+
+
+@pytest.mark.parametrize("where, cmd", k8s_commands())
+def test_every_k8s_command_shown_renders(where, cmd, monkeypatch):
+    """A k8s example renders as shown: one that is refused (a local checkpoint.storage) would teach the refusal."""
+    from click.testing import CliRunner
+
+    words = shlex.split(cmd.split(">", 1)[0].replace("$REGISTRY", "registry.example.com/ml"))
+    monkeypatch.chdir(ROOT)
+    res = CliRunner().invoke(main, ["k8s", "render", *words[3:]])  # apply is render, then kubectl
+    assert res.exit_code == 0, (where, cmd, res.output)
+    assert "kind: RayJob" in res.output
+
+
+def test_k8s_commands_are_found():
+    where = {w for w, _ in k8s_commands()}
+    assert len(k8s_commands()) >= 10 and {"k8s render --help", "k8s apply --help", "k8s/README.md"} <= where
 
 
 @pytest.mark.parametrize("bad", ["`make run-examples`", "```\nmake nope\n```"])
