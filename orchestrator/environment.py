@@ -29,6 +29,11 @@ REQUIRED_MODULES: dict[str, str] = {
     "tensorboardX": "tensorboardX",
     "optuna": "optuna",
     "pathspec": "pathspec",
+    "boto3": "boto3",
+    "botocore": "botocore",
+    "requests": "requests",
+    "scipy": "scipy",
+    "packaging": "packaging",
 }
 MISSING = "missing package:"
 _MISSING_RE = re.compile(re.escape(MISSING) + r" (.+)")

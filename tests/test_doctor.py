@@ -39,7 +39,7 @@ def test_doctor_checks_this_machine_one_line_each(tmp_path):
         "status": "ok",
         "detail": f"{sys.version.split()[0]} at {sys.executable}",
     }
-    assert checks["packages"]["detail"] == "the 15 packages orchestrator needs are installed"
+    assert checks["packages"]["detail"] == "the 20 packages orchestrator needs are installed"
     assert checks["torch"]["status"] == checks["ray"]["status"] == "ok"
     assert checks["GPUs"]["status"] in ("ok", "note") and checks["Ray token"]["status"] == "note"
     plain = doctor(env={"RAY_AUTH_TOKEN": "t0ken", "HOME": str(tmp_path)})
