@@ -451,3 +451,26 @@ def test_trials_are_ranked_by_their_best_value_and_the_console_says_the_reports_
     _, text = format_result(result)
     assert "  best val_accuracy 0.9000: a_00000  optim.lr=0.1" in text.splitlines()
     assert f"  report: {sweep.uri}/report.html" in text.splitlines()
+
+
+@pytest.mark.parametrize(
+    "mode, values, other, shown", [("max", [0.9630, 0.9588], 0.95, 0.9630), ("min", [0.2, 0.3], 0.25, 0.2)]
+)
+def test_the_live_view_shows_each_trials_best_so_far_as_the_end_ranks_them(mode, values, other, shown):
+    """Seen live: best 0.9630, then 0.9588 as that trial's metric fell back, and 0.9630 again at the end."""
+    from ray.tune.experiment import Trial
+
+    from orchestrator.sweep import progress
+
+    lines = []
+    view = progress.live_view("runs/x", None, "val_accuracy", mode, lines.append, every_s=0.0)
+    a, b = (Trial("digits", config={"optim.lr": lr}, stub=True) for lr in (0.003, 0.01))
+    for trial in (a, b):
+        trial.set_status(Trial.RUNNING)  # a running trial's status is Tune's alone: no run.json is read
+    # Tune records each result on its trial first, then calls the callbacks.
+    for trial, value in ((a, values[0]), (b, other), (a, float("nan")), (a, values[1])):
+        result = {"val_accuracy": value, "training_iteration": 1}
+        trial.update_last_result(result)
+        view.on_trial_result(0, [a, b], trial, result)
+    assert lines[-1].endswith(f"| best val_accuracy {shown:.4f} ({a.trial_id}: optim.lr=0.003)"), lines
+    assert not [line for line in lines if f"best val_accuracy {values[1]:.4f}" in line], lines

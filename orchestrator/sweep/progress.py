@@ -40,6 +40,15 @@ def _is_better(value: Any, best: Any, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
+def best_so_far(values: list[Any], mode: str) -> float | None:
+    """The best of a trial's values by the sweep's mode, NaN and non-numbers left out (the end's rule); None if none."""
+    best = None
+    for value in values:
+        if _is_better(value, best, mode):
+            best = value
+    return best
+
+
 def live_view(
     sweep_uri: str,
     endpoint: str | None,
@@ -68,6 +77,7 @@ class SweepProgress(Callback):
         self.ended: dict[str, str | None] = {}  # trial id -> its run's status, read once when it ends
         self.name_by: str | None = None  # the field that names trial directories (trial_dir_name)
         self.cv_folds: int | None = None  # sweep.cv_folds: a trial's status is its folds'
+        self.bests: dict[str, float] = {}  # trial id -> the best value of the metric it reported to this view
 
     def setup(self, **info) -> None:
         # Called as Tune's run starts, a resumed one included: the clock runs from this process's start of it.
@@ -84,7 +94,7 @@ class SweepProgress(Callback):
                 self.ended[t.trial_id] = run_status(f"{self.sweep_uri}/{run}", self.endpoint, folds)
             state = trial_status(t.status, self.ended.get(t.trial_id))
             counts[state] = counts.get(state, 0) + 1
-            value = (t.last_result or {}).get(self.metric)
+            value = self._trial_best(t)
             if _is_better(value, best[0] if best else None, self.mode):
                 best = (value, t)
         order = ("running", "pending", "paused", "stopped", "done", "error")
@@ -99,10 +109,22 @@ class SweepProgress(Callback):
             _say(f"[{elapsed // 60}:{elapsed % 60:02d}] {line}")
             self.last_line, self.last_time = line, now
 
+    def _trial_best(self, trial) -> float | None:
+        # Each trial's best so far, not its latest: the end ranks trials by their best (export.collect_trials), and
+        # the live line must not fall back as a trial's metric does. Tune's own per-trial record of the values is kept
+        # across a resumed sweep; this view's own covers a NaN, which makes Tune's max forget the values before it.
+        analysis = (getattr(trial, "metric_analysis", None) or {}).get(self.metric) or {}
+        seen = self.__dict__.get("bests", {}).get(trial.trial_id)  # a view restored from before the field has none
+        return best_so_far([analysis.get(self.mode), seen, (trial.last_result or {}).get(self.metric)], self.mode)
+
     def on_trial_start(self, iteration, trials, trial, **info):
         self._show(trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        bests = self.__dict__.setdefault("bests", {})
+        best = best_so_far([bests.get(trial.trial_id), result.get(self.metric)], self.mode)
+        if best is not None:
+            bests[trial.trial_id] = best
         if time.time() - self.last_time >= self.every_s:
             self._show(trials)
 
