@@ -462,6 +462,34 @@ def history(steps: int, extra_val: dict[str, float] | None = None) -> list[dict]
     return lines
 
 
+def test_runs_lists_a_sweeps_best_as_the_sweep_says_it_and_a_cvs_as_its_mean(tmp_path):
+    """Seen: the sweep said best 0.9630 (its best trial's best value), `runs` listed 0.9588 (that trial's last)."""
+    from orchestrator.sweep import format_result
+
+    best = {"trial_id": "a_00000", "config": {"optim.lr": 0.003}, "metric": 0.9588, "best_metric": 0.9630}
+    trial = {**best, "status": "done", "steps": 10, "epochs": 1}
+    result = {"status": "finished", "sweep": "digits-lr", "metric": "val_accuracy", "mode": "max", "trials": [trial]}
+    result.update(best=best, total_steps=10, wall_s=1.0, best_job_file="best.yaml")
+    started = "2026-12-06T11:00:00+00:00"
+    write_records(tmp_path / "digits-lr", {"sweep.json": {"status": "finished", "started": started, "result": result}})
+    # A sweep.json from before best_metric: its best trial's metric is all there is.
+    old = {**result, "best": {k: v for k, v in best.items() if k != "best_metric"}}
+    write_records(tmp_path / "old-lr", {"sweep.json": {"status": "finished", "started": started, "result": old}})
+    # A cross-validation also has a sweep.json, whose best is one fold's: its row is cv.json's mean of the folds' bests.
+    cv = {"status": "finished", "metric": "val_accuracy", "metrics": {"val_accuracy": {"mean": 0.9512, "std": 0.01}}}
+    cv_sweep = {"status": "finished", "started": started, "result": {**result, "metric": "val_accuracy"}}
+    write_records(tmp_path / "digits-cv", {"cv.json": cv, "sweep.json": cv_sweep})
+
+    listed = {r["name"]: (r["kind"], r["best_metric"], r["best_value"]) for r in list_runs(str(tmp_path))}
+    assert listed == {
+        "digits-lr": ("sweep", "val_accuracy", 0.9630),
+        "old-lr": ("sweep", "val_accuracy", 0.9588),
+        "digits-cv": ("cv", "mean val_accuracy", 0.9512),
+    }
+    _, text = format_result(result)
+    assert f"best val_accuracy {listed['digits-lr'][2]:.4f}: a_00000" in text
+
+
 def test_hostile_strings_in_a_run_record_are_shown_as_text(tmp_path, browser):
     bad = " ".join(HOSTILE)
     run = tmp_path / HOSTILE[1]  # the run's own URI is shown too

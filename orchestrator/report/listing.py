@@ -103,7 +103,9 @@ def _row(home: RunDir, name: str, uri: str) -> dict[str, Any] | None:
             "ended": sweep.get("ended"),
             "steps": result.get("total_steps"),
             "best_metric": result.get("metric") or (sweep.get("spec") or {}).get("metric"),
-            "best_value": best.get("metric"),
+            # The best trial's best value, as the sweep's result line and report rank it; "metric" is its last value
+            # (the only one a sweep.json from before best_metric has).
+            "best_value": best.get("best_metric") if _finite(best.get("best_metric")) else best.get("metric"),
             "wall_s": _wall(sweep, result.get("wall_s")),
         }
     return None
