@@ -812,7 +812,7 @@ def test_run_page_times_captions_links_and_settings_read_as_people_read_them(tmp
     assert seen["errors"] == [] and seen["external"] == []
     # Times to the second, in words: no ISO 'T', no microseconds; how long it took.
     assert re.search(
-        r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ · ended \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ \(33 s\)", seen["text"]
+        r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ · ended \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ \(34 s\)", seen["text"]
     )
     assert "T11:00" not in seen["text"] and ".142926" not in seen["text"] and "067477" not in seen["text"]
     # No early stop: no caption speaks of one.
@@ -1029,3 +1029,34 @@ def test_numbers_have_four_significant_digits_whatever_their_size():
         "0",
         "7",
     ]
+
+
+def test_durations_are_rounded_to_the_second_and_written_one_way_on_every_page():
+    """Seen: a 6.435 s run's page said "(5 s)": its stamps were cut to the second, and not its wall time."""
+    from orchestrator.report.html import duration, took
+
+    seconds = (6.435, 6.5, 59.6, 65.2, 3569.6, 3599.6, 3600 + 2 * 60 + 29, 3600 + 2 * 60 + 31, 0.4, float("nan"), None)
+    assert [duration(s) for s in seconds] == [
+        "6 s",
+        "7 s",
+        "1 min 00 s",
+        "1 min 05 s",
+        "59 min 30 s",
+        "1 h 00 min",
+        "1 h 02 min",
+        "1 h 03 min",
+        "0 s",
+        None,
+        None,
+    ]
+    stamps = {"started": "2026-12-06T11:00:11.142926+00:00", "ended": "2026-12-06T11:00:17.067477+00:00"}
+    # The wall time the command printed and the facts show, when recorded; else the stamps' difference, rounded.
+    assert (took(stamps, 6.435), took(stamps, None), took({"ended": stamps["ended"]}, None)) == ("6 s", "6 s", None)
+
+
+def test_a_run_pages_header_and_facts_say_the_wall_time_the_command_printed(tmp_path):
+    """run.json's stamps are 5.9 s apart, its wall time (what `run` printed: wall 6.4s) 6.435 s: the page says 6 s twice."""
+    record = {**run_record({"name": "readable"}, wall_s=6.435), "ended": "2026-12-06T11:00:17.067477+00:00"}
+    page = Path(write_report(str(write_records(tmp_path / "readable", {"run.json": record})))).read_text()
+    assert re.search(r"ended [^<]* \(6 s\)", page) and "<b>6 s</b><span>wall</span>" in page
+    assert "6.435" not in page and "(5 s)" not in page

@@ -19,6 +19,7 @@ from orchestrator.report.html import (
     _page,
     _status,
     _table,
+    duration,
     esc,
     num,
 )
@@ -144,7 +145,7 @@ def render_cv(cv: CvData, link_base: str | None = None) -> str:
         (f"mean {record.get('metric')}", watched.get("mean")),
         ("std", watched.get("std")),
         ("steps", record.get("total_steps")),
-        ("wall (s)", record.get("wall_s")),
+        ("wall", duration(record.get("wall_s"))),
     ]
     body = [
         _facts(facts),

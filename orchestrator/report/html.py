@@ -94,17 +94,31 @@ def when(stamp: Any) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z").strip()
 
 
-def took(started: Any, ended: Any) -> str | None:
-    """How long from `started` to `ended` (ISO timestamps), as 45 s, 12 min 5 s or 3 h 2 min; None when either is missing."""
-    try:
-        seconds = int((datetime.fromisoformat(str(ended)) - datetime.fromisoformat(str(started))).total_seconds())
-    except (TypeError, ValueError):
+def duration(seconds: Any) -> str | None:
+    """A duration as every page writes one, rounded (not cut) to the second: 6 s, 1 min 05 s, 1 h 02 min; None for no
+    number."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
         return None
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    whole = int(seconds + 0.5)  # half up: round() would make 6.5 s 6 s
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    minutes = int(seconds / 60 + 0.5)
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def took(record: dict[str, Any], wall_s: Any) -> str | None:
+    """How long a run or sweep took, as `duration` writes it: its wall time, else from its `started` to its `ended`."""
+    # The wall time, when recorded, is what the command printed and the facts show. `started` is stamped once the
+    # input is checked, about a second after the command's clock started: 8.2 s of wall were 7.2 s between the stamps.
+    if duration(wall_s) is not None:
+        return duration(wall_s)
+    try:
+        ended, started = (datetime.fromisoformat(str(record[key])) for key in ("ended", "started"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return duration((ended - started).total_seconds())
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from orchestrator.report.html import (
     _page,
     _status,
     _table,
+    duration,
     esc,
     took,
     when,
@@ -272,7 +273,7 @@ def _run_facts(run: RunData, best_step: int | None, stop_step: int | None) -> li
         (f"best {best.get('metric') or ''}".strip(), best.get("value")),
         ("best step", best_step),
         ("early stop at step", stop_step),
-        ("wall (s)", summary.get("wall_s")),
+        ("wall", duration(summary.get("wall_s"))),
     ]
     facts += [(k, v) for k, v in test_metrics.items() if _finite(v)]
     body = [_facts(facts)]
@@ -417,8 +418,8 @@ def _subtitle(run: RunData) -> str:
     if record.get("started"):
         parts.append(f"started {esc(when(record['started']))}")
     if record.get("ended"):
-        duration = took(record.get("started"), record["ended"])
-        parts.append(f"ended {esc(when(record['ended']))}" + (f" ({esc(duration)})" if duration else ""))
+        length = took(record, run.summary.get("wall_s"))
+        parts.append(f"ended {esc(when(record['ended']))}" + (f" ({esc(length)})" if length else ""))
     return " &middot; ".join(parts)
 
 

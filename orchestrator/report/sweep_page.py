@@ -24,6 +24,7 @@ from orchestrator.report.html import (
     _page,
     _status,
     _table,
+    duration,
     esc,
     took,
     when,
@@ -247,8 +248,8 @@ def _sweep_subtitle(sweep: SweepData) -> str:
     if record.get("started"):
         parts.append(f"started {esc(when(record['started']))}")
     if record.get("ended"):
-        duration = took(record.get("started"), record["ended"])
-        parts.append(f"ended {esc(when(record['ended']))}" + (f" ({esc(duration)})" if duration else ""))
+        length = took(record, (record.get("result") or {}).get("wall_s"))
+        parts.append(f"ended {esc(when(record['ended']))}" + (f" ({esc(length)})" if length else ""))
     return " &middot; ".join(parts)
 
 
@@ -283,7 +284,7 @@ def render_sweep(sweep: SweepData, link_base: str | None = None) -> str:
         ("trials", len(sweep.trials)),
         (f"best {metric}", best["best_metric"] if best else None),
         ("best trial", trial_label(best["config"], params) if best else None),
-        ("wall (s)", (record.get("result") or {}).get("wall_s")),
+        ("wall", duration((record.get("result") or {}).get("wall_s"))),
     ]
     body = [_facts(facts), _files([Link((n,), n, link_base) for n in SWEEP_FILES if n in sweep.files])]
     body += ["<h2>Trials</h2>", _table(rows, heads), "<h2>Figures</h2>"]
