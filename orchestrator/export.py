@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator import __version__, outfile, storage
+from orchestrator import __version__, outfile, storage, weights
 from orchestrator import checkpoint as ckpt
 from orchestrator.errors import BadInput
 from orchestrator.provenance import job_hash
@@ -131,7 +131,7 @@ def export_checkpoint(
     metadata = header_metadata(chosen)
     with outfile.replacing(target, force) as tmp:
         try:
-            size = ckpt.export_weights(chosen.run.fs, chosen.info, tmp, metadata)
+            size = weights.export_weights(chosen.run.fs, chosen.info, tmp, metadata)
         except ValueError as exc:  # a file that does not match its manifest
             raise BadInput(str(exc)) from None
     best = chosen.best

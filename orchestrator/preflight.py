@@ -12,11 +12,11 @@ import math
 import os
 
 from orchestrator import storage, tracking
-from orchestrator.checkpoint import load_weights
 from orchestrator.data import DataInfo, check_data
 from orchestrator.errors import BadInput
 from orchestrator.hooks import import_hook
 from orchestrator.spec import JobSpec
+from orchestrator.weights import load_weights
 
 
 def preflight(spec: JobSpec, base_dir: str | None, address: str | None) -> DataInfo | None:

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from orchestrator import checkpoint as ckpt
-from orchestrator import storage
+from orchestrator import storage, weights
 from orchestrator.errors import BadInput
 
 
@@ -155,12 +155,12 @@ def test_export_and_load_weights(run_store, tmp_path):
     ckpt.commit_checkpoint(fs, root, 7, 1, files_for(7), {})
     out = tmp_path / "out.safetensors"
     _, info = ckpt.resolve_checkpoint(uri)  # a run URI resolves to its latest checkpoint
-    size = ckpt.export_weights(fs, info, str(out), {"step": "7"})
+    size = weights.export_weights(fs, info, str(out), {"step": "7"})
     assert size == out.stat().st_size
     assert torch.equal(load_file(str(out))["w"], torch.full((4, 4), 7.0))
     with safe_open(str(out), "pt") as exported:  # the header's metadata, read as any safetensors reader does
         assert exported.metadata() == {"step": "7"}
-    assert torch.equal(ckpt.load_weights(f"{uri}/checkpoint_00000007")["w"], torch.full((4, 4), 7.0))
+    assert torch.equal(weights.load_weights(f"{uri}/checkpoint_00000007")["w"], torch.full((4, 4), 7.0))
     with pytest.raises(BadInput, match="no committed checkpoint"):
         ckpt.resolve_checkpoint(f"{uri}-missing")
 
@@ -168,7 +168,7 @@ def test_export_and_load_weights(run_store, tmp_path):
 def test_load_weights_from_plain_files(tmp_path):
     sd = {"layer.weight": torch.randn(2, 3)}
     torch.save(sd, tmp_path / "sd.pt")
-    assert torch.equal(ckpt.load_weights(str(tmp_path / "sd.pt"))["layer.weight"], sd["layer.weight"])
+    assert torch.equal(weights.load_weights(str(tmp_path / "sd.pt"))["layer.weight"], sd["layer.weight"])
 
 
 def test_loading_never_unpickles_code(tmp_path):
@@ -178,7 +178,7 @@ def test_loading_never_unpickles_code(tmp_path):
 
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(BadInput, match="not a safetensors or weights-only"):
-        ckpt.load_weights(str(tmp_path / "evil.pt"))
+        weights.load_weights(str(tmp_path / "evil.pt"))
     assert not (tmp_path / "pwned").exists()
 
 

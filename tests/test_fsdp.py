@@ -20,7 +20,7 @@ from commands import run_command
 from ports import free_port
 
 from orchestrator import checkpoint as ckpt
-from orchestrator import storage
+from orchestrator import storage, weights
 from orchestrator.loop import LoopContext, run_training
 from orchestrator.spec import build_spec
 
@@ -98,7 +98,7 @@ def checkpoints(run_uri):
 
 def weights_at(run_uri, step):
     fs, found = checkpoints(run_uri)
-    return ckpt.read_model_weights(fs, next(c for c in found if c.step == step))
+    return weights.read_model_weights(fs, next(c for c in found if c.step == step))
 
 
 def assert_close(a, b, atol=ATOL):

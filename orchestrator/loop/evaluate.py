@@ -18,6 +18,7 @@ from orchestrator.metrics import SplitState, compute_metrics, reduce_locally
 from orchestrator.rundir import RunDir
 from orchestrator.runrecord import TestSummary
 from orchestrator.spec import CLASSIFICATION_METRICS, LM_METRICS, REGRESSION_METRICS, JobSpec
+from orchestrator.weights import read_model_weights
 
 # The test metrics use the whole split; the plot data in test.json a seeded sample of it, so the
 # file stays small for big test sets.
@@ -108,7 +109,7 @@ def evaluate_best_on_test(
         return None
     info = next((c for c in found if c.step == best_step), found[-1])
     model = copy.deepcopy(model)
-    model.load_state_dict(ckpt.read_model_weights(run.fs, info))
+    model.load_state_dict(read_model_weights(run.fs, info))
     names = test_metric_names(task)
     # Rank 0 alone, so the whole split's outputs are here anyway (test.json keeps them for the
     # report's plots): the exact metrics, ROC-AUC by ranks rather than binned.

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator import checkpoint as ckpt
 from orchestrator.data import Splits, load_data
 from orchestrator.loop.context import LoopContext
 from orchestrator.loop.sharding import is_sharded, shard_model
 from orchestrator.models import build_model
 from orchestrator.optim import LRSchedule, build_optimizer, build_schedule
 from orchestrator.spec import JobSpec
+from orchestrator.weights import load_weights
 
 
 @dataclass
@@ -63,7 +63,7 @@ def build_parts(spec: JobSpec, ctx: LoopContext, say: Callable[[str], None]) -> 
 def apply_init_and_freeze(model: torch.nn.Module, spec: JobSpec, say: Callable[[str], None]) -> None:
     """Load `model.init_from` weights (shape-compatible tensors) and freeze `model.freeze` patterns."""
     if spec.model.init_from:
-        weights = ckpt.load_weights(spec.model.init_from, spec.checkpoint.endpoint_url)
+        weights = load_weights(spec.model.init_from, spec.checkpoint.endpoint_url)
         own = model.state_dict()
         usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
         skipped = sorted(set(weights) - set(usable))

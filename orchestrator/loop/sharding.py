@@ -114,11 +114,11 @@ def load_model_weights(model: nn.Module, fs, info, group=None) -> None:
         set_model_state_dict,
     )
 
-    from orchestrator import checkpoint as ckpt
     from orchestrator.sharded_checkpoint import SafeLoadPlanner, ShardReader
+    from orchestrator.weights import read_model_weights
 
     if info.manifest.layout != "sharded":
-        weights = ckpt.read_model_weights(fs, info)
+        weights = read_model_weights(fs, info)
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
         return
     state = {"model": get_model_state_dict(model)}
