@@ -321,6 +321,39 @@ class RunLease:
         self.on_lost(who)  # its holder stops the run, and says so
 
 
+def gone_driver(fs, root: str, uri: str) -> str | None:
+    """Why the driver of a run recorded `running` is known to be gone (SIGKILL, a lost machine), or None.
+
+    None also when it cannot be told (a driver on another host, an unreadable lease): `runs` then shows the
+    record's word. A read only: taking the lock to test it could refuse a run starting at that instant.
+    """
+    path = storage.join(root, LEASE_FILE)
+    if storage.split_uri(uri)[0] == "file":
+        try:
+            with open(path, "rb") as fh:
+                holder = Holder.parse(fh.read())
+        except OSError:
+            return None
+        if holder is None or holder.host != socket.gethostname():
+            return None
+        try:
+            os.kill(holder.pid, 0)
+        except ProcessLookupError:
+            return f"its driver (pid {holder.pid}) is gone"
+        except OSError:
+            return None  # alive, another user's
+        return None
+    try:
+        fs_bucket, key = fs.split_path(path)[:2]
+        got = storage._transfer_client(fs).get_object(Bucket=fs_bucket, Key=key)
+        holder = Holder.parse(got["Body"].read())
+        age = _age_s(got)
+    except Exception:  # no lease object (released, or never taken), or storage trouble: nothing to go on
+        return None
+    ttl = holder.ttl_s if holder and holder.ttl_s else DEFAULT_TTL_S
+    return f"its driver stopped renewing its lease {age:.0f} s ago" if age > ttl else None
+
+
 def _code(exc: BaseException) -> str:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):

@@ -14,7 +14,7 @@ import pytest
 from commands import run_command
 
 from orchestrator import storage
-from orchestrator.lease import LEASE_FILE, LeaseHeld, RunLease
+from orchestrator.lease import LEASE_FILE, LeaseHeld, RunLease, gone_driver
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["scaling.num_workers=0", "train.max_steps=2", "validation.every_n_steps=2"]
@@ -173,6 +173,18 @@ def test_a_killed_local_holder_never_blocks_a_rerun(tmp_path):
     lease.release()
 
 
+def test_a_killed_local_holder_is_known_gone_and_a_live_one_is_not(tmp_path):
+    uri = str(tmp_path / "run")
+    proc = holder(uri)
+    pid = held(proc)
+    fs, root = storage.open_storage(uri)
+    assert gone_driver(fs, root, uri) is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert gone_driver(fs, root, uri) == f"its driver (pid {pid}) is gone"
+    assert gone_driver(fs, storage.join(root, "elsewhere"), f"{uri}/elsewhere") is None  # no lease: cannot tell
+
+
 # ----------------------------------------------------------------------------------------------
 # Object stores: a lease object written with conditional PUTs, on a real S3 server
 
@@ -225,6 +237,20 @@ def test_s3_killed_holder_is_taken_over_only_after_expiry(s3_server, bucket):
     assert 2.0 < time.monotonic() - killed < 20  # expiry: up to ttl after the last renewal
     assert lease_object(s3_server, bucket)["pid"] == os.getpid()
     lease.release()
+
+
+def test_a_killed_s3_holder_is_known_gone_once_its_lease_expires(bucket):
+    uri = f"s3://{bucket}/runs/r"
+    proc = holder(uri, 2)
+    held(proc)
+    fs, root = storage.open_storage(uri)
+    assert gone_driver(fs, root, uri) is None  # renewed every ttl/3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while (gone := gone_driver(fs, root, uri)) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert gone and gone.startswith("its driver stopped renewing its lease ")
 
 
 def test_run_refuses_an_s3_run_dir_in_use(s3_server, bucket):

@@ -132,6 +132,22 @@ def test_sigterm_records_the_run_interrupted_and_exits_143(tmp_path):
     assert "interrupted by SIGTERM: rerun the same command to resume from step" in out
 
 
+def test_a_sigkilled_run_is_listed_as_died_and_a_rerun_resumes_it(tmp_path):
+    proc = start("run", JOB, f"checkpoint.storage={tmp_path}", "scaling.num_workers=0", *LONG)
+    run_dir = tmp_path / "digits-mlp"
+    wait_for(lambda: list(run_dir.glob("checkpoint_*/manifest.json")), proc, "a checkpoint")
+    proc.send_signal(signal.SIGKILL)  # nothing can be recorded: the record keeps saying running
+    proc.communicate(timeout=60)
+    assert record(run_dir)["status"] == "running"
+    listed = orchestrator("runs", str(tmp_path), "--json")
+    row = json.loads(listed.stdout)[0]
+    assert row["status"] == "died" and row["hint"] == f"its driver (pid {proc.pid}) is gone; rerun resumes"
+    assert "died" in orchestrator("runs", str(tmp_path)).stdout
+    again = orchestrator("run", JOB, f"checkpoint.storage={tmp_path}", "scaling.num_workers=0", *LONG, "--json")
+    assert again.returncode == 0 and "(resuming from " in again.stderr, again.stderr[-3000:]
+    assert record(run_dir)["status"] == "finished" and record(run_dir)["attempts"] == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # The job's own exit, in the driver (a bring-your-own loop of num_workers 0)
 

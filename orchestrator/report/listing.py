@@ -7,6 +7,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
+from orchestrator.lease import gone_driver
 from orchestrator.report.read import CV_RECORD, RUN_RECORD, SWEEP_RECORD, _finite, _guarded, _open
 from orchestrator.rundir import RunDir
 
@@ -64,14 +65,13 @@ def _row(home: RunDir, name: str, uri: str) -> dict[str, Any] | None:
         best = summary.get("best") or {}
         return {
             "kind": "run",
-            "status": run.get("status"),
+            **_state(home, name, uri, run.get("status")),
             "started": run.get("started"),
             "ended": run.get("ended"),
             "steps": summary.get("steps"),
             "best_metric": best.get("metric"),
             "best_value": best.get("value"),
             "wall_s": _wall(run, summary.get("wall_s")),
-            **({"hint": RESUMES} if run.get("status") == "interrupted" else {}),
         }
     if run is not None:
         return _unreadable("run", run if isinstance(run, Unreadable) else f"{RUN_RECORD}: not a run record")
@@ -85,7 +85,7 @@ def _row(home: RunDir, name: str, uri: str) -> dict[str, Any] | None:
         metric = cv.get("metric")
         return {
             "kind": "cv",
-            "status": cv.get("status"),
+            **_state(home, name, uri, cv.get("status")),
             "started": sweep.get("started"),
             "ended": sweep.get("ended"),
             "steps": cv.get("total_steps"),
@@ -98,7 +98,7 @@ def _row(home: RunDir, name: str, uri: str) -> dict[str, Any] | None:
         best = result.get("best") or {}
         return {
             "kind": "sweep",
-            "status": sweep.get("status"),
+            **_state(home, name, uri, sweep.get("status")),
             "started": sweep.get("started"),
             "ended": sweep.get("ended"),
             "steps": result.get("total_steps"),
@@ -109,6 +109,18 @@ def _row(home: RunDir, name: str, uri: str) -> dict[str, Any] | None:
             "wall_s": _wall(sweep, result.get("wall_s")),
         }
     return None
+
+
+def _state(home: RunDir, name: str, uri: str, status: Any) -> dict[str, Any]:
+    """The row's status, with a hint: an interrupted run resumes; a `running` one whose driver is gone did not end."""
+    if status == "interrupted":
+        return {"status": status, "hint": RESUMES}
+    if status == "running":
+        gone = gone_driver(home.fs, storage.join(home.root, name), uri)
+        if gone:
+            # Killed beyond recording (SIGKILL, a lost machine): its record cannot say so, its lease can.
+            return {"status": "died", "hint": f"{gone}; {RESUMES}"}
+    return {"status": status}
 
 
 def _unreadable(kind: str, reason: str) -> dict[str, Any]:
