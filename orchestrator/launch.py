@@ -126,15 +126,15 @@ def _run(plan: RunPlan, console: RunConsole, signals: RunSignals, worker_events:
     events = console.event if worker_events else None  # rank 0's progress events, on their own channel (events.py)
     session = RunSession(plan, say=console.message, log_only=console.log_only, signals=signals, events=events)
     session.begin()
-    resumed = f" (resuming from {session.resumed_from})" if session.resumed_from else ""
-    console.message(f"run {run.name} -> {run.uri}{resumed}")
-    if plan.extension:
-        console.message(extension_line(plan))
-    config = session.loop_config()
     connected = False
 
-    def work():
+    def work():  # from just after run.json says running: a signal anywhere in here is recorded
         nonlocal connected
+        resumed = f" (resuming from {session.resumed_from})" if session.resumed_from else ""
+        console.message(f"run {run.name} -> {run.uri}{resumed}")
+        if plan.extension:
+            console.message(extension_line(plan))
+        config = session.loop_config()
         if plan.executor != Executor.DRIVER:
             console.status("starting Ray" if not plan.address else f"connecting to Ray at {plan.address}")
             # Ray Train's actors all carry a runtime environment (ray_runtime.train_environment): none would take a
