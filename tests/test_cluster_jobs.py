@@ -355,7 +355,7 @@ def test_an_attached_two_worker_run_ends_with_its_last_step_validation_and_test_
             timeout=300,
         )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "2 worker(s), 44 steps" in out.stdout
+    assert "2 workers, 44 steps" in out.stdout
     assert_ends_in_order(out.stdout, 44)
     assert_ends_in_order((tmp_path / "attached-two" / "run.log").read_text(), 44)
 

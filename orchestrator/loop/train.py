@@ -94,8 +94,10 @@ class _Loop:
         """Epochs of micro-batches, an optimizer step per group of `train.grad_accum_steps`, until the cadence says it is over."""
         spec, ctx, parts, state = self.spec, self.ctx, self.parts, self.state
         info = parts.splits.info
+        n = ctx.world_size
+        where = "in the driver" if spec.scaling.num_workers == 0 else f"{n} worker{'' if n == 1 else 's'}"
         self.progress.start(
-            f"training {spec.name}: {spec.model.name} on {spec.data.name} ({info.sizes}), {ctx.world_size} worker(s), "
+            f"training {spec.name}: {spec.model.name} on {spec.data.name} ({info.sizes}), {where}, "
             f"{parts.total_steps} steps",
             state.step,
             parts.total_steps,
