@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,11 @@ def test_grid_sweep_ranks_its_trials_and_the_best_job_file_runs_as_a_job(tmp_pat
         record = run_record(sweep_dir / trial["trial_id"])
         assert record["status"] == "finished" and record["job"]["optim"]["lr"] == trial["config"]["optim.lr"]
         assert (sweep_dir / trial["trial_id"] / "checkpoint_00000086" / "manifest.json").exists()
-    assert json.loads((sweep_dir / "sweep.json").read_text())["status"] == "finished"
+    recorded = json.loads((sweep_dir / "sweep.json").read_text())
+    assert recorded["status"] == "finished"
+    # Stamped at the command's start, as the wall time is counted (not once Ray is up, seconds later).
+    span = datetime.fromisoformat(recorded["ended"]) - datetime.fromisoformat(recorded["started"])
+    assert abs(span.total_seconds() - out["wall_s"]) < 1.0, (recorded["started"], recorded["ended"], out["wall_s"])
     # Its report, written at its end as a cross-validation's is.
     assert (
         out["report"] == str(sweep_dir / "report.html") and "Sweep digits-lr" in (sweep_dir / "report.html").read_text()

@@ -194,7 +194,7 @@ def _run_leased(
             cv_folds=sweep.sweep.cv_folds,
             lease=sweep.lease,
         )
-        results, resumed = _fit(sweep, home, plan, record, say, prov, tracked)
+        results, resumed = _fit(sweep, home, plan, record, say, prov, tracked, t0)
     except Exception:
         if session is not None:
             session.finish(tracking_spec, RunStatus.FAILED, None, [])
@@ -217,6 +217,7 @@ def _fit(
     say,
     prov: dict[str, Any],
     tracked: dict[str, Any],
+    t0: float,
 ):
     """Tune's fit of the trials: a new Tuner, or the interrupted sweep's restored (finished trials kept); (results, resumed)."""
     from ray import tune
@@ -268,7 +269,7 @@ def _fit(
         {
             "sweep": sweep.name,
             "status": str(RunStatus.RUNNING),
-            "started": datetime.now(timezone.utc).isoformat(),
+            "started": datetime.fromtimestamp(t0, timezone.utc).isoformat(),  # the command's start, as a run's
             "fingerprint": settings_fingerprint(sweep.settings()),
             "settings": sweep.settings(),
             "job_file": sweep.job_file,
