@@ -134,7 +134,7 @@ def lean_trainer_class(trainer_class: type, embedded: bool, own_loop: bool, in_s
             return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, idle)]
 
         def _register_sigint_handler(self, controller):
-            pass  # Ctrl-C is the run session's to handle: it records the run as interrupted (see session)
+            """None here: Ctrl-C is the run session's to handle, which records the run as interrupted (see session)."""
 
         def _initialize_and_run_controller(self, **kwargs):
             if lean_policy is not None and "scaling_policy" in kwargs:
