@@ -141,7 +141,8 @@ def _run(plan: RunPlan, console: RunConsole, signals: RunSignals, worker_events:
             # prestarted worker; the task executor's task starts on one.
             connected = start_ray(plan.address, prestart=plan.executor == Executor.TASK)
             signals.claim()  # ray.init's own SIGTERM handler would end the process without a word
-            console.status(f"starting {spec.scaling.max_workers} worker(s)")
+            n = spec.scaling.max_workers
+            console.status(f"starting {n} worker{'' if n == 1 else 's'}")
         ray_name = f"{run.name}-{int(plan.t0)}" if not spec.entrypoint else run.name
         hooks = GroupHooks(embedded=connected and not plan.address, run_name=ray_name)
         return session.execute(config, driver=DriverHooks(run_name=ray_name), group=hooks)

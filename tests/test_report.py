@@ -870,6 +870,9 @@ def test_settings_list_what_the_model_the_data_and_the_loop_use():
     shown = applied_settings(folds)
     assert {"folds", "fold"} <= set(shown["data"]) and "split" not in shown.get("validation", {})
     assert "fold" not in applied_settings(mlp_job())["data"]
+    assert "fsdp" not in applied_settings(mlp_job())["scaling"]  # ddp, the default: FSDP's options did nothing
+    sharded = build_spec({"name": "s", "scaling": {"strategy": "fsdp", "num_workers": 2}}).to_dict()
+    assert applied_settings(sharded)["scaling"]["fsdp"]["reshard_after_forward"] is True
 
 
 def mlp_job() -> dict:

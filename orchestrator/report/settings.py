@@ -129,6 +129,9 @@ def applied_settings(job: dict[str, Any]) -> dict[str, Any]:
         out["optim"] = _by_name(out["optim"], OPTIM_FIELDS, OPTIM_ALWAYS)
     if isinstance(out.get("schedule"), dict):
         out["schedule"] = _by_name(out["schedule"], SCHEDULE_FIELDS, {"name"})
+    scaling = out.get("scaling")
+    if isinstance(scaling, dict) and scaling.get("strategy", "ddp") != "fsdp":
+        out["scaling"] = {k: v for k, v in scaling.items() if k != "fsdp"}  # FSDP's options shard nothing under ddp
     validation = out.get("validation")
     if isinstance(validation, dict) and (out.get("data") or {}).get("folds"):
         out["validation"] = {k: v for k, v in validation.items() if k != "split"}  # the fold is the validation set
