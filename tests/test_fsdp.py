@@ -133,7 +133,7 @@ def test_two_sharded_ranks_train_as_one_process_on_their_joint_batch(straight, r
     assert r0["metrics"] == r1["metrics"]
     assert r0["metrics"]["val_loss"] == pytest.approx(ref.metrics["val_loss"], rel=1e-5)
     # Clipping (by the norm of every rank's shards together), accumulation and the frozen bias all hold.
-    for step in (3, 12):
+    for step in (3, 6, 9, 12):  # each async save after the first copied into the last one's host buffers
         assert_close(weights_at(straight, step), weights_at(ref_uri, step))
     test = json.load(open(os.path.join(straight, "test.json")))
     ref_test = json.load(open(os.path.join(ref_uri, "test.json")))
@@ -369,6 +369,32 @@ def test_each_block_of_a_model_is_sharded_on_its_own_then_the_root(tmp_path, raw
 
     parts, _ = _sharded_parts(tmp_path, raw, *overrides)
     assert [name for name, m in parts.model.named_modules() if isinstance(m, FSDPModule)] == blocks
+
+
+def test_a_background_saves_host_copy_reuses_the_last_saves_buffers(tmp_path):
+    from torch.distributed import destroy_process_group
+    from torch.distributed.tensor import DTensor
+
+    from orchestrator.loop.parts import build_parts
+    from orchestrator.loop.sharding import ensure_process_group, snapshot_state
+
+    ensure_process_group(LoopContext(run_uri=str(tmp_path / "parts")))
+    try:
+        parts = build_parts(build_spec(RAW, FSDP), LoopContext(run_uri=str(tmp_path / "parts")), lambda m: None)
+        staging: dict = {}
+        first = snapshot_state(parts.model, parts.optimizer, staging)
+        name = next(k for k, v in first["model"].items() if isinstance(v, DTensor))
+        param = dict(parts.model.named_parameters())[name]
+        with torch.no_grad():
+            param.add_(1.0)  # the model moves on after the save
+        second = snapshot_state(parts.model, parts.optimizer, staging)
+        a, b = first["model"][name].to_local(), second["model"][name].to_local()
+        assert a.data_ptr() == b.data_ptr()  # the same host buffer, not a new allocation
+        assert torch.equal(b, param.to_local().detach()) and b.data_ptr() != param.to_local().data_ptr()
+        live = snapshot_state(parts.model, parts.optimizer)["model"][name]  # no staging: the live tensors
+        assert live.to_local().data_ptr() == param.to_local().data_ptr()
+    finally:
+        destroy_process_group()
 
 
 def test_bf16_is_fsdps_parameter_dtype_and_a_block_pattern_must_match(tmp_path):

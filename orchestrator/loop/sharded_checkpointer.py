@@ -48,6 +48,8 @@ class ShardedCheckpointer(Checkpointer):
         self.group = dist.new_group(backend="gloo")
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer") if spec.checkpoint.async_ else None
         self.pending: Future | None = None
+        # Host buffers a background save copies the shards into, kept from one save to the next (snapshot_state).
+        self.staging: dict[str, torch.Tensor] | None = {} if self.pool is not None else None
         self.last_committed: str | None = None
 
     def _load_whole(self, weights: dict, optimizer_state: dict) -> None:
@@ -60,7 +62,7 @@ class ShardedCheckpointer(Checkpointer):
         rngs = all_gather(capture_rng(), self.ctx.world_size)
         self.wait()  # at most one save in flight
         p = self.parts
-        snapshot = snapshot_state(p.model, p.optimizer, copy=self.pool is not None)
+        snapshot = snapshot_state(p.model, p.optimizer, self.staging)  # the last save is done with its buffers
         own = self._own_files(state, rngs) if self.ctx.is_main else None
         scalars = {k: v for k, v in metrics.items() if not isinstance(v, list)}
         step, epoch, counters = state.step, state.epoch, _cpu_copy(state.counters())

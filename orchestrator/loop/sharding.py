@@ -147,28 +147,34 @@ def load_full_state(model: nn.Module, optimizer, weights: dict, optimizer_state:
     set_optimizer_state_dict(model, optimizer, by_name, options=options)
 
 
-def snapshot_state(model: nn.Module, optimizer, copy: bool = True) -> dict:
+def snapshot_state(model: nn.Module, optimizer, staging: dict[str, torch.Tensor] | None = None) -> dict:
     """This rank's shards of the model and optimizer state, copied to the host: what a background save writes.
 
-    `copy=False` (a save that returns only once it is committed) hands over the live tensors.
+    `staging` holds the host buffers between saves (key: the tensor's place in the state): a save copies into
+    the last one's buffers, so only the first save pays for allocating them and faulting their pages in (5x the
+    copy itself here: 0.23 s against 0.05 s for 640 MB). The caller must know the last save is done with them.
+    None (a save that returns only once it is committed) hands over the live tensors.
     """
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.tensor import DTensor
 
-    def host_copy(obj):
+    def host_copy(obj, key: str):
         if isinstance(obj, DTensor):
-            local = obj.to_local().detach().to("cpu", copy=True)
+            local = host_copy(obj.to_local(), key)
             return DTensor.from_local(
                 local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape, stride=obj.stride()
             )
         if isinstance(obj, torch.Tensor):
-            return obj.detach().to("cpu", copy=True)
+            buffer = staging.get(key)
+            if buffer is None or buffer.shape != obj.shape or buffer.dtype != obj.dtype:
+                buffer = staging[key] = torch.empty(obj.shape, dtype=obj.dtype, device="cpu")
+            return buffer.copy_(obj.detach())
         if isinstance(obj, dict):
-            return {k: host_copy(v) for k, v in obj.items()}
+            return {k: host_copy(v, f"{key}/{k}") for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            return type(obj)(host_copy(v) for v in obj)
+            return type(obj)(host_copy(v, f"{key}/{i}") for i, v in enumerate(obj))
         return obj
 
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    return host_copy(state) if copy else state
+    return host_copy(state, "") if staging is not None else state
