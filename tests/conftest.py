@@ -76,6 +76,21 @@ class S3Server:
         )
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """An in-process Ray for a test module (its tests in one xdist group); left running if another test started it."""
+    import logging
+
+    import ray  # here, not at the top: most test modules never start a Ray in their own process
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    if started:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server for the whole session; AWS_* variables point at it (fake credentials)."""

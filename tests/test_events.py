@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 
@@ -35,17 +34,6 @@ def test_yield_events_raises_the_loops_exception_after_its_events():
     assert next(items) == (EVENT, {"kind": "message", "text": "before"})
     with pytest.raises(ValueError, match="the loop broke"):
         next(items)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """An in-process Ray for the module; left running if another test started it."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def test_a_streaming_task_hands_over_its_events_in_order_before_its_result(ray_local):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -35,17 +34,6 @@ def run_job(*args: str) -> dict:
     res = run_command([sys.executable, "-m", "orchestrator", "run", *args], cwd=ROOT, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """An in-process Ray for the module (Ray Data needs one); left running if another test started it."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def write_parts(root, rows=(260, 240), row_group_size=100):
