@@ -193,6 +193,32 @@ class RunLease:
                 log.warning("could not release the lease %s (%s)", storage.to_uri(self.fs, self.path), _code(exc))
         self._etag = None
 
+    def gone(self) -> str | None:
+        """Why the driver of a run recorded `running` is known to be gone (SIGKILL, a lost machine), or None.
+
+        None also when it cannot be told (a driver on another host, no readable lease): `runs` then shows the
+        record's word. A read only: taking the lock to test it could refuse a run starting at that instant.
+        """
+        if self.local:
+            holder = self._read_local_holder()
+            if holder is None or holder.host != socket.gethostname():
+                return None
+            try:
+                os.kill(holder.pid, 0)
+            except ProcessLookupError:
+                return f"its driver (pid {holder.pid}) is gone"
+            except OSError:
+                pass  # alive, another user's
+            return None
+        try:
+            got = self._client().get_object(Bucket=self._bucket, Key=self._key)
+            holder = Holder.parse(got["Body"].read())
+        except Exception:  # no lease object (released, or never taken), or storage trouble: nothing to go on
+            return None
+        # The expiry rule of a takeover (_acquire_object): the holder's own ttl, on the server's clock.
+        ttl, age = (holder.ttl_s if holder and holder.ttl_s else self.ttl_s), _age_s(got)
+        return f"its driver stopped renewing its lease {age:.0f} s ago" if age > ttl else None
+
     # -- local: flock
 
     def _acquire_local(self, wait: bool, on_wait: Callable[[Holder | None], None] | None) -> None:
@@ -227,6 +253,8 @@ class RunLease:
             try:
                 with open(self.path, "rb") as fh:
                     holder = Holder.parse(fh.read())
+            except FileNotFoundError:
+                return None  # no lease was ever taken here: nothing to wait for
             except OSError:
                 holder = None
             if holder is not None:
@@ -319,39 +347,6 @@ class RunLease:
             log.error("lost the lease on %s to %s", storage.redact(self.uri), who)
             return
         self.on_lost(who)  # its holder stops the run, and says so
-
-
-def gone_driver(fs, root: str, uri: str) -> str | None:
-    """Why the driver of a run recorded `running` is known to be gone (SIGKILL, a lost machine), or None.
-
-    None also when it cannot be told (a driver on another host, an unreadable lease): `runs` then shows the
-    record's word. A read only: taking the lock to test it could refuse a run starting at that instant.
-    """
-    path = storage.join(root, LEASE_FILE)
-    if storage.split_uri(uri)[0] == "file":
-        try:
-            with open(path, "rb") as fh:
-                holder = Holder.parse(fh.read())
-        except OSError:
-            return None
-        if holder is None or holder.host != socket.gethostname():
-            return None
-        try:
-            os.kill(holder.pid, 0)
-        except ProcessLookupError:
-            return f"its driver (pid {holder.pid}) is gone"
-        except OSError:
-            return None  # alive, another user's
-        return None
-    try:
-        fs_bucket, key = fs.split_path(path)[:2]
-        got = storage._transfer_client(fs).get_object(Bucket=fs_bucket, Key=key)
-        holder = Holder.parse(got["Body"].read())
-        age = _age_s(got)
-    except Exception:  # no lease object (released, or never taken), or storage trouble: nothing to go on
-        return None
-    ttl = holder.ttl_s if holder and holder.ttl_s else DEFAULT_TTL_S
-    return f"its driver stopped renewing its lease {age:.0f} s ago" if age > ttl else None
 
 
 def _code(exc: BaseException) -> str:

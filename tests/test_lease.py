@@ -14,7 +14,7 @@ import pytest
 from commands import run_command
 
 from orchestrator import storage
-from orchestrator.lease import LEASE_FILE, LeaseHeld, RunLease, gone_driver
+from orchestrator.lease import LEASE_FILE, LeaseHeld, RunLease
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["scaling.num_workers=0", "train.max_steps=2", "validation.every_n_steps=2"]
@@ -177,12 +177,11 @@ def test_a_killed_local_holder_is_known_gone_and_a_live_one_is_not(tmp_path):
     uri = str(tmp_path / "run")
     proc = holder(uri)
     pid = held(proc)
-    fs, root = storage.open_storage(uri)
-    assert gone_driver(fs, root, uri) is None
+    assert lease_on(uri).gone() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert gone_driver(fs, root, uri) == f"its driver (pid {pid}) is gone"
-    assert gone_driver(fs, storage.join(root, "elsewhere"), f"{uri}/elsewhere") is None  # no lease: cannot tell
+    assert lease_on(uri).gone() == f"its driver (pid {pid}) is gone"
+    assert lease_on(f"{uri}/elsewhere").gone() is None  # no lease: cannot tell
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,12 +242,11 @@ def test_a_killed_s3_holder_is_known_gone_once_its_lease_expires(bucket):
     uri = f"s3://{bucket}/runs/r"
     proc = holder(uri, 2)
     held(proc)
-    fs, root = storage.open_storage(uri)
-    assert gone_driver(fs, root, uri) is None  # renewed every ttl/3
+    assert lease_on(uri, ttl=2).gone() is None  # renewed every ttl/3
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 20
-    while (gone := gone_driver(fs, root, uri)) is None and time.monotonic() < deadline:
+    while (gone := lease_on(uri, ttl=2).gone()) is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert gone and gone.startswith("its driver stopped renewing its lease ")
 

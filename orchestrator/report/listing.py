@@ -7,7 +7,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.errors import BadInput
-from orchestrator.lease import gone_driver
+from orchestrator.lease import RunLease
 from orchestrator.report.read import CV_RECORD, RUN_RECORD, SWEEP_RECORD, _finite, _guarded, _open
 from orchestrator.rundir import RunDir
 
@@ -116,7 +116,7 @@ def _state(home: RunDir, name: str, uri: str, status: Any) -> dict[str, Any]:
     if status == "interrupted":
         return {"status": status, "hint": RESUMES}
     if status == "running":
-        gone = gone_driver(home.fs, storage.join(home.root, name), uri)
+        gone = RunLease(home.fs, storage.join(home.root, name), uri).gone()
         if gone:
             # Killed beyond recording (SIGKILL, a lost machine): its record cannot say so, its lease can.
             return {"status": "died", "hint": f"{gone}; {RESUMES}"}
