@@ -121,10 +121,15 @@ def _rank(rank: int, world: int, port: int, strategy: str, layers: int, out: str
     dist.destroy_process_group()
 
 
-def measure(strategy: str, layers: int, out: str) -> list[dict]:
+def spawn(fn, world: int, *args) -> None:
+    """`fn(rank, world, port, *args)` in `world` fresh processes, a free port for their process group."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_rank, args=(2, free_port(), strategy, layers, out), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method="spawn")
+
+
+def measure(strategy: str, layers: int, out: str) -> list[dict]:
+    spawn(_rank, 2, strategy, layers, out)
     return [json.load(open(os.path.join(out, f"{strategy}-{r}.json"))) for r in (0, 1)]
 
 

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fsdp_memory import gpt_job  # noqa: E402
-from local_servers import free_port, start_moto  # noqa: E402
+from fsdp_memory import gpt_job, spawn  # noqa: E402
+from local_servers import start_moto  # noqa: E402
 
 REPEAT = 3
 ASYNC_SAVES = 3  # the first one's figure apart: it allocates the buffers a run's later saves reuse
@@ -144,12 +144,6 @@ def _restore_rank(rank, world, port, spec_args, run_uri, out):
     with open(os.path.join(out, f"restore{world}-{rank}.json"), "w") as fh:
         json.dump({"wall_s": wall, "read": read, "stored": stored}, fh)
     dist.destroy_process_group()
-
-
-def spawn(fn, world, *args) -> None:
-    import torch.multiprocessing as mp
-
-    mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method="spawn")
 
 
 def main() -> None:
